@@ -1,1 +1,63 @@
-//! placeholder
+//! Durable storage for Sluice.
+//!
+//! This crate owns every byte Sluice keeps on disk:
+//! - [`log`]: the segmented partition log, which doubles as the partition's Raft log (one stored
+//!   Kafka RecordBatch v2 per Raft entry, plus sparse offset/time indexes and crash recovery);
+//! - [`meta`]: the sled-backed log and state store of the metadata Raft group (the only user of sled);
+//! - [`batch`]: RecordBatch v2 header helpers (parse, validate, patch, internal control batches);
+//! - [`file`]: small crash-safe file helpers.
+//!
+//! It knows nothing of tokio or openraft; callers share a [`PartitionLog`] behind a lock.
+
+pub mod batch;
+pub mod file;
+pub mod log;
+pub mod meta;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use batch::{BatchError, BatchHeader};
+pub use log::{EntryKind, LogConfig, LogEntry, PartitionLog};
+pub use meta::MetaStore;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sled error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("invalid record batch: {0}")]
+    Batch(#[from] BatchError),
+    #[error("offset {offset} is out of range [{log_start}, {log_end}]")]
+    OffsetOutOfRange {
+        offset: i64,
+        log_start: i64,
+        log_end: i64,
+    },
+    #[error("non-contiguous raft index: expected {expected}, got {got}")]
+    NonContiguous { expected: u64, got: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+}
+
+/// Attaches the path to an I/O error, because a bare `io::Error` rarely says which file failed.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, path: &Path) -> Result<T, StorageError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, path: &Path) -> Result<T, StorageError> {
+        self.map_err(|source| StorageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

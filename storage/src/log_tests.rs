@@ -1,0 +1,748 @@
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::batch::testutil::data_batch;
+use crate::batch::{internal_batch, set_base_offset, set_partition_leader_epoch};
+
+// ---------- warning capture ----------
+
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>);
+
+struct FieldText<'a>(&'a mut String);
+impl tracing::field::Visit for FieldText<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut text = String::new();
+            event.record(&mut FieldText(&mut text));
+            self.0.lock().unwrap().push(text);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Runs `f` and returns the text of every warning it logged on this thread.
+fn with_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let w = Warnings::default();
+    let out = tracing::subscriber::with_default(w.clone(), f);
+    let warns = w.0.lock().unwrap().clone();
+    (out, warns)
+}
+
+// ---------- model ----------
+
+#[derive(Clone, Debug)]
+struct MEntry {
+    index: u64,
+    term: u64,
+    start: i64,
+    end: i64,
+    data: bool,
+    max_ts: i64,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default, Debug)]
+struct Model {
+    entries: Vec<MEntry>,
+    next_index: Option<u64>,
+    next_offset: i64,
+}
+
+impl Model {
+    fn log_start(&self) -> i64 {
+        self.entries.first().map_or(self.next_offset, |e| e.start)
+    }
+
+    fn push(&mut self, term: u64, data: Option<(&[u8], i64, i64)>, payload: &[u8]) -> MEntry {
+        let index = self.next_index.unwrap_or(1);
+        let start = self.next_offset;
+        let e = match data {
+            Some((batch, n, max_ts)) => {
+                let mut bytes = batch.to_vec();
+                set_base_offset(&mut bytes, start);
+                set_partition_leader_epoch(&mut bytes, term as i32);
+                MEntry {
+                    index,
+                    term,
+                    start,
+                    end: start + n,
+                    data: true,
+                    max_ts,
+                    bytes,
+                }
+            }
+            None => MEntry {
+                index,
+                term,
+                start,
+                end: start,
+                data: false,
+                max_ts: i64::MIN,
+                bytes: internal_batch(term as i32, start, payload),
+            },
+        };
+        self.entries.push(e.clone());
+        self.next_index = Some(index + 1);
+        self.next_offset = e.end;
+        e
+    }
+
+    fn read(&self, offset: i64, max_bytes: usize, hw: i64) -> Option<Vec<u8>> {
+        if offset < self.log_start() || offset > self.next_offset {
+            return None;
+        }
+        let mut out = Vec::new();
+        for e in self.entries.iter().filter(|e| e.data && e.end > offset) {
+            if e.end > hw || (!out.is_empty() && out.len() + e.bytes.len() > max_bytes) {
+                break;
+            }
+            out.extend_from_slice(&e.bytes);
+        }
+        Some(out)
+    }
+
+    fn offset_for_timestamp(&self, ts: i64) -> Option<(i64, i64)> {
+        self.entries
+            .iter()
+            .find(|e| e.data && e.max_ts >= ts)
+            .map(|e| (e.start, e.max_ts))
+    }
+}
+
+fn log_entry(e: &MEntry) -> LogEntry {
+    LogEntry {
+        raft_index: e.index,
+        term: e.term,
+        kind: if e.data {
+            EntryKind::Data {
+                base_offset: e.start,
+                last_offset: e.end - 1,
+            }
+        } else {
+            EntryKind::Internal
+        },
+        bytes: Bytes::from(e.bytes.clone()),
+    }
+}
+
+fn check(log: &PartitionLog, m: &Model) {
+    assert_eq!(log.first_index(), m.entries.first().map(|e| e.index));
+    assert_eq!(log.last_index(), m.entries.last().map(|e| e.index));
+    assert_eq!(log.next_index(), m.next_index);
+    assert_eq!(log.log_end_offset(), m.next_offset);
+    assert_eq!(log.log_start_offset(), m.log_start());
+    for e in &m.entries {
+        assert_eq!(log.term_of(e.index), Some(e.term), "term_of({})", e.index);
+    }
+    if let Some(first) = m.entries.first() {
+        assert_eq!(log.term_of(first.index.wrapping_sub(1)), None);
+    }
+    if let Some(n) = m.next_index {
+        assert_eq!(log.term_of(n), None);
+    }
+}
+
+/// The on-disk sparse indexes must equal both the in-memory ones and a rebuild from the batches.
+fn check_index_files(log: &PartitionLog) {
+    for seg in &log.segments {
+        let rebuilt =
+            SparseIndexes::build(&seg.entries, seg.base_offset, log.cfg.index_interval_bytes);
+        assert_eq!(seg.index, rebuilt, "incremental index differs from rebuild");
+        let on_disk = |ext| read_optional(&seg.path(ext)).unwrap().unwrap_or_default();
+        assert_eq!(on_disk("index"), rebuilt.encode_offsets());
+        assert_eq!(on_disk("timeindex"), rebuilt.encode_times());
+    }
+}
+
+fn random_data(rng: &mut StdRng, base_ts: i64) -> (Vec<u8>, i64, i64) {
+    let n = rng.gen_range(1..=4usize);
+    let sizes: Vec<usize> = (0..n).map(|_| rng.gen_range(0..120)).collect();
+    (
+        data_batch(base_ts, &sizes),
+        n as i64,
+        base_ts + n as i64 - 1,
+    )
+}
+
+#[test]
+fn model_random_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        segment_bytes_max: 1200,
+        index_interval_bytes: 250,
+    };
+    let mut log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let mut m = Model::default();
+    let mut rng = StdRng::seed_from_u64(0x51_1CE);
+    let mut term = 1u64;
+    let (mut rolls, mut reopens, mut purges, mut truncates) = (0, 0, 0, 0);
+    for step in 0..1500i64 {
+        let segments_before = log.segments.len();
+        match rng.gen_range(0..100) {
+            0..=39 => {
+                if rng.gen_bool(0.1) {
+                    term += 1;
+                }
+                let base_ts = step * 10 + rng.gen_range(-40..40);
+                let (b, n, max_ts) = random_data(&mut rng, base_ts);
+                let idx = m.next_index.unwrap_or(1);
+                if m.next_index.is_some() && rng.gen_bool(0.05) {
+                    let err = log.append_data(idx + 1, term, &b).unwrap_err();
+                    assert!(matches!(err, StorageError::NonContiguous { .. }), "{err}");
+                }
+                let got = log.append_data(idx, term, &b).unwrap();
+                let e = m.push(term, Some((&b, n, max_ts)), &[]);
+                assert_eq!(got, (e.start, e.end - 1));
+            }
+            40..=49 => {
+                let payload: Vec<u8> = (0..rng.gen_range(0..60)).map(|_| rng.gen()).collect();
+                let idx = m.next_index.unwrap_or(1);
+                log.append_internal(idx, term, &payload).unwrap();
+                m.push(term, None, &payload);
+            }
+            50..=54 => log.sync().unwrap(),
+            55..=57 => {
+                if rng.gen_bool(0.5) {
+                    log.sync().unwrap();
+                }
+                drop(log);
+                let (l, warns) = with_warnings(|| PartitionLog::open(dir.path(), cfg).unwrap());
+                assert!(warns.is_empty(), "clean reopen warned: {warns:?}");
+                log = l;
+                check_index_files(&log);
+                reopens += 1;
+            }
+            58..=62 => {
+                if let (Some(first), Some(last)) = (m.entries.first(), m.entries.last()) {
+                    let i = rng.gen_range(first.index..=last.index + 1);
+                    log.truncate_from_index(i).unwrap();
+                    if let Some(pos) = m.entries.iter().position(|e| e.index == i) {
+                        m.next_offset = m.entries[pos].start;
+                        m.entries.truncate(pos);
+                        m.next_index = Some(i);
+                    }
+                    truncates += 1;
+                }
+            }
+            63..=65 => {
+                if let Some(next) = m.next_index {
+                    let lo = m
+                        .entries
+                        .first()
+                        .map_or(next, |e| e.index)
+                        .saturating_sub(1);
+                    let p = rng.gen_range(lo..=next + 1);
+                    log.purge_upto_index(p).unwrap();
+                    m.entries.retain(|e| e.index > p);
+                    m.next_index = Some(next.max(p + 1));
+                    purges += 1;
+                }
+            }
+            66 => {
+                let ni = m.next_index.unwrap_or(1) + rng.gen_range(0..3);
+                let no = m.next_offset + rng.gen_range(0..10);
+                log.reset(ni, no).unwrap();
+                m.entries.clear();
+                m.next_index = Some(ni);
+                m.next_offset = no;
+            }
+            67..=84 => {
+                let offset = rng.gen_range(m.log_start() - 2..=m.next_offset + 2);
+                let max_bytes = rng.gen_range(1..700);
+                let hw = if rng.gen_bool(0.3) {
+                    i64::MAX
+                } else {
+                    rng.gen_range(m.log_start()..=m.next_offset + 1)
+                };
+                match (
+                    log.read(offset, max_bytes, hw),
+                    m.read(offset, max_bytes, hw),
+                ) {
+                    (Ok(got), Some(want)) => {
+                        assert_eq!(got.as_ref(), &want[..], "read({offset}, {max_bytes}, {hw})")
+                    }
+                    (Err(StorageError::OffsetOutOfRange { .. }), None) => {}
+                    (got, want) => panic!("read({offset}): got {got:?}, want {want:?}"),
+                }
+            }
+            85..=92 => {
+                let lo = m.entries.first().map_or(0, |e| e.index).saturating_sub(2);
+                let hi = m.next_index.unwrap_or(1) + 2;
+                let a = rng.gen_range(lo..=hi);
+                let b = rng.gen_range(a..=hi + 1);
+                let want: Vec<LogEntry> = m
+                    .entries
+                    .iter()
+                    .filter(|e| e.index >= a && e.index < b)
+                    .map(log_entry)
+                    .collect();
+                assert_eq!(log.entries(a, b).unwrap(), want, "entries({a}, {b})");
+            }
+            _ => {
+                let data: Vec<&MEntry> = m.entries.iter().filter(|e| e.data).collect();
+                let ts = if !data.is_empty() && rng.gen_bool(0.7) {
+                    // Exact hits and near misses of stored timestamps are the interesting cases.
+                    data[rng.gen_range(0..data.len())].max_ts + rng.gen_range(-1..=1)
+                } else {
+                    rng.gen_range(step * 10 - 100..=step * 10 + 50)
+                };
+                assert_eq!(
+                    log.offset_for_timestamp(ts).unwrap(),
+                    m.offset_for_timestamp(ts),
+                    "offset_for_timestamp({ts})"
+                );
+            }
+        }
+        if log.segments.len() > segments_before {
+            rolls += 1;
+        }
+        check(&log, &m);
+    }
+    check_index_files(&log);
+    // Guards against a test that silently stopped exercising the interesting paths.
+    assert!(
+        rolls > 20 && reopens > 20 && purges > 20 && truncates > 20,
+        "{rolls} {reopens} {purges} {truncates}"
+    );
+    let want: Vec<LogEntry> = m.entries.iter().map(log_entry).collect();
+    assert_eq!(log.entries(0, u64::MAX).unwrap(), want);
+}
+
+#[test]
+fn raft_index_to_offset_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    log.append_internal(1, 1, b"blank").unwrap();
+    assert_eq!(
+        log.append_data(2, 1, &data_batch(100, &[1, 2, 3])).unwrap(),
+        (0, 2)
+    );
+    log.append_internal(3, 2, b"membership").unwrap();
+    log.append_internal(4, 2, b"").unwrap();
+    assert_eq!(
+        log.append_data(5, 2, &data_batch(200, &[4, 4])).unwrap(),
+        (3, 4)
+    );
+    assert_eq!(log.log_end_offset(), 5);
+    log.sync().unwrap();
+    drop(log);
+    let log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    let kinds: Vec<(u64, u64, EntryKind)> = log
+        .entries(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.raft_index, e.term, e.kind))
+        .collect();
+    let data = |base_offset, last_offset| EntryKind::Data {
+        base_offset,
+        last_offset,
+    };
+    assert_eq!(
+        kinds,
+        vec![
+            (1, 1, EntryKind::Internal),
+            (2, 1, data(0, 2)),
+            (3, 2, EntryKind::Internal),
+            (4, 2, EntryKind::Internal),
+            (5, 2, data(3, 4)),
+        ]
+    );
+    let entries = log.entries(3, 4).unwrap();
+    assert_eq!(
+        batch::internal_payload(&entries[0].bytes).unwrap(),
+        b"membership"
+    );
+    // Stored data batches carry the assigned offset and the term as leader epoch.
+    let h = batch::validate(&log.entries(5, 6).unwrap()[0].bytes).unwrap();
+    assert_eq!((h.base_offset, h.partition_leader_epoch), (3, 2));
+    // Offset 3 is in entry 5; the internal entries before it are skipped.
+    let got = log.read(3, 1, i64::MAX).unwrap();
+    assert_eq!(batch::validate(&got).unwrap().base_offset, 3);
+    // The high watermark excludes the batch whose last offset is not below it.
+    assert_eq!(log.read(3, usize::MAX, 4).unwrap().len(), 0);
+    assert_eq!(
+        log.read(1, usize::MAX, 5).unwrap().len(),
+        log.size_bytes() as usize - 3 * 61 - 15
+    );
+    assert!(matches!(
+        log.read(6, 1, i64::MAX),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(log.offset_for_timestamp(101).unwrap(), Some((0, 102)));
+    assert_eq!(log.offset_for_timestamp(103).unwrap(), Some((3, 201)));
+    assert_eq!(log.offset_for_timestamp(202).unwrap(), None);
+}
+
+#[test]
+fn empty_dir_and_zero_length_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p0");
+    let log = PartitionLog::open(&path, LogConfig::default()).unwrap();
+    assert_eq!(
+        (log.first_index(), log.last_index(), log.next_index()),
+        (None, None, None)
+    );
+    assert_eq!(
+        (
+            log.log_start_offset(),
+            log.log_end_offset(),
+            log.size_bytes()
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(log.read(0, 100, i64::MAX).unwrap().len(), 0);
+    assert!(log.read(1, 100, i64::MAX).is_err());
+    assert_eq!(log.entries(0, 10).unwrap(), vec![]);
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), None);
+    drop(log);
+
+    // A zero-length segment without a sidecar (crash right after creation) holds nothing.
+    fs::write(path.join(format!("{:020}.log", 0)), b"").unwrap();
+    let (log, warns) = with_warnings(|| PartitionLog::open(&path, LogConfig::default()).unwrap());
+    assert!(warns.is_empty());
+    assert_eq!(log.next_index(), None);
+    drop(log);
+
+    // A zero-length active segment with its sidecar is where appends continue.
+    let mut log = PartitionLog::open(&path, LogConfig::default()).unwrap();
+    log.append_internal(7, 1, b"x").unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let seg = path.join(format!("{:020}.log", 0));
+    File::options()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let (mut log, warns) =
+        with_warnings(|| PartitionLog::open(&path, LogConfig::default()).unwrap());
+    assert!(warns.is_empty());
+    assert_eq!((log.last_index(), log.next_index()), (None, Some(7)));
+    assert_eq!(log.append_data(7, 1, &data_batch(0, &[1])).unwrap(), (0, 0));
+}
+
+fn build_log(dir: &Path, cfg: LogConfig, tail_internal_last: bool) -> Vec<LogEntry> {
+    let mut log = PartitionLog::open(dir, cfg).unwrap();
+    for i in 0..20usize {
+        let idx = 10 + i as u64;
+        let internal = if i >= 18 {
+            (i == 19) == tail_internal_last
+        } else {
+            i % 4 == 3
+        };
+        if internal {
+            log.append_internal(idx, 3, &vec![i as u8; 20 + i]).unwrap();
+        } else {
+            log.append_data(idx, 3, &data_batch(i as i64 * 100, &[30, 10 + i]))
+                .unwrap();
+        }
+    }
+    log.sync().unwrap();
+    assert!(log.segments.len() >= 2, "test needs several segments");
+    log.entries(0, u64::MAX).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for dent in fs::read_dir(from).unwrap() {
+        let dent = dent.unwrap();
+        fs::copy(dent.path(), to.join(dent.file_name())).unwrap();
+    }
+}
+
+fn last_segment(dir: &Path) -> PathBuf {
+    let mut logs: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().unwrap()
+}
+
+fn data_bytes(entries: &[LogEntry]) -> Vec<u8> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Data { .. }))
+        .flat_map(|e| e.bytes.iter().copied())
+        .collect()
+}
+
+fn end_offset(entries: &[LogEntry]) -> i64 {
+    entries
+        .iter()
+        .rev()
+        .find_map(|e| match e.kind {
+            EntryKind::Data { last_offset, .. } => Some(last_offset + 1),
+            EntryKind::Internal => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Reopens a damaged copy and checks that exactly `want` survived, then that appends continue.
+fn check_recovered(dir: &Path, cfg: LogConfig, want: &[LogEntry], expect_warn: bool) {
+    let (mut log, warns) = with_warnings(|| PartitionLog::open(dir, cfg).unwrap());
+    if expect_warn {
+        assert_eq!(warns.len(), 1, "{warns:?}");
+        let seg = last_segment(dir);
+        let name = seg.file_name().unwrap().to_str().unwrap();
+        assert!(
+            warns[0].contains(name) && warns[0].contains("position="),
+            "{warns:?}"
+        );
+    } else {
+        assert!(warns.is_empty(), "{warns:?}");
+    }
+    let last = want.last().unwrap().raft_index;
+    assert_eq!(log.last_index(), Some(last));
+    assert_eq!(log.entries(0, u64::MAX).unwrap(), want);
+    let start = log.log_start_offset();
+    assert_eq!(
+        log.read(start, usize::MAX, i64::MAX).unwrap().as_ref(),
+        &data_bytes(want)[..]
+    );
+    let end = end_offset(want);
+    assert_eq!(log.log_end_offset(), end);
+    assert_eq!(
+        log.append_data(last + 1, 4, &data_batch(0, &[5])).unwrap(),
+        (end, end)
+    );
+    assert!(matches!(
+        log.append_internal(last + 1, 4, b""),
+        Err(StorageError::NonContiguous { .. })
+    ));
+    log.append_internal(last + 2, 4, b"after").unwrap();
+    log.sync().unwrap();
+    check_index_files(&log);
+    drop(log);
+    let (log, warns) = with_warnings(|| PartitionLog::open(dir, cfg).unwrap());
+    assert!(warns.is_empty(), "{warns:?}");
+    assert_eq!(log.last_index(), Some(last + 2));
+    assert_eq!(log.log_end_offset(), end + 1);
+    assert_eq!(log.entries(0, last + 1).unwrap(), want);
+}
+
+#[test]
+fn torn_write_at_every_byte_of_the_last_two_batches() {
+    let cfg = LogConfig {
+        segment_bytes_max: 1500,
+        index_interval_bytes: 150,
+    };
+    for tail_internal_last in [false, true] {
+        let template = tempfile::tempdir().unwrap();
+        let all = build_log(template.path(), cfg, tail_internal_last);
+        let (log, _) = with_warnings(|| PartitionLog::open(template.path(), cfg).unwrap());
+        assert!(
+            log.segments.last().unwrap().entries.len() >= 3,
+            "last two batches share a segment"
+        );
+        drop(log);
+        let seg = last_segment(template.path());
+        let file_len = fs::metadata(&seg).unwrap().len();
+        let last_two: u64 = all[all.len() - 2..]
+            .iter()
+            .map(|e| e.bytes.len() as u64)
+            .sum();
+        let boundary = file_len - all[all.len() - 1].bytes.len() as u64;
+        for cut in file_len - last_two..file_len {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(template.path(), dir.path());
+            let seg = last_segment(dir.path());
+            File::options()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(cut)
+                .unwrap();
+            let keep = if cut >= boundary {
+                all.len() - 1
+            } else {
+                all.len() - 2
+            };
+            let at_boundary = cut == boundary || cut == file_len - last_two;
+            check_recovered(dir.path(), cfg, &all[..keep], !at_boundary);
+        }
+    }
+}
+
+#[test]
+fn garbage_after_the_last_batch_is_cut() {
+    let cfg = LogConfig {
+        segment_bytes_max: 1500,
+        index_interval_bytes: 150,
+    };
+    let template = tempfile::tempdir().unwrap();
+    let all = build_log(template.path(), cfg, false);
+    let mut rng = StdRng::seed_from_u64(7);
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let seg = last_segment(dir.path());
+        let mut garbage: Vec<u8> = (0..rng.gen_range(1..400)).map(|_| rng.gen()).collect();
+        if round % 4 == 0 {
+            // A plausible header whose body is damaged: only the CRC can tell.
+            let mut fake = data_batch(0, &[50]);
+            set_base_offset(&mut fake, end_offset(&all));
+            let n = fake.len();
+            fake[n - 1] ^= 0xff;
+            garbage = fake;
+        } else if round % 4 == 1 {
+            // A valid batch that does not continue the offsets.
+            garbage = data_batch(0, &[50]);
+        }
+        let mut f = File::options().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &garbage).unwrap();
+        drop(f);
+        check_recovered(dir.path(), cfg, &all, true);
+    }
+}
+
+#[test]
+fn missing_sidecars_and_indexes_are_rebuilt() {
+    let cfg = LogConfig {
+        segment_bytes_max: 600,
+        index_interval_bytes: 100,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let all = build_log(dir.path(), cfg, false);
+    let mut bases: Vec<PathBuf> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    bases.sort();
+    assert!(bases.len() >= 4);
+    // First, a middle and the last sidecar gone; indexes deleted or damaged.
+    for p in [&bases[0], &bases[2], bases.last().unwrap()] {
+        fs::remove_file(p.with_extension("raft")).unwrap();
+    }
+    fs::remove_file(bases[1].with_extension("index")).unwrap();
+    fs::write(bases[2].with_extension("timeindex"), b"junk").unwrap();
+    fs::write(bases[3].with_extension("index"), b"").unwrap();
+    let (log, warns) = with_warnings(|| PartitionLog::open(dir.path(), cfg).unwrap());
+    assert!(warns.is_empty());
+    assert_eq!(log.entries(0, u64::MAX).unwrap(), all);
+    check_index_files(&log);
+    for p in &bases {
+        assert!(p.with_extension("raft").exists());
+    }
+}
+
+#[test]
+fn reset_and_full_purge_continue_at_given_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        segment_bytes_max: 400,
+        index_interval_bytes: 100,
+    };
+    let mut log = PartitionLog::open(dir.path(), cfg).unwrap();
+    for i in 1..=10 {
+        log.append_data(i, 1, &data_batch(0, &[40])).unwrap();
+    }
+    log.reset(100, 5000).unwrap();
+    assert_eq!(
+        (log.last_index(), log.next_index(), log.log_end_offset()),
+        (None, Some(100), 5000)
+    );
+    drop(log);
+    let mut log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(
+        (log.next_index(), log.log_start_offset()),
+        (Some(100), 5000)
+    );
+    assert_eq!(
+        log.append_data(100, 2, &data_batch(0, &[40])).unwrap(),
+        (5000, 5000)
+    );
+    assert!(dir.path().join(format!("{:020}.log", 5000)).exists());
+    assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
+    for i in 101..110 {
+        log.append_data(i, 2, &data_batch(0, &[40])).unwrap();
+    }
+    // Segments hold three batches each, so 102 ends the first one exactly.
+    log.purge_upto_index(102).unwrap();
+    assert_eq!(
+        (log.first_index(), log.log_start_offset()),
+        (Some(103), 5003)
+    );
+    assert!(!dir.path().join(format!("{:020}.log", 5000)).exists());
+    log.purge_upto_index(104).unwrap();
+    assert_eq!(
+        (log.first_index(), log.log_start_offset()),
+        (Some(105), 5005)
+    );
+    assert!(!dir.path().join(format!("{:020}.log", 5000)).exists());
+    assert!(matches!(
+        log.read(5004, 10, i64::MAX),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    log.purge_upto_index(120).unwrap();
+    assert_eq!(
+        (log.first_index(), log.next_index(), log.log_end_offset()),
+        (None, Some(121), 5010)
+    );
+    drop(log);
+    let mut log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(
+        (log.first_index(), log.next_index(), log.log_end_offset()),
+        (None, Some(121), 5010)
+    );
+    assert_eq!(
+        log.append_data(121, 3, &data_batch(0, &[1])).unwrap(),
+        (5010, 5010)
+    );
+    assert_eq!(
+        log.size_bytes(),
+        fs::metadata(dir.path().join(format!("{:020}.log", 5010)))
+            .unwrap()
+            .len()
+    );
+}
+
+#[test]
+fn leftovers_of_an_interrupted_reset_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = tempfile::tempdir().unwrap();
+    let cfg = LogConfig::default();
+    let mut log = PartitionLog::open(dir.path(), cfg).unwrap();
+    for i in 1..=3 {
+        log.append_data(i, 1, &data_batch(0, &[10])).unwrap();
+    }
+    log.sync().unwrap();
+    copy_dir(dir.path(), backup.path());
+    log.reset(50, 70).unwrap();
+    drop(log);
+    // Simulate a crash after the new log-start was written but before the old segment was deleted.
+    for ext in ["log", "raft"] {
+        let name = format!("{:020}.{ext}", 0);
+        fs::copy(backup.path().join(&name), dir.path().join(&name)).unwrap();
+    }
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    assert_eq!(
+        (log.last_index(), log.next_index(), log.log_end_offset()),
+        (None, Some(50), 70)
+    );
+    assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
+}
