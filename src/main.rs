@@ -1,1 +1,98 @@
-fn main() {}
+//! The `sluice` binary: `sluice server` runs a node; the other verbs are Kafka-protocol clients.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sluice::config::{parse_peers, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A Kafka-compatible streaming log on Raft")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. With no flags: a single-node cluster with embedded defaults.
+    Server(ServerArgs),
+    #[command(flatten)]
+    Client(sluice::cli::ClientCommand),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Kafka-style server.properties; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<u64>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    kafka_addr: Option<String>,
+    #[arg(long)]
+    advertised_kafka_addr: Option<String>,
+    #[arg(long)]
+    raft_addr: Option<String>,
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// ID@HOST:RAFTPORT,... — the same list on every node, including itself.
+    #[arg(long)]
+    peers: Option<String>,
+}
+
+fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
+    let mut cfg = ServerConfig::default();
+    if let Some(path) = &args.config {
+        for key in cfg.apply_file(path)? {
+            tracing::warn!(%key, file = %path.display(), "unknown config key ignored");
+        }
+    }
+    if let Some(v) = args.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.kafka_addr {
+        cfg.kafka_addr = v;
+    }
+    if let Some(v) = args.advertised_kafka_addr {
+        cfg.advertised_kafka_addr = Some(v);
+    }
+    if let Some(v) = args.raft_addr {
+        cfg.raft_addr = v;
+    }
+    if let Some(v) = args.admin_addr {
+        cfg.admin_addr = v;
+    }
+    if let Some(v) = args.peers {
+        cfg.peers = parse_peers(&v).context("invalid --peers")?;
+    }
+    cfg.finish()?;
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Server(args) => {
+            let cfg = server_config(args)?;
+            rt.block_on(sluice::server::run(cfg))
+        }
+        Command::Client(cmd) => rt.block_on(sluice::cli::run(cmd)),
+    }
+}

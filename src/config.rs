@@ -1,0 +1,361 @@
+//! Server configuration: embedded defaults, a Kafka-style `server.properties` file, and command-line
+//! flags, applied in that order (flags win).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {key}: invalid value '{value}': {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("config file {path} line {line}: expected key=value, got '{text}'")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
+}
+
+/// Everything a node needs to start. Names carry units, as in Kafka's own keys.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub kafka_addr: String,
+    pub advertised_kafka_addr: Option<String>,
+    pub raft_addr: String,
+    pub admin_addr: String,
+    /// id -> raft address, including this node. Empty means "just me".
+    pub peers: BTreeMap<u64, String>,
+    pub num_partitions: i32,
+    pub default_replication_factor: i16,
+    pub auto_create_topics_enable: bool,
+    pub message_max_bytes: i32,
+    pub log_segment_bytes: u64,
+    pub log_retention_ms: i64,
+    pub log_retention_bytes: i64,
+    /// Largest request frame we accept; checked before the frame is allocated.
+    pub socket_request_max_bytes: usize,
+    /// Connections beyond this are closed at accept time.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight before we stop reading from it.
+    pub max_in_flight_requests_per_connection: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("./sluice-data"),
+            kafka_addr: "127.0.0.1:9092".into(),
+            advertised_kafka_addr: None,
+            raft_addr: "127.0.0.1:9093".into(),
+            admin_addr: "127.0.0.1:9644".into(),
+            peers: BTreeMap::new(),
+            num_partitions: 1,
+            default_replication_factor: 1,
+            auto_create_topics_enable: true,
+            message_max_bytes: 1_048_588,
+            log_segment_bytes: 1 << 30,
+            log_retention_ms: 7 * 24 * 3600 * 1000,
+            log_retention_bytes: -1,
+            socket_request_max_bytes: 104_857_600,
+            max_connections: 10_000,
+            max_in_flight_requests_per_connection: 64,
+        }
+    }
+}
+
+fn invalid(key: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse::<T>()
+        .map_err(|_| invalid(key, value, "not a valid number"))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(invalid(key, value, "expected true or false")),
+    }
+}
+
+/// `PLAINTEXT://host:port[,OTHER://...]` -> `host:port` of the first listener. Kafka allows an empty
+/// host meaning "all interfaces"; we keep loopback as the safe default for that case.
+fn parse_listener(key: &str, value: &str) -> Result<String, ConfigError> {
+    let first = value.split(',').next().unwrap_or("").trim();
+    let hostport = match first.split_once("://") {
+        Some((_proto, rest)) => rest,
+        None => first,
+    };
+    let hostport = if let Some(port) = hostport.strip_prefix(':') {
+        format!("127.0.0.1:{port}")
+    } else {
+        hostport.to_string()
+    };
+    check_hostport(key, &hostport)?;
+    Ok(hostport)
+}
+
+/// Accepts `host:port` where host is a name or an IP; the port must be a number.
+pub fn check_hostport(key: &str, value: &str) -> Result<(), ConfigError> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?;
+    if host.is_empty() {
+        return Err(invalid(key, value, "empty host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| invalid(key, value, "port must be a number 0-65535"))?;
+    Ok(())
+}
+
+/// `1@127.0.0.1:9093,2@127.0.0.1:19093` -> {1: .., 2: ..}
+pub fn parse_peers(value: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('@')
+            .ok_or_else(|| invalid("peers", item, "expected ID@HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| invalid("peers", item, "node id must be a non-negative integer"))?;
+        check_hostport("peers", addr)?;
+        if peers.insert(id, addr.to_string()).is_some() {
+            return Err(invalid("peers", value, format!("node id {id} listed twice")));
+        }
+    }
+    Ok(peers)
+}
+
+impl ServerConfig {
+    /// Applies one `key=value` pair in Kafka's naming. Unknown keys are reported to the caller, which
+    /// warns: Kafka also tolerates keys it does not know.
+    pub fn apply_property(&mut self, key: &str, value: &str) -> Result<bool, ConfigError> {
+        let v = value.trim();
+        match key {
+            "node.id" | "broker.id" => self.node_id = parse_num(key, v)?,
+            "listeners" => self.kafka_addr = parse_listener(key, v)?,
+            "advertised.listeners" => self.advertised_kafka_addr = Some(parse_listener(key, v)?),
+            "log.dirs" | "log.dir" => {
+                let first = v.split(',').next().unwrap_or("").trim();
+                if first.is_empty() {
+                    return Err(invalid(key, v, "empty directory"));
+                }
+                self.data_dir = PathBuf::from(first);
+            }
+            "num.partitions" => {
+                self.num_partitions = parse_num(key, v)?;
+                if self.num_partitions < 1 {
+                    return Err(invalid(key, v, "must be at least 1"));
+                }
+            }
+            "default.replication.factor" => {
+                self.default_replication_factor = parse_num(key, v)?;
+                if self.default_replication_factor < 1 {
+                    return Err(invalid(key, v, "must be at least 1"));
+                }
+            }
+            "auto.create.topics.enable" => self.auto_create_topics_enable = parse_bool(key, v)?,
+            "message.max.bytes" => {
+                self.message_max_bytes = parse_num(key, v)?;
+                if self.message_max_bytes < 64 {
+                    return Err(invalid(key, v, "must be at least 64"));
+                }
+            }
+            "log.segment.bytes" => {
+                self.log_segment_bytes = parse_num(key, v)?;
+                if self.log_segment_bytes < 1024 {
+                    return Err(invalid(key, v, "must be at least 1024"));
+                }
+            }
+            "log.retention.ms" => self.log_retention_ms = parse_num(key, v)?,
+            "log.retention.minutes" => {
+                self.log_retention_ms = parse_num::<i64>(key, v)?.saturating_mul(60_000)
+            }
+            "log.retention.hours" => {
+                self.log_retention_ms = parse_num::<i64>(key, v)?.saturating_mul(3_600_000)
+            }
+            "log.retention.bytes" => self.log_retention_bytes = parse_num(key, v)?,
+            "socket.request.max.bytes" => self.socket_request_max_bytes = parse_num(key, v)?,
+            "max.connections" => self.max_connections = parse_num(key, v)?,
+            "sluice.raft.addr" => {
+                check_hostport(key, v)?;
+                self.raft_addr = v.to_string()
+            }
+            "sluice.admin.addr" => {
+                check_hostport(key, v)?;
+                self.admin_addr = v.to_string()
+            }
+            "sluice.peers" => self.peers = parse_peers(v)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Reads a `server.properties` file: `key=value` lines, `#`/`!` comments, blank lines.
+    pub fn apply_file(&mut self, path: &Path) -> Result<Vec<String>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut unknown = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .or_else(|| line.split_once(':'))
+                .ok_or_else(|| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    line: n + 1,
+                    text: line.to_string(),
+                })?;
+            if !self.apply_property(k.trim(), v)? {
+                unknown.push(k.trim().to_string());
+            }
+        }
+        Ok(unknown)
+    }
+
+    /// The address clients are told to connect to.
+    pub fn advertised_kafka_addr(&self) -> String {
+        self.advertised_kafka_addr
+            .clone()
+            .unwrap_or_else(|| self.kafka_addr.clone())
+    }
+
+    /// Final consistency checks once every source has been applied.
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        check_hostport("kafka-addr", &self.kafka_addr)?;
+        check_hostport("raft-addr", &self.raft_addr)?;
+        check_hostport("admin-addr", &self.admin_addr)?;
+        if let Some(a) = &self.advertised_kafka_addr {
+            check_hostport("advertised-kafka-addr", a)?;
+        }
+        if self.peers.is_empty() {
+            self.peers.insert(self.node_id, self.raft_addr.clone());
+        }
+        match self.peers.get(&self.node_id) {
+            None => {
+                return Err(invalid(
+                    "peers",
+                    &format!("{:?}", self.peers),
+                    format!("the peer list must include this node (id {})", self.node_id),
+                ))
+            }
+            Some(addr) if addr != &self.raft_addr => {
+                // The peer list is what other nodes dial; a mismatch means nobody can reach us.
+                if addr.parse::<SocketAddr>().ok() != self.raft_addr.parse::<SocketAddr>().ok()
+                    || addr.parse::<SocketAddr>().is_err()
+                {
+                    return Err(invalid(
+                        "peers",
+                        addr,
+                        format!(
+                            "node {} is listed at {addr} but --raft-addr is {}",
+                            self.node_id, self.raft_addr
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_override_defaults() {
+        let mut c = ServerConfig::default();
+        assert!(c.apply_property("broker.id", "7").unwrap());
+        assert!(c
+            .apply_property("listeners", "PLAINTEXT://127.0.0.1:19092")
+            .unwrap());
+        assert!(c.apply_property("num.partitions", "3").unwrap());
+        assert!(c.apply_property("log.retention.hours", "2").unwrap());
+        assert!(!c.apply_property("some.unknown.key", "x").unwrap());
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.kafka_addr, "127.0.0.1:19092");
+        assert_eq!(c.num_partitions, 3);
+        assert_eq!(c.log_retention_ms, 7_200_000);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let mut c = ServerConfig::default();
+        let e = c.apply_property("num.partitions", "zero").unwrap_err();
+        assert!(e.to_string().contains("num.partitions"), "{e}");
+        assert!(c.apply_property("num.partitions", "0").is_err());
+        assert!(c.apply_property("listeners", "PLAINTEXT://nohost").is_err());
+        assert!(c.apply_property("auto.create.topics.enable", "yes").is_err());
+    }
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1@127.0.0.1:9093, 2@127.0.0.1:19093").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[&2], "127.0.0.1:19093");
+        assert!(parse_peers("1@127.0.0.1").is_err());
+        assert!(parse_peers("x@127.0.0.1:1").is_err());
+        assert!(parse_peers("1@a:1,1@b:2").is_err());
+        assert!(parse_peers("127.0.0.1:9093").is_err());
+    }
+
+    #[test]
+    fn finish_requires_self_in_peers() {
+        let mut c = ServerConfig {
+            peers: parse_peers("2@127.0.0.1:19093").unwrap(),
+            ..ServerConfig::default()
+        };
+        assert!(c.finish().is_err());
+        let mut c = ServerConfig::default();
+        c.finish().unwrap();
+        assert_eq!(c.peers[&1], "127.0.0.1:9093");
+    }
+
+    #[test]
+    fn file_with_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.properties");
+        std::fs::write(
+            &path,
+            "# comment\nnode.id=3\n\nlog.dirs=/tmp/x,/tmp/y\nfoo.bar=1\n",
+        )
+        .unwrap();
+        let mut c = ServerConfig::default();
+        let unknown = c.apply_file(&path).unwrap();
+        assert_eq!(unknown, vec!["foo.bar".to_string()]);
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        std::fs::write(&path, "garbage line\n").unwrap();
+        assert!(ServerConfig::default().apply_file(&path).is_err());
+    }
+}

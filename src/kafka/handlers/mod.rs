@@ -1,0 +1,178 @@
+//! One module per Kafka API, each with the version range it serves beside it. ApiVersions is
+//! derived from [`SUPPORTED`], so what we advertise is exactly what we dispatch.
+
+pub mod api_versions;
+pub mod create_partitions;
+pub mod create_topics;
+pub mod delete_topics;
+pub mod describe_cluster;
+pub mod describe_configs;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+
+use super::{Pending, Response};
+use crate::node::Node;
+
+/// (API, min version, max version). Ranges stop where the next version changes semantics we do not
+/// implement (e.g. Fetch v13 switches to topic ids).
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, produce::MIN_VERSION, produce::MAX_VERSION),
+    (ApiKey::Fetch, fetch::MIN_VERSION, fetch::MAX_VERSION),
+    (
+        ApiKey::ListOffsets,
+        list_offsets::MIN_VERSION,
+        list_offsets::MAX_VERSION,
+    ),
+    (ApiKey::Metadata, metadata::MIN_VERSION, metadata::MAX_VERSION),
+    (
+        ApiKey::ApiVersions,
+        api_versions::MIN_VERSION,
+        api_versions::MAX_VERSION,
+    ),
+    (
+        ApiKey::CreateTopics,
+        create_topics::MIN_VERSION,
+        create_topics::MAX_VERSION,
+    ),
+    (
+        ApiKey::DeleteTopics,
+        delete_topics::MIN_VERSION,
+        delete_topics::MAX_VERSION,
+    ),
+    (
+        ApiKey::DescribeConfigs,
+        describe_configs::MIN_VERSION,
+        describe_configs::MAX_VERSION,
+    ),
+    (
+        ApiKey::CreatePartitions,
+        create_partitions::MIN_VERSION,
+        create_partitions::MAX_VERSION,
+    ),
+    (
+        ApiKey::DescribeCluster,
+        describe_cluster::MIN_VERSION,
+        describe_cluster::MAX_VERSION,
+    ),
+];
+
+pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, a, b)| (*a, *b))
+}
+
+/// Versions the codec crate no longer decodes: handled by hand in their modules.
+pub fn start_legacy(
+    node: &Arc<Node>,
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    frame: &Bytes,
+) -> Result<Option<Pending>, String> {
+    let result = match key {
+        ApiKey::Produce if version < 3 => produce::legacy(node, version, frame)?,
+        ApiKey::ListOffsets if version < 1 => {
+            let node = node.clone();
+            let frame = frame.clone();
+            return Ok(Some(Box::pin(async move {
+                let r = list_offsets::legacy_v0(&node, &frame).await;
+                match r {
+                    Ok(body) => Some((correlation_id, key, version, Some(Response::Raw(body)))),
+                    Err(e) => {
+                        tracing::info!(error = %e, "malformed ListOffsets v0 request");
+                        None
+                    }
+                }
+            })));
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(super::ready(correlation_id, key, version, result)))
+}
+
+pub fn dispatch(
+    node: Arc<Node>,
+    header: RequestHeader,
+    request: RequestKind,
+) -> BoxFuture<'static, Option<Response>> {
+    let v = header.request_api_version;
+    match request {
+        RequestKind::ApiVersions(r) => {
+            let resp = api_versions::handle(&node, v, r);
+            async move { Some(Response::Kind(ResponseKind::ApiVersions(resp))) }.boxed()
+        }
+        RequestKind::Metadata(r) => async move {
+            Some(Response::Kind(ResponseKind::Metadata(
+                metadata::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::Produce(r) => produce::handle(node, v, r),
+        RequestKind::Fetch(r) => async move {
+            Some(Response::Kind(ResponseKind::Fetch(
+                fetch::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::ListOffsets(r) => async move {
+            Some(Response::Kind(ResponseKind::ListOffsets(
+                list_offsets::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::CreateTopics(r) => async move {
+            Some(Response::Kind(ResponseKind::CreateTopics(
+                create_topics::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::DeleteTopics(r) => async move {
+            Some(Response::Kind(ResponseKind::DeleteTopics(
+                delete_topics::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::CreatePartitions(r) => async move {
+            Some(Response::Kind(ResponseKind::CreatePartitions(
+                create_partitions::handle(&node, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::DescribeConfigs(r) => async move {
+            Some(Response::Kind(ResponseKind::DescribeConfigs(
+                describe_configs::handle(&node, v, r),
+            )))
+        }
+        .boxed(),
+        RequestKind::DescribeCluster(r) => async move {
+            Some(Response::Kind(ResponseKind::DescribeCluster(
+                describe_cluster::handle(&node, v, r),
+            )))
+        }
+        .boxed(),
+        // supported_versions() filtered everything else before decoding.
+        other => {
+            tracing::warn!(request = ?std::mem::discriminant(&other), "request without handler");
+            async { None }.boxed()
+        }
+    }
+}
+
+/// Kafka's `host:port` split for advertised addresses.
+pub fn split_host_port(addr: &str) -> (String, i32) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(9092)),
+        None => (addr.to_string(), 9092),
+    }
+}

@@ -1,0 +1,274 @@
+//! Produce (key 0): validates each record batch (magic 2, CRC-32C, size limits) and proposes it,
+//! unchanged, to the partition's Raft group. The log assigns offsets; the reply carries the base
+//! offset once the batch is committed. acks=0 gets no response at all, as in Kafka.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use kafka_protocol::messages::produce_response::{
+    PartitionProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
+use kafka_protocol::protocol::StrBytes;
+use sluice_raft::RaftError;
+use sluice_storage::batch::{self, BatchError};
+
+use crate::errors::ErrorCode;
+use crate::kafka::wire::{Reader, Writer};
+use crate::kafka::Response;
+use crate::node::Node;
+
+/// v0-v2 carry message formats 0/1, which we reject, but the range starts at 0 because some
+/// librdkafka versions refuse a broker whose Produce range does not.
+pub const MIN_VERSION: i16 = 0;
+/// v10+ add KIP-951 leader hints and v12 transactions v2; v9 is flexible and widely used.
+pub const MAX_VERSION: i16 = 9;
+
+pub struct PartitionOutcome {
+    pub error: ErrorCode,
+    pub message: Option<String>,
+    pub base_offset: i64,
+    pub log_start_offset: i64,
+}
+
+impl PartitionOutcome {
+    fn err(error: ErrorCode, message: impl Into<String>) -> Self {
+        PartitionOutcome {
+            error,
+            message: Some(message.into()),
+            base_offset: -1,
+            log_start_offset: -1,
+        }
+    }
+}
+
+pub fn raft_error_code(e: &RaftError) -> ErrorCode {
+    match e {
+        RaftError::NotLeader { .. } | RaftError::Shutdown => ErrorCode::NotLeaderOrFollower,
+        RaftError::Timeout => ErrorCode::RequestTimedOut,
+        RaftError::Storage(_) => ErrorCode::KafkaStorageError,
+        // Never UNKNOWN_SERVER_ERROR: clients may retry it into duplicates; a timeout is honest.
+        _ => ErrorCode::RequestTimedOut,
+    }
+}
+
+fn batch_error_code(e: &BatchError) -> ErrorCode {
+    match e {
+        BatchError::BadMagic(_) => ErrorCode::UnsupportedForMessageFormat,
+        _ => ErrorCode::CorruptMessage,
+    }
+}
+
+/// Validates and appends the record batches for one partition. Written so that the first poll
+/// submits the first batch to Raft before returning Pending: the connection relies on that to keep
+/// the order of pipelined requests.
+async fn produce_partition(
+    node: Arc<Node>,
+    topic: String,
+    partition: i32,
+    records: Option<Bytes>,
+    timeout: Duration,
+) -> PartitionOutcome {
+    let max_message_bytes = {
+        let st = node.state();
+        let Some(t) = st.topics.get(&topic) else {
+            return PartitionOutcome::err(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("topic '{topic}' does not exist"),
+            );
+        };
+        if partition < 0 || partition as usize >= t.partitions.len() {
+            return PartitionOutcome::err(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("topic '{topic}' has no partition {partition}"),
+            );
+        }
+        t.configs
+            .get("max.message.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(node.cfg.message_max_bytes as usize)
+    };
+    let Some(group) = node.partition(&topic, partition) else {
+        return PartitionOutcome::err(
+            ErrorCode::NotLeaderOrFollower,
+            "this broker does not host the partition",
+        );
+    };
+    if !group.is_leader() {
+        return PartitionOutcome::err(ErrorCode::NotLeaderOrFollower, "not the partition leader");
+    }
+    let Some(records) = records.filter(|r| !r.is_empty()) else {
+        return PartitionOutcome::err(ErrorCode::CorruptMessage, "empty record set");
+    };
+    // Validate every batch before appending any, so a bad request leaves no partial write.
+    let mut batches = Vec::new();
+    let mut pos = 0usize;
+    for b in batch::split(&records) {
+        let b = match b {
+            Ok(b) => b,
+            Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
+        };
+        let len = b.len();
+        if let Err(e) = batch::validate(b) {
+            return PartitionOutcome::err(batch_error_code(&e), e.to_string());
+        }
+        if len > max_message_bytes {
+            return PartitionOutcome::err(
+                ErrorCode::MessageTooLarge,
+                format!("record batch of {len} bytes exceeds max.message.bytes {max_message_bytes}"),
+            );
+        }
+        batches.push(records.slice(pos..pos + len));
+        pos += len;
+    }
+    let mut first_base = -1;
+    for b in batches {
+        match tokio::time::timeout(timeout, group.append(b)).await {
+            Ok(Ok((base, _last))) => {
+                if first_base < 0 {
+                    first_base = base;
+                }
+            }
+            Ok(Err(e)) => {
+                return PartitionOutcome::err(raft_error_code(&e), e.to_string());
+            }
+            Err(_) => {
+                return PartitionOutcome::err(
+                    ErrorCode::RequestTimedOut,
+                    "timed out waiting for the write to commit",
+                )
+            }
+        }
+    }
+    PartitionOutcome {
+        error: ErrorCode::None,
+        message: None,
+        base_offset: first_base,
+        log_start_offset: group.log_start_offset(),
+    }
+}
+
+pub fn handle(node: Arc<Node>, version: i16, req: ProduceRequest) -> BoxFuture<'static, Option<Response>> {
+    let started = Instant::now();
+    let acks = req.acks;
+    let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 300_000) as u64);
+    let mut futs = Vec::new();
+    let mut keys = Vec::new();
+    for t in req.topic_data {
+        let topic = t.name.0.to_string();
+        for p in t.partition_data {
+            keys.push((t.name.clone(), p.index));
+            if req.transactional_id.is_some() {
+                futs.push(
+                    futures::future::ready(PartitionOutcome::err(
+                        ErrorCode::InvalidRequest,
+                        "transactions are not supported",
+                    ))
+                    .boxed(),
+                );
+            } else if !matches!(acks, -1 | 0 | 1) {
+                futs.push(
+                    futures::future::ready(PartitionOutcome::err(
+                        ErrorCode::InvalidRequiredAcks,
+                        format!("acks must be -1, 0 or 1, got {acks}"),
+                    ))
+                    .boxed(),
+                );
+            } else {
+                node.metrics.bytes_in.fetch_add(
+                    p.records.as_ref().map(|r| r.len() as u64).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                futs.push(produce_partition(node.clone(), topic.clone(), p.index, p.records, timeout).boxed());
+            }
+        }
+    }
+    async move {
+        // join_all polls every partition future once on its first poll, in order.
+        let outcomes = futures::future::join_all(futs).await;
+        let mut worst = 0;
+        let mut topics: Vec<TopicProduceResponse> = Vec::new();
+        for ((name, index), o) in keys.into_iter().zip(outcomes) {
+            if o.error != ErrorCode::None {
+                tracing::debug!(topic = %name.0, partition = index, error = ?o.error, msg = ?o.message, "produce failed");
+                worst = o.error.code();
+            }
+            let pr = PartitionProduceResponse::default()
+                .with_index(index)
+                .with_error_code(o.error.code())
+                .with_base_offset(o.base_offset)
+                .with_log_append_time_ms(-1)
+                .with_log_start_offset(o.log_start_offset)
+                .with_error_message(if version >= 8 {
+                    o.message.map(StrBytes::from_string)
+                } else {
+                    None
+                });
+            match topics.iter_mut().find(|t| t.name == name) {
+                Some(t) => t.partition_responses.push(pr),
+                None => topics.push(
+                    TopicProduceResponse::default()
+                        .with_name(name)
+                        .with_partition_responses(vec![pr]),
+                ),
+            }
+        }
+        node.metrics.count_request("Produce", worst);
+        node.metrics
+            .produce_latency
+            .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
+        if acks == 0 {
+            return None;
+        }
+        Some(Response::Kind(ResponseKind::Produce(
+            ProduceResponse::default().with_responses(topics),
+        )))
+    }
+    .boxed()
+}
+
+/// Produce v0-v2: decoded by hand (the codec crate dropped them) and answered with
+/// UNSUPPORTED_VERSION for every partition, because these versions carry message formats 0/1.
+pub fn legacy(_node: &Node, version: i16, frame: &Bytes) -> Result<Option<Response>, String> {
+    let mut r = Reader::new(frame.clone());
+    r.i16()?; // api key
+    r.i16()?; // version
+    r.i32()?; // correlation id
+    r.nullable_string()?; // client id
+    let acks = r.i16()?;
+    r.i32()?; // timeout
+    let mut topics = Vec::new();
+    for _ in 0..r.count(6)? {
+        let name = r.string()?;
+        let mut parts = Vec::new();
+        for _ in 0..r.count(8)? {
+            let p = r.i32()?;
+            r.nullable_bytes()?;
+            parts.push(p);
+        }
+        topics.push((name, parts));
+    }
+    if acks == 0 {
+        return Ok(None);
+    }
+    let mut w = Writer::default();
+    w.i32(topics.len() as i32);
+    for (name, parts) in topics {
+        w.string(&name).i32(parts.len() as i32);
+        for p in parts {
+            w.i32(p)
+                .i16(ErrorCode::UnsupportedVersion.code())
+                .i64(-1);
+            if version >= 2 {
+                w.i64(-1);
+            }
+        }
+    }
+    if version >= 1 {
+        w.i32(0); // throttle time
+    }
+    Ok(Some(Response::Raw(w.finish())))
+}

@@ -1,0 +1,235 @@
+//! The Kafka listener: accepts connections, reads size-prefixed frames (the limit is checked before
+//! the frame is allocated), decodes headers and bodies with the `kafka-protocol` crate, dispatches to
+//! one handler per API, and writes responses in request order.
+//!
+//! Requests on one connection are started in arrival order and may complete concurrently (pipelined
+//! produce requests share one fsync), but responses go out in order, as the protocol requires.
+
+pub mod handlers;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::node::Node;
+
+/// What a handler produces: an encoded response body, or nothing (acks=0 produce).
+pub type HandlerResult = Option<Response>;
+
+pub enum Response {
+    /// A response the `kafka-protocol` crate can encode at the request's version.
+    Kind(ResponseKind),
+    /// A body we encoded by hand (old versions the crate no longer knows, or error bodies).
+    Raw(Bytes),
+}
+
+/// Accepts connections until `shutdown` resolves. Takes an already-bound listener so tests can bind
+/// port 0.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(node.cfg.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                warn!(%peer, max = node.cfg.max_connections, "connection limit reached, closing new connection");
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = handle_connection(stream, node, shutdown).await {
+                info!(%peer, %reason, "closed connection");
+            } else {
+                debug!(%peer, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Pending = BoxFuture<'static, Option<(i32, ApiKey, i16, HandlerResult)>>;
+
+async fn handle_connection(
+    stream: TcpStream,
+    node: Arc<Node>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
+
+    // The writer awaits responses strictly in request order.
+    let writer = tokio::spawn(async move {
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        while let Some(pending) = rx.recv().await {
+            let Some((correlation_id, api_key, version, result)) = pending.await else {
+                return Err("handler task failed".to_string());
+            };
+            let Some(resp) = result else { continue };
+            out.clear();
+            out.put_i32(0); // size, patched below
+            let header_version = api_key.response_header_version(version);
+            ResponseHeader::default()
+                .with_correlation_id(correlation_id)
+                .encode(&mut out, header_version)
+                .map_err(|e| format!("encoding response header: {e}"))?;
+            match resp {
+                Response::Kind(kind) => kind
+                    .encode(&mut out, version)
+                    .map_err(|e| format!("encoding {api_key:?} v{version} response: {e}"))?,
+                Response::Raw(b) => out.put_slice(&b),
+            }
+            let size = (out.len() - 4) as i32;
+            out[0..4].copy_from_slice(&size.to_be_bytes());
+            wr.write_all(&out)
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+        }
+        Ok(())
+    });
+
+    let result = read_loop(&mut rd, &node, &tx, &mut shutdown).await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| format!("writer task failed: {e}"))?;
+    result.and(written)
+}
+
+async fn read_loop(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    node: &Arc<Node>,
+    tx: &mpsc::Sender<Pending>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let max = node.cfg.socket_request_max_bytes;
+    loop {
+        let size = tokio::select! {
+            r = rd.read_i32() => match r {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("read failed: {e}")),
+            },
+            _ = shutdown.changed() => return Ok(()),
+        };
+        // Checked before allocating: a hostile length must not make us reserve memory.
+        if size < 8 || size as usize > max {
+            return Err(format!(
+                "invalid request size {size} (must be 8..={max}, socket.request.max.bytes)"
+            ));
+        }
+        let mut frame = BytesMut::zeroed(size as usize);
+        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut frame))
+            .await
+            .map_err(|_| format!("timed out reading a {size}-byte request"))?
+            .map_err(|e| format!("truncated request frame: {e}"))?;
+        let frame = frame.freeze();
+        let pending = decode_and_start(node, frame)?;
+        if tx.send(pending).await.is_err() {
+            return Err("response writer stopped".into());
+        }
+    }
+}
+
+/// Decodes one frame and starts its handler. Errors close the connection, as Kafka does for
+/// requests it cannot parse.
+fn decode_and_start(node: &Arc<Node>, frame: Bytes) -> Result<Pending, String> {
+    let mut peek = frame.clone();
+    let api_key_raw = peek.get_i16();
+    let version = peek.get_i16();
+    let correlation_id = if peek.remaining() >= 4 {
+        peek.get_i32()
+    } else {
+        return Err("request header too short".into());
+    };
+    let api_key = ApiKey::try_from(api_key_raw)
+        .map_err(|_| format!("unknown API key {api_key_raw} (correlation id {correlation_id})"))?;
+    let Some((min, max)) = handlers::supported_versions(api_key) else {
+        return Err(format!(
+            "unsupported API {api_key:?} (key {api_key_raw}); see ApiVersions for what this broker serves"
+        ));
+    };
+    if version < min || version > max {
+        if api_key == ApiKey::ApiVersions {
+            // KIP-511: answer with UNSUPPORTED_VERSION and a v0 body so the client can retry lower.
+            let body = handlers::api_versions::unsupported_version_body();
+            return Ok(ready(correlation_id, api_key, 0, Some(Response::Raw(body))));
+        }
+        return Err(format!(
+            "unsupported version {version} of {api_key:?} (supported {min}..={max})"
+        ));
+    }
+    let mut body = frame;
+    // Old versions the codec crate dropped are decoded by hand inside their handlers.
+    if let Some(pending) = handlers::start_legacy(node, api_key, version, correlation_id, &body)? {
+        return Ok(pending);
+    }
+    let header_version = api_key.request_header_version(version);
+    let header = RequestHeader::decode(&mut body, header_version)
+        .map_err(|e| format!("malformed {api_key:?} v{version} request header: {e}"))?;
+    let request = RequestKind::decode(api_key, &mut body, version)
+        .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
+    let fut = handlers::dispatch(node.clone(), header, request);
+    Ok(start(correlation_id, api_key, version, fut))
+}
+
+fn ready(correlation_id: i32, api_key: ApiKey, version: i16, result: HandlerResult) -> Pending {
+    Box::pin(async move { Some((correlation_id, api_key, version, result)) })
+}
+
+/// Starts the handler right away so that requests reach Raft in arrival order (a produce handler
+/// submits its batches before its first real wait), then lets it finish on its own task.
+fn start(
+    correlation_id: i32,
+    api_key: ApiKey,
+    version: i16,
+    fut: BoxFuture<'static, HandlerResult>,
+) -> Pending {
+    let mut fut = fut;
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => ready(correlation_id, api_key, version, r),
+        std::task::Poll::Pending => {
+            let handle = tokio::spawn(fut);
+            Box::pin(async move {
+                match handle.await {
+                    Ok(r) => Some((correlation_id, api_key, version, r)),
+                    Err(e) => {
+                        warn!(?api_key, error = %e, "request handler panicked");
+                        None
+                    }
+                }
+            })
+        }
+    }
+}
+

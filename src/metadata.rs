@@ -1,0 +1,283 @@
+//! The controller's replicated state: cluster id, brokers, topics, partition replica sets and topic
+//! configs. Commands are JSON, decided by the metadata Raft leader and applied by the deterministic
+//! [`MetaState::apply`] on every node. Apply reads no clock and does no I/O: proposers stamp times
+//! and ids into commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::errors::ErrorCode;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerInfo {
+    pub id: u64,
+    /// host:port clients are told to connect to.
+    pub kafka_addr: String,
+    pub admin_addr: String,
+    pub raft_addr: String,
+    /// Proposer's wall clock when it last registered (ms since epoch).
+    pub registered_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopicMeta {
+    pub name: String,
+    /// 16 random bytes stamped by the proposer; distinguishes a re-created topic from its old self.
+    pub id: [u8; 16],
+    /// partition index -> replica node ids (first = preferred leader)
+    pub partitions: Vec<Vec<u64>>,
+    pub configs: BTreeMap<String, String>,
+}
+
+impl TopicMeta {
+    pub fn id_hex(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    pub fn replication_factor(&self) -> usize {
+        self.partitions.first().map(Vec::len).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    InitCluster {
+        cluster_id: String,
+    },
+    RegisterBroker {
+        broker: BrokerInfo,
+    },
+    CreateTopic {
+        topic: TopicMeta,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    CreatePartitions {
+        name: String,
+        new_partitions: Vec<Vec<u64>>,
+    },
+}
+
+/// Reply to a command: success, or a Kafka error code with a message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    Err { code: i16, message: String },
+}
+
+impl Reply {
+    fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply::Err {
+            code: code as i16,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MetaState {
+    pub cluster_id: Option<String>,
+    pub brokers: BTreeMap<u64, BrokerInfo>,
+    pub topics: BTreeMap<String, TopicMeta>,
+    /// Bumped on every applied command so watchers can tell that something changed.
+    pub version: u64,
+}
+
+/// Kafka's rule: ASCII alphanumerics, '.', '_' and '-', at most 249 chars, not "." or "..".
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("topic name cannot be '{name}'"));
+    }
+    if name.len() > 249 {
+        return Err(format!(
+            "topic name is {} characters long, the maximum is 249",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '.' || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "topic name '{name}' contains '{c}'; legal characters are ASCII alphanumerics, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+impl MetaState {
+    pub fn apply(&mut self, command: &Command) -> Reply {
+        self.version += 1;
+        match command {
+            Command::InitCluster { cluster_id } => {
+                // First writer wins; later inits (e.g. a racing node) are harmless no-ops.
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(cluster_id.clone());
+                }
+                Reply::Ok
+            }
+            Command::RegisterBroker { broker } => {
+                self.brokers.insert(broker.id, broker.clone());
+                Reply::Ok
+            }
+            Command::CreateTopic { topic } => {
+                if let Err(m) = validate_topic_name(&topic.name) {
+                    return Reply::err(ErrorCode::InvalidTopicException, m);
+                }
+                if self.topics.contains_key(&topic.name) {
+                    return Reply::err(
+                        ErrorCode::TopicAlreadyExists,
+                        format!("topic '{}' already exists", topic.name),
+                    );
+                }
+                if topic.partitions.is_empty() {
+                    return Reply::err(ErrorCode::InvalidPartitions, "no partitions");
+                }
+                self.topics.insert(topic.name.clone(), topic.clone());
+                Reply::Ok
+            }
+            Command::DeleteTopic { name } => {
+                if self.topics.remove(name).is_none() {
+                    return Reply::err(
+                        ErrorCode::UnknownTopicOrPartition,
+                        format!("topic '{name}' does not exist"),
+                    );
+                }
+                Reply::Ok
+            }
+            Command::CreatePartitions {
+                name,
+                new_partitions,
+            } => match self.topics.get_mut(name) {
+                None => Reply::err(
+                    ErrorCode::UnknownTopicOrPartition,
+                    format!("topic '{name}' does not exist"),
+                ),
+                Some(t) => {
+                    t.partitions.extend(new_partitions.iter().cloned());
+                    Reply::Ok
+                }
+            },
+        }
+    }
+
+    /// Replica placement: round-robin over the given brokers, with each partition's replica list
+    /// rotated so that leaders (first replicas) spread evenly too. Pure, so it is easy to test.
+    pub fn place_replicas(
+        brokers: &BTreeSet<u64>,
+        first_partition: usize,
+        count: usize,
+        replication_factor: usize,
+    ) -> Vec<Vec<u64>> {
+        let ids: Vec<u64> = brokers.iter().copied().collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        (first_partition..first_partition + count)
+            .map(|p| {
+                (0..replication_factor)
+                    .map(|r| ids[(p + r) % ids.len()])
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str, n: usize) -> TopicMeta {
+        TopicMeta {
+            name: name.into(),
+            id: [1; 16],
+            partitions: vec![vec![1]; n],
+            configs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn create_delete_and_duplicate() {
+        let mut s = MetaState::default();
+        assert_eq!(
+            s.apply(&Command::CreateTopic {
+                topic: topic("a", 2)
+            }),
+            Reply::Ok
+        );
+        match s.apply(&Command::CreateTopic {
+            topic: topic("a", 2),
+        }) {
+            Reply::Err { code, .. } => assert_eq!(code, ErrorCode::TopicAlreadyExists as i16),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(
+            s.apply(&Command::CreatePartitions {
+                name: "a".into(),
+                new_partitions: vec![vec![1]]
+            }),
+            Reply::Ok
+        );
+        assert_eq!(s.topics["a"].partitions.len(), 3);
+        assert_eq!(
+            s.apply(&Command::DeleteTopic { name: "a".into() }),
+            Reply::Ok
+        );
+        assert!(matches!(
+            s.apply(&Command::DeleteTopic { name: "a".into() }),
+            Reply::Err { .. }
+        ));
+    }
+
+    #[test]
+    fn apply_is_deterministic_across_replicas() {
+        let cmds = vec![
+            Command::InitCluster {
+                cluster_id: "c1".into(),
+            },
+            Command::InitCluster {
+                cluster_id: "c2".into(),
+            },
+            Command::CreateTopic {
+                topic: topic("x", 1),
+            },
+        ];
+        let mut a = MetaState::default();
+        let mut b = MetaState::default();
+        for c in &cmds {
+            let json = serde_json::to_vec(c).unwrap();
+            let decoded: Command = serde_json::from_slice(&json).unwrap();
+            a.apply(c);
+            b.apply(&decoded);
+        }
+        assert_eq!(a, b);
+        assert_eq!(a.cluster_id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic_name("orders.v1_x-y").is_ok());
+        assert!(validate_topic_name("").is_err());
+        assert!(validate_topic_name("..").is_err());
+        assert!(validate_topic_name("a b").is_err());
+        assert!(validate_topic_name("ü").is_err());
+        assert!(validate_topic_name(&"a".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn placement_spreads_leaders() {
+        let brokers: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+        let p = MetaState::place_replicas(&brokers, 0, 6, 3);
+        let mut leaders = BTreeMap::new();
+        for r in &p {
+            assert_eq!(r.iter().collect::<BTreeSet<_>>().len(), 3, "distinct replicas");
+            *leaders.entry(r[0]).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+    }
+}

@@ -1,0 +1,483 @@
+//! One Sluice node: wires the Raft host, the replicated metadata state (the controller's view), the
+//! partition manager that converges local partition groups to that state, the Kafka listener and the
+//! admin HTTP server.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sluice_raft::{MetaApp, PartitionGroup, RaftError, RaftHost, RaftHostConfig};
+use sluice_storage::log::LogConfig;
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::ServerConfig;
+use crate::errors::ErrorCode;
+use crate::metadata::{BrokerInfo, Command, MetaState, Reply, TopicMeta};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("raft: {0}")]
+    Raft(#[from] RaftError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The metadata state machine as the Raft crate sees it. Apply is deterministic: it decodes the
+/// command and applies it; it never reads a clock.
+pub struct MetaMachine {
+    state: RwLock<MetaState>,
+    changed: watch::Sender<u64>,
+}
+
+impl MetaMachine {
+    fn new() -> Self {
+        MetaMachine {
+            state: RwLock::new(MetaState::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+    fn bump(&self, version: u64) {
+        self.changed.send_replace(version);
+    }
+}
+
+impl MetaApp for MetaMachine {
+    fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+        let reply = match serde_json::from_slice::<Command>(command) {
+            Ok(cmd) => {
+                let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                let r = st.apply(&cmd);
+                let v = st.version;
+                drop(st);
+                self.bump(v);
+                r
+            }
+            // A command we cannot decode was written by a newer or broken proposer; every node
+            // rejects it the same way, so state stays identical.
+            Err(e) => Reply::Err {
+                code: ErrorCode::InvalidRequest.code(),
+                message: format!("undecodable metadata command: {e}"),
+            },
+        };
+        serde_json::to_vec(&reply).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_vec(&*st).unwrap_or_default()
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        let restored: MetaState = if snapshot.is_empty() {
+            MetaState::default()
+        } else {
+            serde_json::from_slice(snapshot).map_err(|e| format!("bad metadata snapshot: {e}"))?
+        };
+        let v = restored.version;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = restored;
+        self.bump(v);
+        Ok(())
+    }
+}
+
+pub struct Node {
+    pub cfg: ServerConfig,
+    pub raft: Arc<RaftHost>,
+    pub meta: Arc<MetaMachine>,
+    /// (topic, partition) -> this node's replica of the partition group.
+    partitions: RwLock<HashMap<(String, i32), Arc<PartitionGroup>>>,
+    /// Bumped after every reconcile pass, so CreateTopics can wait for its partitions.
+    partitions_changed: watch::Sender<u64>,
+    pub metrics: Metrics,
+    pub started_at: std::time::Instant,
+}
+
+impl Node {
+    pub async fn start(cfg: ServerConfig) -> Result<Arc<Node>, NodeError> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        std::fs::create_dir_all(cfg.data_dir.join("partitions"))?;
+        let meta = Arc::new(MetaMachine::new());
+        let raft = RaftHost::start(
+            RaftHostConfig {
+                node_id: cfg.node_id,
+                raft_addr: cfg.raft_addr.clone(),
+                data_dir: cfg.data_dir.join("raft"),
+                peers: cfg.peers.clone(),
+            },
+            meta.clone() as Arc<dyn MetaApp>,
+        )
+        .await?;
+        let node = Arc::new(Node {
+            cfg,
+            raft,
+            meta,
+            partitions: RwLock::new(HashMap::new()),
+            partitions_changed: watch::channel(0).0,
+            metrics: Metrics::default(),
+            started_at: std::time::Instant::now(),
+        });
+        tokio::spawn(register_loop(node.clone()));
+        tokio::spawn(reconcile_loop(node.clone()));
+        Ok(node)
+    }
+
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
+        self.meta.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<Arc<PartitionGroup>> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Proposes a metadata command and returns its applied reply.
+    pub async fn propose(&self, cmd: &Command) -> Result<Reply, NodeError> {
+        let bytes = serde_json::to_vec(cmd).map_err(|e| NodeError::Other(e.to_string()))?;
+        // A freshly started single node may not have elected itself yet; wait briefly for that
+        // instead of failing the first client request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.raft.meta().propose(bytes.clone()).await {
+                Ok(reply) => {
+                    return serde_json::from_slice(&reply)
+                        .map_err(|e| NodeError::Other(format!("bad metadata reply: {e}")))
+                }
+                Err(RaftError::NotLeader { leader: None })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub fn live_brokers(&self) -> BTreeSet<u64> {
+        self.state().brokers.keys().copied().collect()
+    }
+
+    pub fn controller_id(&self) -> Option<u64> {
+        self.raft.meta().leader()
+    }
+
+    pub fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("partitions")
+            .join(format!("{topic}-{partition}"))
+    }
+
+    /// Waits (bounded) until every partition of `topic` has a local group with a leader.
+    pub async fn wait_for_partitions(&self, topic: &str, timeout: Duration) -> bool {
+        let mut rx = self.partitions_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ready = {
+                let st = self.state();
+                match st.topics.get(topic) {
+                    None => false,
+                    Some(t) => (0..t.partitions.len()).all(|p| {
+                        self.partition(topic, p as i32)
+                            .map(|g| g.leader().is_some())
+                            .unwrap_or(false)
+                    }),
+                }
+            };
+            if ready {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // Leadership can change without a reconcile pass, so poll as well as listen.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(20)), rx.changed()).await;
+        }
+    }
+
+    /// Ready = we know a controller, are registered, and every local partition has a leader.
+    pub fn is_ready(&self) -> bool {
+        if self.controller_id().is_none() {
+            return false;
+        }
+        if !self.state().brokers.contains_key(&self.cfg.node_id) {
+            return false;
+        }
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        parts.values().all(|g| g.leader().is_some())
+    }
+
+    pub async fn shutdown(&self) {
+        self.raft.shutdown().await;
+    }
+}
+
+/// Registers this broker (and, on a fresh cluster, the cluster id) once a controller exists, and
+/// again whenever our registration is missing or stale.
+async fn register_loop(node: Arc<Node>) {
+    let me = BrokerInfo {
+        id: node.cfg.node_id,
+        kafka_addr: node.cfg.advertised_kafka_addr(),
+        admin_addr: node.cfg.admin_addr.clone(),
+        raft_addr: node.cfg.raft_addr.clone(),
+        registered_at_ms: 0,
+    };
+    loop {
+        let (need_cluster, need_register) = {
+            let st = node.state();
+            let current = st.brokers.get(&me.id);
+            let stale = match current {
+                None => true,
+                Some(b) => {
+                    b.kafka_addr != me.kafka_addr
+                        || b.admin_addr != me.admin_addr
+                        || b.raft_addr != me.raft_addr
+                }
+            };
+            (st.cluster_id.is_none(), stale)
+        };
+        if !need_cluster && !need_register {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        if node.controller_id().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        if need_cluster && node.raft.meta().is_leader() {
+            let cluster_id = new_cluster_id();
+            if let Err(e) = node.propose(&Command::InitCluster { cluster_id }).await {
+                warn!(error = %e, "could not initialize cluster id, will retry");
+            }
+        }
+        if need_register {
+            let mut b = me.clone();
+            b.registered_at_ms = now_ms();
+            match node.propose(&Command::RegisterBroker { broker: b }).await {
+                Ok(_) => info!(node_id = me.id, addr = %me.kafka_addr, "broker registered"),
+                Err(e) => warn!(error = %e, "broker registration failed, will retry"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Kafka cluster ids are 22-character URL-safe base64 of 16 random bytes.
+pub fn new_cluster_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes: [u8; 16] = rand::random();
+    let mut bits: u128 = u128::from_be_bytes(bytes);
+    let mut s = String::with_capacity(22);
+    for _ in 0..22 {
+        s.push(ALPHABET[(bits & 63) as usize] as char);
+        bits >>= 6;
+    }
+    s
+}
+
+pub fn group_id(topic: &TopicMeta, partition: i32) -> String {
+    format!("p/{}/{}", topic.id_hex(), partition)
+}
+
+/// The partition manager: converge the local set of partition groups to the replicated desired
+/// state. Runs on every metadata change; also on start, which is how a restarted node reopens its
+/// partitions.
+async fn reconcile_loop(node: Arc<Node>) {
+    let mut rx = node.meta.changed.subscribe();
+    wait_for_metadata_catch_up(&node).await;
+    loop {
+        if let Err(e) = reconcile_once(&node).await {
+            error!(error = %e, "partition reconcile failed, retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Until the metadata state machine has applied everything this node had already logged, its view
+/// is older than what is on disk: reconciling then would delete partitions of topics it has not
+/// re-learned yet.
+async fn wait_for_metadata_catch_up(node: &Arc<Node>) {
+    let logged_at_start = node.raft.meta().status().last_log_index.unwrap_or(0);
+    loop {
+        let s = node.raft.meta().status();
+        let applied = s.applied_index.unwrap_or(0);
+        if s.leader.is_some() && applied >= logged_at_start && Some(applied) >= s.commit_index {
+            info!(applied, "metadata caught up; reconciling partitions");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
+    let me = node.cfg.node_id;
+    // desired: (topic, partition) -> (topic meta, replicas)
+    let desired: BTreeMap<(String, i32), (TopicMeta, Vec<u64>)> = {
+        let st = node.state();
+        st.topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.contains(&me))
+                    .map(|(p, r)| ((t.name.clone(), p as i32), (t.clone(), r.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let current: Vec<(String, i32)> = node
+        .partitions
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+
+    // Close groups whose topic is gone (or was re-created with a new id).
+    for key in current {
+        let keep = desired
+            .get(&key)
+            .map(|(t, _)| {
+                node.partition(&key.0, key.1)
+                    .map(|g| g.status().group == group_id(t, key.1))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false);
+        if !keep {
+            let removed = node
+                .partitions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            if let Some(g) = removed {
+                info!(topic = %key.0, partition = key.1, "closing partition (topic deleted)");
+                node.raft.close_partition(&g.status().group, true).await?;
+            }
+            remove_partition_dir(node, &key.0, key.1);
+        }
+    }
+
+    for ((topic, p), (meta, replicas)) in desired {
+        if node.partition(&topic, p).is_some() {
+            continue;
+        }
+        let dir = node.partition_dir(&topic, p);
+        let gid = group_id(&meta, p);
+        // A directory left by an older topic of the same name must not leak its data.
+        let id_file = dir.join("topic_id");
+        if let Ok(old) = std::fs::read_to_string(&id_file) {
+            if old.trim() != meta.id_hex() {
+                warn!(%topic, partition = p, "removing data of a deleted topic with the same name");
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        std::fs::create_dir_all(&dir)?;
+        sluice_storage::file::write_atomic(&id_file, meta.id_hex().as_bytes())?;
+        let log_cfg = LogConfig {
+            segment_bytes_max: meta
+                .configs
+                .get("segment.bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(node.cfg.log_segment_bytes),
+            ..LogConfig::default()
+        };
+        let voters: BTreeSet<u64> = replicas.iter().copied().collect();
+        let group = node.raft.open_partition(gid, dir, log_cfg, voters).await?;
+        node.partitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((topic.clone(), p), group);
+        node.partitions_changed.send_modify(|v| *v += 1);
+    }
+    node.partitions_changed.send_modify(|v| *v += 1);
+    cleanup_orphan_dirs(node);
+    Ok(())
+}
+
+fn remove_partition_dir(node: &Node, topic: &str, partition: i32) {
+    let dir = node.partition_dir(topic, partition);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(dir = %dir.display(), error = %e, "could not remove partition directory");
+        }
+    }
+}
+
+/// Directories of partitions this node no longer hosts (e.g. deleted while we were down).
+fn cleanup_orphan_dirs(node: &Node) {
+    let Ok(entries) = std::fs::read_dir(node.cfg.data_dir.join("partitions")) else {
+        return;
+    };
+    let wanted: BTreeSet<String> = node
+        .partitions
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .map(|(t, p)| format!("{t}-{p}"))
+        .collect();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !wanted.contains(&name) {
+            info!(dir = %name, "removing partition directory no longer assigned to this node");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_ids_look_like_kafkas() {
+        let a = new_cluster_id();
+        assert_eq!(a.len(), 22);
+        assert_ne!(a, new_cluster_id());
+    }
+
+    #[test]
+    fn meta_machine_snapshot_roundtrip() {
+        let m = MetaMachine::new();
+        let cmd = serde_json::to_vec(&Command::InitCluster {
+            cluster_id: "abc".into(),
+        })
+        .unwrap();
+        let r: Reply = serde_json::from_slice(&m.apply(1, &cmd)).unwrap();
+        assert_eq!(r, Reply::Ok);
+        let garbage: Reply = serde_json::from_slice(&m.apply(2, b"not json")).unwrap();
+        assert!(matches!(garbage, Reply::Err { .. }));
+        let snap = m.snapshot();
+        let m2 = MetaMachine::new();
+        m2.restore(&snap).unwrap();
+        assert_eq!(*m2.state.read().unwrap(), *m.state.read().unwrap());
+        assert!(m2.restore(b"{bad").is_err());
+    }
+}
