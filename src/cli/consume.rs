@@ -1,0 +1,473 @@
+//! `sluice consume TOPIC`: fetch records and print them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, ListOffsetsRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use super::client::{backoff, Client, TopicInfo, MAX_RETRIES};
+use super::errors::{self, KafkaError};
+use super::records::{decode_fetched, Consumed};
+use super::{ConsumeArgs, StartOffset};
+
+/// ListOffsets special timestamps.
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+/// First Fetch version whose topics are identified by id.
+const TOPIC_ID_VERSION: i16 = 13;
+const MAX_WAIT_MS: u64 = 500;
+const PARTITION_MAX_BYTES: i32 = 1024 * 1024;
+/// Kept below the connection's frame limit.
+const FETCH_MAX_BYTES: i32 = 50 * 1024 * 1024;
+
+pub async fn run(args: ConsumeArgs) -> Result<()> {
+    let mut client = Client::connect(&args.connect.bootstrap_server).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let stop = async {
+        // If the handler cannot be installed, just never stop by signal.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let n = consume(&mut client, &args, &mut out, stop).await?;
+    if let Err(e) = out.flush() {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+    }
+    eprintln!("Processed a total of {n} messages");
+    Ok(())
+}
+
+/// Appends one record in kafka-console-consumer's layout:
+/// `[Offset:N\t][KEY\t]VALUE\n`, with "null" for absent key or value.
+pub fn format_record(r: &Consumed, print_key: bool, print_offset: bool, out: &mut Vec<u8>) {
+    if print_offset {
+        out.extend_from_slice(format!("Offset:{}\t", r.offset).as_bytes());
+    }
+    if print_key {
+        out.extend_from_slice(r.key.as_deref().unwrap_or(b"null"));
+        out.push(b'\t');
+    }
+    out.extend_from_slice(r.value.as_deref().unwrap_or(b"null"));
+    out.push(b'\n');
+}
+
+struct Position {
+    offset: i64,
+    max_bytes: i32,
+}
+
+/// Consumes until `--max-messages`, `--timeout-ms` of silence, `stop`
+/// resolving, or a broken output pipe. Returns the number printed.
+pub async fn consume<W: Write>(
+    client: &mut Client,
+    args: &ConsumeArgs,
+    out: &mut W,
+    stop: impl Future<Output = ()>,
+) -> Result<u64> {
+    let mut printed = 0u64;
+    tokio::pin!(stop);
+    let work = consume_loop(client, args, out, &mut printed);
+    tokio::select! {
+        r = work => r?,
+        _ = &mut stop => {}
+    }
+    Ok(printed)
+}
+
+async fn consume_loop<W: Write>(
+    client: &mut Client,
+    args: &ConsumeArgs,
+    out: &mut W,
+    printed: &mut u64,
+) -> Result<()> {
+    let mut topic = client.topic(&args.topic).await?;
+    let partitions: Vec<i32> = match args.partition {
+        Some(p) if (0..topic.partition_count()).contains(&p) => vec![p],
+        Some(p) => bail!(
+            "partition {p} of topic '{}' does not exist (it has {} partitions)",
+            args.topic,
+            topic.partition_count()
+        ),
+        None => (0..topic.partition_count()).collect(),
+    };
+    let start = match (args.offset, args.from_beginning) {
+        (Some(o), _) => o,
+        (None, true) => StartOffset::Earliest,
+        (None, false) => StartOffset::Latest,
+    };
+    let mut positions: BTreeMap<i32, Position> = BTreeMap::new();
+    let initial = match start {
+        StartOffset::At(o) => partitions.iter().map(|p| (*p, o)).collect(),
+        StartOffset::Earliest => list_offsets(client, &mut topic, &partitions, EARLIEST).await?,
+        StartOffset::Latest => list_offsets(client, &mut topic, &partitions, LATEST).await?,
+    };
+    for (p, offset) in initial {
+        positions.insert(
+            p,
+            Position {
+                offset,
+                max_bytes: PARTITION_MAX_BYTES,
+            },
+        );
+    }
+    if args.max_messages == Some(0) {
+        return Ok(());
+    }
+    let timeout = args.timeout_ms.map(Duration::from_millis);
+    let max_wait = timeout.map_or(MAX_WAIT_MS, |t| (t.as_millis() as u64).min(MAX_WAIT_MS));
+    let mut last_record = Instant::now();
+    let mut stale_rounds = 0u32;
+    let mut buf = Vec::new();
+
+    loop {
+        // Send one fetch to every leader first, then collect the answers,
+        // so brokers wait for data concurrently.
+        let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        let mut stale: Option<String> = None;
+        for p in positions.keys() {
+            match topic.leader(*p) {
+                Some(l) => by_leader.entry(l).or_default().push(*p),
+                None => {
+                    stale = Some(format!(
+                        "topic '{}' partition {p} has no leader (LEADER_NOT_AVAILABLE)",
+                        args.topic
+                    ))
+                }
+            }
+        }
+        let mut sent = Vec::new();
+        for (leader, parts) in &by_leader {
+            match send_fetch(client, &topic, &positions, *leader, parts, max_wait).await {
+                Ok(()) => sent.push(*leader),
+                Err(e) => {
+                    client.drop_broker(*leader);
+                    stale = Some(format!("{e:#}"));
+                }
+            }
+        }
+        let mut progressed = false;
+        let mut out_of_range = Vec::new();
+        for leader in sent {
+            let Some(conn) = client.existing_broker(leader) else {
+                continue;
+            };
+            let resp = match conn
+                .recv::<FetchRequest>(Duration::from_millis(max_wait))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    client.drop_broker(leader);
+                    stale = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
+            errors::check(resp.error_code, "fetch", None)?;
+            for t in resp.responses {
+                let ours = t.topic.0.as_str() == args.topic
+                    || (!t.topic_id.is_nil() && t.topic_id == topic.raw.topic_id);
+                if !ours {
+                    continue;
+                }
+                for pd in t.partitions {
+                    let p = pd.partition_index;
+                    let Some(pos) = positions.get_mut(&p) else {
+                        continue;
+                    };
+                    let subject = format!("topic '{}' partition {p}", args.topic);
+                    match pd.error_code {
+                        errors::NONE => {}
+                        errors::OFFSET_OUT_OF_RANGE => {
+                            // Resolved after this round: other connections
+                            // may still owe us a fetch response, so no new
+                            // requests may be interleaved now.
+                            out_of_range.push(p);
+                            continue;
+                        }
+                        code if errors::is_stale_metadata(code) => {
+                            stale = Some(KafkaError::new(code, &subject, None).to_string());
+                            continue;
+                        }
+                        code => return Err(KafkaError::new(code, &subject, None).into()),
+                    }
+                    let Some(data) = pd.records.filter(|d| !d.is_empty()) else {
+                        continue;
+                    };
+                    let (records, next) = decode_fetched(data, pos.offset)?;
+                    if next == pos.offset {
+                        // Only a partial batch fit: the next batch is larger
+                        // than our per-partition limit, so raise it.
+                        pos.max_bytes = pos.max_bytes.saturating_mul(2).min(FETCH_MAX_BYTES);
+                        continue;
+                    }
+                    pos.offset = next;
+                    progressed = true;
+                    for r in &records {
+                        buf.clear();
+                        format_record(r, args.print_key, args.print_offset, &mut buf);
+                        if !write_out(out, &buf)? {
+                            return Ok(()); // reader went away (e.g. `| head`)
+                        }
+                        *printed += 1;
+                        last_record = Instant::now();
+                        if args.max_messages.is_some_and(|m| *printed >= m) {
+                            let _ = flush_out(out)?;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        if !flush_out(out)? {
+            return Ok(());
+        }
+        for p in out_of_range {
+            let Some(pos) = positions.get_mut(&p) else {
+                continue;
+            };
+            let reset = reset_offset(client, &mut topic, p, pos.offset).await?;
+            tracing::warn!(
+                "topic '{}' partition {p}: offset {} is out of range, continuing at {reset}",
+                args.topic,
+                pos.offset
+            );
+            pos.offset = reset;
+        }
+        if let Some(why) = stale {
+            stale_rounds += 1;
+            if stale_rounds > MAX_RETRIES {
+                if !progressed {
+                    bail!("giving up after {MAX_RETRIES} metadata refreshes: {why}");
+                }
+                // Other partitions still deliver, so keep going, but say
+                // why this one is stuck.
+                tracing::warn!("still retrying: {why}");
+            }
+            tracing::debug!("refreshing metadata: {why}");
+            tokio::time::sleep(backoff(stale_rounds)).await;
+            topic = client.topic(&args.topic).await?;
+        } else {
+            stale_rounds = 0;
+        }
+        if timeout.is_some_and(|t| last_record.elapsed() >= t) {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes `buf`; returns false if the output pipe is closed.
+fn write_out<W: Write>(out: &mut W, buf: &[u8]) -> Result<bool> {
+    match out.write_all(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn flush_out<W: Write>(out: &mut W) -> Result<bool> {
+    match out.flush() {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn send_fetch(
+    client: &mut Client,
+    topic: &TopicInfo,
+    positions: &BTreeMap<i32, Position>,
+    leader: i32,
+    parts: &[i32],
+    max_wait_ms: u64,
+) -> Result<()> {
+    let conn = client.broker(leader).await?;
+    let cap = if topic.has_topic_id() {
+        i16::MAX
+    } else {
+        TOPIC_ID_VERSION - 1
+    };
+    let version = conn.version_for_max(ApiKey::Fetch, cap)?;
+    let mut ft = FetchTopic::default();
+    // Both set; the encoder writes the one this version uses.
+    ft.topic = TopicName(StrBytes::from_string(topic.name().to_string()));
+    ft.topic_id = topic.raw.topic_id;
+    ft.partitions = parts
+        .iter()
+        .filter_map(|p| positions.get(p).map(|pos| (p, pos)))
+        .map(|(p, pos)| {
+            let mut fp = FetchPartition::default();
+            fp.partition = *p;
+            fp.fetch_offset = pos.offset;
+            fp.partition_max_bytes = pos.max_bytes;
+            fp
+        })
+        .collect();
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = i32::try_from(max_wait_ms).unwrap_or(i32::MAX);
+    req.min_bytes = 1;
+    req.max_bytes = FETCH_MAX_BYTES;
+    // read_uncommitted, as kafka-console-consumer by default.
+    req.isolation_level = 0;
+    // session_id 0 / epoch -1 (the defaults): full fetches, no session.
+    req.topics = vec![ft];
+    conn.send(&req, version, true).await
+}
+
+/// Resolves `timestamp` (EARLIEST / LATEST) to offsets for `partitions`,
+/// asking each leader and refreshing metadata on stale-leader errors.
+pub async fn list_offsets(
+    client: &mut Client,
+    topic: &mut TopicInfo,
+    partitions: &[i32],
+    timestamp: i64,
+) -> Result<HashMap<i32, i64>> {
+    let mut result = HashMap::new();
+    let mut attempt = 0;
+    loop {
+        let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        let mut stale = None;
+        for p in partitions.iter().filter(|p| !result.contains_key(*p)) {
+            match topic.leader(*p) {
+                Some(l) => by_leader.entry(l).or_default().push(*p),
+                None => {
+                    stale = Some(format!(
+                        "topic '{}' partition {p} has no leader (LEADER_NOT_AVAILABLE)",
+                        topic.name()
+                    ))
+                }
+            }
+        }
+        for (leader, parts) in by_leader {
+            match list_offsets_once(client, topic, leader, &parts, timestamp).await {
+                Ok(answers) => {
+                    for (p, code, offset) in answers {
+                        let subject = format!("topic '{}' partition {p}", topic.name());
+                        match errors::check(code, &subject, None) {
+                            Ok(()) => {
+                                result.insert(p, offset);
+                            }
+                            Err(e) if e.is_stale_metadata() => stale = Some(e.to_string()),
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                Err(e) => {
+                    client.drop_broker(leader);
+                    stale = Some(format!("{e:#}"));
+                }
+            }
+        }
+        let Some(why) = stale else {
+            return Ok(result);
+        };
+        attempt += 1;
+        if attempt > MAX_RETRIES {
+            bail!("could not look up offsets after {MAX_RETRIES} retries: {why}");
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        *topic = client.topic(topic.name().to_string().as_str()).await?;
+    }
+}
+
+async fn list_offsets_once(
+    client: &mut Client,
+    topic: &TopicInfo,
+    leader: i32,
+    parts: &[i32],
+    timestamp: i64,
+) -> Result<Vec<(i32, i16, i64)>> {
+    let conn = client.broker(leader).await?;
+    let version = conn.version_for(ApiKey::ListOffsets)?;
+    let mut t = ListOffsetsTopic::default();
+    t.name = TopicName(StrBytes::from_string(topic.name().to_string()));
+    t.partitions = parts
+        .iter()
+        .map(|p| {
+            let mut lp = ListOffsetsPartition::default();
+            lp.partition_index = *p;
+            lp.timestamp = timestamp;
+            lp
+        })
+        .collect();
+    let mut req = ListOffsetsRequest::default();
+    // -1 marks a consumer; the generated default (0) would claim to be
+    // broker 0 replicating.
+    req.replica_id = BrokerId(-1);
+    req.topics = vec![t];
+    req.timeout_ms = 30_000;
+    let resp = conn.call(&req, version).await?;
+    let mut out = Vec::new();
+    for t in resp
+        .topics
+        .iter()
+        .filter(|t| t.name.0.as_str() == topic.name())
+    {
+        for p in &t.partitions {
+            out.push((p.partition_index, p.error_code, p.offset));
+        }
+    }
+    for p in parts {
+        if !out.iter().any(|(q, _, _)| q == p) {
+            return Err(anyhow!(
+                "broker {leader} did not return an offset for topic '{}' partition {p}",
+                topic.name()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Where to continue after OFFSET_OUT_OF_RANGE: the log start if we were
+/// before it (data was deleted), else the log end.
+async fn reset_offset(
+    client: &mut Client,
+    topic: &mut TopicInfo,
+    partition: i32,
+    offset: i64,
+) -> Result<i64> {
+    let earliest = list_offsets(client, topic, &[partition], EARLIEST).await?;
+    let earliest = earliest.get(&partition).copied().unwrap_or(0);
+    if offset < earliest {
+        return Ok(earliest);
+    }
+    let latest = list_offsets(client, topic, &[partition], LATEST).await?;
+    Ok(latest.get(&partition).copied().unwrap_or(earliest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn record_formatting() {
+        let r = Consumed {
+            offset: 7,
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from_static(b"v")),
+        };
+        let mut b = Vec::new();
+        format_record(&r, false, false, &mut b);
+        assert_eq!(b, b"v\n");
+        b.clear();
+        format_record(&r, true, true, &mut b);
+        assert_eq!(b, b"Offset:7\tk\tv\n");
+        let r = Consumed {
+            offset: 0,
+            key: None,
+            value: None,
+        };
+        b.clear();
+        format_record(&r, true, false, &mut b);
+        assert_eq!(b, b"null\tnull\n");
+    }
+}
