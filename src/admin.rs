@@ -102,7 +102,10 @@ async fn topics(State(node): State<Arc<Node>>) -> Json<Value> {
 
 async fn topic(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
     let Some(t) = node.state().topics.get(&name).cloned() else {
-        return error(StatusCode::NOT_FOUND, format!("topic '{name}' does not exist"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("topic '{name}' does not exist"),
+        );
     };
     let partitions: Vec<Value> = t
         .partitions
@@ -160,14 +163,13 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE sluice_partitions gauge");
     let _ = writeln!(out, "sluice_partitions {}", node.partition_count());
     for s in node.raft.status() {
-        let _ = writeln!(
-            out,
-            "sluice_raft_term{{group=\"{}\"}} {}",
-            s.group, s.term
-        );
+        let _ = writeln!(out, "sluice_raft_term{{group=\"{}\"}} {}", s.group, s.term);
     }
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         out,
     )
 }

@@ -143,7 +143,11 @@ pub fn parse_peers(value: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
             .map_err(|_| invalid("peers", item, "node id must be a non-negative integer"))?;
         check_hostport("peers", addr)?;
         if peers.insert(id, addr.to_string()).is_some() {
-            return Err(invalid("peers", value, format!("node id {id} listed twice")));
+            return Err(invalid(
+                "peers",
+                value,
+                format!("node id {id} listed twice"),
+            ));
         }
     }
     Ok(peers)
@@ -315,7 +319,9 @@ mod tests {
         assert!(e.to_string().contains("num.partitions"), "{e}");
         assert!(c.apply_property("num.partitions", "0").is_err());
         assert!(c.apply_property("listeners", "PLAINTEXT://nohost").is_err());
-        assert!(c.apply_property("auto.create.topics.enable", "yes").is_err());
+        assert!(c
+            .apply_property("auto.create.topics.enable", "yes")
+            .is_err());
     }
 
     #[test]

@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use sluice::config::{parse_peers, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A Kafka-compatible streaming log on Raft")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A Kafka-compatible streaming log on Raft"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

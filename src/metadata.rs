@@ -275,7 +275,11 @@ mod tests {
         let p = MetaState::place_replicas(&brokers, 0, 6, 3);
         let mut leaders = BTreeMap::new();
         for r in &p {
-            assert_eq!(r.iter().collect::<BTreeSet<_>>().len(), 3, "distinct replicas");
+            assert_eq!(
+                r.iter().collect::<BTreeSet<_>>().len(),
+                3,
+                "distinct replicas"
+            );
             *leaders.entry(r[0]).or_insert(0) += 1;
         }
         assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);

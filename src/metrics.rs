@@ -78,12 +78,21 @@ impl Metrics {
         }
         drop(m);
         let _ = writeln!(out, "# TYPE sluice_bytes_in_total counter");
-        let _ = writeln!(out, "sluice_bytes_in_total {}", self.bytes_in.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "sluice_bytes_in_total {}",
+            self.bytes_in.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# TYPE sluice_bytes_out_total counter");
-        let _ = writeln!(out, "sluice_bytes_out_total {}", self.bytes_out.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "sluice_bytes_out_total {}",
+            self.bytes_out.load(Ordering::Relaxed)
+        );
         self.produce_latency
             .render("sluice_produce_latency_seconds", out);
-        self.fetch_latency.render("sluice_fetch_latency_seconds", out);
+        self.fetch_latency
+            .render("sluice_fetch_latency_seconds", out);
     }
 }
 

@@ -56,6 +56,9 @@ mod tests {
         assert_eq!(r.error_code, 35);
         assert_eq!(r.api_keys.len(), SUPPORTED.len());
         let produce = r.api_keys.iter().find(|k| k.api_key == 0).unwrap();
-        assert_eq!(produce.min_version, 0, "librdkafka wants Produce to start at 0");
+        assert_eq!(
+            produce.min_version, 0,
+            "librdkafka wants Produce to start at 0"
+        );
     }
 }

@@ -12,7 +12,12 @@ use crate::node::Node;
 pub const MIN_VERSION: i16 = 0;
 pub const MAX_VERSION: i16 = 3;
 
-async fn grow(node: &Node, name: &str, count: i32, validate_only: bool) -> Result<(), (ErrorCode, String)> {
+async fn grow(
+    node: &Node,
+    name: &str,
+    count: i32,
+    validate_only: bool,
+) -> Result<(), (ErrorCode, String)> {
     let (current, rf) = {
         let st = node.state();
         let t = st.topics.get(name).ok_or_else(|| {
@@ -39,7 +44,10 @@ async fn grow(node: &Node, name: &str, count: i32, validate_only: bool) -> Resul
     if rf > brokers.len() {
         return Err((
             ErrorCode::InvalidReplicationFactor,
-            format!("replication factor {rf} exceeds the {} live brokers", brokers.len()),
+            format!(
+                "replication factor {rf} exceeds the {} live brokers",
+                brokers.len()
+            ),
         ));
     }
     if validate_only {
@@ -63,7 +71,11 @@ async fn grow(node: &Node, name: &str, count: i32, validate_only: bool) -> Resul
     Ok(())
 }
 
-pub async fn handle(node: &Node, _version: i16, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+pub async fn handle(
+    node: &Node,
+    _version: i16,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let mut results = Vec::new();
     for t in req.topics {
         let name = t.name.0.to_string();

@@ -40,7 +40,9 @@ pub async fn create_topic(
     if partitions < 1 || partitions > PARTITIONS_MAX {
         return Err((
             ErrorCode::InvalidPartitions,
-            format!("number of partitions must be between 1 and {PARTITIONS_MAX}, got {partitions}"),
+            format!(
+                "number of partitions must be between 1 and {PARTITIONS_MAX}, got {partitions}"
+            ),
         ));
     }
     let rf = if replication_factor == -1 {
@@ -148,7 +150,8 @@ pub async fn handle(node: &Node, version: i16, req: CreateTopicsRequest) -> Crea
                         .with_num_partitions(meta.partitions.len() as i32)
                         .with_replication_factor(meta.replication_factor() as i16);
                 } else {
-                    r = r.with_num_partitions(t.num_partitions)
+                    r = r
+                        .with_num_partitions(t.num_partitions)
                         .with_replication_factor(t.replication_factor);
                 }
                 if version >= 5 {

@@ -35,8 +35,14 @@ pub async fn handle(node: &Node, version: i16, req: DeleteTopicsRequest) -> Dele
             .with_name(name.clone().map(|n| TopicName(StrBytes::from_string(n))))
             .with_topic_id(id);
         let outcome = match &name {
-            None => Err((ErrorCode::UnknownTopicOrPartition, "unknown topic id".to_string())),
-            Some(n) => match node.propose(&Command::DeleteTopic { name: n.clone() }).await {
+            None => Err((
+                ErrorCode::UnknownTopicOrPartition,
+                "unknown topic id".to_string(),
+            )),
+            Some(n) => match node
+                .propose(&Command::DeleteTopic { name: n.clone() })
+                .await
+            {
                 Ok(Reply::Ok) => Ok(()),
                 Ok(Reply::Err { code, message }) => {
                     Err((super::create_topics::code_from(code), message))

@@ -43,9 +43,9 @@ pub fn validate_topic_config(key: &str, value: &str) -> Result<(), String> {
     match key {
         "cleanup.policy" => match value {
             "delete" => Ok(()),
-            "compact" | "compact,delete" | "delete,compact" => Err(
-                "cleanup.policy=compact is not supported by Sluice; use delete".to_string(),
-            ),
+            "compact" | "compact,delete" | "delete,compact" => {
+                Err("cleanup.policy=compact is not supported by Sluice; use delete".to_string())
+            }
             _ => Err(format!("invalid value '{value}' for cleanup.policy")),
         },
         "max.message.bytes" => num(0),

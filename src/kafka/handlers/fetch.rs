@@ -49,8 +49,8 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
         req.max_bytes as usize
     };
     let min_bytes = req.min_bytes.max(0) as usize;
-    let deadline = Instant::now()
-        + Duration::from_millis(req.max_wait_ms.clamp(0, MAX_WAIT_MS_CAP) as u64);
+    let deadline =
+        Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, MAX_WAIT_MS_CAP) as u64);
 
     loop {
         // Subscribe before reading so a commit between the read and the wait still wakes us.
@@ -71,8 +71,11 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
         }
         let now = Instant::now();
         if total >= min_bytes.max(1) || any_error || now >= deadline || watches.is_empty() {
-            node.metrics.bytes_out.fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
-            node.metrics.count_request("Fetch", if any_error { 1 } else { 0 });
+            node.metrics
+                .bytes_out
+                .fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
+            node.metrics
+                .count_request("Fetch", if any_error { 1 } else { 0 });
             node.metrics
                 .fetch_latency
                 .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
@@ -84,11 +87,7 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
             }
             .boxed()
         });
-        let _ = tokio::time::timeout(
-            deadline - now,
-            futures::future::select_all(waits),
-        )
-        .await;
+        let _ = tokio::time::timeout(deadline - now, futures::future::select_all(waits)).await;
     }
 }
 

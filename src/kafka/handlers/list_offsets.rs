@@ -20,7 +20,13 @@ const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 
 /// (error, timestamp, offset, leader epoch)
-async fn lookup(node: &Node, topic: &str, partition: i32, ts: i64, leader_epoch: i32) -> (ErrorCode, i64, i64, i32) {
+async fn lookup(
+    node: &Node,
+    topic: &str,
+    partition: i32,
+    ts: i64,
+    leader_epoch: i32,
+) -> (ErrorCode, i64, i64, i32) {
     let known = node
         .state()
         .topics
@@ -62,8 +68,14 @@ pub async fn handle(node: &Node, version: i16, req: ListOffsetsRequest) -> ListO
     for t in req.topics {
         let mut parts = Vec::new();
         for p in &t.partitions {
-            let (err, ts, off, epoch) =
-                lookup(node, t.name.0.as_str(), p.partition_index, p.timestamp, p.current_leader_epoch).await;
+            let (err, ts, off, epoch) = lookup(
+                node,
+                t.name.0.as_str(),
+                p.partition_index,
+                p.timestamp,
+                p.current_leader_epoch,
+            )
+            .await;
             parts.push(
                 ListOffsetsPartitionResponse::default()
                     .with_partition_index(p.partition_index)

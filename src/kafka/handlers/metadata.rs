@@ -28,8 +28,8 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
         ),
     };
     // v4+ lets the client refuse auto-creation; before v4 it was implied.
-    let allow_auto = node.cfg.auto_create_topics_enable
-        && (version < 4 || req.allow_auto_topic_creation);
+    let allow_auto =
+        node.cfg.auto_create_topics_enable && (version < 4 || req.allow_auto_topic_creation);
 
     let mut auto_create_errors = std::collections::BTreeMap::new();
     if let Some(names) = &requested {

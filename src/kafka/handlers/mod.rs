@@ -32,7 +32,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
         list_offsets::MIN_VERSION,
         list_offsets::MAX_VERSION,
     ),
-    (ApiKey::Metadata, metadata::MIN_VERSION, metadata::MAX_VERSION),
+    (
+        ApiKey::Metadata,
+        metadata::MIN_VERSION,
+        metadata::MAX_VERSION,
+    ),
     (
         ApiKey::ApiVersions,
         api_versions::MIN_VERSION,

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use kafka_protocol::messages::produce_response::{
-    PartitionProduceResponse, TopicProduceResponse,
-};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
 use kafka_protocol::protocol::StrBytes;
 use sluice_raft::RaftError;
@@ -118,7 +116,9 @@ async fn produce_partition(
         if len > max_message_bytes {
             return PartitionOutcome::err(
                 ErrorCode::MessageTooLarge,
-                format!("record batch of {len} bytes exceeds max.message.bytes {max_message_bytes}"),
+                format!(
+                    "record batch of {len} bytes exceeds max.message.bytes {max_message_bytes}"
+                ),
             );
         }
         batches.push(records.slice(pos..pos + len));
@@ -151,7 +151,11 @@ async fn produce_partition(
     }
 }
 
-pub fn handle(node: Arc<Node>, version: i16, req: ProduceRequest) -> BoxFuture<'static, Option<Response>> {
+pub fn handle(
+    node: Arc<Node>,
+    version: i16,
+    req: ProduceRequest,
+) -> BoxFuture<'static, Option<Response>> {
     let started = Instant::now();
     let acks = req.acks;
     let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 300_000) as u64);
@@ -182,7 +186,10 @@ pub fn handle(node: Arc<Node>, version: i16, req: ProduceRequest) -> BoxFuture<'
                     p.records.as_ref().map(|r| r.len() as u64).unwrap_or(0),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                futs.push(produce_partition(node.clone(), topic.clone(), p.index, p.records, timeout).boxed());
+                futs.push(
+                    produce_partition(node.clone(), topic.clone(), p.index, p.records, timeout)
+                        .boxed(),
+                );
             }
         }
     }
@@ -259,9 +266,7 @@ pub fn legacy(_node: &Node, version: i16, frame: &Bytes) -> Result<Option<Respon
     for (name, parts) in topics {
         w.string(&name).i32(parts.len() as i32);
         for p in parts {
-            w.i32(p)
-                .i16(ErrorCode::UnsupportedVersion.code())
-                .i64(-1);
+            w.i32(p).i16(ErrorCode::UnsupportedVersion.code()).i64(-1);
             if version >= 2 {
                 w.i64(-1);
             }
