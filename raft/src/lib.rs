@@ -1,1 +1,83 @@
-//! placeholder
+//! openraft wiring for Sluice. This crate knows nothing of topics; it owns:
+//! - the one [`TypeConfig`] shared by every Raft group (`D`/`R` are opaque bytes);
+//! - the metadata group's log store and state machine over the sled-backed
+//!   [`sluice_storage::MetaStore`], delegating application state to the node's [`MetaApp`];
+//! - the partition groups' log store over [`sluice_storage::PartitionLog`] (the partition log IS
+//!   the Raft log: one stored Kafka batch per Raft entry) and their tiny state machine whose only
+//!   product is the high watermark;
+//! - [`RaftHost`], the registry of all groups in one process, and the node-to-node transport that
+//!   multiplexes every group's RPCs over ONE TCP connection per peer node.
+//!
+//! Only this crate names openraft types in public signatures; callers see [`RaftHost`],
+//! [`MetaGroup`], [`PartitionGroup`] and plain data.
+
+// openraft's storage traits fix `openraft::StorageError` (200+ bytes) as the error type, and the
+// helpers feeding them return it too; boxing it at every boundary would only add conversions.
+#![allow(clippy::result_large_err)]
+
+mod codec;
+mod error;
+mod host;
+mod meta_store;
+mod partition_store;
+mod transport;
+
+use std::io::Cursor;
+
+pub use error::RaftError;
+pub use host::{GroupStatus, MetaGroup, PartitionGroup, RaftHost, RaftHostConfig};
+pub use sluice_storage::LogConfig;
+
+/// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.
+pub type GroupId = String;
+
+/// The id of the metadata group, which every node belongs to.
+pub const META_GROUP: &str = "meta";
+
+openraft::declare_raft_types!(
+    /// One type config for all groups: the metadata group and the partition groups differ only in
+    /// what their opaque byte payloads mean.
+    pub TypeConfig:
+        D = bytes::Bytes,
+        R = bytes::Bytes,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The state machine the node implements for the metadata group.
+///
+/// It must be deterministic (no clock, no I/O): every replica applies the same commands in the
+/// same order and must reach the same state; the proposer stamps times into commands.
+pub trait MetaApp: Send + Sync + 'static {
+    /// Applies one committed command at Raft log `index` and returns the reply for the proposer.
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// Serializes the whole application state (called when openraft builds a snapshot).
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the whole application state with a snapshot made by [`MetaApp::snapshot`].
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+pub(crate) type NodeId = u64;
+pub(crate) type Node = openraft::BasicNode;
+pub(crate) type Entry = openraft::Entry<TypeConfig>;
+pub(crate) type LogId = openraft::LogId<NodeId>;
+pub(crate) type Vote = openraft::Vote<NodeId>;
+pub(crate) type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+pub(crate) type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+pub(crate) type StorageError = openraft::StorageError<NodeId>;
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
+
+/// Builds a log id from the parts stored on disk; with `single-term-leader` the leader id is the
+/// term alone, which is what lets a Kafka partitionLeaderEpoch carry it.
+pub(crate) fn log_id(term: u64, index: u64) -> LogId {
+    openraft::LogId::new(openraft::CommittedLeaderId::new(term, 0), index)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+#[cfg(test)]
+mod host_tests;

@@ -1,0 +1,727 @@
+//! The node-to-node transport: every Raft group's RPCs to one peer node share ONE TCP
+//! connection, so a thousand partition groups cost one socket per peer, not a thousand.
+//!
+//! A frame is a u32 big-endian length and a body (see [`crate::codec`]): requests carry a request
+//! id, the group id and the RPC kind; responses carry the request id, so many RPCs are in flight
+//! on one connection and answered out of order. Each peer has a task that connects lazily (on the
+//! first RPC), reconnects with capped exponential backoff, and fails every in-flight RPC when the
+//! connection drops so that openraft retries instead of waiting for timeouts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError as OpenraftError,
+    RemoteError, Timeout, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::codec::{self, Frame, ResponseStatus, RpcKind, MAX_FRAME_BYTES};
+use crate::{GroupId, Node, NodeId, Raft, TypeConfig};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Requests a peer may have in flight on one connection before we stop reading its frames; this
+/// is the bound on server-side work a single peer can queue.
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+
+const STATE_CONNECTING: u8 = 0;
+const STATE_UP: u8 = 1;
+const STATE_DOWN: u8 = 2;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum TransportError {
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(NodeId, String),
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The groups of this process, by id; the transport server routes incoming RPCs through it.
+#[derive(Default)]
+pub(crate) struct Registry {
+    groups: RwLock<HashMap<GroupId, Raft>>,
+}
+
+impl Registry {
+    pub(crate) fn get(&self, group: &str) -> Option<Raft> {
+        self.groups.read().ok()?.get(group).cloned()
+    }
+
+    pub(crate) fn insert(&self, group: GroupId, raft: Raft) {
+        if let Ok(mut g) = self.groups.write() {
+            g.insert(group, raft);
+        }
+    }
+
+    pub(crate) fn remove(&self, group: &str) -> Option<Raft> {
+        self.groups.write().ok()?.remove(group)
+    }
+
+    pub(crate) fn all(&self) -> Vec<(GroupId, Raft)> {
+        match self.groups.read() {
+            Ok(g) => g.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled or its sender is gone (the host was dropped without
+/// `shutdown`); `changed()` alone would resolve at once forever in the latter case and spin.
+pub(crate) async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+type Pending =
+    Mutex<HashMap<u64, oneshot::Sender<Result<(ResponseStatus, Bytes), TransportError>>>>;
+
+/// One peer node: its connection task, the requests waiting for it, the in-flight ones.
+struct PeerClient {
+    target: NodeId,
+    tx: mpsc::UnboundedSender<(u64, Bytes)>,
+    pending: Arc<Pending>,
+    state: Arc<AtomicU8>,
+    task: JoinHandle<()>,
+}
+
+fn fail_all(pending: &Pending, target: NodeId, why: &str) {
+    let drained: Vec<_> = match pending.lock() {
+        Ok(mut p) => p.drain().collect(),
+        Err(_) => return,
+    };
+    for (_, tx) in drained {
+        let _ = tx.send(Err(TransportError::Unreachable(target, why.to_string())));
+    }
+}
+
+/// Reads one frame body; the length is checked against [`MAX_FRAME_BYTES`] before allocating.
+async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Option<Bytes>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES} byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(Bytes::from(body)))
+}
+
+/// Writes queued frames, coalescing whatever is already queued into one flush.
+async fn write_frames<W: AsyncWriteExt + Unpin>(
+    w: &mut BufWriter<W>,
+    rx: &mut mpsc::UnboundedReceiver<(u64, Bytes)>,
+    pending: Option<&Pending>,
+) -> std::io::Result<()> {
+    while let Some((id, frame)) = rx.recv().await {
+        let mut next = Some((id, frame));
+        while let Some((id, frame)) = next.take() {
+            // A request whose caller gave up (timeout) while the peer was unreachable is stale:
+            // sending it would only waste the peer's time.
+            let live =
+                pending.is_none_or(|p| p.lock().map(|p| p.contains_key(&id)).unwrap_or(false));
+            if live {
+                w.write_all(&frame).await?;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    Ok(())
+}
+
+impl PeerClient {
+    fn spawn(target: NodeId, addr: String, shutdown: watch::Receiver<bool>) -> PeerClient {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending: Arc<Pending> = Arc::default();
+        let state = Arc::new(AtomicU8::new(STATE_CONNECTING));
+        let task = tokio::spawn(Self::run(
+            target,
+            addr,
+            rx,
+            pending.clone(),
+            state.clone(),
+            shutdown,
+        ));
+        PeerClient {
+            target,
+            tx,
+            pending,
+            state,
+            task,
+        }
+    }
+
+    async fn run(
+        target: NodeId,
+        addr: String,
+        mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
+        pending: Arc<Pending>,
+        state: Arc<AtomicU8>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if *shutdown.borrow() || shutdown.has_changed().is_err() {
+                break;
+            }
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await;
+            match connected {
+                Ok(Ok(stream)) => {
+                    // Heartbeats and votes are tiny and latency-bound.
+                    let _ = stream.set_nodelay(true);
+                    tracing::debug!(target_node = target, %addr, "connected to peer");
+                    state.store(STATE_UP, Ordering::SeqCst);
+                    backoff = BACKOFF_MIN;
+                    let (r, w) = stream.into_split();
+                    let mut w = BufWriter::new(w);
+                    let reader = Self::read_responses(r, &pending);
+                    let writer = write_frames(&mut w, &mut rx, Some(&pending));
+                    let why = tokio::select! {
+                        res = reader => format!("connection lost: {res:?}"),
+                        res = writer => format!("write failed: {res:?}"),
+                        _ = stopped(shutdown.clone()) => "shutting down".to_string(),
+                    };
+                    tracing::debug!(target_node = target, %addr, %why, "peer connection closed");
+                    state.store(STATE_DOWN, Ordering::SeqCst);
+                    fail_all(&pending, target, &why);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(target_node = target, %addr, error = %e, "connect to peer failed");
+                    state.store(STATE_DOWN, Ordering::SeqCst);
+                    fail_all(&pending, target, &e.to_string());
+                }
+                Err(_) => {
+                    state.store(STATE_DOWN, Ordering::SeqCst);
+                    fail_all(&pending, target, "connect timed out");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped(shutdown.clone()) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        state.store(STATE_DOWN, Ordering::SeqCst);
+        fail_all(&pending, target, "transport shut down");
+    }
+
+    async fn read_responses(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        pending: &Pending,
+    ) -> std::io::Result<()> {
+        loop {
+            let Some(body) = read_frame(&mut r).await? else {
+                return Ok(());
+            };
+            match codec::decode_frame(body) {
+                Ok(Frame::Response {
+                    id,
+                    status,
+                    payload,
+                }) => {
+                    let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
+                    // No waiter: the caller timed out already.
+                    if let Some(tx) = waiter {
+                        let _ = tx.send(Ok((status, payload)));
+                    }
+                }
+                Ok(Frame::Request { .. }) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "peer sent a request on an outgoing connection",
+                    ))
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// The client half: a connection per peer, shared by every group of this process.
+pub(crate) struct Transport {
+    node_id: NodeId,
+    /// Configured peer addresses; they win over the address recorded in a group's membership,
+    /// which is frozen when the group is created and goes stale if a node moves.
+    addrs: BTreeMap<NodeId, String>,
+    peers: Mutex<HashMap<NodeId, Arc<PeerClient>>>,
+    next_id: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Transport {
+    pub(crate) fn new(
+        node_id: NodeId,
+        addrs: BTreeMap<NodeId, String>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Transport {
+            node_id,
+            addrs,
+            peers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    fn peer(&self, target: NodeId, addr: &str) -> Result<Arc<PeerClient>, TransportError> {
+        let mut peers = self
+            .peers
+            .lock()
+            .map_err(|_| TransportError::Other("peer table lock poisoned".into()))?;
+        if let Some(p) = peers.get(&target) {
+            if !p.task.is_finished() {
+                return Ok(p.clone());
+            }
+        }
+        if *self.shutdown.borrow() {
+            return Err(TransportError::Other("transport shut down".into()));
+        }
+        let addr = self.addrs.get(&target).map_or(addr, |a| a.as_str());
+        let p = Arc::new(PeerClient::spawn(
+            target,
+            addr.to_string(),
+            self.shutdown.clone(),
+        ));
+        peers.insert(target, p.clone());
+        Ok(p)
+    }
+
+    /// Sends one request and waits for its response, at most `ttl`.
+    async fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        kind: RpcKind,
+        group: &str,
+        encode_payload: impl FnOnce(&mut BytesMut) -> Result<(), codec::CodecError>,
+        ttl: Duration,
+    ) -> Result<(ResponseStatus, Bytes), TransportError> {
+        let peer = self.peer(target, addr)?;
+        if peer.state.load(Ordering::SeqCst) == STATE_DOWN {
+            // Fail fast while the peer is known down: openraft backs off on Unreachable.
+            return Err(TransportError::Unreachable(target, "not connected".into()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = codec::begin_request(id, kind, group);
+        encode_payload(&mut frame).map_err(|e| TransportError::Other(e.to_string()))?;
+        let frame = codec::finish_frame(frame).map_err(|e| TransportError::Other(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = peer.pending.lock() {
+            p.insert(id, tx);
+        }
+        if peer.tx.send((id, frame)).is_err() {
+            peer.pending.lock().ok().and_then(|mut p| p.remove(&id));
+            return Err(TransportError::Unreachable(
+                target,
+                "connection task stopped".into(),
+            ));
+        }
+        match tokio::time::timeout(ttl, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(TransportError::Unreachable(
+                target,
+                "connection task stopped".into(),
+            )),
+            Err(_) => {
+                peer.pending.lock().ok().and_then(|mut p| p.remove(&id));
+                Err(TransportError::Timeout)
+            }
+        }
+    }
+
+    pub(crate) fn shutdown_peers(&self) {
+        let peers: Vec<_> = match self.peers.lock() {
+            Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        for p in peers {
+            p.task.abort();
+            fail_all(&p.pending, p.target, "transport shut down");
+        }
+    }
+}
+
+/// Accepts peers on the raft listener and routes each request to its group.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer_addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    tracing::debug!(%peer_addr, "accepted raft peer connection");
+                    tokio::spawn(serve_connection(stream, registry.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE; pausing keeps the loop from spinning on it.
+                    tracing::warn!(error = %e, "accepting a raft peer connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = stopped(shutdown.clone()) => break,
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer_addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (mut r, w) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::new(w);
+        write_frames(&mut w, &mut rx, None).await
+    });
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let res: std::io::Result<()> = async {
+        loop {
+            let body = tokio::select! {
+                b = read_frame(&mut r) => b?,
+                _ = stopped(shutdown.clone()) => return Ok(()),
+            };
+            let Some(body) = body else { return Ok(()) };
+            let (id, kind, group, payload) = match codec::decode_frame(body) {
+                Ok(Frame::Request {
+                    id,
+                    kind,
+                    group,
+                    payload,
+                }) => (id, kind, group, payload),
+                Ok(Frame::Response { .. }) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "peer sent a response on an incoming connection",
+                    ))
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
+                }
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let registry = registry.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (status, payload) = dispatch(&registry, kind, &group, payload).await;
+                match codec::response_frame(id, status, &payload) {
+                    Ok(frame) => {
+                        let _ = tx.send((id, frame));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%group, error = %e, "dropping an unencodable raft response")
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(%peer_addr, error = %e, "closing raft peer connection");
+    }
+    drop(tx);
+    writer.abort();
+}
+
+fn json_reply<T: serde::Serialize>(v: &T) -> (ResponseStatus, Vec<u8>) {
+    match serde_json::to_vec(v) {
+        Ok(b) => (ResponseStatus::Ok, b),
+        Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
+    }
+}
+
+async fn dispatch(
+    registry: &Registry,
+    kind: RpcKind,
+    group: &str,
+    payload: Bytes,
+) -> (ResponseStatus, Vec<u8>) {
+    let Some(raft) = registry.get(group) else {
+        return (
+            ResponseStatus::UnknownGroup,
+            format!("no group {group}").into_bytes(),
+        );
+    };
+    match kind {
+        RpcKind::AppendEntries => match codec::decode_append(&payload) {
+            Ok(req) => json_reply(&raft.append_entries(req).await),
+            Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
+        },
+        RpcKind::Vote => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
+            Ok(req) => json_reply(&raft.vote(req).await),
+            Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
+        },
+        RpcKind::InstallSnapshot => match codec::decode_snapshot(&payload) {
+            Ok(req) => json_reply(&raft.install_snapshot(req).await),
+            Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
+        },
+    }
+}
+
+/// Creates a group's per-target network clients over the shared [`Transport`].
+pub(crate) struct GroupNetworkFactory {
+    pub(crate) transport: Arc<Transport>,
+    pub(crate) group: GroupId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> GroupNetwork {
+        GroupNetwork {
+            transport: self.transport.clone(),
+            group: self.group.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+pub(crate) struct GroupNetwork {
+    transport: Arc<Transport>,
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, OpenraftError<NodeId, E>>>;
+
+impl GroupNetwork {
+    async fn rpc<Resp, E>(
+        &self,
+        action: RPCTypes,
+        kind: RpcKind,
+        encode_payload: impl FnOnce(&mut BytesMut) -> Result<(), codec::CodecError>,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let ttl = option.hard_ttl();
+        let res = self
+            .transport
+            .call(
+                self.target,
+                &self.addr,
+                kind,
+                &self.group,
+                encode_payload,
+                ttl,
+            )
+            .await;
+        let (status, payload) = match res {
+            Ok(r) => r,
+            Err(TransportError::Timeout) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.transport.node_id,
+                    target: self.target,
+                    timeout: ttl,
+                }))
+            }
+            Err(e @ TransportError::Unreachable(..)) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e @ TransportError::Other(_)) => {
+                return Err(RPCError::Network(NetworkError::new(&e)))
+            }
+        };
+        match status {
+            ResponseStatus::Ok => {
+                let r: Result<Resp, OpenraftError<NodeId, E>> = serde_json::from_slice(&payload)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            // The group is not (yet) open on the target: worth a back-off, not a hot retry.
+            ResponseStatus::UnknownGroup => Err(RPCError::Unreachable(Unreachable::new(
+                &AnyError::error(String::from_utf8_lossy(&payload)),
+            ))),
+            ResponseStatus::Failed => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                String::from_utf8_lossy(&payload),
+            )))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        let mut body = BytesMut::new();
+        codec::encode_append(&rpc, &mut body)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Checked here rather than by the frame encoder so openraft can split the batch.
+        if body.len() + 64 + self.group.len() > MAX_FRAME_BYTES {
+            let hint = (rpc.entries.len() as u64 / 2).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.rpc(
+            RPCTypes::AppendEntries,
+            RpcKind::AppendEntries,
+            |out| {
+                out.extend_from_slice(&body);
+                Ok(())
+            },
+            &option,
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.rpc(
+            RPCTypes::InstallSnapshot,
+            RpcKind::InstallSnapshot,
+            |out| codec::encode_snapshot(&rpc, out),
+            &option,
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.rpc(
+            RPCTypes::Vote,
+            RpcKind::Vote,
+            |out| {
+                serde_json::to_writer(bytes::BufMut::writer(out), &rpc)?;
+                Ok(())
+            },
+            &option,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn server() -> anyhow::Result<(String, watch::Sender<bool>)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, Arc::new(Registry::default()), rx));
+        Ok((addr, tx))
+    }
+
+    #[tokio::test]
+    async fn unknown_group_gets_an_error_response_matched_by_request_id() -> anyhow::Result<()> {
+        let (addr, _stop) = server().await?;
+        let (_tx, rx) = watch::channel(false);
+        let t = Transport::new(1, BTreeMap::new(), rx);
+        let vote = VoteRequest::new(crate::Vote::new(1, 1), None);
+        let (status, payload) = t
+            .call(
+                2,
+                &addr,
+                RpcKind::Vote,
+                "p/nope/0",
+                |out| Ok(serde_json::to_writer(bytes::BufMut::writer(out), &vote)?),
+                Duration::from_secs(5),
+            )
+            .await?;
+        assert_eq!(status, ResponseStatus::UnknownGroup);
+        assert_eq!(&payload[..], b"no group p/nope/0");
+        t.shutdown_peers();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_closes_the_connection_without_allocating() -> anyhow::Result<()> {
+        let (addr, _stop) = server().await?;
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(&u32::MAX.to_be_bytes()).await?;
+        let mut buf = [0u8; 16];
+        // The server drops the connection: EOF (or a reset) rather than a response.
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await?;
+        assert!(matches!(n, Ok(0) | Err(_)), "got {n:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unreachable_peer_fails_fast_after_the_first_attempt() -> anyhow::Result<()> {
+        // A port that was just free: nothing listens on it.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await?
+            .local_addr()?
+            .to_string();
+        let (_tx, rx) = watch::channel(false);
+        let t = Transport::new(1, BTreeMap::new(), rx);
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let res = t
+                .call(
+                    2,
+                    &addr,
+                    RpcKind::Vote,
+                    "meta",
+                    |_| Ok(()),
+                    Duration::from_secs(5),
+                )
+                .await;
+            assert!(
+                matches!(res, Err(TransportError::Unreachable(2, _))),
+                "got {res:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+        t.shutdown_peers();
+        Ok(())
+    }
+}
