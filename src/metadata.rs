@@ -28,6 +28,27 @@ pub struct TopicMeta {
     /// partition index -> replica node ids (first = preferred leader)
     pub partitions: Vec<Vec<u64>>,
     pub configs: BTreeMap<String, String>,
+    /// partition index -> last leader reported by that partition's Raft group. Partition groups
+    /// elect their own leaders; they report here so every node can route clients, including
+    /// nodes that hold no replica of the partition.
+    #[serde(default)]
+    pub leaders: BTreeMap<u32, LeaderInfo>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaderInfo {
+    pub leader: u64,
+    /// The partition group's Raft term.
+    pub epoch: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaderUpdate {
+    pub topic: String,
+    pub topic_id: [u8; 16],
+    pub partition: u32,
+    pub leader: u64,
+    pub epoch: i32,
 }
 
 impl TopicMeta {
@@ -57,6 +78,9 @@ pub enum Command {
     CreatePartitions {
         name: String,
         new_partitions: Vec<Vec<u64>>,
+    },
+    SetPartitionLeaders {
+        updates: Vec<LeaderUpdate>,
     },
 }
 
@@ -163,6 +187,33 @@ impl MetaState {
                     Reply::Ok
                 }
             },
+            Command::SetPartitionLeaders { updates } => {
+                for u in updates {
+                    let Some(t) = self.topics.get_mut(&u.topic) else {
+                        continue;
+                    };
+                    // A report about an older incarnation of the topic, or a partition that
+                    // does not exist, or a leader from an older term than we know, is stale.
+                    if t.id != u.topic_id || u.partition as usize >= t.partitions.len() {
+                        continue;
+                    }
+                    let newer = t
+                        .leaders
+                        .get(&u.partition)
+                        .map(|l| u.epoch > l.epoch)
+                        .unwrap_or(true);
+                    if newer {
+                        t.leaders.insert(
+                            u.partition,
+                            LeaderInfo {
+                                leader: u.leader,
+                                epoch: u.epoch,
+                            },
+                        );
+                    }
+                }
+                Reply::Ok
+            }
         }
     }
 
@@ -198,6 +249,7 @@ mod tests {
             id: [1; 16],
             partitions: vec![vec![1]; n],
             configs: BTreeMap::new(),
+            leaders: BTreeMap::new(),
         }
     }
 
@@ -257,6 +309,35 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_eq!(a.cluster_id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn leader_reports_only_move_forward() {
+        let mut s = MetaState::default();
+        s.apply(&Command::CreateTopic {
+            topic: topic("t", 2),
+        });
+        let up = |leader, epoch, id| Command::SetPartitionLeaders {
+            updates: vec![LeaderUpdate {
+                topic: "t".into(),
+                topic_id: id,
+                partition: 1,
+                leader,
+                epoch,
+            }],
+        };
+        s.apply(&up(2, 5, [1; 16]));
+        s.apply(&up(3, 4, [1; 16])); // older term: ignored
+        s.apply(&up(3, 6, [9; 16])); // other incarnation of the topic: ignored
+        assert_eq!(
+            s.topics["t"].leaders[&1],
+            LeaderInfo {
+                leader: 2,
+                epoch: 5
+            }
+        );
+        s.apply(&up(3, 6, [1; 16]));
+        assert_eq!(s.topics["t"].leaders[&1].leader, 3);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::ServerConfig;
 use crate::errors::ErrorCode;
-use crate::metadata::{BrokerInfo, Command, MetaState, Reply, TopicMeta};
+use crate::metadata::{BrokerInfo, Command, LeaderUpdate, MetaState, Reply, TopicMeta};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Error)]
@@ -124,6 +124,7 @@ impl Node {
         });
         tokio::spawn(register_loop(node.clone()));
         tokio::spawn(reconcile_loop(node.clone()));
+        tokio::spawn(leader_report_loop(node.clone()));
         Ok(node)
     }
 
@@ -192,11 +193,8 @@ impl Node {
                 let st = self.state();
                 match st.topics.get(topic) {
                     None => false,
-                    Some(t) => (0..t.partitions.len()).all(|p| {
-                        self.partition(topic, p as i32)
-                            .map(|g| g.leader().is_some())
-                            .unwrap_or(false)
-                    }),
+                    Some(t) => (0..t.partitions.len())
+                        .all(|p| self.partition_leader_in(&st, topic, p as i32).is_some()),
                 }
             };
             if ready {
@@ -209,6 +207,23 @@ impl Node {
             // Leadership can change without a reconcile pass, so poll as well as listen.
             let _ = tokio::time::timeout(left.min(Duration::from_millis(20)), rx.changed()).await;
         }
+    }
+
+    /// The partition's leader and epoch: from the local replica when we host one (freshest), else
+    /// as last reported to the metadata group.
+    pub fn partition_leader_in(
+        &self,
+        st: &MetaState,
+        topic: &str,
+        partition: i32,
+    ) -> Option<(u64, i32)> {
+        if let Some(g) = self.partition(topic, partition) {
+            return g.leader().map(|l| (l, g.leader_epoch()));
+        }
+        let t = st.topics.get(topic)?;
+        let l = t.leaders.get(&(partition as u32))?;
+        // A leader on a broker that left the cluster cannot serve; say so instead of misrouting.
+        st.brokers.contains_key(&l.leader).then_some((l.leader, l.epoch))
     }
 
     /// Ready = we know a controller, are registered, and every local partition has a leader.
@@ -300,6 +315,43 @@ pub fn new_cluster_id() -> String {
 
 pub fn group_id(topic: &TopicMeta, partition: i32) -> String {
     format!("p/{}/{}", topic.id_hex(), partition)
+}
+
+/// Tells the controller which partitions this node leads, whenever the recorded leader or epoch
+/// is behind. Batched: one metadata command carries every change seen in a pass.
+async fn leader_report_loop(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let updates: Vec<LeaderUpdate> = {
+            let st = node.state();
+            let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
+            parts
+                .iter()
+                .filter(|(_, g)| g.is_leader())
+                .filter_map(|((topic, p), g)| {
+                    let t = st.topics.get(topic)?;
+                    let epoch = g.leader_epoch();
+                    let recorded = t.leaders.get(&(*p as u32));
+                    if recorded.is_some_and(|l| l.epoch >= epoch) {
+                        return None;
+                    }
+                    Some(LeaderUpdate {
+                        topic: topic.clone(),
+                        topic_id: t.id,
+                        partition: *p as u32,
+                        leader: node.cfg.node_id,
+                        epoch,
+                    })
+                })
+                .collect()
+        };
+        if updates.is_empty() {
+            continue;
+        }
+        if let Err(e) = node.propose(&Command::SetPartitionLeaders { updates }).await {
+            tracing::debug!(error = %e, "leader report failed, will retry");
+        }
+    }
 }
 
 /// The partition manager: converge the local set of partition groups to the replicated desired

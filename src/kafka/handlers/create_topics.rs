@@ -77,6 +77,7 @@ pub async fn create_topic(
         id: rand::random(),
         partitions: MetaState::place_replicas(&brokers, 0, partitions as usize, rf as usize),
         configs,
+        leaders: Default::default(),
     };
     match node.propose(&Command::CreateTopic { topic }).await {
         Ok(Reply::Ok) => {}

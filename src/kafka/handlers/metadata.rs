@@ -96,14 +96,11 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
                 .map(|(p, replicas)| {
                     let replica_ids: Vec<BrokerId> =
                         replicas.iter().map(|r| BrokerId(*r as i32)).collect();
-                    let group = node.partition(&name, p as i32);
-                    let (leader, epoch, isr) = match &group {
-                        Some(g) => match g.leader() {
-                            Some(l) => (l as i32, g.leader_epoch(), replica_ids.clone()),
-                            None => (-1, g.leader_epoch(), Vec::new()),
-                        },
-                        None => (-1, -1, Vec::new()),
-                    };
+                    let (leader, epoch, isr) =
+                        match node.partition_leader_in(&st, &name, p as i32) {
+                            Some((l, e)) => (l as i32, e, replica_ids.clone()),
+                            None => (-1, -1, Vec::new()),
+                        };
                     let error = if leader < 0 {
                         ErrorCode::LeaderNotAvailable.code()
                     } else {
