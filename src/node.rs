@@ -96,11 +96,25 @@ pub struct Node {
     partitions_changed: watch::Sender<u64>,
     pub metrics: Metrics,
     pub started_at: std::time::Instant,
+    /// Set when the node must stop (e.g. foreign data directory); the server watches it.
+    pub fatal: watch::Sender<Option<String>>,
 }
 
 impl Node {
     pub async fn start(cfg: ServerConfig) -> Result<Arc<Node>, NodeError> {
         std::fs::create_dir_all(&cfg.data_dir)?;
+        let identity = DirIdentity::load(&cfg.data_dir)?;
+        if let Some(id) = identity.node_id {
+            if id != cfg.node_id {
+                return Err(NodeError::Other(format!(
+                    "data directory {} belongs to node {id}, but this node was started as node {}; \
+                     use --node-id {id} or another --data-dir",
+                    cfg.data_dir.display(),
+                    cfg.node_id
+                )));
+            }
+        }
+        identity_store(&cfg.data_dir, cfg.node_id, identity.cluster_id.as_deref())?;
         std::fs::create_dir_all(cfg.data_dir.join("partitions"))?;
         let meta = Arc::new(MetaMachine::new());
         let raft = RaftHost::start(
@@ -121,7 +135,9 @@ impl Node {
             partitions_changed: watch::channel(0).0,
             metrics: Metrics::default(),
             started_at: std::time::Instant::now(),
+            fatal: watch::channel(None).0,
         });
+        tokio::spawn(identity_loop(node.clone()));
         tokio::spawn(register_loop(node.clone()));
         tokio::spawn(reconcile_loop(node.clone()));
         tokio::spawn(leader_report_loop(node.clone()));
@@ -238,8 +254,92 @@ impl Node {
         parts.values().all(|g| g.leader().is_some())
     }
 
+    pub fn fail(&self, reason: String) {
+        error!(%reason, "fatal");
+        self.fatal.send_replace(Some(reason));
+    }
+
     pub async fn shutdown(&self) {
         self.raft.shutdown().await;
+    }
+}
+
+/// What `meta.properties` (as in Kafka's log dirs) says this data directory belongs to.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DirIdentity {
+    pub node_id: Option<u64>,
+    pub cluster_id: Option<String>,
+}
+
+impl DirIdentity {
+    pub fn load(dir: &std::path::Path) -> Result<DirIdentity, NodeError> {
+        let path = dir.join("meta.properties");
+        let Some(bytes) = sluice_storage::file::read_optional(&path)? else {
+            return Ok(DirIdentity::default());
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let mut id = DirIdentity::default();
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("node.id", v)) => {
+                    id.node_id = Some(v.trim().parse().map_err(|_| {
+                        NodeError::Other(format!("{}: bad node.id '{v}'", path.display()))
+                    })?)
+                }
+                Some(("cluster.id", v)) if !v.trim().is_empty() => {
+                    id.cluster_id = Some(v.trim().to_string())
+                }
+                _ => {}
+            }
+        }
+        Ok(id)
+    }
+}
+
+fn identity_store(
+    dir: &std::path::Path,
+    node_id: u64,
+    cluster_id: Option<&str>,
+) -> Result<(), NodeError> {
+    let text = format!(
+        "# written by sluice; ties this data directory to one node of one cluster\nversion=1\nnode.id={node_id}\ncluster.id={}\n",
+        cluster_id.unwrap_or("")
+    );
+    sluice_storage::file::write_atomic(&dir.join("meta.properties"), text.as_bytes())?;
+    Ok(())
+}
+
+/// Records the cluster id in `meta.properties` once known, and stops the node if the replicated
+/// cluster id is not the one this directory was created for.
+async fn identity_loop(node: Arc<Node>) {
+    let mut known = DirIdentity::load(&node.cfg.data_dir)
+        .ok()
+        .and_then(|i| i.cluster_id);
+    let mut rx = node.meta.changed.subscribe();
+    loop {
+        let current = node.state().cluster_id.clone();
+        match (&known, current) {
+            (Some(k), Some(c)) if *k != c => {
+                node.fail(format!(
+                    "data directory {} belongs to cluster {k}, but this cluster is {c}; \
+                     refusing to run with a foreign data directory",
+                    node.cfg.data_dir.display()
+                ));
+                return;
+            }
+            (None, Some(c)) => {
+                if let Err(e) = identity_store(&node.cfg.data_dir, node.cfg.node_id, Some(&c)) {
+                    warn!(error = %e, "could not record the cluster id in meta.properties");
+                } else {
+                    info!(cluster_id = %c, "cluster id recorded");
+                    known = Some(c);
+                }
+            }
+            _ => {}
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -507,6 +607,19 @@ fn cleanup_orphan_dirs(node: &Node) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dir_identity_roundtrip() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(DirIdentity::load(d.path()).unwrap(), DirIdentity::default());
+        identity_store(d.path(), 3, None).unwrap();
+        assert_eq!(DirIdentity::load(d.path()).unwrap().node_id, Some(3));
+        identity_store(d.path(), 3, Some("abc")).unwrap();
+        let id = DirIdentity::load(d.path()).unwrap();
+        assert_eq!(id.cluster_id.as_deref(), Some("abc"));
+        std::fs::write(d.path().join("meta.properties"), "node.id=x\n").unwrap();
+        assert!(DirIdentity::load(d.path()).is_err());
+    }
 
     #[test]
     fn cluster_ids_look_like_kafkas() {

@@ -40,14 +40,21 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         data_dir = %cfg.data_dir.display(),
         "sluice started"
     );
-    wait_for_signal().await;
+    let mut fatal = node.fatal.subscribe();
+    let failure = tokio::select! {
+        _ = wait_for_signal() => None,
+        r = fatal.wait_for(|f| f.is_some()) => r.ok().and_then(|f| f.clone()),
+    };
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = kafka_task.await;
     let _ = admin_task.await;
     shutdown(node).await;
     info!("stopped");
-    Ok(())
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }
 
 async fn shutdown(node: Arc<Node>) {

@@ -6,6 +6,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 
 pub mod client;
+pub mod cluster;
 pub mod conn;
 pub mod consume;
 pub mod errors;
@@ -42,6 +43,11 @@ pub enum ClientCommand {
     Produce(ProduceArgs),
     /// Print records of a topic to stdout, one value per line.
     Consume(ConsumeArgs),
+    /// Cluster state from a node's admin HTTP API.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -187,6 +193,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Topics { command } => topics::run(command).await,
         ClientCommand::Produce(args) => produce::run(args).await,
         ClientCommand::Consume(args) => consume::run(args).await,
+        ClientCommand::Cluster { command } => cluster::run(command).await,
     }
 }
 
