@@ -1,0 +1,77 @@
+# Sluice developer entry points. `make test` is what CI runs (via .ci/run).
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.stamp
+# Pinned loosely: the interop tests use only long-stable confluent-kafka / pytest APIs.
+PY_DEPS := confluent-kafka pytest pytest-timeout
+
+.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos cluster cluster-stop clean-venv
+
+all: build
+
+# The stamp makes `make venv` a no-op once the venv is complete; the stamp depends on this
+# Makefile so changing PY_DEPS reinstalls.
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_DEPS)
+	touch $(VENV_STAMP)
+
+# kcat is a third-party Kafka client the interop tests drive. Debian's kcat 1.7.1 links
+# librdkafka 2.0.2, a different librdkafka from the one inside confluent-kafka's wheel,
+# so the two clients exercise different protocol versions.
+deps:
+	@if command -v kcat >/dev/null 2>&1; then \
+		echo "kcat present: $$(kcat -V 2>&1 | grep -m1 Version)"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		echo "installing kcat with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat; \
+	else \
+		echo "kcat is missing and we are not root: install it (apt-get install kcat); kcat tests will fail"; \
+	fi
+
+build:
+	cargo build --release --workspace
+
+test: deps venv build
+	cargo test --workspace
+	$(VENV)/bin/pytest -q tests/interop
+
+test-rust:
+	cargo test --workspace
+
+# Interop suite only, against the current release build.
+test-interop: venv build
+	$(VENV)/bin/pytest -q tests/interop
+
+run:
+	cargo run --release -- server
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+bench: deps build
+	scripts/bench.sh
+
+chaos:
+	@echo "chaos: not yet implemented"; exit 1
+
+# A 3-node loopback cluster (ports 9092/19092/29092); data and logs in .cluster/.
+cluster: build
+	scripts/cluster.sh start
+
+cluster-stop:
+	scripts/cluster.sh stop
+
+clean-venv:
+	rm -rf $(VENV)
