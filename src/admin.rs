@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -21,6 +21,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/topics/{topic}", get(topic))
         .route("/v1/raft", get(raft))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/partitions/{topic}/{partition}/transfer-leadership",
+            post(transfer_leadership),
+        )
+        .route("/v1/brokers/{id}/decommission", post(decommission))
         .fallback(not_found)
         .with_state(node)
 }
@@ -50,8 +55,8 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
 }
 
 fn brokers_json(node: &Node) -> Vec<Value> {
-    node.state()
-        .brokers
+    let st = node.state();
+    st.brokers
         .values()
         .map(|b| {
             json!({
@@ -60,7 +65,7 @@ fn brokers_json(node: &Node) -> Vec<Value> {
                 "admin_addr": b.admin_addr,
                 "raft_addr": b.raft_addr,
                 "registered_at_ms": b.registered_at_ms,
-                "live": true,
+                "live": !st.fenced.contains(&b.id),
             })
         })
         .collect()
@@ -172,4 +177,122 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         )],
         out,
     )
+}
+
+#[derive(serde::Deserialize, Default)]
+struct TransferBody {
+    /// Node to move leadership to; default: the preferred leader (first replica).
+    target: Option<u64>,
+}
+
+async fn transfer_leadership(
+    State(node): State<Arc<Node>>,
+    Path((topic, partition)): Path<(String, i32)>,
+    body: Option<Json<TransferBody>>,
+) -> Response {
+    let (replicas, gid) = {
+        let st = node.state();
+        let Some(t) = st.topics.get(&topic) else {
+            return error(StatusCode::NOT_FOUND, format!("topic '{topic}' does not exist"));
+        };
+        let Some(r) = t.partitions.get(partition.max(0) as usize).filter(|_| partition >= 0) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("topic '{topic}' has no partition {partition}"),
+            );
+        };
+        (r.clone(), crate::node::group_id(t, partition))
+    };
+    let target = body
+        .and_then(|Json(b)| b.target)
+        .or_else(|| replicas.first().copied());
+    let Some(target) = target else {
+        return error(StatusCode::BAD_REQUEST, "no target replica");
+    };
+    if !replicas.contains(&target) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("node {target} is not a replica of {topic}/{partition} (replicas {replicas:?})"),
+        );
+    }
+    let leader_now = || {
+        let st = node.state();
+        node.partition_leader_in(&st, &topic, partition)
+    };
+    if leader_now().map(|(l, _)| l) == Some(target) {
+        return Json(json!({ "leader": target, "changed": false })).into_response();
+    }
+    let req = crate::cluster::AppRequest::Elect { group: gid };
+    match crate::cluster::call(&node, target, &req, std::time::Duration::from_secs(5)).await {
+        Ok(crate::cluster::AppResponse::Ok) => {}
+        Ok(other) => {
+            return error(StatusCode::BAD_GATEWAY, format!("node {target} answered {other:?}"))
+        }
+        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("node {target}: {e}")),
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        if let Some((l, epoch)) = leader_now() {
+            if l == target {
+                return Json(json!({ "leader": l, "leader_epoch": epoch, "changed": true }))
+                    .into_response();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    error(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!("leadership of {topic}/{partition} did not move to {target} within 15 s"),
+    )
+}
+
+async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Response {
+    let hosted: Vec<String> = {
+        let st = node.state();
+        if !st.brokers.contains_key(&id) && !node.raft.meta().voters().contains_key(&id) {
+            return error(StatusCode::NOT_FOUND, format!("broker {id} is not registered"));
+        }
+        st.topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.contains(&id))
+                    .map(|(p, _)| format!("{}/{p}", t.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    // Moving replicas is partition reassignment, which is not built yet; refusing is better than
+    // silently shrinking replica sets.
+    if !hosted.is_empty() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "broker {id} still hosts {} partition replica(s) ({}); delete or move them first",
+                hosted.len(),
+                hosted.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    if !node.raft.meta().is_leader() {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "send this to the controller (node {:?})",
+                node.controller_id()
+            ),
+        );
+    }
+    if let Err(e) = node.raft.meta().remove_voter(id).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("membership change failed: {e}"));
+    }
+    match node
+        .propose(&crate::metadata::Command::UnregisterBroker { id })
+        .await
+    {
+        Ok(_) => Json(json!({ "decommissioned": id })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

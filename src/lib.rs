@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod alloc_guard;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod kafka;

@@ -82,6 +82,14 @@ pub enum Command {
     SetPartitionLeaders {
         updates: Vec<LeaderUpdate>,
     },
+    /// The controller's liveness verdict: exactly these registered brokers are fenced.
+    SetFenced {
+        fenced: BTreeSet<u64>,
+    },
+    /// Decommission: forget a broker entirely.
+    UnregisterBroker {
+        id: u64,
+    },
 }
 
 /// Reply to a command: success, or a Kafka error code with a message.
@@ -105,6 +113,10 @@ pub struct MetaState {
     pub cluster_id: Option<String>,
     pub brokers: BTreeMap<u64, BrokerInfo>,
     pub topics: BTreeMap<String, TopicMeta>,
+    /// Registered brokers the controller has not heard from lately: kept in the registry (they
+    /// come back with their data) but not offered to clients or used for new replicas.
+    #[serde(default)]
+    pub fenced: BTreeSet<u64>,
     /// Bumped on every applied command so watchers can tell that something changed.
     pub version: u64,
 }
@@ -135,6 +147,15 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
 }
 
 impl MetaState {
+    /// Registered and not fenced.
+    pub fn live_brokers(&self) -> BTreeSet<u64> {
+        self.brokers
+            .keys()
+            .copied()
+            .filter(|id| !self.fenced.contains(id))
+            .collect()
+    }
+
     pub fn apply(&mut self, command: &Command) -> Reply {
         self.version += 1;
         match command {
@@ -147,6 +168,21 @@ impl MetaState {
             }
             Command::RegisterBroker { broker } => {
                 self.brokers.insert(broker.id, broker.clone());
+                // Registering is proof of life.
+                self.fenced.remove(&broker.id);
+                Reply::Ok
+            }
+            Command::SetFenced { fenced } => {
+                self.fenced = fenced
+                    .iter()
+                    .copied()
+                    .filter(|id| self.brokers.contains_key(id))
+                    .collect();
+                Reply::Ok
+            }
+            Command::UnregisterBroker { id } => {
+                self.brokers.remove(id);
+                self.fenced.remove(id);
                 Reply::Ok
             }
             Command::CreateTopic { topic } => {

@@ -98,6 +98,8 @@ pub struct Node {
     pub started_at: std::time::Instant,
     /// Set when the node must stop (e.g. foreign data directory); the server watches it.
     pub fatal: watch::Sender<Option<String>>,
+    /// Receives node-to-node app messages; also the controller's heartbeat table.
+    pub app: Arc<crate::cluster::Handler>,
 }
 
 impl Node {
@@ -127,6 +129,8 @@ impl Node {
             meta.clone() as Arc<dyn MetaApp>,
         )
         .await?;
+        let app = crate::cluster::Handler::new();
+        raft.set_app_handler(app.clone());
         let node = Arc::new(Node {
             cfg,
             raft,
@@ -136,8 +140,25 @@ impl Node {
             metrics: Metrics::default(),
             started_at: std::time::Instant::now(),
             fatal: watch::channel(None).0,
+            app,
         });
+        if let Ok(mut w) = node.app.node.lock() {
+            *w = Arc::downgrade(&node);
+        }
+        if let Err(reason) =
+            crate::cluster::check_cluster_identity(&node, identity.cluster_id.clone()).await
+        {
+            node.raft.shutdown().await;
+            return Err(NodeError::Other(reason));
+        }
         tokio::spawn(identity_loop(node.clone()));
+        tokio::spawn(crate::cluster::heartbeat_loop(node.clone()));
+        tokio::spawn(crate::cluster::liveness_loop(node.clone()));
+        // Only a node that never belonged to a cluster asks to join; a decommissioned one must not
+        // quietly come back.
+        if identity.cluster_id.is_none() {
+            tokio::spawn(crate::cluster::join_loop(node.clone()));
+        }
         tokio::spawn(register_loop(node.clone()));
         tokio::spawn(reconcile_loop(node.clone()));
         tokio::spawn(leader_report_loop(node.clone()));
@@ -170,7 +191,7 @@ impl Node {
         // instead of failing the first client request.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match self.raft.meta().propose(bytes.clone()).await {
+            match crate::cluster::propose_anywhere(self, bytes.clone()).await {
                 Ok(reply) => {
                     return serde_json::from_slice(&reply)
                         .map_err(|e| NodeError::Other(format!("bad metadata reply: {e}")))
@@ -186,7 +207,7 @@ impl Node {
     }
 
     pub fn live_brokers(&self) -> BTreeSet<u64> {
-        self.state().brokers.keys().copied().collect()
+        self.state().live_brokers()
     }
 
     pub fn controller_id(&self) -> Option<u64> {
@@ -239,7 +260,8 @@ impl Node {
         let t = st.topics.get(topic)?;
         let l = t.leaders.get(&(partition as u32))?;
         // A leader on a broker that left the cluster cannot serve; say so instead of misrouting.
-        st.brokers.contains_key(&l.leader).then_some((l.leader, l.epoch))
+        (st.brokers.contains_key(&l.leader) && !st.fenced.contains(&l.leader))
+            .then_some((l.leader, l.epoch))
     }
 
     /// Ready = we know a controller, are registered, and every local partition has a leader.
@@ -250,8 +272,27 @@ impl Node {
         if !self.state().brokers.contains_key(&self.cfg.node_id) {
             return false;
         }
+        let assigned = {
+            let st = self.state();
+            st.topics
+                .values()
+                .flat_map(|t| t.partitions.iter())
+                .filter(|r| r.contains(&self.cfg.node_id))
+                .count()
+        };
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
-        parts.values().all(|g| g.leader().is_some())
+        parts.len() >= assigned && parts.values().all(|g| g.leader().is_some())
+    }
+
+    /// Starts an election for `group` on this node (the receiving half of leadership transfer).
+    pub async fn trigger_elect(&self, group: &str) -> Result<(), String> {
+        if group == sluice_raft::META_GROUP {
+            return self.raft.meta().trigger_elect().await.map_err(|e| e.to_string());
+        }
+        match self.raft.partition(group) {
+            Some(g) => g.trigger_elect().await.map_err(|e| e.to_string()),
+            None => Err(format!("no group {group} on node {}", self.cfg.node_id)),
+        }
     }
 
     pub fn fail(&self, reason: String) {
@@ -373,6 +414,12 @@ async fn register_loop(node: Arc<Node>) {
         }
         if node.controller_id().is_none() {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let voters = node.raft.meta().voters();
+        if !voters.is_empty() && !voters.contains_key(&me.id) {
+            // Not (or no longer) a member: decommissioned, or still joining.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         if need_cluster && node.raft.meta().is_leader() {
@@ -537,6 +584,7 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
         }
     }
 
+    let mut failures = 0usize;
     for ((topic, p), (meta, replicas)) in desired {
         if node.partition(&topic, p).is_some() {
             continue;
@@ -562,7 +610,16 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
             ..LogConfig::default()
         };
         let voters: BTreeSet<u64> = replicas.iter().copied().collect();
-        let group = node.raft.open_partition(gid, dir, log_cfg, voters).await?;
+        // One broken partition must not keep the others from opening: note it, go on, and let
+        // the loop retry.
+        let group = match node.raft.open_partition(gid, dir, log_cfg, voters).await {
+            Ok(g) => g,
+            Err(e) => {
+                error!(%topic, partition = p, error = %e, "cannot open partition");
+                failures += 1;
+                continue;
+            }
+        };
         node.partitions
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -570,6 +627,11 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
         node.partitions_changed.send_modify(|v| *v += 1);
     }
     node.partitions_changed.send_modify(|v| *v += 1);
+    if failures > 0 {
+        return Err(NodeError::Other(format!(
+            "{failures} partition(s) failed to open"
+        )));
+    }
     cleanup_orphan_dirs(node);
     Ok(())
 }

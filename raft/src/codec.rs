@@ -246,6 +246,9 @@ pub(crate) enum RpcKind {
     AppendEntries = 1,
     Vote = 2,
     InstallSnapshot = 3,
+    /// An application request for the node's [`crate::AppHandler`]; the frame's group field
+    /// carries the caller's node id in decimal, the payload is opaque.
+    App = 4,
 }
 
 impl RpcKind {
@@ -254,6 +257,7 @@ impl RpcKind {
             1 => Ok(RpcKind::AppendEntries),
             2 => Ok(RpcKind::Vote),
             3 => Ok(RpcKind::InstallSnapshot),
+            4 => Ok(RpcKind::App),
             tag => Err(CodecError::UnknownTag {
                 what: "rpc kind",
                 tag,

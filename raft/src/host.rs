@@ -8,23 +8,29 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use openraft::{BasicNode, Config, RaftMetrics, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, RaftMetrics, ServerState, SnapshotPolicy};
 use rand::Rng;
 use sluice_storage::{batch, LogConfig, MetaStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::codec::ResponseStatus;
 use crate::meta_store::{MetaLogStore, MetaStateMachine};
 use crate::partition_store::{
     decode_offsets, PartitionLogStore, PartitionShared, PartitionStateMachine,
 };
+use crate::transport::TransportError;
 use crate::transport::{self, GroupNetworkFactory, Registry, Transport};
-use crate::{GroupId, MetaApp, NodeId, Raft, RaftError, META_GROUP};
+use crate::{AppHandler, GroupId, MetaApp, NodeId, Raft, RaftError, META_GROUP};
 
 /// How long a proposal may wait for commit. On expiry the outcome is unknown (the entry may still
 /// commit), which is what [`RaftError::Timeout`] tells the caller.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a membership change waits for a new member (added as a learner first) to catch up
+/// with the leader's log before it is made a voter.
+const LEARNER_CATCHUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Entries after which a partition group snapshots its (tiny) state machine. This bounds what a
 /// restart re-reads from the log to rebuild the high watermark.
@@ -215,10 +221,174 @@ async fn election_watchdog(
     }
 }
 
+/// The address of node `id`: the host's address book (configured peers plus
+/// [`RaftHost::set_peer_addr`]) first, then the metadata group's membership.
+fn resolve_addr(transport: &Transport, meta: &Raft, id: NodeId) -> Option<String> {
+    transport.addr_of(id).or_else(|| {
+        meta.metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    })
+}
+
+fn ensure_leader(raft: &Raft, node_id: NodeId) -> Result<(), RaftError> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    if m.state == ServerState::Leader && m.current_leader == Some(node_id) {
+        Ok(())
+    } else {
+        Err(RaftError::NotLeader {
+            leader: m.current_leader.filter(|l| *l != node_id),
+        })
+    }
+}
+
+fn current_voters(raft: &Raft) -> BTreeSet<NodeId> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+/// Makes `new` the voter set: every new member is added as a learner first and must catch up
+/// (bounded by [`LEARNER_CATCHUP_TIMEOUT`]) before the joint change makes it a voter; removed
+/// voters leave the membership altogether. Call on the leader.
+async fn change_voters(
+    raft: &Raft,
+    node_id: NodeId,
+    new: BTreeSet<NodeId>,
+    addr_of: impl Fn(NodeId) -> Option<String>,
+) -> Result<(), RaftError> {
+    ensure_leader(raft, node_id)?;
+    if new.is_empty() {
+        return Err(RaftError::Other("a group needs at least one voter".into()));
+    }
+    let old = current_voters(raft);
+    if old == new {
+        return Ok(());
+    }
+    let learners: BTreeSet<NodeId> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .learner_ids()
+        .collect();
+    for id in new.difference(&old) {
+        let addr = addr_of(*id)
+            .ok_or_else(|| RaftError::Other(format!("no raft address known for node {id}")))?;
+        tracing::info!(group = %raft.config().cluster_name, node = id, %addr, already_learner = learners.contains(id), "adding a learner; waiting for it to catch up");
+        match tokio::time::timeout(
+            LEARNER_CATCHUP_TIMEOUT,
+            raft.add_learner(*id, BasicNode { addr }, true),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(RaftError::Timeout),
+        }
+    }
+    tracing::info!(group = %raft.config().cluster_name, ?old, ?new, "changing voters");
+    match tokio::time::timeout(
+        PROPOSE_TIMEOUT,
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(new), false),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(RaftError::Timeout),
+    }
+}
+
+/// Starts an election on this node and keeps starting them (openraft does not retry a triggered
+/// election that loses) until this node leads, another node wins a newer term, or a deadline
+/// of 4 election timeouts passes.
+///
+/// openraft 0.9 has no leadership transfer, and voters refuse votes while the leader's lease
+/// (the maximum election timeout) lasts. The first election still works as a transfer: its
+/// higher term makes the current leader step down at its next heartbeat to this node, after
+/// which the old leader grants this node's next vote (if this node's log is at least as up to
+/// date) and the two make a majority of three.
+async fn elect_until_leader(raft: &Raft, node_id: NodeId) -> Result<(), RaftError> {
+    let (heartbeat_ms, timeout_max_ms) = {
+        let c = raft.config();
+        (c.heartbeat_interval, c.election_timeout_max)
+    };
+    let (start_term, voter) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        (
+            m.current_term,
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == node_id),
+        )
+    };
+    if !voter {
+        return Err(RaftError::Other(format!(
+            "node {node_id} is not a voter of {}",
+            raft.config().cluster_name
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(4 * timeout_max_ms);
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.state == ServerState::Leader && m.current_leader == Some(node_id) {
+                return Ok(());
+            }
+            if let Some(l) = m.current_leader {
+                if l != node_id && m.current_term > start_term {
+                    return Err(RaftError::NotLeader { leader: Some(l) });
+                }
+            }
+            if m.state == ServerState::Shutdown {
+                return Err(RaftError::Shutdown);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RaftError::Timeout);
+        }
+        if raft.metrics().borrow().state != ServerState::Leader {
+            tracing::info!(group = %raft.config().cluster_name, "triggering an election on request");
+            raft.trigger().elect().await?;
+        }
+        let wait = random_timeout(heartbeat_ms, 2 * heartbeat_ms);
+        let until = (tokio::time::Instant::now() + wait).min(deadline);
+        // Wake early when this node wins (or someone else does).
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return Err(RaftError::Shutdown);
+                    }
+                    let m = metrics.borrow();
+                    if m.current_leader == Some(node_id)
+                        || (m.current_leader.is_some() && m.current_term > start_term)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The metadata group handle.
 pub struct MetaGroup {
     node_id: NodeId,
     raft: Raft,
+    transport: Arc<Transport>,
 }
 
 impl MetaGroup {
@@ -241,6 +411,57 @@ impl MetaGroup {
     pub fn status(&self) -> GroupStatus {
         status_from(META_GROUP, &self.raft.metrics().borrow())
     }
+
+    /// The current voters with the raft address recorded in the membership for each.
+    pub fn voters(&self) -> BTreeMap<u64, String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let mem = m.membership_config.membership();
+        mem.voter_ids()
+            .map(|id| {
+                let addr = mem
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default();
+                (id, addr)
+            })
+            .collect()
+    }
+
+    /// Adds node `id` (listening at `raft_addr`) as a voter: first as a learner, waiting until it
+    /// has caught up (bounded), then by a membership change. A no-op if it already votes. Call
+    /// on the leader, else [`RaftError::NotLeader`]. The new node must be started with a `peers`
+    /// map whose lowest id is not its own, so that it waits to be contacted.
+    pub async fn add_voter(&self, id: u64, raft_addr: String) -> Result<(), RaftError> {
+        ensure_leader(&self.raft, self.node_id)?;
+        self.transport.set_addr(id, raft_addr.clone());
+        let mut new = current_voters(&self.raft);
+        if !new.insert(id) {
+            return Ok(());
+        }
+        let addr = raft_addr.clone();
+        change_voters(&self.raft, self.node_id, new, move |n| {
+            (n == id).then(|| addr.clone())
+        })
+        .await
+    }
+
+    /// Removes node `id` from the membership (not even a learner afterwards). A no-op if it is not
+    /// a voter. Call on the leader. Removing the leader itself is allowed, but transfer the
+    /// leadership first to keep the group available.
+    pub async fn remove_voter(&self, id: u64) -> Result<(), RaftError> {
+        ensure_leader(&self.raft, self.node_id)?;
+        let mut new = current_voters(&self.raft);
+        if !new.remove(&id) {
+            return Ok(());
+        }
+        change_voters(&self.raft, self.node_id, new, |_| None).await
+    }
+
+    /// Makes this node the leader if it can: see [`PartitionGroup::trigger_elect`].
+    pub async fn trigger_elect(&self) -> Result<(), RaftError> {
+        elect_until_leader(&self.raft, self.node_id).await
+    }
 }
 
 /// One partition's Raft group on this node; its log is the partition log.
@@ -249,6 +470,9 @@ pub struct PartitionGroup {
     node_id: NodeId,
     dir: PathBuf,
     raft: Raft,
+    transport: Arc<Transport>,
+    /// The metadata group, whose membership is the fallback address book.
+    meta: Raft,
     shared: Arc<PartitionShared>,
     hw_rx: watch::Receiver<i64>,
 }
@@ -338,6 +562,34 @@ impl PartitionGroup {
 
     pub fn status(&self) -> GroupStatus {
         status_from(&self.group, &self.raft.metrics().borrow())
+    }
+
+    /// The current voter ids.
+    pub fn voters(&self) -> BTreeSet<u64> {
+        current_voters(&self.raft)
+    }
+
+    /// Makes `new` the voter set. Each added node must have the group open (with
+    /// [`RaftHost::join_partition`]) and a known address ([`RaftHost::set_peer_addr`], the
+    /// configured peers, or the metadata membership); it is added as a learner, must catch up
+    /// (bounded, else [`RaftError::Timeout`]), and then becomes a voter by a joint change.
+    /// Removed voters leave the membership. Call on the leader, else [`RaftError::NotLeader`].
+    pub async fn change_voters(&self, new: BTreeSet<u64>) -> Result<(), RaftError> {
+        let transport = self.transport.clone();
+        let meta = self.meta.clone();
+        change_voters(&self.raft, self.node_id, new, move |id| {
+            resolve_addr(&transport, &meta, id)
+        })
+        .await
+    }
+
+    /// Makes this node the leader if it can (openraft 0.9 has no leadership transfer): starts
+    /// elections until it leads (`Ok`), another node wins a newer term
+    /// (`NotLeader { leader }`, e.g. when this node's log is behind), or 4 election timeouts
+    /// pass (`Timeout`). Typically done within one or two heartbeat intervals. `Ok` at once on
+    /// the leader.
+    pub async fn trigger_elect(&self) -> Result<(), RaftError> {
+        elect_until_leader(&self.raft, self.node_id).await
     }
 
     async fn stop(&self) {
@@ -434,6 +686,7 @@ impl RaftHost {
             meta: MetaGroup {
                 node_id: cfg.node_id,
                 raft,
+                transport: transport.clone(),
             },
             cfg,
             local_addr,
@@ -458,11 +711,14 @@ impl RaftHost {
         let raft = &self.meta.raft;
         if !has_state {
             if Self::bootstraps_meta(cfg) {
-                let members: BTreeMap<NodeId, BasicNode> = cfg
+                let mut members: BTreeMap<NodeId, BasicNode> = cfg
                     .peers
                     .iter()
                     .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
                     .collect();
+                members.entry(cfg.node_id).or_insert_with(|| BasicNode {
+                    addr: cfg.raft_addr.clone(),
+                });
                 tracing::info!(?members, "initializing the metadata group");
                 raft.initialize(members).await.map_err(|e| {
                     RaftError::Other(format!("initializing the metadata group: {e}"))
@@ -477,11 +733,85 @@ impl RaftHost {
         Ok(())
     }
 
-    /// Whether this node creates the metadata group when it has no state. Only a single node does
-    /// today; multi-node bootstrap (likely: the lowest id initializes with all peers, the others
-    /// wait to be contacted) is future work, and must stay exactly-once.
+    /// Whether this node creates the metadata group when it has no persisted state: only the
+    /// lowest id of `peers` does (with every peer as a voter), so however the starts interleave
+    /// there is exactly one initialization; the others wait to be contacted by its leader. An
+    /// empty `peers` means `{self}`. A node with persisted state never initializes.
     fn bootstraps_meta(cfg: &RaftHostConfig) -> bool {
-        cfg.peers.len() == 1 && cfg.peers.contains_key(&cfg.node_id)
+        cfg.peers
+            .keys()
+            .next()
+            .is_none_or(|lowest| *lowest == cfg.node_id)
+    }
+
+    /// Sets the handler of application requests ([`RaftHost::call_app`] from any node); before
+    /// it is set such requests get an error reply. May be called again to replace it.
+    pub fn set_app_handler(&self, handler: Arc<dyn AppHandler>) {
+        self.registry.set_app(handler);
+    }
+
+    /// Teaches the transport the raft address of node `id` (a node that joined after start, or
+    /// one that moved); it wins over addresses recorded in group memberships.
+    pub fn set_peer_addr(&self, id: u64, addr: String) {
+        self.transport.set_addr(id, addr);
+    }
+
+    /// The raft address of node `id` as the transport would dial it: the configured peers and
+    /// [`RaftHost::set_peer_addr`] first, then the metadata group's membership.
+    pub fn peer_addr(&self, id: u64) -> Option<String> {
+        if id == self.cfg.node_id {
+            return Some(
+                self.transport
+                    .addr_of(id)
+                    .unwrap_or_else(|| self.cfg.raft_addr.clone()),
+            );
+        }
+        resolve_addr(&self.transport, &self.meta.raft, id)
+    }
+
+    /// Sends an application request to node `target`'s [`AppHandler`] over the raft connection
+    /// and waits for its reply at most `timeout`. `target` may be this node (handled locally).
+    /// Errors: the handler's `Err(msg)`, an unknown address, an unreachable peer or a missing
+    /// handler are [`RaftError::Other`]; no reply in time is [`RaftError::Timeout`] (the request
+    /// may still be handled); a stopped host is [`RaftError::Shutdown`].
+    pub async fn call_app(
+        &self,
+        target: u64,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RaftError> {
+        if *self.shutdown_tx.borrow() {
+            return Err(RaftError::Shutdown);
+        }
+        if target == self.cfg.node_id {
+            let handler = self.registry.app().ok_or_else(|| {
+                RaftError::Other("no application handler is set on this node".into())
+            })?;
+            return match tokio::time::timeout(timeout, handler.handle(target, payload)).await {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(e)) => Err(RaftError::Other(e)),
+                Err(_) => Err(RaftError::Timeout),
+            };
+        }
+        let addr = resolve_addr(&self.transport, &self.meta.raft, target)
+            .ok_or_else(|| RaftError::Other(format!("no raft address known for node {target}")))?;
+        match self
+            .transport
+            .call_app(target, &addr, payload, timeout)
+            .await
+        {
+            Ok((ResponseStatus::Ok, reply)) => Ok(reply),
+            Ok((_, msg)) => Err(RaftError::Other(String::from_utf8_lossy(&msg).into_owned())),
+            Err(TransportError::Timeout) => Err(RaftError::Timeout),
+            Err(e @ TransportError::Unreachable(..)) => Err(RaftError::Other(e.to_string())),
+            Err(TransportError::Other(e)) => {
+                if *self.shutdown_tx.borrow() {
+                    Err(RaftError::Shutdown)
+                } else {
+                    Err(RaftError::Other(e))
+                }
+            }
+        }
     }
 
     /// The address the transport actually listens on (useful when configured with port 0).
@@ -497,15 +827,46 @@ impl RaftHost {
         &self.meta
     }
 
-    /// Opens the partition group stored in `dir`, creating it if new. A new group is initialized
-    /// by its first (lowest-id) voter only, so it is initialized exactly once; the other voters
-    /// wait for its leader to contact them. A group whose only voter is this node leads at once.
+    /// Opens the partition group stored in `dir`, creating it if new, as one of the group's
+    /// ORIGINAL `voters` (the set it was created with; pass the same set on every replica).
+    ///
+    /// A new group is initialized with `voters` by every voter, which openraft allows because the
+    /// initial membership entry is identical everywhere: the lowest-id voter at once (it runs the
+    /// first election), the others after a random delay within the election timeout unless a
+    /// leader has contacted them by then. So a group gets a leader even if its lowest-id voter
+    /// is down, and a voter opening it late just becomes a follower. A group whose only voter is
+    /// this node leads at once. For a replica ADDED to an existing group use
+    /// [`RaftHost::join_partition`] instead (its initial membership would differ).
     pub async fn open_partition(
         &self,
         group: GroupId,
         dir: PathBuf,
         log_cfg: LogConfig,
         voters: BTreeSet<u64>,
+    ) -> Result<Arc<PartitionGroup>, RaftError> {
+        self.open_partition_inner(group, dir, log_cfg, Some(voters))
+            .await
+    }
+
+    /// Opens (or creates) a replica that is being added to an existing group by the leader's
+    /// [`PartitionGroup::change_voters`]: it never initializes the group, it waits to be
+    /// contacted. Open it before the leader changes the voters. Reopening after a restart works
+    /// like [`RaftHost::open_partition`].
+    pub async fn join_partition(
+        &self,
+        group: GroupId,
+        dir: PathBuf,
+        log_cfg: LogConfig,
+    ) -> Result<Arc<PartitionGroup>, RaftError> {
+        self.open_partition_inner(group, dir, log_cfg, None).await
+    }
+
+    async fn open_partition_inner(
+        &self,
+        group: GroupId,
+        dir: PathBuf,
+        log_cfg: LogConfig,
+        voters: Option<BTreeSet<u64>>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
         let _guard = self.open_lock.lock().await;
         if *self.shutdown_tx.borrow() {
@@ -544,6 +905,8 @@ impl RaftHost {
             node_id: self.cfg.node_id,
             dir,
             raft: raft.clone(),
+            transport: self.transport.clone(),
+            meta: self.meta.raft.clone(),
             shared,
             hw_rx,
         });
@@ -552,10 +915,14 @@ impl RaftHost {
         }
 
         let started = if !has_state {
-            if voters.first() == Some(&self.cfg.node_id) {
-                self.initialize_partition(&raft, &voters).await
-            } else {
-                Ok(())
+            match &voters {
+                Some(v) if v.first() == Some(&self.cfg.node_id) => {
+                    self.initialize_partition(&raft, v).await
+                }
+                Some(v) if v.contains(&self.cfg.node_id) => {
+                    self.initialize_partition_later(&group, &raft, v)
+                }
+                _ => Ok(()),
             }
         } else {
             elect_if_sole_voter(&raft, self.cfg.node_id).await
@@ -572,23 +939,74 @@ impl RaftHost {
         Ok(pg)
     }
 
+    fn partition_members(
+        &self,
+        voters: &BTreeSet<u64>,
+    ) -> Result<BTreeMap<NodeId, BasicNode>, RaftError> {
+        let mut members = BTreeMap::new();
+        for id in voters {
+            let addr = self
+                .peer_addr(*id)
+                .ok_or_else(|| RaftError::Other(format!("voter {id} is not a known peer")))?;
+            members.insert(*id, BasicNode { addr });
+        }
+        Ok(members)
+    }
+
     async fn initialize_partition(
         &self,
         raft: &Raft,
         voters: &BTreeSet<u64>,
     ) -> Result<(), RaftError> {
-        let mut members = BTreeMap::new();
-        for id in voters {
-            let addr = self
-                .cfg
-                .peers
-                .get(id)
-                .ok_or_else(|| RaftError::Other(format!("voter {id} is not a known peer")))?;
-            members.insert(*id, BasicNode { addr: addr.clone() });
-        }
+        let members = self.partition_members(voters)?;
         raft.initialize(members)
             .await
             .map_err(|e| RaftError::Other(format!("initializing partition group: {e}")))
+    }
+
+    /// A voter other than the lowest-id one initializes a new group only if nobody has
+    /// contacted it within a random election timeout (the lowest-id voter is down or slow):
+    /// the initial membership entry is the same on every voter, so a second initialization is
+    /// harmless, and the random delay keeps the late initializers from splitting the vote.
+    fn initialize_partition_later(
+        &self,
+        group: &str,
+        raft: &Raft,
+        voters: &BTreeSet<u64>,
+    ) -> Result<(), RaftError> {
+        let members = self.partition_members(voters)?;
+        let (min_ms, max_ms) = {
+            let c = raft.config();
+            (c.election_timeout_min, c.election_timeout_max)
+        };
+        let delay = random_timeout(min_ms, max_ms);
+        let raft = raft.clone();
+        let group = group.to_string();
+        let shutdown = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = transport::stopped(shutdown) => return,
+            }
+            let contacted = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                m.state == ServerState::Shutdown
+                    || m.current_leader.is_some()
+                    || m.current_term > 0
+                    || m.last_log_index.is_some()
+            };
+            if contacted {
+                return;
+            }
+            tracing::info!(%group, delay_ms = delay.as_millis() as u64, "no leader contacted this voter of a new group; initializing it too");
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                // Contacted in the meantime (NotAllowed), or the group closed: nothing to do.
+                Err(e) => tracing::debug!(%group, error = %e, "late initialization not needed"),
+            }
+        });
+        Ok(())
     }
 
     /// Stops the group; with `delete_data`, also removes its directory.

@@ -389,3 +389,674 @@ async fn three_hosts_replicate_a_partition_over_tcp() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Multi-node: metadata bootstrap, application RPCs, membership, leadership transfer.
+
+/// Starts a host on a fixed address (a restart), retrying while the port or the store is busy.
+async fn restart_host(
+    node_id: u64,
+    dir: &Path,
+    addr: &str,
+    peers: BTreeMap<u64, String>,
+    app: Arc<RecordingApp>,
+) -> anyhow::Result<Arc<RaftHost>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "raft port still busy; retrying bind");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    start_host(node_id, dir, listener, peers, app).await
+}
+
+/// Binds `n` loopback listeners (ids 1..=n) and returns them with the peers map.
+async fn bind_nodes(n: u64) -> anyhow::Result<(Vec<(u64, TcpListener)>, BTreeMap<u64, String>)> {
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=n {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        peers.insert(id, l.local_addr()?.to_string());
+        listeners.push((id, l));
+    }
+    Ok((listeners, peers))
+}
+
+/// Starts hosts 1..=n, all with the same `peers`, in id order.
+async fn start_cluster(
+    dir: &Path,
+    n: u64,
+) -> anyhow::Result<(BTreeMap<u64, Arc<RaftHost>>, BTreeMap<u64, String>)> {
+    let (listeners, peers) = bind_nodes(n).await?;
+    let mut hosts = BTreeMap::new();
+    for (id, l) in listeners {
+        let h = start_host(
+            id,
+            &dir.join(format!("n{id}")),
+            l,
+            peers.clone(),
+            Arc::new(RecordingApp::default()),
+        )
+        .await?;
+        hosts.insert(id, h);
+    }
+    Ok((hosts, peers))
+}
+
+/// The one node every host in `hosts` agrees leads the metadata group.
+async fn meta_leader(hosts: &BTreeMap<u64, Arc<RaftHost>>) -> anyhow::Result<u64> {
+    wait_for(
+        "one meta leader known to all",
+        Duration::from_secs(15),
+        || {
+            let leaders: BTreeSet<Option<u64>> =
+                hosts.values().map(|h| h.meta().leader()).collect();
+            match leaders.iter().next().copied().flatten() {
+                Some(l) if leaders.len() == 1 => {
+                    hosts.get(&l).is_some_and(|h| h.meta().is_leader())
+                }
+                _ => false,
+            }
+        },
+    )
+    .await?;
+    hosts
+        .values()
+        .next()
+        .and_then(|h| h.meta().leader())
+        .ok_or_else(|| anyhow::anyhow!("no meta leader"))
+}
+
+/// The one node every group in `parts` agrees leads the partition.
+async fn partition_leader(parts: &BTreeMap<u64, Arc<PartitionGroup>>) -> anyhow::Result<u64> {
+    wait_for(
+        "one partition leader known to all",
+        Duration::from_secs(15),
+        || {
+            let leaders: BTreeSet<Option<u64>> = parts.values().map(|p| p.leader()).collect();
+            match leaders.iter().next().copied().flatten() {
+                Some(l) if leaders.len() == 1 => parts.get(&l).is_some_and(|p| p.is_leader()),
+                _ => false,
+            }
+        },
+    )
+    .await?;
+    parts
+        .values()
+        .next()
+        .and_then(|p| p.leader())
+        .ok_or_else(|| anyhow::anyhow!("no partition leader"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_bootstraps_once_on_three_nodes_in_any_start_order() -> anyhow::Result<()> {
+    use rand::seq::SliceRandom;
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (listeners, peers) = bind_nodes(3).await?;
+    let mut order: Vec<(u64, TcpListener)> = listeners;
+    order.shuffle(&mut rand::thread_rng());
+    let ids: Vec<u64> = order.iter().map(|(id, _)| *id).collect();
+    tracing::info!(
+        ?ids,
+        "--- start three hosts with the same peers, shuffled, with delays"
+    );
+    let mut hosts = BTreeMap::new();
+    let mut apps = BTreeMap::new();
+    for (id, l) in order {
+        let delay = rand::Rng::gen_range(&mut rand::thread_rng(), 0..400u64);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let app = Arc::new(RecordingApp::default());
+        let h = start_host(
+            id,
+            &dir.path().join(format!("n{id}")),
+            l,
+            peers.clone(),
+            app.clone(),
+        )
+        .await?;
+        hosts.insert(id, h);
+        apps.insert(id, app);
+    }
+
+    tracing::info!("--- one leader emerges and every node sees all three as voters");
+    let leader = meta_leader(&hosts).await?;
+    for (id, h) in &hosts {
+        assert_eq!(h.meta().voters(), peers, "node {id} membership");
+    }
+
+    tracing::info!("--- proposals from the leader apply on all three, in order");
+    for i in 0..3 {
+        hosts[&leader]
+            .meta()
+            .propose(format!("cmd {i}").into_bytes())
+            .await?;
+    }
+    let expected: Vec<Vec<u8>> = (0..3).map(|i| format!("cmd {i}").into_bytes()).collect();
+    wait_for("all applied", Duration::from_secs(10), || {
+        apps.values().all(|a| a.commands() == expected)
+    })
+    .await?;
+    let follower = *hosts
+        .keys()
+        .find(|id| **id != leader)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    assert!(
+        matches!(
+            hosts[&follower].meta().propose(b"x".to_vec()).await,
+            Err(RaftError::NotLeader { leader: Some(l) }) if l == leader
+        ),
+        "a follower refuses proposals and names the leader"
+    );
+
+    tracing::info!("--- restart node 1 (the bootstrapper): it rejoins with its state, no new init");
+    let h1 = hosts
+        .remove(&1)
+        .ok_or_else(|| anyhow::anyhow!("no host 1"))?;
+    h1.shutdown().await;
+    drop(h1);
+    let app1 = Arc::new(RecordingApp::default());
+    let h1 = restart_host(
+        1,
+        &dir.path().join("n1"),
+        &peers[&1],
+        peers.clone(),
+        app1.clone(),
+    )
+    .await?;
+    hosts.insert(1, h1);
+    apps.insert(1, app1);
+    wait_for("node 1 replays its log", Duration::from_secs(10), || {
+        apps[&1].commands() == expected
+    })
+    .await?;
+    let leader = meta_leader(&hosts).await?;
+    hosts[&leader]
+        .meta()
+        .propose(b"after restart".to_vec())
+        .await?;
+    let mut expected = expected;
+    expected.push(b"after restart".to_vec());
+    wait_for("all applied after restart", Duration::from_secs(10), || {
+        apps.values().all(|a| a.commands() == expected)
+    })
+    .await?;
+    for (id, h) in &hosts {
+        assert_eq!(
+            h.meta().voters(),
+            peers,
+            "node {id} membership after restart"
+        );
+    }
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Echoes `"{from}>{payload}"`; `"fail"` is refused, `"slow"` sleeps past any test timeout.
+struct EchoHandler {
+    me: u64,
+}
+
+impl crate::AppHandler for EchoHandler {
+    fn handle(
+        &self,
+        from: u64,
+        payload: Bytes,
+    ) -> crate::BoxFuture<'static, Result<Bytes, String>> {
+        let me = self.me;
+        Box::pin(async move {
+            match &payload[..] {
+                b"fail" => Err(format!("node {me} refuses")),
+                b"slow" => {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    Ok(Bytes::new())
+                }
+                p => Ok(Bytes::from(format!(
+                    "{me}:{from}>{}",
+                    String::from_utf8_lossy(p)
+                ))),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_rpcs_share_the_raft_connection() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 2).await?;
+    let t = Duration::from_secs(5);
+
+    tracing::info!("--- before a handler is set, requests get an error reply");
+    match hosts[&2].call_app(1, Bytes::from_static(b"hi"), t).await {
+        Err(RaftError::Other(m)) => assert!(m.contains("no application handler"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    match hosts[&1].call_app(1, Bytes::from_static(b"hi"), t).await {
+        Err(RaftError::Other(m)) => assert!(m.contains("no application handler"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    tracing::info!("--- with handlers: remote calls, calls to self, errors, timeouts");
+    for (id, h) in &hosts {
+        h.set_app_handler(Arc::new(EchoHandler { me: *id }));
+    }
+    assert_eq!(
+        &hosts[&2]
+            .call_app(1, Bytes::from_static(b"ping"), t)
+            .await?[..],
+        b"1:2>ping"
+    );
+    assert_eq!(
+        &hosts[&1]
+            .call_app(2, Bytes::from_static(b"pong"), t)
+            .await?[..],
+        b"2:1>pong"
+    );
+    assert_eq!(
+        &hosts[&1]
+            .call_app(1, Bytes::from_static(b"self"), t)
+            .await?[..],
+        b"1:1>self"
+    );
+    assert_eq!(
+        hosts[&2].call_app(1, Bytes::from_static(b"fail"), t).await,
+        Err(RaftError::Other("node 1 refuses".into()))
+    );
+    let started = Instant::now();
+    assert_eq!(
+        hosts[&2]
+            .call_app(1, Bytes::from_static(b"slow"), Duration::from_millis(300))
+            .await,
+        Err(RaftError::Timeout)
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(matches!(
+        hosts[&1].call_app(9, Bytes::from_static(b"?"), t).await,
+        Err(RaftError::Other(_))
+    ));
+
+    tracing::info!("--- many concurrent calls are matched to their replies");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let h = hosts[&2].clone();
+        tasks.push(tokio::spawn(async move {
+            let r = h.call_app(1, Bytes::from(format!("m{i}")), t).await;
+            (i, r)
+        }));
+    }
+    for task in tasks {
+        let (i, r) = task.await?;
+        assert_eq!(r?, Bytes::from(format!("1:2>m{i}")));
+    }
+
+    tracing::info!("--- a stopped peer is an error, a stopped host is Shutdown");
+    hosts[&1].shutdown().await;
+    assert!(matches!(
+        hosts[&2].call_app(1, Bytes::from_static(b"x"), t).await,
+        Err(RaftError::Other(_) | RaftError::Timeout)
+    ));
+    assert_eq!(
+        hosts[&1].call_app(2, Bytes::from_static(b"x"), t).await,
+        Err(RaftError::Shutdown)
+    );
+    hosts[&2].shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_voters_are_added_and_removed_on_the_leader() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (listeners, all) = bind_nodes(3).await?;
+    let mut listeners: BTreeMap<u64, TcpListener> = listeners.into_iter().collect();
+    let mut hosts = BTreeMap::new();
+    let mut apps = BTreeMap::new();
+
+    tracing::info!("--- node 1 alone bootstraps; nodes 2 and 3 start knowing node 1 and wait");
+    for id in 1..=3u64 {
+        // Node 1 knows only itself; the others know node 1 (a lower id: they never initialize).
+        let peers: BTreeMap<u64, String> = all
+            .iter()
+            .filter(|(p, _)| **p == 1 || **p == id)
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        let l = listeners
+            .remove(&id)
+            .ok_or_else(|| anyhow::anyhow!("no listener"))?;
+        let app = Arc::new(RecordingApp::default());
+        let h = start_host(
+            id,
+            &dir.path().join(format!("n{id}")),
+            l,
+            peers,
+            app.clone(),
+        )
+        .await?;
+        hosts.insert(id, h);
+        apps.insert(id, app);
+    }
+    wait_for("node 1 leads", Duration::from_secs(5), || {
+        hosts[&1].meta().is_leader()
+    })
+    .await?;
+    hosts[&1].meta().propose(b"one".to_vec()).await?;
+    assert_eq!(
+        hosts[&2].meta().leader(),
+        None,
+        "node 2 was not contacted yet"
+    );
+
+    tracing::info!("--- a follower cannot add voters");
+    tracing::info!("--- the leader adds node 2, then node 3; they catch up and vote");
+    hosts[&1].meta().add_voter(2, all[&2].clone()).await?;
+    assert!(matches!(
+        hosts[&2].meta().add_voter(3, all[&3].clone()).await,
+        Err(RaftError::NotLeader { leader: Some(1) })
+    ));
+    hosts[&1].meta().add_voter(3, all[&3].clone()).await?;
+    hosts[&1].meta().add_voter(3, all[&3].clone()).await?; // a no-op
+    assert_eq!(hosts[&1].meta().voters(), all);
+    hosts[&1].meta().propose(b"two".to_vec()).await?;
+    let expected = vec![b"one".to_vec(), b"two".to_vec()];
+    wait_for("all three applied", Duration::from_secs(10), || {
+        apps.values().all(|a| a.commands() == expected)
+    })
+    .await?;
+    wait_for(
+        "membership known everywhere",
+        Duration::from_secs(10),
+        || hosts.values().all(|h| h.meta().voters() == all),
+    )
+    .await?;
+
+    tracing::info!("--- node 2 reaches node 3 through the membership's address book");
+    hosts[&3].set_app_handler(Arc::new(EchoHandler { me: 3 }));
+    assert_eq!(hosts[&2].peer_addr(3), Some(all[&3].clone()));
+    assert_eq!(
+        &hosts[&2]
+            .call_app(3, Bytes::from_static(b"hello"), Duration::from_secs(5))
+            .await?[..],
+        b"3:2>hello"
+    );
+
+    tracing::info!("--- remove node 2; the group goes on with 1 and 3");
+    hosts[&1].meta().remove_voter(2).await?;
+    let expect: BTreeMap<u64, String> = all
+        .iter()
+        .filter(|(id, _)| **id != 2)
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    assert_eq!(hosts[&1].meta().voters(), expect);
+    hosts[&1].meta().propose(b"three".to_vec()).await?;
+    wait_for("1 and 3 applied", Duration::from_secs(10), || {
+        apps[&1].commands().len() == 3 && apps[&3].commands().len() == 3
+    })
+    .await?;
+    hosts[&1].meta().remove_voter(2).await?; // a no-op
+
+    tracing::info!("--- node 3 takes the leadership over");
+    hosts[&3].meta().trigger_elect().await?;
+    assert!(hosts[&3].meta().is_leader());
+    hosts[&3].meta().propose(b"four".to_vec()).await?;
+    wait_for(
+        "1 applied the new leader's command",
+        Duration::from_secs(10),
+        || apps[&1].commands().len() == 4,
+    )
+    .await?;
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() -> anyhow::Result<()>
+{
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/t/2".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for (id, h) in &hosts {
+        let p = h
+            .open_partition(
+                group.clone(),
+                dir.path().join(format!("n{id}")).join("t-2"),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(*id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+    let mut next = 0i64;
+    for i in 0..3 {
+        let v = format!("before-{i}");
+        assert_eq!(
+            append_values(&parts[&leader], &[v.as_bytes()]).await?,
+            (next, next)
+        );
+        next += 1;
+    }
+
+    tracing::info!("--- the leader reports every voter's match index");
+    wait_for("match indexes", Duration::from_secs(5), || {
+        let st = parts[&leader].status();
+        st.match_index.len() == 3
+            && st
+                .match_index
+                .values()
+                .all(|m| m.is_some() && *m == st.last_log_index)
+    })
+    .await?;
+    assert!(parts
+        .iter()
+        .all(|(id, p)| *id == leader || p.status().match_index.is_empty()));
+
+    for round in 0..2 {
+        let current = partition_leader(&parts).await?;
+        let target = *voters
+            .iter()
+            .find(|id| **id != current)
+            .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+        tracing::info!(
+            round,
+            current,
+            target,
+            "--- trigger an election on a follower"
+        );
+        let epoch = parts[&current].leader_epoch();
+        let started = Instant::now();
+        parts[&target].trigger_elect().await?;
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "transferred"
+        );
+        assert!(parts[&target].is_leader());
+        assert!(parts[&target].leader_epoch() > epoch);
+        assert_eq!(partition_leader(&parts).await?, target);
+        parts[&target].trigger_elect().await?; // on the leader: Ok at once
+
+        tracing::info!("--- appends go on through the new leader with contiguous offsets");
+        for i in 0..3 {
+            let v = format!("round{round}-{i}");
+            assert_eq!(
+                append_values(&parts[&target], &[v.as_bytes(), b"second"]).await?,
+                (next, next + 1)
+            );
+            next += 2;
+        }
+    }
+    wait_for(
+        "all replicas at the high watermark",
+        Duration::from_secs(10),
+        || parts.values().all(|p| p.high_watermark() == next),
+    )
+    .await?;
+    let reference = parts[&1].read(0, 1 << 20).await?;
+    let b = batches(&reference)?;
+    assert_eq!(b.len(), 9);
+    for w in b.windows(2) {
+        assert_eq!(w[1].0, w[0].1 + 1, "offsets are contiguous");
+    }
+    for (id, p) in &parts {
+        assert_eq!(p.read(0, 1 << 20).await?, reference, "replica {id}");
+    }
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_partition_gets_a_leader_without_its_lowest_voter() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/t/3".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let open = |id: u64| {
+        hosts[&id].open_partition(
+            group.clone(),
+            dir.path().join(format!("n{id}")).join("t-3"),
+            LogConfig::default(),
+            voters.clone(),
+        )
+    };
+
+    tracing::info!("--- open the group on nodes 2 and 3 only: node 1 is 'down'");
+    let mut parts = BTreeMap::new();
+    for id in [2u64, 3] {
+        parts.insert(id, open(id).await?);
+    }
+    let leader = partition_leader(&parts).await?;
+    assert!(leader == 2 || leader == 3);
+    let mut next = 0i64;
+    for i in 0..4 {
+        let v = format!("v{i}");
+        assert_eq!(
+            append_values(&parts[&leader], &[v.as_bytes()]).await?,
+            (next, next)
+        );
+        next += 1;
+    }
+
+    tracing::info!("--- node 1 opens it late: it follows and catches up");
+    parts.insert(1, open(1).await?);
+    wait_for("node 1 caught up", Duration::from_secs(15), || {
+        parts[&1].high_watermark() == next && parts[&1].leader().is_some()
+    })
+    .await?;
+    let leader = partition_leader(&parts).await?;
+    assert_ne!(leader, 1, "node 1's log was behind");
+    assert_eq!(parts[&1].status().role, "follower");
+    assert_eq!(
+        append_values(&parts[&leader], &[b"after"]).await?,
+        (next, next)
+    );
+    next += 1;
+    wait_for("all at the high watermark", Duration::from_secs(10), || {
+        parts.values().all(|p| p.high_watermark() == next)
+    })
+    .await?;
+    let reference = parts[&leader].read(0, 1 << 20).await?;
+    for (id, p) in &parts {
+        assert_eq!(p.read(0, 1 << 20).await?, reference, "replica {id}");
+        assert_eq!(p.status().voters, vec![1, 2, 3]);
+    }
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/t/4".to_string();
+    let pdir = |id: u64| dir.path().join(format!("n{id}")).join("t-4");
+    let voters: BTreeSet<u64> = [1, 2].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2] {
+        let p = hosts[&id]
+            .open_partition(
+                group.clone(),
+                pdir(id),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+    let mut next = 0i64;
+    for i in 0..3 {
+        let v = format!("v{i}");
+        assert_eq!(
+            append_values(&parts[&leader], &[v.as_bytes()]).await?,
+            (next, next)
+        );
+        next += 1;
+    }
+
+    tracing::info!("--- node 3 joins: it is opened first, then the leader changes the voters");
+    parts.insert(
+        3,
+        hosts[&3]
+            .join_partition(group.clone(), pdir(3), LogConfig::default())
+            .await?,
+    );
+    let all: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let follower = if leader == 1 { 2 } else { 1 };
+    assert!(matches!(
+        parts[&follower].change_voters(all.clone()).await,
+        Err(RaftError::NotLeader { leader: Some(l) }) if l == leader
+    ));
+    parts[&leader].change_voters(all.clone()).await?;
+    assert_eq!(parts[&leader].voters(), all);
+    wait_for("node 3 caught up", Duration::from_secs(10), || {
+        parts[&3].high_watermark() == next && parts[&3].voters() == all
+    })
+    .await?;
+    assert_eq!(
+        append_values(&parts[&leader], &[b"three voters"]).await?,
+        (next, next)
+    );
+    next += 1;
+
+    tracing::info!("--- remove the other original voter");
+    let keep: BTreeSet<u64> = [leader, 3].into_iter().collect();
+    parts[&leader].change_voters(keep.clone()).await?;
+    assert_eq!(parts[&leader].voters(), keep);
+    assert_eq!(
+        append_values(&parts[&leader], &[b"two voters"]).await?,
+        (next, next)
+    );
+    next += 1;
+    wait_for(
+        "node 3 at the high watermark",
+        Duration::from_secs(10),
+        || parts[&3].high_watermark() == next,
+    )
+    .await?;
+    assert_eq!(
+        parts[&3].read(0, 1 << 20).await?,
+        parts[&leader].read(0, 1 << 20).await?
+    );
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}

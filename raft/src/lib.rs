@@ -47,6 +47,21 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// A boxed, sendable future (what [`AppHandler::handle`] returns; no async-trait needed).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The node's handler of application requests sent with [`RaftHost::call_app`] over the raft
+/// transport's connection (forwarded metadata proposals, broker heartbeats, election requests).
+pub trait AppHandler: Send + Sync + 'static {
+    /// Handles one request from node `from`; an `Err` reaches the caller as
+    /// [`RaftError::Other`] carrying the message.
+    fn handle(
+        &self,
+        from: u64,
+        payload: bytes::Bytes,
+    ) -> BoxFuture<'static, Result<bytes::Bytes, String>>;
+}
+
 /// The state machine the node implements for the metadata group.
 ///
 /// It must be deterministic (no clock, no I/O): every replica applies the same commands in the

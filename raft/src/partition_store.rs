@@ -71,12 +71,30 @@ impl PartitionShared {
     pub(crate) fn open(dir: &Path, cfg: LogConfig) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write(&e))?;
         let log = PartitionLog::open(dir, cfg).map_err(|e| StorageIOError::read_logs(&e))?;
-        let state: RaftStateFile = match file::read_optional(&dir.join(STATE_FILE))
+        let mut state: RaftStateFile = match file::read_optional(&dir.join(STATE_FILE))
             .map_err(|e| StorageIOError::read(&e))?
         {
             Some(b) => serde_json::from_slice(&b).map_err(|e| StorageIOError::read(&e))?,
             None => RaftStateFile::default(),
         };
+        // Recovery may have cut a damaged tail that had committed. The committed hint must not
+        // point past the log, or openraft waits forever for entries that no longer exist.
+        if let Some(c) = state.committed {
+            let next = log.next_index().unwrap_or(0);
+            if c.index >= next {
+                let clamped = next
+                    .checked_sub(1)
+                    .and_then(|last| log.term_of(last).map(|t| crate::log_id(t, last)))
+                    .or(state.purged);
+                tracing::warn!(
+                    dir = %dir.display(),
+                    committed = c.index,
+                    log_next_index = next,
+                    "committed index is past the recovered log; lowering it"
+                );
+                state.committed = clamped;
+            }
+        }
         Ok(Arc::new(PartitionShared {
             dir: dir.to_path_buf(),
             log: RwLock::new(log),
@@ -431,6 +449,24 @@ impl PartitionStateMachine {
         let (snap, log_start) =
             blocking(move || Ok((load_snapshot(&s.dir)?, s.read_log()?.log_start_offset())))
                 .await?;
+        let next_index = shared.read_log()?.next_index().unwrap_or(0);
+        // A snapshot that covers entries the recovered log no longer has (a damaged tail was
+        // cut) describes state that is gone: rebuild from the log instead.
+        let snap = snap.filter(|f| match f.data.last_applied {
+            Some(l) if l.index >= next_index => {
+                tracing::warn!(
+                    dir = %shared.dir.display(),
+                    snapshot_last = l.index,
+                    log_next_index = next_index,
+                    "state snapshot is ahead of the recovered log; rebuilding from the log"
+                );
+                if let Err(e) = std::fs::remove_file(shared.dir.join(SNAPSHOT_FILE)) {
+                    tracing::warn!(error = %e, "could not remove the stale snapshot");
+                }
+                false
+            }
+            _ => true,
+        });
         let data = match snap {
             Some(f) => f.data,
             None => PartitionSnapshotData {

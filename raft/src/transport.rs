@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, Frame, ResponseStatus, RpcKind, MAX_FRAME_BYTES};
-use crate::{GroupId, Node, NodeId, Raft, TypeConfig};
+use crate::{AppHandler, GroupId, Node, NodeId, Raft, TypeConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -57,9 +57,21 @@ pub(crate) enum TransportError {
 #[derive(Default)]
 pub(crate) struct Registry {
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// The node's handler of [`RpcKind::App`] requests; until it is set they get an error reply.
+    app: RwLock<Option<Arc<dyn AppHandler>>>,
 }
 
 impl Registry {
+    pub(crate) fn set_app(&self, handler: Arc<dyn AppHandler>) {
+        if let Ok(mut a) = self.app.write() {
+            *a = Some(handler);
+        }
+    }
+
+    pub(crate) fn app(&self) -> Option<Arc<dyn AppHandler>> {
+        self.app.read().ok()?.clone()
+    }
+
     pub(crate) fn get(&self, group: &str) -> Option<Raft> {
         self.groups.read().ok()?.get(group).cloned()
     }
@@ -94,6 +106,8 @@ type Pending =
 /// One peer node: its connection task, the requests waiting for it, the in-flight ones.
 struct PeerClient {
     target: NodeId,
+    /// The address this client dials; a client whose address changed is replaced.
+    addr: String,
     tx: mpsc::UnboundedSender<(u64, Bytes)>,
     pending: Arc<Pending>,
     state: Arc<AtomicU8>,
@@ -160,7 +174,7 @@ impl PeerClient {
         let state = Arc::new(AtomicU8::new(STATE_CONNECTING));
         let task = tokio::spawn(Self::run(
             target,
-            addr,
+            addr.clone(),
             rx,
             pending.clone(),
             state.clone(),
@@ -168,6 +182,7 @@ impl PeerClient {
         ));
         PeerClient {
             target,
+            addr,
             tx,
             pending,
             state,
@@ -271,7 +286,8 @@ pub(crate) struct Transport {
     node_id: NodeId,
     /// Configured peer addresses; they win over the address recorded in a group's membership,
     /// which is frozen when the group is created and goes stale if a node moves.
-    addrs: BTreeMap<NodeId, String>,
+    /// Grows with [`Transport::set_addr`] as nodes join after start.
+    addrs: RwLock<BTreeMap<NodeId, String>>,
     peers: Mutex<HashMap<NodeId, Arc<PeerClient>>>,
     next_id: AtomicU64,
     shutdown: watch::Receiver<bool>,
@@ -285,27 +301,46 @@ impl Transport {
     ) -> Self {
         Transport {
             node_id,
-            addrs,
+            addrs: RwLock::new(addrs),
             peers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
         }
     }
 
+    /// The configured (or taught) address of `id`, if any.
+    pub(crate) fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.addrs.read().ok()?.get(&id).cloned()
+    }
+
+    /// Records (or changes) the address of `id`; an open connection to an old address is
+    /// dropped, and the next RPC dials the new one.
+    pub(crate) fn set_addr(&self, id: NodeId, addr: String) {
+        if let Ok(mut a) = self.addrs.write() {
+            a.insert(id, addr);
+        }
+    }
+
     fn peer(&self, target: NodeId, addr: &str) -> Result<Arc<PeerClient>, TransportError> {
+        let configured = self.addr_of(target);
+        let addr = configured.as_deref().unwrap_or(addr);
         let mut peers = self
             .peers
             .lock()
             .map_err(|_| TransportError::Other("peer table lock poisoned".into()))?;
         if let Some(p) = peers.get(&target) {
-            if !p.task.is_finished() {
+            if !p.task.is_finished() && p.addr == addr {
                 return Ok(p.clone());
+            }
+            if p.addr != addr {
+                tracing::info!(target_node = target, old = %p.addr, new = %addr, "peer address changed; reconnecting");
+                p.task.abort();
+                fail_all(&p.pending, target, "peer address changed");
             }
         }
         if *self.shutdown.borrow() {
             return Err(TransportError::Other("transport shut down".into()));
         }
-        let addr = self.addrs.get(&target).map_or(addr, |a| a.as_str());
         let p = Arc::new(PeerClient::spawn(
             target,
             addr.to_string(),
@@ -315,8 +350,32 @@ impl Transport {
         Ok(p)
     }
 
+    /// Sends an application request to `target` (dialing `addr` unless an address is configured)
+    /// and waits for the reply, at most `ttl`.
+    pub(crate) async fn call_app(
+        &self,
+        target: NodeId,
+        addr: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<(ResponseStatus, Bytes), TransportError> {
+        let from = self.node_id.to_string();
+        self.call(
+            target,
+            addr,
+            RpcKind::App,
+            &from,
+            |out| {
+                out.extend_from_slice(&payload);
+                Ok(())
+            },
+            ttl,
+        )
+        .await
+    }
+
     /// Sends one request and waits for its response, at most `ttl`.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         target: NodeId,
         addr: &str,
@@ -478,6 +537,9 @@ async fn dispatch(
     group: &str,
     payload: Bytes,
 ) -> (ResponseStatus, Vec<u8>) {
+    if kind == RpcKind::App {
+        return dispatch_app(registry, group, payload).await;
+    }
     let Some(raft) = registry.get(group) else {
         return (
             ResponseStatus::UnknownGroup,
@@ -497,6 +559,31 @@ async fn dispatch(
             Ok(req) => json_reply(&raft.install_snapshot(req).await),
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
+        RpcKind::App => (ResponseStatus::Failed, b"unreachable".to_vec()),
+    }
+}
+
+/// Hands an application request to the node's handler; `from` is the caller's node id.
+async fn dispatch_app(
+    registry: &Registry,
+    from: &str,
+    payload: Bytes,
+) -> (ResponseStatus, Vec<u8>) {
+    let Ok(from) = from.parse::<NodeId>() else {
+        return (
+            ResponseStatus::Failed,
+            format!("bad caller id {from:?}").into_bytes(),
+        );
+    };
+    let Some(app) = registry.app() else {
+        return (
+            ResponseStatus::Failed,
+            b"no application handler is set on this node".to_vec(),
+        );
+    };
+    match app.handle(from, payload).await {
+        Ok(reply) => (ResponseStatus::Ok, reply.to_vec()),
+        Err(e) => (ResponseStatus::Failed, e.into_bytes()),
     }
 }
 

@@ -83,6 +83,9 @@ pub struct Client {
     controller_id: i32,
     /// Connections to specific brokers by node id (leaders, controller).
     conns: HashMap<i32, BrokerConn>,
+    /// Ask the broker to create topics we look up (producers do, like kafka-console-producer;
+    /// describe and consume must not invent topics).
+    pub auto_create_topics: bool,
 }
 
 impl Client {
@@ -97,6 +100,7 @@ impl Client {
                         brokers: HashMap::new(),
                         controller_id: -1,
                         conns: HashMap::new(),
+                        auto_create_topics: false,
                     })
                 }
                 Err(e) => {
@@ -131,9 +135,9 @@ impl Client {
                     .collect(),
             ),
         };
-        // Producing to or describing a missing topic should fail, not
+        // Only producers opt in: describing or consuming a missing topic should fail, not
         // silently create it with broker defaults.
-        req.allow_auto_topic_creation = false;
+        req.allow_auto_topic_creation = self.auto_create_topics;
         let resp = self.bootstrap.call(&req, version).await?;
         if version >= 13 {
             errors::check(resp.error_code, "metadata request", None)?;

@@ -34,6 +34,7 @@ const STDIN_BUFFER: usize = 256 * 1024;
 
 pub async fn run(args: ProduceArgs) -> Result<()> {
     let mut client = Client::connect(&args.connect.bootstrap_server).await?;
+    client.auto_create_topics = true;
     let n = produce(&mut client, &args, std::io::stdin()).await?;
     tracing::debug!(records = n, topic = %args.topic, "produce finished");
     Ok(())

@@ -6,6 +6,7 @@
 //! produce requests share one fsync), but responses go out in order, as the protocol requires.
 
 pub mod handlers;
+pub mod records;
 pub mod wire;
 
 use std::sync::Arc;

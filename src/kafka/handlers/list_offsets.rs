@@ -55,6 +55,17 @@ async fn lookup(
         ts if ts < 0 => (ErrorCode::InvalidRequest, -1, -1, -1),
         ts => match g.offset_for_timestamp(ts).await {
             Ok(Some((off, found_ts))) if off < g.high_watermark() => {
+                // The index finds the batch; the record inside it is found by walking it.
+                let exact = match g.read(off, 1).await {
+                    Ok(bytes) => sluice_storage::batch::parse_header(&bytes)
+                        .ok()
+                        .and_then(|h| {
+                            let len = h.total_len().min(bytes.len());
+                            crate::kafka::records::first_at_or_after(&bytes[..len], &h, ts)
+                        }),
+                    Err(_) => None,
+                };
+                let (off, found_ts) = exact.unwrap_or((off, found_ts));
                 (ErrorCode::None, found_ts, off, epoch)
             }
             Ok(_) => (ErrorCode::None, -1, -1, epoch),

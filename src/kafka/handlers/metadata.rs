@@ -61,6 +61,7 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
     let brokers = st
         .brokers
         .values()
+        .filter(|b| !st.fenced.contains(&b.id))
         .map(|b| {
             let (host, port) = split_host_port(&b.kafka_addr);
             MetadataResponseBroker::default()

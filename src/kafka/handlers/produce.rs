@@ -110,8 +110,12 @@ async fn produce_partition(
             Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
         };
         let len = b.len();
-        if let Err(e) = batch::validate(b) {
-            return PartitionOutcome::err(batch_error_code(&e), e.to_string());
+        let header = match batch::validate(b) {
+            Ok(h) => h,
+            Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
+        };
+        if let Err(e) = crate::kafka::records::validate(b, &header) {
+            return PartitionOutcome::err(ErrorCode::CorruptMessage, e);
         }
         if len > max_message_bytes {
             return PartitionOutcome::err(
