@@ -16,8 +16,11 @@ use tracing::{info, warn};
 use crate::metadata::Command;
 use crate::node::Node;
 
-/// A broker the controller has not heard from for this long is fenced.
-pub const BROKER_SESSION_TIMEOUT: Duration = Duration::from_secs(4);
+/// A broker the controller has not heard from for this long is fenced: six missed heartbeats,
+/// short enough that a crashed broker stops receiving new replicas within seconds.
+pub const BROKER_SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+/// A new controller judges nobody before this: every live broker heartbeats it well within it.
+const NEW_CONTROLLER_GRACE: Duration = Duration::from_millis(1500);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -210,7 +213,7 @@ pub async fn liveness_loop(node: Arc<Node>) {
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
         // A new controller has not had time to hear from anyone: judge nobody yet.
-        if since.elapsed() < BROKER_SESSION_TIMEOUT {
+        if since.elapsed() < NEW_CONTROLLER_GRACE {
             continue;
         }
         let (registered, fenced_now) = {
@@ -229,9 +232,10 @@ pub async fn liveness_loop(node: Arc<Node>) {
                 .into_iter()
                 .filter(|id| *id != node.cfg.node_id)
                 .filter(|id| {
+                    // Never seen by this controller: give it the session timeout from our start.
                     seen.get(id)
                         .map(|t| t.elapsed() > BROKER_SESSION_TIMEOUT)
-                        .unwrap_or(true)
+                        .unwrap_or(since.elapsed() > BROKER_SESSION_TIMEOUT)
                 })
                 .collect()
         };

@@ -86,6 +86,10 @@ pub enum Command {
     SetFenced {
         fenced: BTreeSet<u64>,
     },
+    /// Controlled shutdown: the broker is leaving; stop offering it at once.
+    FenceBroker {
+        id: u64,
+    },
     /// Decommission: forget a broker entirely.
     UnregisterBroker {
         id: u64,
@@ -178,6 +182,12 @@ impl MetaState {
                     .copied()
                     .filter(|id| self.brokers.contains_key(id))
                     .collect();
+                Reply::Ok
+            }
+            Command::FenceBroker { id } => {
+                if self.brokers.contains_key(id) {
+                    self.fenced.insert(*id);
+                }
                 Reply::Ok
             }
             Command::UnregisterBroker { id } => {

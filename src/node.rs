@@ -162,6 +162,7 @@ impl Node {
         tokio::spawn(register_loop(node.clone()));
         tokio::spawn(reconcile_loop(node.clone()));
         tokio::spawn(leader_report_loop(node.clone()));
+        tokio::spawn(preferred_leader_loop(node.clone()));
         Ok(node)
     }
 
@@ -300,8 +301,66 @@ impl Node {
         self.fatal.send_replace(Some(reason));
     }
 
+    /// Controlled shutdown, as in Kafka: tell the controller we are leaving (so no new replicas or
+    /// clients are sent here), hand partition and controller leadership to other replicas (so
+    /// clients wait for one election instead of a lease timeout), then stop Raft.
     pub async fn shutdown(&self) {
+        let me = self.cfg.node_id;
+        let others_live = self.live_brokers().into_iter().any(|b| b != me);
+        if others_live {
+            let cmd = Command::FenceBroker { id: me };
+            let fence = tokio::time::timeout(Duration::from_secs(3), self.propose(&cmd));
+            match fence.await {
+                Ok(Ok(_)) => info!("controller told of controlled shutdown"),
+                Ok(Err(e)) => warn!(error = %e, "could not announce controlled shutdown"),
+                Err(_) => warn!("announcing controlled shutdown timed out"),
+            }
+            self.hand_off_leadership().await;
+        }
         self.raft.shutdown().await;
+    }
+
+    async fn hand_off_leadership(&self) {
+        let me = self.cfg.node_id;
+        let live = self.live_brokers();
+        let led: Vec<(String, Vec<u64>)> = {
+            let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+            parts
+                .values()
+                .filter(|g| g.is_leader())
+                .map(|g| (g.status().group, g.voters().into_iter().collect()))
+                .collect()
+        };
+        let mut moves = Vec::new();
+        for (group, voters) in led {
+            if let Some(to) = voters.into_iter().find(|v| *v != me && live.contains(v)) {
+                moves.push((group, to));
+            }
+        }
+        if self.raft.meta().is_leader() {
+            if let Some(to) = self
+                .raft
+                .meta()
+                .voters()
+                .into_keys()
+                .find(|v| *v != me && live.contains(v))
+            {
+                moves.push((sluice_raft::META_GROUP.to_string(), to));
+            }
+        }
+        if moves.is_empty() {
+            return;
+        }
+        info!(count = moves.len(), "handing off leadership before shutdown");
+        let calls = moves.into_iter().map(|(group, to)| async move {
+            let req = crate::cluster::AppRequest::Elect { group };
+            let _ = crate::cluster::call(self, to, &req, Duration::from_secs(5)).await;
+        });
+        let _ = tokio::time::timeout(
+            Duration::from_secs(6),
+            futures::future::join_all(calls),
+        )
+        .await;
     }
 }
 
@@ -497,6 +556,52 @@ async fn leader_report_loop(node: Arc<Node>) {
         }
         if let Err(e) = node.propose(&Command::SetPartitionLeaders { updates }).await {
             tracing::debug!(error = %e, "leader report failed, will retry");
+        }
+    }
+}
+
+/// Leadership goes back to each partition's preferred leader (its first replica) once things are
+/// quiet, so leaders spread evenly again after failures heal. Each node only ever pulls leadership
+/// to itself, one partition at a time, which keeps elections from piling up.
+async fn preferred_leader_loop(node: Arc<Node>) {
+    const SETTLE: Duration = Duration::from_secs(10);
+    let mut not_leading_since: std::collections::HashMap<(String, i32), std::time::Instant> =
+        Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let candidates: Vec<((String, i32), Arc<PartitionGroup>)> = {
+            let st = node.state();
+            let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
+            parts
+                .iter()
+                .filter(|((t, p), g)| {
+                    let preferred = st
+                        .topics
+                        .get(t)
+                        .and_then(|m| m.partitions.get(*p as usize))
+                        .and_then(|r| r.first().copied());
+                    preferred == Some(node.cfg.node_id)
+                        && !g.is_leader()
+                        && g.leader().is_some_and(|l| !st.fenced.contains(&l))
+                })
+                .map(|(k, g)| (k.clone(), g.clone()))
+                .collect()
+        };
+        let keys: BTreeSet<(String, i32)> = candidates.iter().map(|(k, _)| k.clone()).collect();
+        not_leading_since.retain(|k, _| keys.contains(k));
+        for (key, group) in candidates {
+            let since = *not_leading_since
+                .entry(key.clone())
+                .or_insert_with(std::time::Instant::now);
+            if since.elapsed() < SETTLE {
+                continue;
+            }
+            info!(topic = %key.0, partition = key.1, "taking back preferred leadership");
+            if let Err(e) = group.trigger_elect().await {
+                tracing::debug!(error = %e, "preferred leader election did not win");
+            }
+            not_leading_since.remove(&key);
+            break;
         }
     }
 }

@@ -99,7 +99,16 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
                         replicas.iter().map(|r| BrokerId(*r as i32)).collect();
                     let (leader, epoch, isr) =
                         match node.partition_leader_in(&st, &name, p as i32) {
-                            Some((l, e)) => (l as i32, e, replica_ids.clone()),
+                            // Replicas on fenced brokers are certainly not in sync.
+                            Some((l, e)) => (
+                                l as i32,
+                                e,
+                                replicas
+                                    .iter()
+                                    .filter(|r| !st.fenced.contains(r))
+                                    .map(|r| BrokerId(*r as i32))
+                                    .collect(),
+                            ),
                             None => (-1, -1, Vec::new()),
                         };
                     let error = if leader < 0 {
