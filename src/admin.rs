@@ -193,9 +193,16 @@ async fn transfer_leadership(
     let (replicas, gid) = {
         let st = node.state();
         let Some(t) = st.topics.get(&topic) else {
-            return error(StatusCode::NOT_FOUND, format!("topic '{topic}' does not exist"));
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("topic '{topic}' does not exist"),
+            );
         };
-        let Some(r) = t.partitions.get(partition.max(0) as usize).filter(|_| partition >= 0) else {
+        let Some(r) = t
+            .partitions
+            .get(partition.max(0) as usize)
+            .filter(|_| partition >= 0)
+        else {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("topic '{topic}' has no partition {partition}"),
@@ -212,7 +219,9 @@ async fn transfer_leadership(
     if !replicas.contains(&target) {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("node {target} is not a replica of {topic}/{partition} (replicas {replicas:?})"),
+            format!(
+                "node {target} is not a replica of {topic}/{partition} (replicas {replicas:?})"
+            ),
         );
     }
     let leader_now = || {
@@ -226,7 +235,10 @@ async fn transfer_leadership(
     match crate::cluster::call(&node, target, &req, std::time::Duration::from_secs(5)).await {
         Ok(crate::cluster::AppResponse::Ok) => {}
         Ok(other) => {
-            return error(StatusCode::BAD_GATEWAY, format!("node {target} answered {other:?}"))
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("node {target} answered {other:?}"),
+            )
         }
         Err(e) => return error(StatusCode::BAD_GATEWAY, format!("node {target}: {e}")),
     }
@@ -250,7 +262,10 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
     let hosted: Vec<String> = {
         let st = node.state();
         if !st.brokers.contains_key(&id) && !node.raft.meta().voters().contains_key(&id) {
-            return error(StatusCode::NOT_FOUND, format!("broker {id} is not registered"));
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("broker {id} is not registered"),
+            );
         }
         st.topics
             .values()
@@ -272,7 +287,12 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
             format!(
                 "broker {id} still hosts {} partition replica(s) ({}); delete or move them first",
                 hosted.len(),
-                hosted.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                hosted
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         );
     }
@@ -286,7 +306,10 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
         );
     }
     if let Err(e) = node.raft.meta().remove_voter(id).await {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("membership change failed: {e}"));
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("membership change failed: {e}"),
+        );
     }
     match node
         .propose(&crate::metadata::Command::UnregisterBroker { id })

@@ -26,13 +26,24 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AppRequest {
     /// Propose this metadata command (JSON `Command`) on the controller.
-    Propose { command: Vec<u8> },
-    Heartbeat { node_id: u64 },
-    Hello { cluster_id: Option<String> },
+    Propose {
+        command: Vec<u8>,
+    },
+    Heartbeat {
+        node_id: u64,
+    },
+    Hello {
+        cluster_id: Option<String>,
+    },
     /// Start an election for this group on the receiving node (leadership transfer).
-    Elect { group: String },
+    Elect {
+        group: String,
+    },
     /// Add the sender to the metadata group (a node started after the cluster formed).
-    Join { node_id: u64, raft_addr: String },
+    Join {
+        node_id: u64,
+        raft_addr: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -140,7 +151,12 @@ impl AppHandler for Handler {
 }
 
 /// Sends `req` to node `target` and decodes the answer.
-pub async fn call(node: &Node, target: u64, req: &AppRequest, timeout: Duration) -> Result<AppResponse, String> {
+pub async fn call(
+    node: &Node,
+    target: u64,
+    req: &AppRequest,
+    timeout: Duration,
+) -> Result<AppResponse, String> {
     let payload = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let bytes = node
         .raft
@@ -250,7 +266,10 @@ pub async fn liveness_loop(node: Arc<Node>) {
 
 /// Before taking part, compare our recorded cluster id with the peers'. A node whose directory
 /// belongs to another cluster must not vote or replicate here.
-pub async fn check_cluster_identity(node: &Arc<Node>, recorded: Option<String>) -> Result<(), String> {
+pub async fn check_cluster_identity(
+    node: &Arc<Node>,
+    recorded: Option<String>,
+) -> Result<(), String> {
     let Some(mine) = recorded else {
         return Ok(());
     };
@@ -297,7 +316,13 @@ pub async fn join_loop(node: Arc<Node>) {
             return;
         }
         let mut targets: Vec<u64> = node.controller_id().into_iter().collect();
-        targets.extend(node.cfg.peers.keys().copied().filter(|p| *p != node.cfg.node_id));
+        targets.extend(
+            node.cfg
+                .peers
+                .keys()
+                .copied()
+                .filter(|p| *p != node.cfg.node_id),
+        );
         for t in targets {
             let req = AppRequest::Join {
                 node_id: node.cfg.node_id,
@@ -309,7 +334,8 @@ pub async fn join_loop(node: Arc<Node>) {
                     break;
                 }
                 Ok(AppResponse::NotLeader { leader: Some(l) }) if l != t => {
-                    if let Ok(AppResponse::Ok) = call(&node, l, &req, Duration::from_secs(30)).await {
+                    if let Ok(AppResponse::Ok) = call(&node, l, &req, Duration::from_secs(30)).await
+                    {
                         info!(via = l, "joined the metadata group");
                         break;
                     }

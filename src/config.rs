@@ -271,20 +271,21 @@ impl ServerConfig {
                     format!("the peer list must include this node (id {})", self.node_id),
                 ))
             }
-            Some(addr) if addr != &self.raft_addr => {
-                // The peer list is what other nodes dial; a mismatch means nobody can reach us.
-                if addr.parse::<SocketAddr>().ok() != self.raft_addr.parse::<SocketAddr>().ok()
-                    || addr.parse::<SocketAddr>().is_err()
-                {
-                    return Err(invalid(
-                        "peers",
-                        addr,
-                        format!(
-                            "node {} is listed at {addr} but --raft-addr is {}",
-                            self.node_id, self.raft_addr
-                        ),
-                    ));
-                }
+            // The peer list is what other nodes dial; a mismatch means nobody can reach us.
+            Some(addr)
+                if addr != &self.raft_addr
+                    && (addr.parse::<SocketAddr>().ok()
+                        != self.raft_addr.parse::<SocketAddr>().ok()
+                        || addr.parse::<SocketAddr>().is_err()) =>
+            {
+                return Err(invalid(
+                    "peers",
+                    addr,
+                    format!(
+                        "node {} is listed at {addr} but --raft-addr is {}",
+                        self.node_id, self.raft_addr
+                    ),
+                ));
             }
             _ => {}
         }

@@ -288,7 +288,12 @@ impl Node {
     /// Starts an election for `group` on this node (the receiving half of leadership transfer).
     pub async fn trigger_elect(&self, group: &str) -> Result<(), String> {
         if group == sluice_raft::META_GROUP {
-            return self.raft.meta().trigger_elect().await.map_err(|e| e.to_string());
+            return self
+                .raft
+                .meta()
+                .trigger_elect()
+                .await
+                .map_err(|e| e.to_string());
         }
         match self.raft.partition(group) {
             Some(g) => g.trigger_elect().await.map_err(|e| e.to_string()),
@@ -351,16 +356,16 @@ impl Node {
         if moves.is_empty() {
             return;
         }
-        info!(count = moves.len(), "handing off leadership before shutdown");
+        info!(
+            count = moves.len(),
+            "handing off leadership before shutdown"
+        );
         let calls = moves.into_iter().map(|(group, to)| async move {
             let req = crate::cluster::AppRequest::Elect { group };
             let _ = crate::cluster::call(self, to, &req, Duration::from_secs(5)).await;
         });
-        let _ = tokio::time::timeout(
-            Duration::from_secs(6),
-            futures::future::join_all(calls),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(6), futures::future::join_all(calls)).await;
     }
 }
 
@@ -554,7 +559,10 @@ async fn leader_report_loop(node: Arc<Node>) {
         if updates.is_empty() {
             continue;
         }
-        if let Err(e) = node.propose(&Command::SetPartitionLeaders { updates }).await {
+        if let Err(e) = node
+            .propose(&Command::SetPartitionLeaders { updates })
+            .await
+        {
             tracing::debug!(error = %e, "leader report failed, will retry");
         }
     }

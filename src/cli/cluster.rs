@@ -66,10 +66,15 @@ fn parse_response(buf: &[u8]) -> anyhow::Result<(u16, Value)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_string() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     let value = serde_json::from_str(&body).context("admin response is not JSON")?;
     Ok((status, value))
 }
@@ -114,7 +119,10 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
         show(&cluster["metadata_commit_index"])
     );
     println!();
-    println!("{:<6} {:<6} {:<22} {:<22} {:<22}", "BROKER", "LIVE", "KAFKA", "ADMIN", "RAFT");
+    println!(
+        "{:<6} {:<6} {:<22} {:<22} {:<22}",
+        "BROKER", "LIVE", "KAFKA", "ADMIN", "RAFT"
+    );
     for b in cluster["brokers"].as_array().into_iter().flatten() {
         println!(
             "{:<6} {:<6} {:<22} {:<22} {:<22}",

@@ -27,8 +27,9 @@ use crate::node::Node;
 pub type HandlerResult = Option<Response>;
 
 pub enum Response {
-    /// A response the `kafka-protocol` crate can encode at the request's version.
-    Kind(ResponseKind),
+    /// A response the `kafka-protocol` crate can encode at the request's version (boxed: the
+    /// enum of every response type is large and these move through a channel).
+    Kind(Box<ResponseKind>),
     /// A body we encoded by hand (old versions the crate no longer knows, or error bodies).
     Raw(Bytes),
 }

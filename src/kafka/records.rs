@@ -24,13 +24,19 @@ fn varint(buf: &[u8], pos: &mut usize) -> Result<i64, String> {
 
 /// (offset delta, timestamp delta) of each record, walking the uncompressed body.
 fn walk(batch: &[u8], h: &BatchHeader) -> Result<Vec<(i64, i64)>, String> {
-    let body = batch.get(BATCH_HEADER_LEN..).ok_or("batch shorter than its header")?;
+    let body = batch
+        .get(BATCH_HEADER_LEN..)
+        .ok_or("batch shorter than its header")?;
     let mut out = Vec::with_capacity((h.records_count.max(0) as usize).min(body.len()));
     let mut pos = 0usize;
     while pos < body.len() {
         let len = varint(body, &mut pos)?;
         if len < 0 || len as usize > body.len() - pos {
-            return Err(format!("record {} claims {len} bytes, {} left", out.len(), body.len() - pos));
+            return Err(format!(
+                "record {} claims {len} bytes, {} left",
+                out.len(),
+                body.len() - pos
+            ));
         }
         let end = pos + len as usize;
         let rec = &body[pos..end];

@@ -37,7 +37,7 @@ pub async fn create_topic(
     } else {
         partitions
     };
-    if partitions < 1 || partitions > PARTITIONS_MAX {
+    if !(1..=PARTITIONS_MAX).contains(&partitions) {
         return Err((
             ErrorCode::InvalidPartitions,
             format!(
@@ -92,10 +92,7 @@ pub async fn create_topic(
     // Like Kafka, the topic exists once its metadata commits; waiting a little for leaders lets an
     // immediate produce succeed, but a replica set that includes a broker that just died must
     // not hold the answer hostage.
-    if !node
-        .wait_for_partitions(name, Duration::from_secs(5))
-        .await
-    {
+    if !node.wait_for_partitions(name, Duration::from_secs(5)).await {
         tracing::warn!(topic = %name, "topic created but not all partitions have leaders yet");
     }
     Ok(())

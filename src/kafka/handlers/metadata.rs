@@ -97,20 +97,20 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
                 .map(|(p, replicas)| {
                     let replica_ids: Vec<BrokerId> =
                         replicas.iter().map(|r| BrokerId(*r as i32)).collect();
-                    let (leader, epoch, isr) =
-                        match node.partition_leader_in(&st, &name, p as i32) {
-                            // Replicas on fenced brokers are certainly not in sync.
-                            Some((l, e)) => (
-                                l as i32,
-                                e,
-                                replicas
-                                    .iter()
-                                    .filter(|r| !st.fenced.contains(r))
-                                    .map(|r| BrokerId(*r as i32))
-                                    .collect(),
-                            ),
-                            None => (-1, -1, Vec::new()),
-                        };
+                    let (leader, epoch, isr) = match node.partition_leader_in(&st, &name, p as i32)
+                    {
+                        // Replicas on fenced brokers are certainly not in sync.
+                        Some((l, e)) => (
+                            l as i32,
+                            e,
+                            replicas
+                                .iter()
+                                .filter(|r| !st.fenced.contains(r))
+                                .map(|r| BrokerId(*r as i32))
+                                .collect(),
+                        ),
+                        None => (-1, -1, Vec::new()),
+                    };
                     let error = if leader < 0 {
                         ErrorCode::LeaderNotAvailable.code()
                     } else {

@@ -114,55 +114,55 @@ pub fn dispatch(
     match request {
         RequestKind::ApiVersions(r) => {
             let resp = api_versions::handle(&node, v, r);
-            async move { Some(Response::Kind(ResponseKind::ApiVersions(resp))) }.boxed()
+            async move { Some(Response::Kind(Box::new(ResponseKind::ApiVersions(resp)))) }.boxed()
         }
         RequestKind::Metadata(r) => async move {
-            Some(Response::Kind(ResponseKind::Metadata(
+            Some(Response::Kind(Box::new(ResponseKind::Metadata(
                 metadata::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::Produce(r) => produce::handle(node, v, r),
         RequestKind::Fetch(r) => async move {
-            Some(Response::Kind(ResponseKind::Fetch(
+            Some(Response::Kind(Box::new(ResponseKind::Fetch(
                 fetch::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::ListOffsets(r) => async move {
-            Some(Response::Kind(ResponseKind::ListOffsets(
+            Some(Response::Kind(Box::new(ResponseKind::ListOffsets(
                 list_offsets::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::CreateTopics(r) => async move {
-            Some(Response::Kind(ResponseKind::CreateTopics(
+            Some(Response::Kind(Box::new(ResponseKind::CreateTopics(
                 create_topics::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::DeleteTopics(r) => async move {
-            Some(Response::Kind(ResponseKind::DeleteTopics(
+            Some(Response::Kind(Box::new(ResponseKind::DeleteTopics(
                 delete_topics::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::CreatePartitions(r) => async move {
-            Some(Response::Kind(ResponseKind::CreatePartitions(
+            Some(Response::Kind(Box::new(ResponseKind::CreatePartitions(
                 create_partitions::handle(&node, v, r).await,
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::DescribeConfigs(r) => async move {
-            Some(Response::Kind(ResponseKind::DescribeConfigs(
+            Some(Response::Kind(Box::new(ResponseKind::DescribeConfigs(
                 describe_configs::handle(&node, v, r),
-            )))
+            ))))
         }
         .boxed(),
         RequestKind::DescribeCluster(r) => async move {
-            Some(Response::Kind(ResponseKind::DescribeCluster(
+            Some(Response::Kind(Box::new(ResponseKind::DescribeCluster(
                 describe_cluster::handle(&node, v, r),
-            )))
+            ))))
         }
         .boxed(),
         // supported_versions() filtered everything else before decoding.

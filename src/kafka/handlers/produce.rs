@@ -177,7 +177,7 @@ pub fn handle(
                     ))
                     .boxed(),
                 );
-            } else if !matches!(acks, -1 | 0 | 1) {
+            } else if !(-1..=1).contains(&acks) {
                 futs.push(
                     futures::future::ready(PartitionOutcome::err(
                         ErrorCode::InvalidRequiredAcks,
@@ -234,9 +234,9 @@ pub fn handle(
         if acks == 0 {
             return None;
         }
-        Some(Response::Kind(ResponseKind::Produce(
+        Some(Response::Kind(Box::new(ResponseKind::Produce(
             ProduceResponse::default().with_responses(topics),
-        )))
+        ))))
     }
     .boxed()
 }
