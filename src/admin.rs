@@ -167,8 +167,52 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     use std::fmt::Write;
     let _ = writeln!(out, "# TYPE sluice_partitions gauge");
     let _ = writeln!(out, "sluice_partitions {}", node.partition_count());
+    // A term bump is an election, so the term is the election counter per group.
+    let _ = writeln!(out, "# TYPE sluice_raft_term counter");
     for s in node.raft.status() {
         let _ = writeln!(out, "sluice_raft_term{{group=\"{}\"}} {}", s.group, s.term);
+    }
+    for name in [
+        "high_watermark",
+        "log_end_offset",
+        "log_start_offset",
+        "is_leader",
+    ] {
+        let _ = writeln!(out, "# TYPE sluice_partition_{name} gauge");
+    }
+    let topics: Vec<(String, usize)> = node
+        .state()
+        .topics
+        .values()
+        .map(|t| (t.name.clone(), t.partitions.len()))
+        .collect();
+    for (t, n) in topics {
+        for p in 0..n as i32 {
+            let Some(g) = node.partition(&t, p) else {
+                continue;
+            };
+            let l = format!("topic=\"{t}\",partition=\"{p}\"");
+            let _ = writeln!(
+                out,
+                "sluice_partition_high_watermark{{{l}}} {}",
+                g.high_watermark()
+            );
+            let _ = writeln!(
+                out,
+                "sluice_partition_log_end_offset{{{l}}} {}",
+                g.log_end_offset()
+            );
+            let _ = writeln!(
+                out,
+                "sluice_partition_log_start_offset{{{l}}} {}",
+                g.log_start_offset()
+            );
+            let _ = writeln!(
+                out,
+                "sluice_partition_is_leader{{{l}}} {}",
+                u8::from(g.is_leader())
+            );
+        }
     }
     (
         [(
