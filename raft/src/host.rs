@@ -545,6 +545,19 @@ impl PartitionGroup {
         .map_err(|e| RaftError::Other(e.to_string()))?
     }
 
+    /// `(epoch, start offset)` for each leader epoch that wrote data, ascending.
+    pub async fn epoch_starts(&self) -> Result<Vec<(u64, i64)>, RaftError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let log = shared
+                .read_log()
+                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            Ok(log.epoch_starts())
+        })
+        .await
+        .map_err(|e| RaftError::Other(e.to_string()))?
+    }
+
     /// The Raft term, which is the Kafka leader epoch (single-term-leader: one leader per term).
     pub fn leader_epoch(&self) -> i32 {
         i32::try_from(self.raft.metrics().borrow().current_term).unwrap_or(i32::MAX)

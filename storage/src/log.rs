@@ -1130,6 +1130,26 @@ impl PartitionLog {
         Ok(None)
     }
 
+    /// Where each leader epoch (Raft term) starts: `(epoch, first offset written in it)`, for every
+    /// term that wrote data, ascending. This is the epoch history OffsetForLeaderEpoch answers from.
+    pub fn epoch_starts(&self) -> Vec<(u64, i64)> {
+        let Some((visible_from, _)) = self.visible() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u64, i64)> = Vec::new();
+        for seg in &self.segments {
+            for (slot, e) in seg.entries.iter().enumerate() {
+                if !e.data || seg.first_index + (slot as u64) < visible_from {
+                    continue;
+                }
+                if out.last().is_none_or(|(t, _)| *t != e.term) {
+                    out.push((e.term, e.base));
+                }
+            }
+        }
+        out
+    }
+
     /// Bytes of all segment files (including purged entries still held by a partially purged segment).
     pub fn size_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.size).sum()

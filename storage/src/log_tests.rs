@@ -746,3 +746,19 @@ fn leftovers_of_an_interrupted_reset_are_removed() {
     );
     assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
 }
+
+#[test]
+fn epoch_starts_follow_terms_of_data_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    assert!(log.epoch_starts().is_empty());
+    log.append_internal(1, 1, b"blank").unwrap();
+    log.append_data(2, 1, &data_batch(100, &[1, 2])).unwrap(); // offsets 0-1, term 1
+    log.append_internal(3, 3, b"blank").unwrap(); // term 2 wrote nothing; term 3 starts
+    log.append_data(4, 3, &data_batch(200, &[1])).unwrap(); // offset 2
+    log.append_data(5, 3, &data_batch(300, &[1, 1])).unwrap(); // offsets 3-4
+    log.append_data(6, 5, &data_batch(400, &[1])).unwrap(); // offset 5
+    assert_eq!(log.epoch_starts(), vec![(1, 0), (3, 2), (5, 5)]);
+    log.truncate_from_index(6).unwrap();
+    assert_eq!(log.epoch_starts(), vec![(1, 0), (3, 2)]);
+}

@@ -10,6 +10,7 @@ pub mod describe_configs;
 pub mod fetch;
 pub mod list_offsets;
 pub mod metadata;
+pub mod offset_for_leader_epoch;
 pub mod produce;
 
 use std::sync::Arc;
@@ -61,6 +62,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
         ApiKey::CreatePartitions,
         create_partitions::MIN_VERSION,
         create_partitions::MAX_VERSION,
+    ),
+    (
+        ApiKey::OffsetForLeaderEpoch,
+        offset_for_leader_epoch::MIN_VERSION,
+        offset_for_leader_epoch::MAX_VERSION,
     ),
     (
         ApiKey::DescribeCluster,
@@ -151,6 +157,14 @@ pub fn dispatch(
             Some(Response::Kind(Box::new(ResponseKind::CreatePartitions(
                 create_partitions::handle(&node, v, r).await,
             ))))
+        }
+        .boxed(),
+        RequestKind::OffsetForLeaderEpoch(r) => async move {
+            Some(Response::Kind(Box::new(
+                ResponseKind::OffsetForLeaderEpoch(
+                    offset_for_leader_epoch::handle(&node, v, r).await,
+                ),
+            )))
         }
         .boxed(),
         RequestKind::DescribeConfigs(r) => async move {
