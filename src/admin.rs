@@ -275,16 +275,23 @@ async fn transfer_leadership(
     if leader_now().map(|(l, _)| l) == Some(target) {
         return Json(json!({ "leader": target, "changed": false })).into_response();
     }
-    let req = crate::cluster::AppRequest::Elect { group: gid };
-    match crate::cluster::call(&node, target, &req, std::time::Duration::from_secs(5)).await {
+    let Some((leader, _)) = leader_now() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{topic}/{partition} has no leader right now"),
+        );
+    };
+    // The leader runs the transfer: it pauses new writes until the target has its whole log.
+    let req = crate::cluster::AppRequest::Transfer { group: gid, target };
+    match crate::cluster::call(&node, leader, &req, std::time::Duration::from_secs(40)).await {
         Ok(crate::cluster::AppResponse::Ok) => {}
         Ok(other) => {
             return error(
                 StatusCode::BAD_GATEWAY,
-                format!("node {target} answered {other:?}"),
+                format!("leader {leader} answered {other:?}"),
             )
         }
-        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("node {target}: {e}")),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("leader {leader}: {e}")),
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
     while tokio::time::Instant::now() < deadline {

@@ -39,6 +39,11 @@ pub enum AppRequest {
     Elect {
         group: String,
     },
+    /// On the partition's leader: move leadership of `group` to `target` (admin endpoint).
+    Transfer {
+        group: String,
+        target: u64,
+    },
     /// Add the sender to the metadata group (a node started after the cluster formed).
     Join {
         node_id: u64,
@@ -137,6 +142,15 @@ impl AppHandler for Handler {
                                 message: e.to_string(),
                             },
                         }
+                    }
+                }
+                AppRequest::Transfer { group, target } => {
+                    match node.transfer_partition_leadership(&group, target).await {
+                        Ok(()) => AppResponse::Ok,
+                        Err(RaftError::NotLeader { leader }) => AppResponse::NotLeader { leader },
+                        Err(e) => AppResponse::Err {
+                            message: e.to_string(),
+                        },
                     }
                 }
                 AppRequest::Elect { group } => match node.trigger_elect(&group).await {

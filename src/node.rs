@@ -301,6 +301,30 @@ impl Node {
         }
     }
 
+    /// On the partition leader: hand leadership of `group` to replica `target`.
+    pub async fn transfer_partition_leadership(
+        &self,
+        group: &str,
+        target: u64,
+    ) -> Result<(), RaftError> {
+        let g = self.raft.partition(group).ok_or_else(|| {
+            RaftError::Other(format!("no group {group} on node {}", self.cfg.node_id))
+        })?;
+        let elect = async {
+            let req = crate::cluster::AppRequest::Elect {
+                group: group.to_string(),
+            };
+            match crate::cluster::call(self, target, &req, Duration::from_secs(20)).await {
+                Ok(crate::cluster::AppResponse::Ok) => Ok(()),
+                Ok(other) => Err(RaftError::Other(format!(
+                    "node {target} answered {other:?}"
+                ))),
+                Err(e) => Err(RaftError::Other(e)),
+            }
+        };
+        g.transfer_leadership(target, elect).await
+    }
+
     pub fn fail(&self, reason: String) {
         error!(%reason, "fatal");
         self.fatal.send_replace(Some(reason));

@@ -475,24 +475,82 @@ pub struct PartitionGroup {
     meta: Raft,
     shared: Arc<PartitionShared>,
     hw_rx: watch::Receiver<i64>,
+    /// Appends hold it shared; a leadership transfer holds it exclusively so the target can catch
+    /// up to a log that has stopped growing.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl PartitionGroup {
     /// Proposes one validated Kafka batch; returns (base_offset, last_offset) once it is
     /// committed, i.e. fsynced on a majority of the voters.
     pub async fn append(&self, batch: Bytes) -> Result<(i64, i64), RaftError> {
-        // Every replica's log refuses a batch that fails validation, and a log store error is
-        // fatal to the Raft group, so a bad batch must never become a log entry.
-        let h = batch::validate(&batch)
+        // A log store error is fatal to the Raft group, so a batch the log would refuse must never
+        // become an entry. The caller has checked the CRC (it needs the error for the client);
+        // here the header and length are enough, and the log checks the CRC again on every replica.
+        let h = batch::parse_header(&batch)
             .map_err(|e| RaftError::Other(format!("invalid record batch: {e}")))?;
+        if h.total_len() != batch.len() {
+            return Err(RaftError::Other(format!(
+                "record batch length {} does not match its header ({})",
+                batch.len(),
+                h.total_len()
+            )));
+        }
         if batch::is_internal(&h) {
             return Err(RaftError::Other(
                 "record batch uses the producer id reserved for Raft-internal entries".into(),
             ));
         }
+        // Uncontended, the read lock is taken on the first poll, so the proposal still reaches
+        // Raft in the caller's order.
+        let _gate = self.gate.read().await;
         let reply = propose(&self.raft, batch).await?;
         decode_offsets(&reply)
             .ok_or_else(|| RaftError::Other(format!("bad append reply of {} bytes", reply.len())))
+    }
+
+    /// Moves leadership to `target` (called on the leader). New appends wait while the target
+    /// catches up to this leader's last entry; then `elect` asks the target to start its election,
+    /// which it wins because its log is as long as anyone's. Bounded; the gate opens on return.
+    pub async fn transfer_leadership<F>(&self, target: u64, elect: F) -> Result<(), RaftError>
+    where
+        F: std::future::Future<Output = Result<(), RaftError>>,
+    {
+        if !self.is_leader() {
+            return Err(RaftError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        let _gate = tokio::time::timeout(Duration::from_secs(10), self.gate.write())
+            .await
+            .map_err(|_| RaftError::Timeout)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let last = m.last_log_index;
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&target).cloned())
+                .flatten()
+                .map(|l| l.index);
+            if matched.is_some() && matched == last {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(RaftError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        elect.await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.is_leader() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(RaftError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// The first offset not committed.
@@ -922,6 +980,7 @@ impl RaftHost {
             meta: self.meta.raft.clone(),
             shared,
             hw_rx,
+            gate: tokio::sync::RwLock::new(()),
         });
         if let Ok(mut parts) = self.partitions.write() {
             parts.insert(group.clone(), pg.clone());

@@ -269,6 +269,38 @@ def _run(cmd: list[str], input, timeout_s: float, stdin_path: Path | None = None
 # --- fixtures -------------------------------------------------------------------------------------
 
 
+class Node(Broker):
+    """A broker that is one of several, started with the cluster's peer list."""
+
+    peers: str = ""
+
+    def command(self) -> list[str]:
+        return super().command() + ["--peers", self.peers]
+
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    nodes = [Node(tmp_path, name=f"n{i}", node_id=i) for i in (1, 2, 3)]
+    peers = ",".join(f"{n.node_id}@127.0.0.1:{n.raft_port}" for n in nodes)
+    for n in nodes:
+        n.peers = peers
+    request.node._sluice_brokers = nodes
+    yield nodes
+    problems = []
+    for n in nodes:
+        if n.is_running():
+            rc = n.stop()
+            if rc != 0:
+                problems.append(f"{n.name} exited {rc} on SIGTERM")
+        if n.panics():
+            problems.append(f"{n.name} panicked: {n.panics()[:5]}")
+    assert not problems, problems
+
+
+
+
+
 @pytest.fixture
 def broker_factory(tmp_path, request):
     """Makes (and on teardown stops) brokers with custom config; checks each log for panics."""

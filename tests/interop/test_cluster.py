@@ -13,16 +13,7 @@ import urllib.request
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from conftest import SLUICE_BIN, Broker, Clients, free_port
-
-
-class Node(Broker):
-    """A broker that is one of several, started with the cluster's peer list."""
-
-    peers: str = ""
-
-    def command(self) -> list[str]:
-        return super().command() + ["--peers", self.peers]
+from conftest import SLUICE_BIN, Clients, Node, free_port
 
 
 def get_json(admin: str, path: str) -> dict:
@@ -43,25 +34,6 @@ def wait_for(what: str, fn, timeout_s: float = 30.0, interval_s: float = 0.2):
             last = e
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    nodes = [Node(tmp_path, name=f"n{i}", node_id=i) for i in (1, 2, 3)]
-    peers = ",".join(f"{n.node_id}@127.0.0.1:{n.raft_port}" for n in nodes)
-    for n in nodes:
-        n.peers = peers
-    request.node._sluice_brokers = nodes
-    yield nodes
-    problems = []
-    for n in nodes:
-        if n.is_running():
-            rc = n.stop()
-            if rc != 0:
-                problems.append(f"{n.name} exited {rc} on SIGTERM")
-        if n.panics():
-            problems.append(f"{n.name} panicked: {n.panics()[:5]}")
-    assert not problems, problems
 
 
 def start_all(nodes, order=None):

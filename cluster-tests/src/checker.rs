@@ -1,0 +1,534 @@
+//! Safety checker over a history, in the style of Jepsen's Kafka checker.
+//!
+//! Anomalies (each is a safety violation; any of them fails the run):
+//! * `lost` — an acknowledged write that no poll ever returned although polls of its partition
+//!   reached past its acknowledged offset.
+//! * `unseen` — an acknowledged write never read at all, even by the final drain (which reads
+//!   every partition up to its high watermark after the cluster healed).
+//! * `inconsistent_offsets` — two different values at one offset (by reads or acks).
+//! * `ack_mismatch` — a write read at an offset other than the one it was acknowledged at.
+//! * `duplicates` — one value read at two different offsets (values are written once each).
+//! * `nonmonotonic_poll` / `skipped_poll` — within one consumer session (process + partition),
+//!   a poll went backwards, or jumped over offsets (offsets are dense: Raft-internal entries
+//!   take none).
+//! * `failed_read` — a read of a write whose produce definitely failed.
+//! * `phantom` — a read of a value never written to that partition.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::history::{Op, OpType, F};
+
+/// How many examples of each anomaly the summary keeps.
+const EXAMPLES_MAX: usize = 8;
+
+pub const ANOMALIES: &[&str] = &[
+    "lost",
+    "unseen",
+    "inconsistent_offsets",
+    "ack_mismatch",
+    "duplicates",
+    "nonmonotonic_poll",
+    "skipped_poll",
+    "failed_read",
+    "phantom",
+];
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OpCounts {
+    pub ok: usize,
+    pub fail: usize,
+    pub info: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub valid: bool,
+    pub anomaly_counts: BTreeMap<String, usize>,
+    pub examples: BTreeMap<String, Vec<Value>>,
+    pub send: OpCounts,
+    pub poll: OpCounts,
+    /// Distinct values read, over all partitions.
+    pub values_read: usize,
+    /// Acknowledged writes per partition.
+    pub acked_by_partition: BTreeMap<i32, usize>,
+    /// Highest offset read per partition.
+    pub max_read_offset: BTreeMap<i32, i64>,
+    /// Writes with unknown outcome that were read (so they did happen) / never read.
+    pub info_writes_read: usize,
+    pub info_writes_unread: usize,
+    /// Availability, not safety: the longest stretch without an acknowledged write, as
+    /// (seconds, from, to) in seconds since the start.
+    pub longest_ack_gap: Option<(f64, f64, f64)>,
+    /// The same per partition.
+    pub longest_ack_gap_by_partition: BTreeMap<i32, (f64, f64, f64)>,
+}
+
+impl CheckResult {
+    pub fn anomaly_total(&self) -> usize {
+        self.anomaly_counts.values().sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteStatus {
+    Pending,
+    Ok(i64),
+    Fail,
+    Info,
+}
+
+#[derive(Debug, Clone)]
+struct Write {
+    partition: i32,
+    status: WriteStatus,
+    process: i64,
+}
+
+struct Anomalies {
+    counts: BTreeMap<String, usize>,
+    examples: BTreeMap<String, Vec<Value>>,
+}
+
+impl Anomalies {
+    fn new() -> Self {
+        Anomalies {
+            counts: ANOMALIES.iter().map(|a| (a.to_string(), 0)).collect(),
+            examples: BTreeMap::new(),
+        }
+    }
+    fn add(&mut self, kind: &str, example: Value) {
+        *self.counts.entry(kind.to_string()).or_default() += 1;
+        let ex = self.examples.entry(kind.to_string()).or_default();
+        if ex.len() < EXAMPLES_MAX {
+            ex.push(example);
+        }
+    }
+}
+
+pub fn check(ops: &[Op]) -> CheckResult {
+    let mut an = Anomalies::new();
+    let mut send = OpCounts::default();
+    let mut poll = OpCounts::default();
+
+    // Writes by value, from invocations and their completions.
+    let mut writes: HashMap<u64, Write> = HashMap::new();
+    for op in ops.iter().filter(|o| o.f == F::Send) {
+        let Some(v) = op.value else { continue };
+        match op.kind {
+            OpType::Invoke => {
+                writes.insert(
+                    v,
+                    Write {
+                        partition: op.partition,
+                        status: WriteStatus::Pending,
+                        process: op.process,
+                    },
+                );
+            }
+            OpType::Ok => {
+                send.ok += 1;
+                let w = writes.entry(v).or_insert(Write {
+                    partition: op.partition,
+                    status: WriteStatus::Pending,
+                    process: op.process,
+                });
+                w.status = WriteStatus::Ok(op.offset.unwrap_or(-1));
+            }
+            OpType::Fail => {
+                send.fail += 1;
+                if let Some(w) = writes.get_mut(&v) {
+                    w.status = WriteStatus::Fail;
+                }
+            }
+            OpType::Info => {
+                send.info += 1;
+                if let Some(w) = writes.get_mut(&v) {
+                    w.status = WriteStatus::Info;
+                }
+            }
+        }
+    }
+
+    // Every (partition, offset) -> values, and value -> offsets, from reads.
+    let mut at_offset: BTreeMap<(i32, i64), BTreeSet<u64>> = BTreeMap::new();
+    let mut read_offsets: HashMap<u64, BTreeSet<i64>> = HashMap::new();
+    let mut max_read: BTreeMap<i32, i64> = BTreeMap::new();
+    // Session state: (process, partition) -> next expected offset.
+    let mut sessions: HashMap<(i64, i32), i64> = HashMap::new();
+    for op in ops.iter().filter(|o| o.f == F::Poll) {
+        match op.kind {
+            OpType::Invoke => continue,
+            OpType::Fail => {
+                poll.fail += 1;
+                continue;
+            }
+            OpType::Info => {
+                poll.info += 1;
+                continue;
+            }
+            OpType::Ok => poll.ok += 1,
+        }
+        let p = op.partition;
+        let msgs = op.msgs.as_deref().unwrap_or(&[]);
+        let mut expected = op.offset;
+        if let Some(prev) = sessions.get(&(op.process, p)) {
+            // The consumer's own position should continue where the last poll ended; the
+            // broker's answer is checked against the position actually asked for.
+            expected = expected.or(Some(*prev));
+        }
+        for &(o, v) in msgs {
+            if let Some(e) = expected {
+                if o < e {
+                    an.add(
+                        "nonmonotonic_poll",
+                        json!({"process": op.process, "partition": p, "expected": e, "got": o, "value": v, "time": op.time}),
+                    );
+                } else if o > e {
+                    an.add(
+                        "skipped_poll",
+                        json!({"process": op.process, "partition": p, "expected": e, "got": o, "value": v, "time": op.time}),
+                    );
+                }
+            }
+            expected = Some(o + 1);
+            at_offset.entry((p, o)).or_default().insert(v);
+            read_offsets.entry(v).or_default().insert(o);
+            let m = max_read.entry(p).or_insert(-1);
+            *m = (*m).max(o);
+            match writes.get(&v) {
+                None => an.add(
+                    "phantom",
+                    json!({"partition": p, "offset": o, "value": v, "why": "never written"}),
+                ),
+                Some(w) if w.partition != p => an.add(
+                    "phantom",
+                    json!({"partition": p, "offset": o, "value": v, "why": format!("written to partition {}", w.partition)}),
+                ),
+                Some(w) if w.status == WriteStatus::Fail => an.add(
+                    "failed_read",
+                    json!({"partition": p, "offset": o, "value": v, "writer": w.process}),
+                ),
+                _ => {}
+            }
+        }
+        if let Some(e) = expected {
+            sessions.insert((op.process, p), e);
+        }
+    }
+
+    // Acknowledged offsets join the read ones for the offset-consistency check.
+    let mut acked_by_partition: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut acked: Vec<(u64, &Write, i64)> = writes
+        .iter()
+        .filter_map(|(v, w)| match w.status {
+            WriteStatus::Ok(o) => Some((*v, w, o)),
+            _ => None,
+        })
+        .collect();
+    acked.sort_by_key(|(v, w, o)| (w.partition, *o, *v));
+    let mut claims: BTreeMap<(i32, i64), BTreeSet<u64>> = at_offset.clone();
+    for (v, w, o) in &acked {
+        *acked_by_partition.entry(w.partition).or_default() += 1;
+        if *o >= 0 {
+            claims.entry((w.partition, *o)).or_default().insert(*v);
+        }
+    }
+    for ((p, o), vals) in &claims {
+        if vals.len() > 1 {
+            an.add(
+                "inconsistent_offsets",
+                json!({"partition": p, "offset": o, "values": vals}),
+            );
+        }
+    }
+    for (v, offs) in &read_offsets {
+        if offs.len() > 1 {
+            let p = writes.get(v).map_or(-1, |w| w.partition);
+            an.add(
+                "duplicates",
+                json!({"partition": p, "value": v, "offsets": offs}),
+            );
+        }
+    }
+    let mut info_read = 0;
+    let mut info_unread = 0;
+    for (v, w) in &writes {
+        if matches!(w.status, WriteStatus::Info | WriteStatus::Pending) {
+            if read_offsets.contains_key(v) {
+                info_read += 1;
+            } else {
+                info_unread += 1;
+            }
+        }
+    }
+    for (v, w, o) in &acked {
+        let p = w.partition;
+        match read_offsets.get(v) {
+            Some(offs) => {
+                if !offs.contains(o) {
+                    an.add(
+                        "ack_mismatch",
+                        json!({"partition": p, "value": v, "acked_offset": o, "read_offsets": offs}),
+                    );
+                }
+            }
+            None => {
+                let hi = max_read.get(&p).copied().unwrap_or(-1);
+                if *o < hi {
+                    an.add(
+                        "lost",
+                        json!({"partition": p, "value": v, "acked_offset": o, "max_read_offset": hi}),
+                    );
+                } else {
+                    an.add(
+                        "unseen",
+                        json!({"partition": p, "value": v, "acked_offset": o, "max_read_offset": hi}),
+                    );
+                }
+            }
+        }
+    }
+
+    let longest_gap = |part: Option<i32>| {
+        let mut t: Vec<u64> = ops
+            .iter()
+            .filter(|o| o.f == F::Send && o.kind == OpType::Ok)
+            .filter(|o| part.is_none_or(|p| o.partition == p))
+            .map(|o| o.time)
+            .collect();
+        t.sort_unstable();
+        t.windows(2)
+            .map(|w| (w[1] - w[0], w[0], w[1]))
+            .max()
+            .map(|(g, a, b)| (g as f64 / 1e9, a as f64 / 1e9, b as f64 / 1e9))
+    };
+    let longest_ack_gap = longest_gap(None);
+    let longest_ack_gap_by_partition = acked_by_partition
+        .keys()
+        .filter_map(|p| longest_gap(Some(*p)).map(|g| (*p, g)))
+        .collect();
+
+    let total: usize = an.counts.values().sum();
+    CheckResult {
+        longest_ack_gap,
+        longest_ack_gap_by_partition,
+        valid: total == 0,
+        anomaly_counts: an.counts,
+        examples: an.examples,
+        send,
+        poll,
+        values_read: read_offsets.len(),
+        acked_by_partition,
+        max_read_offset: max_read,
+        info_writes_read: info_read,
+        info_writes_unread: info_unread,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds histories tersely: `w(p, v, offset)` an acked write, `poll(proc, p, from, pairs)`.
+    struct H(Vec<Op>);
+    impl H {
+        fn new() -> H {
+            H(Vec::new())
+        }
+        fn write(mut self, p: i32, v: u64, result: OpType, offset: Option<i64>) -> H {
+            self.0.push(Op::new(0, OpType::Invoke, F::Send, p).value(v));
+            let mut done = Op::new(0, result, F::Send, p).value(v);
+            done.offset = offset;
+            self.0.push(done);
+            self
+        }
+        fn ack(self, p: i32, v: u64, o: i64) -> H {
+            self.write(p, v, OpType::Ok, Some(o))
+        }
+        fn poll(mut self, proc_: i64, p: i32, from: i64, pairs: &[(i64, u64)]) -> H {
+            self.0
+                .push(Op::new(proc_, OpType::Invoke, F::Poll, p).offset(from));
+            self.0.push(
+                Op::new(proc_, OpType::Ok, F::Poll, p)
+                    .offset(from)
+                    .msgs(pairs.to_vec()),
+            );
+            self
+        }
+        fn check(&self) -> CheckResult {
+            check(&self.0)
+        }
+    }
+
+    fn only(r: &CheckResult, kind: &str) {
+        assert!(!r.valid, "{kind} not detected");
+        assert!(r.anomaly_counts[kind] > 0, "{kind}: {:?}", r.anomaly_counts);
+        for (k, n) in &r.anomaly_counts {
+            if k != kind {
+                assert_eq!(
+                    *n, 0,
+                    "unexpected {k} while testing {kind}: {:?}",
+                    r.examples
+                );
+            }
+        }
+    }
+
+    fn clean() -> H {
+        H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .ack(1, 3, 0)
+            .write(0, 4, OpType::Info, None)
+            .write(0, 5, OpType::Fail, None)
+            .ack(0, 6, 3)
+            .poll(10, 0, 0, &[(0, 1), (1, 2)])
+            .poll(10, 0, 2, &[(2, 4), (3, 6)])
+            .poll(11, 1, 0, &[(0, 3)])
+    }
+
+    #[test]
+    fn clean_history_is_valid() {
+        let r = clean().check();
+        assert!(r.valid, "{:?}", r.examples);
+        assert_eq!(r.send.ok, 4);
+        assert_eq!(r.send.fail, 1);
+        assert_eq!(r.send.info, 1);
+        assert_eq!(r.poll.ok, 3);
+        assert_eq!(r.info_writes_read, 1);
+        assert_eq!(r.max_read_offset[&0], 3);
+    }
+
+    #[test]
+    fn detects_lost_write() {
+        // Offset 1 was acked, offset 2 read, 1 never read.
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .ack(0, 3, 2)
+            .poll(10, 0, 0, &[(0, 1)])
+            .poll(11, 0, 2, &[(2, 3)])
+            .check();
+        only(&r, "lost");
+        assert_eq!(r.examples["lost"][0]["value"], 2);
+    }
+
+    #[test]
+    fn detects_unseen_write() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .poll(10, 0, 0, &[(0, 1)])
+            .check();
+        only(&r, "unseen");
+    }
+
+    #[test]
+    fn detects_two_values_at_one_offset() {
+        let r = H::new()
+            .write(0, 1, OpType::Info, None)
+            .write(0, 2, OpType::Info, None)
+            .poll(10, 0, 0, &[(0, 1)])
+            .poll(11, 0, 0, &[(0, 2)])
+            .check();
+        only(&r, "inconsistent_offsets");
+    }
+
+    #[test]
+    fn detects_ack_offset_differing_from_read_offset() {
+        let r = H::new()
+            .write(0, 1, OpType::Info, None)
+            .ack(0, 2, 0)
+            .poll(10, 0, 0, &[(0, 1), (1, 2)])
+            .check();
+        // Offset 0 is claimed by the ack of 2 and the read of 1; 2 is read at 1, acked at 0.
+        assert!(!r.valid);
+        assert_eq!(r.anomaly_counts["ack_mismatch"], 1);
+        assert_eq!(r.anomaly_counts["inconsistent_offsets"], 1);
+        assert_eq!(r.anomaly_counts["lost"], 0);
+    }
+
+    #[test]
+    fn detects_duplicates() {
+        let r = H::new()
+            .write(0, 1, OpType::Info, None)
+            .ack(0, 2, 2)
+            .poll(10, 0, 0, &[(0, 1), (1, 1), (2, 2)])
+            .check();
+        only(&r, "duplicates");
+    }
+
+    #[test]
+    fn detects_nonmonotonic_poll() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .poll(10, 0, 0, &[(0, 1), (1, 2), (0, 1)])
+            .check();
+        only(&r, "nonmonotonic_poll");
+    }
+
+    #[test]
+    fn detects_skipped_poll() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .ack(0, 3, 2)
+            .poll(10, 0, 0, &[(0, 1)])
+            .poll(10, 0, 1, &[(2, 3)])
+            .poll(11, 0, 0, &[(0, 1), (1, 2), (2, 3)])
+            .check();
+        only(&r, "skipped_poll");
+    }
+
+    #[test]
+    fn new_session_may_seek_anywhere() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .poll(10, 0, 1, &[(1, 2)])
+            .poll(11, 0, 0, &[(0, 1), (1, 2)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
+    }
+
+    #[test]
+    fn detects_read_of_failed_write() {
+        let r = H::new()
+            .write(0, 1, OpType::Fail, None)
+            .poll(10, 0, 0, &[(0, 1)])
+            .check();
+        only(&r, "failed_read");
+    }
+
+    #[test]
+    fn detects_phantom_values() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .poll(10, 0, 0, &[(0, 1), (1, 99)])
+            .check();
+        only(&r, "phantom");
+        let r = H::new()
+            .ack(1, 1, 0)
+            .ack(0, 2, 0)
+            .poll(10, 0, 0, &[(0, 1)])
+            .poll(11, 1, 0, &[(0, 1)])
+            .check();
+        assert!(r.anomaly_counts["phantom"] > 0);
+    }
+
+    #[test]
+    fn unknown_outcome_writes_are_not_anomalies() {
+        let r = H::new()
+            .write(0, 1, OpType::Info, None)
+            .write(0, 2, OpType::Info, None)
+            .poll(10, 0, 0, &[(0, 2)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
+        assert_eq!(r.info_writes_read, 1);
+        assert_eq!(r.info_writes_unread, 1);
+    }
+}

@@ -1,0 +1,204 @@
+//! The operation history: every invocation and completion, one JSON object per line.
+//!
+//! Shape (Jepsen style): `{"process", "type": invoke|ok|fail|info, "f": send|poll|nemesis,
+//! "partition", "offset", "value", "time"}`. For `send`, `value` is the unique integer written
+//! and `offset` (on `ok`) the offset the broker acknowledged. For `poll`, `offset` is the fetch
+//! position and `msgs` the `[offset, value]` pairs read. `time` is nanoseconds since the run
+//! started. `info` means the outcome is unknown (timeout, disconnect); `fail` means the
+//! operation definitely did not happen.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpType {
+    Invoke,
+    Ok,
+    Fail,
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum F {
+    Send,
+    Poll,
+    Nemesis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    /// Workers are processes >= 0; the nemesis is -1. A worker that sees an `info` continues
+    /// as a new process (the old one may still have an operation in flight).
+    pub process: i64,
+    #[serde(rename = "type")]
+    pub kind: OpType,
+    pub f: F,
+    #[serde(default)]
+    pub partition: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u64>,
+    /// Poll results: (offset, value) in the order read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgs: Option<Vec<(i64, u64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Nemesis description (`isolate n2`, `heal`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// Nanoseconds since the start of the run.
+    pub time: u64,
+}
+
+impl Op {
+    pub fn new(process: i64, kind: OpType, f: F, partition: i32) -> Op {
+        Op {
+            process,
+            kind,
+            f,
+            partition,
+            offset: None,
+            value: None,
+            msgs: None,
+            error: None,
+            fault: None,
+            time: 0,
+        }
+    }
+    pub fn offset(mut self, o: i64) -> Op {
+        self.offset = Some(o);
+        self
+    }
+    pub fn value(mut self, v: u64) -> Op {
+        self.value = Some(v);
+        self
+    }
+    pub fn msgs(mut self, m: Vec<(i64, u64)>) -> Op {
+        self.msgs = Some(m);
+        self
+    }
+    pub fn error(mut self, e: impl Into<String>) -> Op {
+        self.error = Some(e.into());
+        self
+    }
+    pub fn at(mut self, t: u64) -> Op {
+        self.time = t;
+        self
+    }
+}
+
+/// Shared recorder: keeps every op in memory (for the checker) and appends it to the file
+/// as it happens (so a crashed run still leaves its history).
+#[derive(Clone)]
+pub struct History {
+    inner: Arc<Mutex<Inner>>,
+    start: Instant,
+}
+
+struct Inner {
+    ops: Vec<Op>,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl History {
+    pub fn new(path: Option<&Path>) -> Result<History> {
+        let file = match path {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            )),
+            None => None,
+        };
+        Ok(History {
+            inner: Arc::new(Mutex::new(Inner {
+                ops: Vec::new(),
+                file,
+            })),
+            start: Instant::now(),
+        })
+    }
+
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Stamps `op` with the current time and records it.
+    pub fn record(&self, mut op: Op) -> Op {
+        op.time = self.now();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = g.file.as_mut() {
+            if let Ok(line) = serde_json::to_string(&op) {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        g.ops.push(op.clone());
+        op
+    }
+
+    pub fn flush(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = g.file.as_mut() {
+            let _ = f.flush();
+        }
+    }
+
+    pub fn ops(&self) -> Vec<Op> {
+        self.flush();
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ops
+            .clone()
+    }
+}
+
+/// Reads a history file written by [`History`].
+pub fn load(path: &Path) -> Result<Vec<Op>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut ops = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        ops.push(
+            serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: bad history line", path.display(), i + 1))?,
+        );
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_jsonl() {
+        let dir = std::env::temp_dir().join(format!("ct-hist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("history.jsonl");
+        let h = History::new(Some(&path)).unwrap();
+        h.record(Op::new(0, OpType::Invoke, F::Send, 1).value(7));
+        h.record(Op::new(0, OpType::Ok, F::Send, 1).value(7).offset(3));
+        h.record(
+            Op::new(1, OpType::Ok, F::Poll, 1)
+                .offset(3)
+                .msgs(vec![(3, 7)]),
+        );
+        h.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().next().unwrap().contains("\"type\":\"invoke\""));
+        assert!(text.contains("\"f\":\"send\""));
+        let back = load(&path).unwrap();
+        assert_eq!(back, h.ops());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

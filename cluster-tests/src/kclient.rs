@@ -1,0 +1,403 @@
+//! The workload's Kafka operations over the `sluice` library's client: one-record produces with
+//! acks=all and single-partition fetches, each classified as ok / fail / info.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, ProduceRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::Compression;
+use sluice::cli::client::{Client, TopicInfo};
+use sluice::cli::errors::{self, error_name};
+use sluice::cli::records::{decode_fetched, encode_batch, Message};
+
+const TOPIC_ID_VERSION: i16 = 13;
+/// Broker-side wait for replication; the client gives up a little later.
+pub const PRODUCE_TIMEOUT_MS: i32 = 5_000;
+const CALL_SLACK: Duration = Duration::from_secs(3);
+pub const FETCH_WAIT_MS: i32 = 300;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Ok(T),
+    /// Definitely did not happen (nothing was sent, or the broker refused before appending).
+    Fail(String),
+    /// Unknown: timeout, disconnect, or an error that does not rule out the write.
+    Info(String),
+}
+
+/// Errors after which the broker did not append the batch: it refused the request up front.
+/// Leadership errors count as definite here because the broker says it is not the leader;
+/// if such a write is read later the checker reports it (`failed_read`) and that is a finding.
+fn definite_produce_error(code: i16) -> bool {
+    matches!(
+        code,
+        errors::UNKNOWN_TOPIC_OR_PARTITION
+            | errors::LEADER_NOT_AVAILABLE
+            | errors::NOT_LEADER_OR_FOLLOWER
+            | 2   // CORRUPT_MESSAGE
+            | 10  // MESSAGE_TOO_LARGE
+            | 17  // INVALID_TOPIC_EXCEPTION
+            | 18  // RECORD_LIST_TOO_LARGE
+            | 19  // NOT_ENOUGH_REPLICAS (checked before append in Kafka)
+            | 87 // INVALID_RECORD
+    )
+}
+
+/// A client bound to one topic that reconnects through any bootstrap proxy.
+pub struct KClient {
+    bootstrap: Vec<String>,
+    pub topic_name: String,
+    client: Option<Client>,
+    topic: Option<TopicInfo>,
+    next_bootstrap: usize,
+}
+
+impl KClient {
+    pub fn new(bootstrap: Vec<String>, topic: &str, start: usize) -> KClient {
+        KClient {
+            bootstrap,
+            topic_name: topic.to_string(),
+            client: None,
+            topic: None,
+            next_bootstrap: start,
+        }
+    }
+
+    /// Forgets all connections and metadata (after errors).
+    pub fn reset(&mut self) {
+        self.client = None;
+        self.topic = None;
+    }
+
+    async fn ready(&mut self) -> Result<(&mut Client, &TopicInfo)> {
+        if self.client.is_none() {
+            let addr = self.bootstrap[self.next_bootstrap % self.bootstrap.len()].clone();
+            self.next_bootstrap += 1;
+            let c = tokio::time::timeout(CONNECT_TIMEOUT * 2, Client::connect(&addr))
+                .await
+                .map_err(|_| anyhow!("connecting to {addr} timed out"))??;
+            self.client = Some(c);
+            self.topic = None;
+        }
+        if self.topic.is_none() {
+            let c = self.client.as_mut().ok_or_else(|| anyhow!("no client"))?;
+            let t = tokio::time::timeout(Duration::from_secs(5), c.topic(&self.topic_name))
+                .await
+                .map_err(|_| anyhow!("metadata timed out"));
+            match t {
+                Ok(Ok(t)) => self.topic = Some(t),
+                Ok(Err(e)) | Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+        }
+        match (self.client.as_mut(), self.topic.as_ref()) {
+            (Some(c), Some(t)) => Ok((c, t)),
+            _ => Err(anyhow!("client not ready")),
+        }
+    }
+
+    /// Which node leads `partition` according to our metadata, if known.
+    pub fn cached_leader(&self, partition: i32) -> Option<i32> {
+        self.topic.as_ref().and_then(|t| t.leader(partition))
+    }
+
+    /// Produces one record (value as decimal text) with acks=all. Ok carries the offset.
+    pub async fn send(&mut self, partition: i32, value: u64) -> Outcome<i64> {
+        self.send_many(partition, &[value])
+            .await
+            .pop()
+            .unwrap_or_else(|| Outcome::Info("no outcome".into()))
+    }
+
+    /// Pipelines one produce request per value (one record each, acks=all) on the leader's
+    /// connection, then reads the answers in order. One outcome per value, in order.
+    pub async fn send_many(&mut self, partition: i32, values: &[u64]) -> Vec<Outcome<i64>> {
+        let n = values.len();
+        let all = |o: Outcome<i64>| vec![o; n];
+        let topic_name = self.topic_name.clone();
+        let (client, topic) = match self.ready().await {
+            Ok(x) => x,
+            Err(e) => return all(Outcome::Fail(format!("no metadata: {e:#}"))),
+        };
+        let Some(leader) = topic.leader(partition) else {
+            self.topic = None;
+            return all(Outcome::Fail(
+                "LEADER_NOT_AVAILABLE (no leader in metadata)".into(),
+            ));
+        };
+        let cap = if topic.has_topic_id() {
+            i16::MAX
+        } else {
+            TOPIC_ID_VERSION - 1
+        };
+        let mut reqs = Vec::with_capacity(n);
+        for value in values {
+            let data = match encode_batch(
+                &[Message {
+                    key: None,
+                    value: Bytes::from(value.to_string()),
+                }],
+                Compression::None,
+                now_ms(),
+            ) {
+                Ok(d) => d,
+                Err(e) => return all(Outcome::Fail(format!("encode: {e:#}"))),
+            };
+            let mut t = TopicProduceData::default();
+            t.name = TopicName(StrBytes::from_string(topic_name.clone()));
+            t.topic_id = topic.raw.topic_id;
+            let mut pd = PartitionProduceData::default();
+            pd.index = partition;
+            pd.records = Some(data);
+            t.partition_data = vec![pd];
+            let mut req = ProduceRequest::default();
+            req.acks = -1;
+            req.timeout_ms = PRODUCE_TIMEOUT_MS;
+            req.topic_data = vec![t];
+            reqs.push(req);
+        }
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT * 2, client.broker(leader)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.reset();
+                return all(Outcome::Fail(format!("connect to leader {leader}: {e:#}")));
+            }
+            Err(_) => {
+                self.reset();
+                return all(Outcome::Fail(format!(
+                    "connect to leader {leader} timed out"
+                )));
+            }
+        };
+        let version = match conn.version_for_max(ApiKey::Produce, cap) {
+            Ok(v) => v,
+            Err(e) => return all(Outcome::Fail(format!("{e:#}"))),
+        };
+        // From here on bytes may have reached the broker: errors are unknown outcomes.
+        let wait = Duration::from_millis(PRODUCE_TIMEOUT_MS as u64) + CALL_SLACK;
+        let mut outcomes: Vec<Outcome<i64>> = Vec::with_capacity(n);
+        let res = tokio::time::timeout(wait, async {
+            for req in &reqs {
+                conn.send(req, version, true).await?;
+            }
+            for _ in 0..n {
+                let resp = conn.recv::<ProduceRequest>(Duration::ZERO).await?;
+                outcomes.push(produce_outcome(leader, partition, &resp));
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        let lost_conn = match res {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("leader {leader}: {e:#}")),
+            Err(_) => Some(format!("leader {leader}: produce timed out")),
+        };
+        if let Some(why) = lost_conn {
+            self.reset();
+            while outcomes.len() < n {
+                outcomes.push(Outcome::Info(why.clone()));
+            }
+        }
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Fail(m) | Outcome::Info(m) if m.contains("NOT_LEADER") || m.contains("LEADER_NOT")))
+        {
+            self.topic = None;
+        }
+        outcomes
+    }
+
+    /// One fetch at `offset`; Ok carries (offset, value) pairs and the next position.
+    pub async fn poll(&mut self, partition: i32, offset: i64) -> Outcome<(Vec<(i64, u64)>, i64)> {
+        let topic_name = self.topic_name.clone();
+        let (client, topic) = match self.ready().await {
+            Ok(x) => x,
+            Err(e) => return Outcome::Fail(format!("no metadata: {e:#}")),
+        };
+        let Some(leader) = topic.leader(partition) else {
+            self.topic = None;
+            return Outcome::Fail("LEADER_NOT_AVAILABLE (no leader in metadata)".into());
+        };
+        let cap = if topic.has_topic_id() {
+            i16::MAX
+        } else {
+            TOPIC_ID_VERSION - 1
+        };
+        let mut ft = FetchTopic::default();
+        ft.topic = TopicName(StrBytes::from_string(topic_name.clone()));
+        ft.topic_id = topic.raw.topic_id;
+        let mut fp = FetchPartition::default();
+        fp.partition = partition;
+        fp.fetch_offset = offset;
+        fp.partition_max_bytes = 256 * 1024;
+        ft.partitions = vec![fp];
+        let mut req = FetchRequest::default();
+        req.replica_id = BrokerId(-1);
+        req.max_wait_ms = FETCH_WAIT_MS;
+        req.min_bytes = 1;
+        req.max_bytes = 1024 * 1024;
+        req.isolation_level = 0;
+        req.topics = vec![ft];
+        let res = tokio::time::timeout(Duration::from_secs(6), async {
+            let conn = client.broker(leader).await?;
+            let version = conn.version_for_max(ApiKey::Fetch, cap)?;
+            conn.send(&req, version, true).await?;
+            conn.recv::<FetchRequest>(Duration::from_millis(FETCH_WAIT_MS as u64))
+                .await
+        })
+        .await;
+        let resp = match res {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.reset();
+                return Outcome::Info(format!("leader {leader}: {e:#}"));
+            }
+            Err(_) => {
+                self.reset();
+                return Outcome::Info(format!("leader {leader}: fetch timed out"));
+            }
+        };
+        if resp.error_code != errors::NONE {
+            return Outcome::Fail(format!("fetch: {}", error_name(resp.error_code)));
+        }
+        let pd = resp
+            .responses
+            .into_iter()
+            .filter(|t| t.topic.0.as_str() == topic_name || !t.topic_id.is_nil())
+            .flat_map(|t| t.partitions.into_iter())
+            .find(|p| p.partition_index == partition);
+        let Some(pd) = pd else {
+            return Outcome::Fail(format!("leader {leader}: no data for the partition"));
+        };
+        if pd.error_code != errors::NONE {
+            if errors::is_stale_metadata(pd.error_code) {
+                self.topic = None;
+            }
+            return Outcome::Fail(format!("leader {leader}: {}", error_name(pd.error_code)));
+        }
+        let Some(data) = pd.records.filter(|d| !d.is_empty()) else {
+            return Outcome::Ok((Vec::new(), offset));
+        };
+        let (records, next) = match decode_fetched(data, offset) {
+            Ok(x) => x,
+            Err(e) => return Outcome::Fail(format!("decode: {e:#}")),
+        };
+        let mut pairs = Vec::with_capacity(records.len());
+        for r in records {
+            let v = r
+                .value
+                .as_ref()
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|s| s.parse::<u64>().ok());
+            match v {
+                Some(v) => pairs.push((r.offset, v)),
+                // Not ours: record it as value 0, which is never written (a phantom).
+                None => pairs.push((r.offset, 0)),
+            }
+        }
+        Outcome::Ok((pairs, next))
+    }
+
+    /// High watermark of `partition` according to its leader (ListOffsets latest), by fetching:
+    /// the fetch response carries it.
+    pub async fn high_watermark(&mut self, partition: i32) -> Result<i64> {
+        let topic_name = self.topic_name.clone();
+        let (client, topic) = self.ready().await?;
+        let leader = topic
+            .leader(partition)
+            .ok_or_else(|| anyhow!("no leader for partition {partition}"))?;
+        let cap = if topic.has_topic_id() {
+            i16::MAX
+        } else {
+            TOPIC_ID_VERSION - 1
+        };
+        let mut ft = FetchTopic::default();
+        ft.topic = TopicName(StrBytes::from_string(topic_name.clone()));
+        ft.topic_id = topic.raw.topic_id;
+        let mut fp = FetchPartition::default();
+        fp.partition = partition;
+        fp.fetch_offset = 0;
+        fp.partition_max_bytes = 1;
+        ft.partitions = vec![fp];
+        let mut req = FetchRequest::default();
+        req.replica_id = BrokerId(-1);
+        req.max_wait_ms = 0;
+        req.min_bytes = 0;
+        req.max_bytes = 1;
+        req.topics = vec![ft];
+        let res = tokio::time::timeout(Duration::from_secs(5), async {
+            let conn = client.broker(leader).await?;
+            let version = conn.version_for_max(ApiKey::Fetch, cap)?;
+            conn.call(&req, version).await
+        })
+        .await;
+        let resp = match res {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.reset();
+                return Err(e);
+            }
+            Err(_) => {
+                self.reset();
+                return Err(anyhow!("fetch timed out"));
+            }
+        };
+        let pd = resp
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions.into_iter())
+            .find(|p| p.partition_index == partition)
+            .ok_or_else(|| anyhow!("no answer for partition {partition}"))?;
+        if pd.error_code != errors::NONE {
+            self.topic = None;
+            return Err(anyhow!("{}", error_name(pd.error_code)));
+        }
+        Ok(pd.high_watermark)
+    }
+}
+
+/// Classifies one produce response for a one-partition request.
+fn produce_outcome(
+    leader: i32,
+    partition: i32,
+    resp: &kafka_protocol::messages::ProduceResponse,
+) -> Outcome<i64> {
+    let pr = resp
+        .responses
+        .iter()
+        .flat_map(|t| t.partition_responses.iter())
+        .find(|p| p.index == partition);
+    let Some(pr) = pr else {
+        return Outcome::Info(format!("leader {leader}: no answer for the partition"));
+    };
+    if pr.error_code == errors::NONE {
+        return Outcome::Ok(pr.base_offset);
+    }
+    let msg = format!(
+        "leader {leader}: {}{}",
+        error_name(pr.error_code),
+        pr.error_message
+            .as_ref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    );
+    if definite_produce_error(pr.error_code) {
+        Outcome::Fail(msg)
+    } else {
+        Outcome::Info(msg)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,258 @@
+"""Partition replication through Raft, judged by a real client (confluent-kafka, acks=all): leader
+crashes lose no acknowledged write, followers catch up byte for byte, a partition without a majority
+acknowledges nothing, and leadership moves on request without failed writes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from confluent_kafka import Producer
+
+from conftest import Clients
+from helpers import consume_all
+from test_cluster import get_json, metadata, start_all, wait_for
+
+INTERNAL_PRODUCER_ID = -0x511CE
+
+
+def leaders(node, topic: str) -> dict[int, int]:
+    t = get_json(node.admin, f"/v1/topics/{topic}")
+    return {p["partition"]: p["leader"] for p in t["partitions"]}
+
+
+def all_led(nodes, topic: str, n: int):
+    for node in nodes:
+        if not node.is_running():
+            continue
+        try:
+            md = metadata(node.bootstrap, topic)
+        except Exception:  # noqa: BLE001 - this node may be mid-restart; ask the next
+            continue
+        parts = md.topics[topic].partitions
+        if len(parts) == n and all(p.leader >= 0 and not p.error for p in parts.values()):
+            return True
+    return False
+
+
+class Writer(threading.Thread):
+    """Writes unique values with acks=all until stopped; records every delivery report. Retries are
+    off, so a value is sent once: acknowledged values must each appear exactly once, at their
+    acknowledged offset."""
+
+    def __init__(self, bootstrap: str, topic: str, retries: int = 0):
+        super().__init__(daemon=True)
+        self.topic = topic
+        self.p = Producer({
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": False,
+            "message.send.max.retries": retries,
+            "retry.backoff.ms": 200,
+            "message.timeout.ms": 15000,
+            "request.timeout.ms": 12000,
+            "linger.ms": 5,
+            "topic.metadata.refresh.interval.ms": 1000,
+        })
+        self.acked: dict[str, tuple[int, int]] = {}
+        self.failed: dict[str, str] = {}
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self):
+        i = 0
+        deadline = time.monotonic() + 300
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            v = f"v{i}"
+
+            def cb(err, msg, v=v):
+                if err is None:
+                    self.acked[v] = (msg.partition(), msg.offset())
+                else:
+                    self.failed[v] = str(err)
+
+            try:
+                self.p.produce(self.topic, value=v.encode(), on_delivery=cb)
+                i += 1
+                self.sent = i
+            except BufferError:
+                pass
+            self.p.poll(0.002)
+        left = self.p.flush(60)
+        assert left == 0, f"{left} messages without a delivery report"
+
+
+def test_acked_writes_survive_leader_kills(cluster):
+    start_all(cluster)
+    topic = "repl-kill"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "6", "--replication-factor", "3")
+    assert r.returncode == 0, r.stderr
+    wait_for("all partitions led", lambda: all_led(cluster, topic, 6))
+    bootstrap = ",".join(n.bootstrap for n in cluster)
+    w = Writer(bootstrap, topic)
+    w.start()
+    time.sleep(3)
+    for round_ in range(2):
+        # --- kill -9 the node leading the most partitions, then bring it back
+        counts: dict[int, int] = {}
+        for l in leaders(next(n for n in cluster if n.is_running()), topic).values():
+            if l is not None:
+                counts[l] = counts.get(l, 0) + 1
+        victim_id = max(counts, key=counts.get)
+        victim = next(n for n in cluster if n.node_id == victim_id)
+        print(f"round {round_}: killing node {victim_id}, leader of {counts[victim_id]} partitions")
+        victim.kill9()
+        time.sleep(6)
+        victim.start(wait=False)
+        victim.wait_ready(timeout_s=60)
+        time.sleep(4)
+    w.stop.set()
+    w.join(timeout=120)
+    assert not w.is_alive()
+    assert len(w.acked) > 500, f"only {len(w.acked)} acked writes"
+    print(f"sent {w.sent}, acked {len(w.acked)}, failed {len(w.failed)}: {list(w.failed.values())[:3]}")
+    # --- read everything back through a node that was never killed
+    wait_for("all partitions led", lambda: all_led(cluster, topic, 6))
+    recs = consume_all(bootstrap, topic, 6, timeout_s=120)
+    at: dict[tuple[int, int], str] = {}
+    where: dict[str, list[tuple[int, int]]] = {}
+    for rec in recs:
+        v = rec.value.decode()
+        at[(rec.partition, rec.offset)] = v
+        where.setdefault(v, []).append((rec.partition, rec.offset))
+    dupes = {v: w_ for v, w_ in where.items() if len(w_) > 1}
+    assert not dupes, f"values at two offsets: {list(dupes.items())[:5]}"
+    lost = [(v, po) for v, po in w.acked.items() if at.get(po) != v]
+    assert not lost, f"{len(lost)} acknowledged writes not at their acknowledged offset, first: {lost[:5]}"
+
+
+def batches(path_bytes: bytes):
+    """(raw batch bytes, base offset, last offset, internal?) for each batch in a segment file."""
+    pos = 0
+    while pos + 61 <= len(path_bytes):
+        base, length = struct.unpack_from(">qi", path_bytes, pos)
+        end = pos + 12 + length
+        if length < 49 or end > len(path_bytes):
+            break
+        last_delta = struct.unpack_from(">i", path_bytes, pos + 23)[0]
+        pid = struct.unpack_from(">q", path_bytes, pos + 43)[0]
+        yield path_bytes[pos:end], base, base + last_delta, pid == INTERNAL_PRODUCER_ID
+        pos = end
+
+
+def data_log(node, topic: str, partition: int, hw: int) -> bytes:
+    out = bytearray()
+    for seg in sorted(node.partition_dir(topic, partition).glob("*.log")):
+        for raw, base, last, internal in batches(seg.read_bytes()):
+            if not internal and last < hw:
+                out += raw
+    return bytes(out)
+
+
+def test_stopped_follower_catches_up_byte_for_byte(cluster, tmp_path):
+    start_all(cluster)
+    topic = "repl-catchup"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
+    assert r.returncode == 0, r.stderr
+    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    leader_id = leaders(cluster[0], topic)[0]
+    follower = next(n for n in cluster if n.node_id != leader_id)
+    follower.stop()
+    # --- 50,000 writes while the follower is away
+    data = tmp_path / "lines.txt"
+    data.write_text("".join(f"record-{i}\n" for i in range(50_000)))
+    live = next(n for n in cluster if n.is_running())
+    r = Clients(live).kcat("-P", "-t", topic, "-X", "acks=all", "-X", "message.timeout.ms=60000", "-l", str(data), timeout_s=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    follower.start(wait=False)
+    follower.wait_ready(timeout_s=60)
+
+    def caught_up():
+        groups = {}
+        for n in cluster:
+            for g in get_json(n.admin, "/v1/raft")["groups"]:
+                if g["group"].startswith("p/"):
+                    groups[n.node_id] = g
+        idx = {k: g["last_log_index"] for k, g in groups.items()}
+        return idx if len(idx) == 3 and len(set(idx.values())) == 1 else None
+
+    # --- /v1/raft shows the same last log index on all three replicas
+    wait_for("follower caught up in /v1/raft", caught_up, timeout_s=60)
+    hw = get_json(next(n for n in cluster if n.node_id == leader_id).admin, f"/v1/topics/{topic}")["partitions"][0]["high_watermark"]
+    assert hw >= 50_000
+    # --- and the data batches on disk are identical, byte for byte, up to the high watermark
+    logs = {n.node_id: data_log(n, topic, 0, hw) for n in cluster}
+    sizes = {k: len(v) for k, v in logs.items()}
+    assert len(set(logs.values())) == 1, f"replica logs differ: sizes {sizes}"
+    assert sizes[leader_id] > 50_000 * 10
+
+
+def test_no_majority_no_ack_then_recovery(cluster):
+    start_all(cluster)
+    topic = "repl-quorum"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
+    assert r.returncode == 0, r.stderr
+    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    # --- stop two of the three replicas
+    for n in cluster[1:]:
+        n.kill9()
+    p = Producer({
+        "bootstrap.servers": cluster[0].bootstrap, "acks": "all", "enable.idempotence": False,
+        "message.timeout.ms": 8000, "request.timeout.ms": 5000, "message.send.max.retries": 0,
+    })
+    reports = []
+    for i in range(20):
+        p.produce(topic, value=f"lonely-{i}".encode(), on_delivery=lambda err, msg: reports.append(err))
+    p.flush(30)
+    assert len(reports) == 20
+    assert all(e is not None for e in reports), f"acknowledged without a majority: {reports}"
+    print("errors without majority:", sorted({e.name() for e in reports}))
+    assert all(e.retriable() or e.name() in ("_MSG_TIMED_OUT", "REQUEST_TIMED_OUT", "NOT_ENOUGH_REPLICAS", "_TIMED_OUT") for e in reports), [e.name() for e in reports]
+    # --- bring them back: writes resume
+    for n in cluster[1:]:
+        n.start(wait=False)
+    for n in cluster:
+        n.wait_ready(timeout_s=60)
+    wait_for("partition led", lambda: all_led(cluster, topic, 1), timeout_s=60)
+    ok = []
+    p2 = Producer({"bootstrap.servers": ",".join(n.bootstrap for n in cluster), "acks": "all", "enable.idempotence": False, "message.timeout.ms": 30000})
+    for i in range(20):
+        p2.produce(topic, value=f"back-{i}".encode(), on_delivery=lambda err, msg: ok.append(err))
+    p2.flush(40)
+    assert len(ok) == 20 and all(e is None for e in ok), ok
+    values = [r.value.decode() for r in consume_all(cluster[0].bootstrap, topic, 1)]
+    assert [v for v in values if v.startswith("back-")] == [f"back-{i}" for i in range(20)]
+
+
+def test_transfer_leadership_under_load(cluster):
+    start_all(cluster)
+    topic = "repl-transfer"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
+    assert r.returncode == 0, r.stderr
+    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    w = Writer(",".join(n.bootstrap for n in cluster), topic, retries=10)
+    w.start()
+    time.sleep(2)
+    for _ in range(2):
+        current = leaders(cluster[0], topic)[0]
+        target = next(n.node_id for n in cluster if n.node_id != current)
+        req = urllib.request.Request(
+            f"http://{cluster[0].admin}/v1/partitions/{topic}/0/transfer-leadership",
+            data=json.dumps({"target": target}).encode(), method="POST",
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"transfer to {target} failed: {e.code} {e.read()!r}")
+        assert body["leader"] == target, body
+        time.sleep(2)
+    w.stop.set()
+    w.join(timeout=120)
+    assert len(w.acked) > 100
+    assert not w.failed, f"{len(w.failed)} writes failed for good: {list(w.failed.values())[:3]}"
