@@ -8,7 +8,7 @@ VENV_STAMP := $(VENV)/.stamp
 # Pinned loosely: the interop tests use only long-stable confluent-kafka / pytest APIs.
 PY_DEPS := confluent-kafka pytest pytest-timeout
 
-.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos cluster cluster-stop clean-venv
+.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long cluster cluster-stop clean-venv
 
 all: build
 
@@ -42,6 +42,11 @@ build:
 test: deps venv build
 	cargo test --workspace
 	$(VENV)/bin/pytest -q tests/interop
+	$(MAKE) chaos-smoke
+
+# A short chaos run (~80 s: kill, isolate and pause the leader) against real processes.
+chaos-smoke: build
+	CT_SMOKE=1 cargo test --release -p cluster-tests --test smoke -- --nocapture
 
 test-rust:
 	cargo test --workspace
@@ -63,8 +68,16 @@ fmt:
 bench: deps build
 	scripts/bench.sh
 
-chaos:
-	@echo "chaos: not yet implemented"; exit 1
+# Every nemesis against a 3-node cluster for a few minutes; replay with SEED=... make chaos.
+CT_DURATION ?= 1800
+CHAOS_OUT ?= target/chaos
+chaos: build
+	cargo build --release -p cluster-tests
+	target/release/cluster-tests run --duration-secs 240 --nodes 3 --nemesis all $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/run-$$(date +%s)
+
+chaos-long: build
+	cargo build --release -p cluster-tests
+	target/release/cluster-tests run --duration-secs $(CT_DURATION) --nodes 3 --nemesis all $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/long-$$(date +%s)
 
 # A 3-node loopback cluster (ports 9092/19092/29092); data and logs in .cluster/.
 cluster: build

@@ -163,6 +163,7 @@ impl Node {
         tokio::spawn(reconcile_loop(node.clone()));
         tokio::spawn(leader_report_loop(node.clone()));
         tokio::spawn(preferred_leader_loop(node.clone()));
+        tokio::spawn(fenced_leader_loop(node.clone()));
         Ok(node)
     }
 
@@ -256,7 +257,12 @@ impl Node {
         partition: i32,
     ) -> Option<(u64, i32)> {
         if let Some(g) = self.partition(topic, partition) {
-            return g.leader().map(|l| (l, g.leader_epoch()));
+            // Our replica may still believe in a leader the controller has fenced; sending
+            // clients there only makes them wait.
+            return g
+                .leader()
+                .filter(|l| !st.fenced.contains(l))
+                .map(|l| (l, g.leader_epoch()));
         }
         let t = st.topics.get(topic)?;
         let l = t.leaders.get(&(partition as u32))?;
@@ -592,6 +598,48 @@ async fn leader_report_loop(node: Arc<Node>) {
     }
 }
 
+/// When the controller fences the broker a partition's replicas still follow (crashed, paused or
+/// cut off), the lowest-id live voter starts an election right away instead of waiting out the
+/// old leader's lease: broker liveness drives partition failover.
+async fn fenced_leader_loop(node: Arc<Node>) {
+    let mut last_try: std::collections::HashMap<String, std::time::Instant> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let me = node.cfg.node_id;
+        let todo: Vec<Arc<PartitionGroup>> = {
+            let st = node.state();
+            let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
+            parts
+                .values()
+                .filter(|g| {
+                    let fenced_leader = g
+                        .leader()
+                        .is_some_and(|l| l != me && st.fenced.contains(&l));
+                    let first_live = g.voters().into_iter().find(|v| !st.fenced.contains(v));
+                    fenced_leader && first_live == Some(me)
+                })
+                .cloned()
+                .collect()
+        };
+        for g in todo {
+            let gid = g.status().group;
+            if last_try
+                .get(&gid)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
+                continue;
+            }
+            last_try.insert(gid.clone(), std::time::Instant::now());
+            info!(group = %gid, "leader is fenced; starting an election");
+            tokio::spawn(async move {
+                if let Err(e) = g.trigger_elect().await {
+                    tracing::debug!(error = %e, "election after fencing did not win");
+                }
+            });
+        }
+    }
+}
+
 /// Leadership goes back to each partition's preferred leader (its first replica) once things are
 /// quiet, so leaders spread evenly again after failures heal. Each node only ever pulls leadership
 /// to itself, one partition at a time, which keeps elections from piling up.
@@ -612,7 +660,15 @@ async fn preferred_leader_loop(node: Arc<Node>) {
                         .get(t)
                         .and_then(|m| m.partitions.get(*p as usize))
                         .and_then(|r| r.first().copied());
+                    // Only when every replica is live: moving leadership during a fault costs
+                    // availability for nothing.
+                    let replicas_live = st
+                        .topics
+                        .get(t)
+                        .and_then(|m| m.partitions.get(*p as usize))
+                        .is_some_and(|r| r.iter().all(|b| !st.fenced.contains(b)));
                     preferred == Some(node.cfg.node_id)
+                        && replicas_live
                         && !g.is_leader()
                         && g.leader().is_some_and(|l| !st.fenced.contains(&l))
                 })

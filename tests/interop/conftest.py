@@ -108,7 +108,7 @@ class Broker:
             self._log_mark = f.tell()
             f.write(f"=== harness: start #{self.starts}: {' '.join(self.command())}\n".encode())
         env = dict(os.environ)
-        env.setdefault("SLUICE_LOG", "info,openraft=error,openraft::replication=off")
+        env.setdefault("SLUICE_LOG", "info,openraft=off")
         env["NO_COLOR"] = "1"
         env["RUST_BACKTRACE"] = "1"
         log = open(self.log_path, "ab")
