@@ -4,6 +4,8 @@
 
 pub mod admin;
 pub mod alloc_guard;
+#[cfg(feature = "chaos-bugs")]
+pub mod chaos_bugs;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -128,6 +128,10 @@ async fn produce_partition(
         batches.push(records.slice(pos..pos + len));
         pos += len;
     }
+    #[cfg(feature = "chaos-bugs")]
+    if crate::chaos_bugs::enabled("ack-before-quorum") {
+        return ack_before_quorum(group, batches, timeout).await;
+    }
     let mut first_base = -1;
     for b in batches {
         match tokio::time::timeout(timeout, group.append(b)).await {
@@ -151,6 +155,40 @@ async fn produce_partition(
         error: ErrorCode::None,
         message: None,
         base_offset: first_base,
+        log_start_offset: group.log_start_offset(),
+    }
+}
+
+/// DELIBERATELY BROKEN, compiled only with `--features chaos-bugs` for the chaos harness to catch:
+/// acknowledges once the leader's own log has the batch, without waiting for a majority.
+#[cfg(feature = "chaos-bugs")]
+async fn ack_before_quorum(
+    group: Arc<sluice_raft::PartitionGroup>,
+    batches: Vec<Bytes>,
+    timeout: Duration,
+) -> PartitionOutcome {
+    let before = group.log_end_offset();
+    let mut records = 0i64;
+    for b in batches {
+        records += batch::parse_header(&b)
+            .map(|h| i64::from(h.records_count))
+            .unwrap_or(0);
+        let g = group.clone();
+        tokio::spawn(async move {
+            let _ = g.append(b).await;
+        });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while group.log_end_offset() < before + records {
+        if tokio::time::Instant::now() > deadline {
+            return PartitionOutcome::err(ErrorCode::RequestTimedOut, "timed out");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    PartitionOutcome {
+        error: ErrorCode::None,
+        message: None,
+        base_offset: before,
         log_start_offset: group.log_start_offset(),
     }
 }
