@@ -114,12 +114,13 @@ const LEADERSHIP_DOUBT_MS: u64 = 2000;
 
 fn leadership_in_doubt(m: &openraft::RaftMetrics<NodeId, crate::Node>) -> bool {
     let voters = m.membership_config.membership().voter_ids().count();
+    // None = no quorum ack yet in this term: a leader that just won its election.
     voters > 1
         && m.millis_since_quorum_ack
-            .is_none_or(|ms| ms > LEADERSHIP_DOUBT_MS)
+            .is_some_and(|ms| ms > LEADERSHIP_DOUBT_MS)
 }
 
-/// Partitions are many and mostly idle, so their timers are 5x slower than openraft's defaults
+/// Partitions are many and mostly idle, so their timers are slower than openraft's defaults
 /// (DESIGN.md 4a: heartbeats are nearly all of an idle group's cost).
 fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
     let c = Config {
@@ -497,18 +498,11 @@ impl PartitionGroup {
     /// Proposes one validated Kafka batch; returns (base_offset, last_offset) once it is
     /// committed, i.e. fsynced on a majority of the voters.
     pub async fn append(&self, batch: Bytes) -> Result<(i64, i64), RaftError> {
-        // A log store error is fatal to the Raft group, so a batch the log would refuse must never
-        // become an entry. The caller has checked the CRC (it needs the error for the client);
-        // here the header and length are enough, and the log checks the CRC again on every replica.
-        let h = batch::parse_header(&batch)
+        // Every replica's log refuses a batch that fails validation, and a log store error is
+        // fatal to the Raft group, so a bad batch must never become a log entry — whatever the
+        // caller checked already.
+        let h = batch::validate(&batch)
             .map_err(|e| RaftError::Other(format!("invalid record batch: {e}")))?;
-        if h.total_len() != batch.len() {
-            return Err(RaftError::Other(format!(
-                "record batch length {} does not match its header ({})",
-                batch.len(),
-                h.total_len()
-            )));
-        }
         if batch::is_internal(&h) {
             return Err(RaftError::Other(
                 "record batch uses the producer id reserved for Raft-internal entries".into(),
