@@ -150,6 +150,9 @@ pub async fn run(
     if cfg.kinds.is_empty() {
         return log;
     }
+    // Faults are dealt from a shuffled deck of every selected kind, refilled when empty, so a run
+    // long enough for one pass (about 12 s a fault) injects every kind at least once.
+    let mut deck: Vec<Kind> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let quiet = rng.gen_range(cfg.quiet_secs.0..=cfg.quiet_secs.1);
         sleep_unless(&stop, Duration::from_secs(quiet)).await;
@@ -157,7 +160,11 @@ pub async fn run(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let kind = *cfg.kinds.choose(&mut rng).unwrap_or(&Kind::Isolate);
+        if deck.is_empty() {
+            deck = cfg.kinds.clone();
+            deck.shuffle(&mut rng);
+        }
+        let kind = deck.pop().unwrap_or(Kind::Isolate);
         let hold = rng.gen_range(cfg.hold_secs.0..=cfg.hold_secs.1);
         let part = rng.gen_range(0..cfg.partitions.max(1));
         // Draw every random choice up front so a seed always consumes the RNG the same way.

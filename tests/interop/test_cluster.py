@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -175,3 +176,34 @@ def test_foreign_data_directory_is_refused(cluster, tmp_path):
     ], timeout_s=60)
     assert r.returncode != 0
     assert "belongs to cluster" in r.stderr, r.stderr[-2000:]
+
+
+def test_fourth_node_joins_and_is_decommissioned(cluster, tmp_path):
+    start_all(cluster)
+    ctl = wait_for("a controller", lambda: (lambda s: s.pop() if len(s) == 1 and None not in s else None)(controllers(cluster)))
+    # --- a node started later with the peer list plus itself joins the metadata group
+    fourth = Node(tmp_path, name="n4", node_id=4)
+    fourth.peers = cluster[0].peers + f",4@127.0.0.1:{fourth.raft_port}"
+    fourth.start(wait=False)
+    try:
+        fourth.wait_ready(timeout_s=60)
+        wait_for("four brokers in metadata", lambda: len(metadata(cluster[0].bootstrap).brokers) == 4)
+        assert get_json(fourth.admin, "/v1/cluster")["controller_id"] == ctl
+        raft = get_json(fourth.admin, "/v1/raft")["groups"]
+        assert any(g["group"] == "meta" for g in raft)
+        # --- decommission: only on the controller, and it removes the broker everywhere
+        controller = next(n for n in cluster if n.node_id == ctl)
+        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/4/decommission", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read()) == {"decommissioned": 4}
+        wait_for("three brokers again", lambda: len(metadata(cluster[1].bootstrap).brokers) == 3)
+        # --- a broker that still hosts replicas is refused with a reason
+        Clients(cluster[0]).sluice("topics", "create", "pinned", "--partitions", "3", "--replication-factor", "3")
+        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/{cluster[1].node_id}/decommission", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("decommission of a broker with replicas succeeded")
+        except urllib.error.HTTPError as e:
+            assert e.code == 409 and "still hosts" in e.read().decode()
+    finally:
+        fourth.stop()
