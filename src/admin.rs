@@ -318,16 +318,8 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
                 format!("broker {id} is not registered"),
             );
         }
-        st.topics
-            .values()
-            .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.contains(&id))
-                    .map(|(p, _)| format!("{}/{p}", t.name))
-                    .collect::<Vec<_>>()
-            })
+        st.partitions_on(id)
+            .map(|(t, p, _)| format!("{}/{p}", t.name))
             .collect()
     };
     // Moving replicas is partition reassignment, which is not built yet; refusing is better than

@@ -160,6 +160,17 @@ impl MetaState {
             .collect()
     }
 
+    /// Every partition with a replica on `node`: (topic, partition index, replicas).
+    pub fn partitions_on(&self, node: u64) -> impl Iterator<Item = (&TopicMeta, usize, &Vec<u64>)> {
+        self.topics.values().flat_map(move |t| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .filter(move |(_, r)| r.contains(&node))
+                .map(move |(p, r)| (t, p, r))
+        })
+    }
+
     pub fn apply(&mut self, command: &Command) -> Reply {
         self.version += 1;
         match command {

@@ -281,11 +281,7 @@ impl Node {
         }
         let assigned = {
             let st = self.state();
-            st.topics
-                .values()
-                .flat_map(|t| t.partitions.iter())
-                .filter(|r| r.contains(&self.cfg.node_id))
-                .count()
+            st.partitions_on(self.cfg.node_id).count()
         };
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
         parts.len() >= assigned && parts.values().all(|g| g.leader().is_some())
@@ -733,16 +729,8 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     // desired: (topic, partition) -> (topic meta, replicas)
     let desired: BTreeMap<(String, i32), (TopicMeta, Vec<u64>)> = {
         let st = node.state();
-        st.topics
-            .values()
-            .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.contains(&me))
-                    .map(|(p, r)| ((t.name.clone(), p as i32), (t.clone(), r.clone())))
-                    .collect::<Vec<_>>()
-            })
+        st.partitions_on(me)
+            .map(|(t, p, r)| ((t.name.clone(), p as i32), (t.clone(), r.clone())))
             .collect()
     };
     let current: Vec<(String, i32)> = node
