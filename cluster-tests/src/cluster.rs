@@ -177,8 +177,8 @@ impl Cluster {
             .args(["--admin-addr", &node.admin.to_string()])
             .args(["--peers", &peers])
             .env(
-                "RUST_LOG",
-                std::env::var("CT_NODE_LOG").unwrap_or_else(|_| "info".into()),
+                "SLUICE_LOG",
+                std::env::var("CT_NODE_LOG").unwrap_or_else(|_| "info,openraft=off".into()),
             )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
