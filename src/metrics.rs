@@ -53,7 +53,7 @@ impl Histogram {
 #[derive(Default)]
 pub struct Metrics {
     /// (api name, error code) -> count
-    requests: Mutex<BTreeMap<(&'static str, i16), u64>>,
+    requests: Mutex<BTreeMap<(String, i16), u64>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub produce_latency: Histogram,
@@ -61,9 +61,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn count_request(&self, api: &'static str, error_code: i16) {
+    pub fn count_request(&self, api: &str, error_code: i16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((api, error_code)).or_insert(0) += 1;
+        match m.get_mut(&(api.to_string(), error_code)) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert((api.to_string(), error_code), 1);
+            }
+        }
     }
 
     pub fn render(&self, out: &mut String) {

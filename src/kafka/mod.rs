@@ -89,12 +89,22 @@ async fn handle_connection(
     let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
 
     // The writer awaits responses strictly in request order.
+    let metrics_node = node.clone();
     let writer = tokio::spawn(async move {
+        let metrics = &metrics_node.metrics;
         let mut out = BytesMut::with_capacity(64 * 1024);
         while let Some(pending) = rx.recv().await {
             let Some((correlation_id, api_key, version, result)) = pending.await else {
                 return Err("handler task failed".to_string());
             };
+            if !matches!(api_key, ApiKey::Produce | ApiKey::Fetch) {
+                // Produce and Fetch count themselves, with their partitions' error codes.
+                let code = match &result {
+                    Some(Response::Kind(k)) => top_level_error(k),
+                    _ => 0,
+                };
+                metrics.count_request(&format!("{api_key:?}"), code);
+            }
             let Some(resp) = result else { continue };
             out.clear();
             out.put_i32(0); // size, patched below
@@ -201,6 +211,16 @@ fn decode_and_start(node: &Arc<Node>, frame: Bytes) -> Result<Pending, String> {
         .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
     let fut = handlers::dispatch(node.clone(), header, request);
     Ok(start(correlation_id, api_key, version, fut))
+}
+
+/// The error code of responses that carry one at the top level; per-item codes count as 0 here.
+fn top_level_error(k: &ResponseKind) -> i16 {
+    match k {
+        ResponseKind::ApiVersions(r) => r.error_code,
+        ResponseKind::DescribeCluster(r) => r.error_code,
+        ResponseKind::Metadata(r) => r.error_code,
+        _ => 0,
+    }
 }
 
 fn ready(correlation_id: i32, api_key: ApiKey, version: i16, result: HandlerResult) -> Pending {

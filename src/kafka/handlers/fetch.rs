@@ -58,10 +58,12 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
         let mut results: Vec<(TopicName, PartitionData)> = Vec::new();
         let mut total = 0usize;
         let mut any_error = false;
+        let mut worst = 0i16;
         for w in &wants {
             let (pd, watch) = fetch_partition(node, w, max_bytes.saturating_sub(total)).await;
             if pd.error_code != 0 {
                 any_error = true;
+                worst = pd.error_code;
             }
             total += pd.records.as_ref().map(Bytes::len).unwrap_or(0);
             if let Some(rx) = watch {
@@ -74,8 +76,7 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
             node.metrics
                 .bytes_out
                 .fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
-            node.metrics
-                .count_request("Fetch", if any_error { 1 } else { 0 });
+            node.metrics.count_request("Fetch", worst);
             node.metrics
                 .fetch_latency
                 .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
