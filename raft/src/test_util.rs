@@ -36,53 +36,8 @@ impl MetaApp for RecordingApp {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, v: i64) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    loop {
-        let byte = (z & 0x7f) as u8;
-        z >>= 7;
-        if z == 0 {
-            out.push(byte);
-            break;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
 /// A valid, uncompressed v2 batch with one record per value (no keys, no headers).
-pub(crate) fn data_batch(base_ts: i64, values: &[&[u8]]) -> Vec<u8> {
-    let mut records = Vec::new();
-    for (i, v) in values.iter().enumerate() {
-        let mut body = vec![0u8]; // record attributes
-        put_varint(&mut body, i as i64); // timestampDelta
-        put_varint(&mut body, i as i64); // offsetDelta
-        put_varint(&mut body, -1); // null key
-        put_varint(&mut body, v.len() as i64);
-        body.extend_from_slice(v);
-        put_varint(&mut body, 0); // no headers
-        put_varint(&mut records, body.len() as i64);
-        records.extend_from_slice(&body);
-    }
-    let n = values.len() as i32;
-    let mut b = Vec::new();
-    b.extend_from_slice(&0i64.to_be_bytes());
-    b.extend_from_slice(&((61 - 12 + records.len()) as i32).to_be_bytes());
-    b.extend_from_slice(&0i32.to_be_bytes());
-    b.push(2);
-    b.extend_from_slice(&[0u8; 4]);
-    b.extend_from_slice(&0i16.to_be_bytes());
-    b.extend_from_slice(&(n - 1).to_be_bytes());
-    b.extend_from_slice(&base_ts.to_be_bytes());
-    b.extend_from_slice(&(base_ts + i64::from(n.max(1)) - 1).to_be_bytes());
-    b.extend_from_slice(&(-1i64).to_be_bytes());
-    b.extend_from_slice(&(-1i16).to_be_bytes());
-    b.extend_from_slice(&(-1i32).to_be_bytes());
-    b.extend_from_slice(&n.to_be_bytes());
-    b.extend_from_slice(&records);
-    let crc = crc32c::crc32c(&b[21..]);
-    b[17..21].copy_from_slice(&crc.to_be_bytes());
-    b
-}
+pub(crate) use sluice_storage::batch::testutil::batch_of_values as data_batch;
 
 /// Logs to the test output when `RUST_LOG` is set.
 pub(crate) fn init_tracing() {

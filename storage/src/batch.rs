@@ -233,9 +233,10 @@ pub fn internal_payload(batch: &[u8]) -> Result<&[u8], BatchError> {
     Ok(&batch[BATCH_HEADER_LEN..])
 }
 
-/// Test helpers shared with the log tests: builds real v2 batches with varint-encoded records.
-#[cfg(test)]
-pub(crate) mod testutil {
+/// Test helpers: builds real v2 batches with varint-encoded records. Shared with this crate's
+/// tests and, through the `testing` feature, with other crates' tests.
+#[cfg(any(test, feature = "testing"))]
+pub mod testutil {
     use super::*;
 
     fn put_varint(out: &mut Vec<u8>, v: i64) {
@@ -253,21 +254,31 @@ pub(crate) mod testutil {
 
     /// A valid, uncompressed v2 batch with one record per entry of `value_sizes`; record i has
     /// timestamp `base_ts + i`.
-    pub(crate) fn data_batch(base_ts: i64, value_sizes: &[usize]) -> Vec<u8> {
+    pub fn data_batch(base_ts: i64, value_sizes: &[usize]) -> Vec<u8> {
+        let values: Vec<Vec<u8>> = value_sizes
+            .iter()
+            .map(|&size| (0..size).map(|j| (j % 251) as u8).collect())
+            .collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        batch_of_values(base_ts, &refs)
+    }
+
+    /// A valid, uncompressed v2 batch with one record per value (no keys, no headers); record i
+    /// has timestamp `base_ts + i`.
+    pub fn batch_of_values(base_ts: i64, values: &[&[u8]]) -> Vec<u8> {
         let mut records = Vec::new();
-        for (i, &size) in value_sizes.iter().enumerate() {
-            let mut body = Vec::new();
-            body.push(0u8); // record attributes
+        for (i, v) in values.iter().enumerate() {
+            let mut body = vec![0u8]; // record attributes
             put_varint(&mut body, i as i64); // timestampDelta
             put_varint(&mut body, i as i64); // offsetDelta
             put_varint(&mut body, -1); // null key
-            put_varint(&mut body, size as i64);
-            body.extend((0..size).map(|j| (j % 251) as u8));
+            put_varint(&mut body, v.len() as i64);
+            body.extend_from_slice(v);
             put_varint(&mut body, 0); // no headers
             put_varint(&mut records, body.len() as i64);
             records.extend_from_slice(&body);
         }
-        let n = value_sizes.len() as i32;
+        let n = values.len() as i32;
         let mut b = Vec::new();
         b.extend_from_slice(&0i64.to_be_bytes());
         b.extend_from_slice(
