@@ -641,6 +641,7 @@ async fn fenced_leader_loop(node: Arc<Node>) {
 /// to itself, one partition at a time, which keeps elections from piling up.
 async fn preferred_leader_loop(node: Arc<Node>) {
     const SETTLE: Duration = Duration::from_secs(10);
+    const PREFERRED_ELECTIONS_PER_ROUND: usize = 32;
     let mut not_leading_since: std::collections::HashMap<(String, i32), std::time::Instant> =
         Default::default();
     loop {
@@ -673,6 +674,9 @@ async fn preferred_leader_loop(node: Arc<Node>) {
         };
         let keys: BTreeSet<(String, i32)> = candidates.iter().map(|(k, _)| k.clone()).collect();
         not_leading_since.retain(|k, _| keys.contains(k));
+        // Several at a time: after a node returns, a third of a large cluster's partitions may
+        // want their leader back, and one per round would take many minutes.
+        let mut elections = tokio::task::JoinSet::new();
         for (key, group) in candidates {
             let since = *not_leading_since
                 .entry(key.clone())
@@ -681,12 +685,17 @@ async fn preferred_leader_loop(node: Arc<Node>) {
                 continue;
             }
             info!(topic = %key.0, partition = key.1, "taking back preferred leadership");
-            if let Err(e) = group.trigger_elect().await {
-                tracing::debug!(error = %e, "preferred leader election did not win");
-            }
             not_leading_since.remove(&key);
-            break;
+            elections.spawn(async move {
+                if let Err(e) = group.trigger_elect().await {
+                    tracing::debug!(error = %e, "preferred leader election did not win");
+                }
+            });
+            if elections.len() >= PREFERRED_ELECTIONS_PER_ROUND {
+                break;
+            }
         }
+        while elections.join_next().await.is_some() {}
     }
 }
 
@@ -724,13 +733,42 @@ async fn wait_for_metadata_catch_up(node: &Arc<Node>) {
     }
 }
 
+/// A partition this node should host, as the reconciler needs it.
+struct Wanted {
+    group: String,
+    id_hex: String,
+    segment_bytes: Option<u64>,
+    /// Preferred leader first.
+    replicas: Vec<u64>,
+}
+
 async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     let me = node.cfg.node_id;
-    // desired: (topic, partition) -> (topic meta, replicas)
-    let desired: BTreeMap<(String, i32), (TopicMeta, Vec<u64>)> = {
+    // Only what opening needs, not the TopicMeta: cloning a topic's whole assignment for each of
+    // its partitions made every reconcile quadratic in the partition count.
+    let desired: BTreeMap<(String, i32), Wanted> = {
         let st = node.state();
+        let mut topic_bits: HashMap<&str, (String, Option<u64>)> = HashMap::new();
         st.partitions_on(me)
-            .map(|(t, p, r)| ((t.name.clone(), p as i32), (t.clone(), r.clone())))
+            .map(|(t, p, r)| {
+                let (id_hex, segment_bytes) =
+                    topic_bits.entry(t.name.as_str()).or_insert_with(|| {
+                        (
+                            t.id_hex(),
+                            t.configs.get("segment.bytes").and_then(|v| v.parse().ok()),
+                        )
+                    });
+                let p = p as i32;
+                (
+                    (t.name.clone(), p),
+                    Wanted {
+                        group: group_id(t, p),
+                        id_hex: id_hex.clone(),
+                        segment_bytes: *segment_bytes,
+                        replicas: r.clone(),
+                    },
+                )
+            })
             .collect()
     };
     let current: Vec<(String, i32)> = node
@@ -745,9 +783,9 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     for key in current {
         let keep = desired
             .get(&key)
-            .map(|(t, _)| {
+            .map(|w| {
                 node.partition(&key.0, key.1)
-                    .map(|g| g.status().group == group_id(t, key.1))
+                    .map(|g| g.group_id() == w.group)
                     .unwrap_or(false)
             })
             .unwrap_or(false);
@@ -766,34 +804,34 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     }
 
     let mut failures = 0usize;
-    for ((topic, p), (meta, replicas)) in desired {
+    for ((topic, p), wanted) in desired {
         if node.partition(&topic, p).is_some() {
             continue;
         }
         let dir = node.partition_dir(&topic, p);
-        let gid = group_id(&meta, p);
+        let Wanted {
+            group: gid,
+            id_hex,
+            segment_bytes,
+            replicas,
+        } = wanted;
         // A directory left by an older topic of the same name must not leak its data.
         let id_file = dir.join("topic_id");
         if let Ok(old) = std::fs::read_to_string(&id_file) {
-            if old.trim() != meta.id_hex() {
+            if old.trim() != id_hex {
                 warn!(%topic, partition = p, "removing data of a deleted topic with the same name");
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
         std::fs::create_dir_all(&dir)?;
-        sluice_storage::file::write_atomic(&id_file, meta.id_hex().as_bytes())?;
+        sluice_storage::file::write_atomic(&id_file, id_hex.as_bytes())?;
         let log_cfg = LogConfig {
-            segment_bytes_max: meta
-                .configs
-                .get("segment.bytes")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(node.cfg.log_segment_bytes),
+            segment_bytes_max: segment_bytes.unwrap_or(node.cfg.log_segment_bytes),
             ..LogConfig::default()
         };
-        let voters: BTreeSet<u64> = replicas.iter().copied().collect();
         // One broken partition must not keep the others from opening: note it, go on, and let
         // the loop retry.
-        let group = match node.raft.open_partition(gid, dir, log_cfg, voters).await {
+        let group = match node.raft.open_partition(gid, dir, log_cfg, replicas).await {
             Ok(g) => g,
             Err(e) => {
                 error!(%topic, partition = p, error = %e, "cannot open partition");

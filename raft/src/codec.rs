@@ -249,6 +249,9 @@ pub(crate) enum RpcKind {
     /// An application request for the node's [`crate::AppHandler`]; the frame's group field
     /// carries the caller's node id in decimal, the payload is opaque.
     App = 4,
+    /// A node-to-node liveness ping ([`crate::liveness`]); the group field carries the caller's
+    /// node id, the payload is empty.
+    Ping = 5,
 }
 
 impl RpcKind {
@@ -258,6 +261,7 @@ impl RpcKind {
             2 => Ok(RpcKind::Vote),
             3 => Ok(RpcKind::InstallSnapshot),
             4 => Ok(RpcKind::App),
+            5 => Ok(RpcKind::Ping),
             tag => Err(CodecError::UnknownTag {
                 what: "rpc kind",
                 tag,

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::codec::ResponseStatus;
+use crate::liveness::{self, Liveness};
 use crate::meta_store::{MetaLogStore, MetaStateMachine};
 use crate::partition_store::{
     decode_offsets, PartitionLogStore, PartitionShared, PartitionStateMachine,
@@ -108,28 +109,21 @@ fn meta_config() -> Result<Arc<Config>, RaftError> {
     ))
 }
 
-/// Milliseconds without a quorum ack after which a multi-voter leader doubts its leadership; the
-/// partition groups' maximum election timeout.
-const LEADERSHIP_DOUBT_MS: u64 = 2000;
-
-fn leadership_in_doubt(m: &openraft::RaftMetrics<NodeId, crate::Node>) -> bool {
-    let voters = m.membership_config.membership().voter_ids().count();
-    // None = no quorum ack yet in this term: a leader that just won its election.
-    voters > 1
-        && m.millis_since_quorum_ack
-            .is_some_and(|ms| ms > LEADERSHIP_DOUBT_MS)
-}
-
-/// Partitions are many and mostly idle, so their timers are slower than openraft's defaults
-/// (DESIGN.md 4a: heartbeats are nearly all of an idle group's cost).
+/// Partitions are many and mostly idle, so they are quiet groups (DESIGN.md 4a): openraft's
+/// heartbeats and election timer are off, and the group supervisor ([`election_watchdog`]) drives
+/// elections and re-announcements from one node-to-node ping ([`crate::liveness`]). openraft
+/// still sends the commit index to followers whenever it advances.
 fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
     let c = Config {
         cluster_name: group.to_string(),
-        // 3x openraft's defaults: failover within ~2 s of a leader going silent (the chaos runs
-        // showed 5x left partitions leaderless for whole 6-8 s faults), still cheap when idle.
+        // Without heartbeats this is only the AppendEntries RPC timeout.
         heartbeat_interval: 300,
+        // The supervisor's patience before electing in a leaderless group, and openraft's leader
+        // lease: a voter refuses votes this long after the leader's last append reached it.
         election_timeout_min: 1000,
         election_timeout_max: 2000,
+        enable_heartbeat: false,
+        enable_elect: false,
         max_payload_entries: PARTITION_MAX_PAYLOAD_ENTRIES,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(PARTITION_SNAPSHOT_EVERY_ENTRIES),
         // A partition snapshot holds no records, so purging the log behind it would delete
@@ -162,29 +156,90 @@ async fn elect_if_sole_voter(raft: &Raft, node_id: NodeId) -> Result<(), RaftErr
     Ok(())
 }
 
-/// How often the election watchdog looks at the groups (randomized per round, see below).
+/// How often the group supervisor looks at the groups (randomized per round, see below).
 const WATCHDOG_PERIOD_MS: std::ops::Range<u64> = 100..400;
+
+/// A follower whose leader's node is down, or no longer claims the group, elects after a random
+/// wait in this range (on top of [`crate::liveness::ALIVE_WITHIN`] for a silent node), so that
+/// the followers of one group rarely collide.
+const LEADER_LOST_PATIENCE_MS: (u64, u64) = (200, 1000);
+
+/// A quiet leader nudges followers that lag behind its log at most this often (openraft does not
+/// retry replication to a follower that was down until there is something new to send).
+const NUDGE_EVERY: Duration = Duration::from_secs(1);
 
 /// A uniformly random duration in `[min_ms, max_ms]`.
 fn random_timeout(min_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(min_ms..=max_ms.max(min_ms)))
 }
 
-/// Breaks split-vote livelocks that openraft 0.9's own timer cannot: each Raft instance draws its
-/// election timeout once at start and checks it only on a tick of 1.5 x heartbeat interval, so
-/// two candidates whose timeouts fall into the same tick collide in every round, forever (seen
-/// in tests within a few runs). For a voter that has seen no leader for a random time within the
-/// group's election timeout range (drawn afresh for every attempt, and measured on a clock that is
-/// not tick-quantized), this triggers an election; the higher term wins against the other
-/// candidate's vote. It only acts once openraft's own timer has started a round (a follower keeps
-/// its old leader until then), so leader leases are untouched.
+/// Why a voter thinks its group needs an election, if it does.
+fn stall_reason(
+    group: &str,
+    m: &RaftMetrics<NodeId, BasicNode>,
+    node_id: NodeId,
+    liveness: &Liveness,
+) -> Option<&'static str> {
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    if !matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        || voters.len() < 2
+        || !voters.contains(&node_id)
+    {
+        return None;
+    }
+    if group == META_GROUP {
+        // The metadata group keeps openraft's timers; this only breaks split votes.
+        return m
+            .current_leader
+            .is_none()
+            .then_some("no leader elected by the timer");
+    }
+    // Like a pre-vote: a node that cannot reach a majority would only raise the term and
+    // disrupt the group when it comes back.
+    if !liveness.quorum_reachable(node_id, &voters) {
+        return None;
+    }
+    match m.current_leader {
+        None if liveness.someone_leads(&voters, group) => None,
+        None => Some("no leader"),
+        Some(l) if l == node_id => None,
+        Some(l) if !liveness.alive(l) => Some("the leader's node is unreachable"),
+        Some(l) if !liveness.alive_and_leads(l, group) => Some("the leader no longer leads"),
+        Some(_) => None,
+    }
+}
+
+/// Whether a leader has voters whose log is behind its own.
+fn has_lagging_follower(m: &RaftMetrics<NodeId, BasicNode>) -> bool {
+    let Some(repl) = &m.replication else {
+        return false;
+    };
+    let last = m.last_log_index;
+    m.membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| repl.get(&v).is_some_and(|l| l.map(|l| l.index) < last))
+}
+
+/// The group supervisor: what openraft's timers do for a group, for quiet partition groups.
+///
+/// - A voter elects when its group has no leader, its leader's node stopped answering pings, or
+///   the leader's node no longer claims the group; after a random patience, redrawn for every
+///   attempt (openraft does not retry a triggered election that loses, so this does).
+/// - A leader nudges lagging followers with a heartbeat.
+///
+/// For the metadata group, which keeps its timers, it only breaks split votes: each openraft 0.9
+/// instance draws its election timeout once and checks it only on a tick of 1.5 x heartbeat
+/// interval, so two candidates whose timeouts fall into the same tick collide forever.
 async fn election_watchdog(
     registry: Arc<Registry>,
     node_id: NodeId,
+    liveness: Arc<Liveness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut leaderless_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
+    let mut stalled_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
     let mut patience: HashMap<GroupId, Duration> = HashMap::new();
+    let mut nudged: HashMap<GroupId, std::time::Instant> = HashMap::new();
     loop {
         let period = Duration::from_millis(rand::thread_rng().gen_range(WATCHDOG_PERIOD_MS));
         tokio::select! {
@@ -192,25 +247,39 @@ async fn election_watchdog(
             _ = shutdown.changed() => return,
         }
         let mut seen = BTreeSet::new();
+        let now = std::time::Instant::now();
         for (group, raft) in registry.all() {
-            let stalled = {
+            let (reason, lagging, leader_known) = {
                 let m = raft.metrics();
                 let m = m.borrow();
-                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                matches!(m.state, ServerState::Follower | ServerState::Candidate)
-                    && m.current_leader.is_none()
-                    && voters.len() > 1
-                    && voters.contains(&node_id)
+                (
+                    stall_reason(&group, &m, node_id, &liveness),
+                    group != META_GROUP
+                        && m.state == ServerState::Leader
+                        && has_lagging_follower(&m),
+                    m.current_leader.is_some(),
+                )
             };
-            if !stalled {
-                leaderless_since.remove(&group);
+            if lagging
+                && nudged
+                    .get(&group)
+                    .is_none_or(|t| now.duration_since(*t) >= NUDGE_EVERY)
+            {
+                nudged.insert(group.clone(), now);
+                if let Err(e) = raft.trigger().heartbeat().await {
+                    tracing::debug!(%group, error = %e, "nudging followers failed");
+                }
+            }
+            let Some(reason) = reason else {
+                stalled_since.remove(&group);
                 patience.remove(&group);
                 continue;
-            }
+            };
             seen.insert(group.clone());
-            let now = std::time::Instant::now();
-            let since = *leaderless_since.entry(group.clone()).or_insert(now);
-            let (min_ms, max_ms) = {
+            let since = *stalled_since.entry(group.clone()).or_insert(now);
+            let (min_ms, max_ms) = if leader_known {
+                LEADER_LOST_PATIENCE_MS
+            } else {
                 let c = raft.config();
                 (c.election_timeout_min, c.election_timeout_max)
             };
@@ -220,18 +289,47 @@ async fn election_watchdog(
             if now.duration_since(since) >= wait {
                 tracing::info!(
                     %group,
-                    leaderless_ms = now.duration_since(since).as_millis() as u64,
-                    "no leader elected by the timer; triggering an election"
+                    reason,
+                    stalled_ms = now.duration_since(since).as_millis() as u64,
+                    "triggering an election"
                 );
                 if let Err(e) = raft.trigger().elect().await {
                     tracing::warn!(%group, error = %e, "triggering an election failed");
                 }
-                leaderless_since.insert(group.clone(), now);
+                stalled_since.insert(group.clone(), now);
                 patience.insert(group.clone(), random_timeout(min_ms, max_ms));
             }
         }
-        leaderless_since.retain(|g, _| seen.contains(g));
+        stalled_since.retain(|g, _| seen.contains(g));
         patience.retain(|g, _| seen.contains(g));
+        nudged.retain(|_, t| now.duration_since(*t) < NUDGE_EVERY);
+    }
+}
+
+/// A leader re-announces itself to a peer that is reachable again (it may have restarted, or
+/// elected in vain while cut off): a quiet group would otherwise leave that follower without a
+/// leader until the next write.
+fn announce_to(registry: &Registry, peer: NodeId) {
+    for (group, raft) in registry.all() {
+        if group == META_GROUP {
+            continue;
+        }
+        let is_voter_leader = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader
+                && m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == peer)
+        };
+        if is_voter_leader {
+            tokio::spawn(async move {
+                if let Err(e) = raft.trigger().heartbeat().await {
+                    tracing::debug!(%group, error = %e, "announcing leadership failed");
+                }
+            });
+        }
     }
 }
 
@@ -489,6 +587,7 @@ pub struct PartitionGroup {
     meta: Raft,
     shared: Arc<PartitionShared>,
     hw_rx: watch::Receiver<i64>,
+    liveness: Arc<Liveness>,
     /// Appends hold it shared; a leadership transfer holds it exclusively so the target can catch
     /// up to a log that has stopped growing.
     gate: tokio::sync::RwLock<()>,
@@ -549,7 +648,19 @@ impl PartitionGroup {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        elect.await?;
+        // The target's higher term reaches this quiet leader only through an append, so keep
+        // sending some while it elects: the reply makes this node step down and then grant the
+        // target its vote.
+        let mut heartbeats = tokio::time::interval(Duration::from_millis(100));
+        tokio::pin!(elect);
+        loop {
+            tokio::select! {
+                res = &mut elect => { res?; break; }
+                _ = heartbeats.tick() => {
+                    let _ = self.raft.trigger().heartbeat().await;
+                }
+            }
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while self.is_leader() {
             if tokio::time::Instant::now() > deadline {
@@ -623,29 +734,38 @@ impl PartitionGroup {
         .map_err(|e| RaftError::Other(e.to_string()))?
     }
 
+    pub fn group_id(&self) -> &str {
+        &self.group
+    }
+
     /// The Raft term, which is the Kafka leader epoch (single-term-leader: one leader per term).
     pub fn leader_epoch(&self) -> i32 {
         i32::try_from(self.raft.metrics().borrow().current_term).unwrap_or(i32::MAX)
     }
 
-    /// Leader, and not cut off: a leader that has not heard from a majority for longer than the
-    /// election timeout may already have been replaced, so it stops claiming leadership (clients
-    /// then look elsewhere instead of waiting on writes that cannot commit).
+    /// Leader, and not cut off: a leader whose node cannot reach a majority of the voters' nodes
+    /// may already have been replaced (their supervisors elect soon after), so it stops claiming
+    /// leadership, and clients look elsewhere instead of waiting on writes that cannot commit.
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.state == ServerState::Leader
             && m.current_leader == Some(self.node_id)
-            && !leadership_in_doubt(&m)
+            && !self.leadership_in_doubt(&m)
     }
 
     pub fn leader(&self) -> Option<u64> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        if m.current_leader == Some(self.node_id) && leadership_in_doubt(&m) {
+        if m.current_leader == Some(self.node_id) && self.leadership_in_doubt(&m) {
             return None;
         }
         m.current_leader
+    }
+
+    fn leadership_in_doubt(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        !self.liveness.quorum_reachable(self.node_id, &voters)
     }
 
     pub fn status(&self) -> GroupStatus {
@@ -698,6 +818,7 @@ pub struct RaftHost {
     local_addr: SocketAddr,
     registry: Arc<Registry>,
     transport: Arc<Transport>,
+    liveness: Arc<Liveness>,
     meta: MetaGroup,
     partitions: RwLock<HashMap<GroupId, Arc<PartitionGroup>>>,
     /// Serializes open/close so that two concurrent opens of one group cannot both create it.
@@ -763,9 +884,20 @@ impl RaftHost {
             registry.clone(),
             shutdown_rx.clone(),
         ));
+        let liveness = Arc::new(Liveness::default());
         tokio::spawn(election_watchdog(
             registry.clone(),
             cfg.node_id,
+            liveness.clone(),
+            shutdown_rx.clone(),
+        ));
+        let announce_registry = registry.clone();
+        tokio::spawn(liveness::ping_loop(
+            transport.clone(),
+            registry.clone(),
+            liveness.clone(),
+            cfg.node_id,
+            Arc::new(move |peer| announce_to(&announce_registry, peer)),
             shutdown_rx,
         ));
         tracing::info!(node_id = cfg.node_id, %local_addr, has_state, "raft host started");
@@ -780,6 +912,7 @@ impl RaftHost {
             local_addr,
             registry,
             transport,
+            liveness,
             partitions: RwLock::new(HashMap::new()),
             open_lock: tokio::sync::Mutex::new(()),
             shutdown_tx,
@@ -916,13 +1049,15 @@ impl RaftHost {
     }
 
     /// Opens the partition group stored in `dir`, creating it if new, as one of the group's
-    /// ORIGINAL `voters` (the set it was created with; pass the same set on every replica).
+    /// ORIGINAL `replicas` (the voters it was created with, preferred leader first; pass the same
+    /// list on every replica).
     ///
-    /// A new group is initialized with `voters` by every voter, which openraft allows because the
-    /// initial membership entry is identical everywhere: the lowest-id voter at once (it runs the
-    /// first election), the others after a random delay within the election timeout unless a
-    /// leader has contacted them by then. So a group gets a leader even if its lowest-id voter
-    /// is down, and a voter opening it late just becomes a follower. A group whose only voter is
+    /// A new group is initialized with the replicas as voters by every voter, which openraft
+    /// allows because the initial membership entry is identical everywhere: the first replica at
+    /// once (it runs the first election, so the preferred leader leads from the start), the
+    /// others after a random delay within the election timeout unless a leader has contacted them
+    /// by then. So a group gets a leader even if its first replica is down, and a voter opening
+    /// it late just becomes a follower. A group whose only voter is
     /// this node leads at once. For a replica ADDED to an existing group use
     /// [`RaftHost::join_partition`] instead (its initial membership would differ).
     pub async fn open_partition(
@@ -930,9 +1065,10 @@ impl RaftHost {
         group: GroupId,
         dir: PathBuf,
         log_cfg: LogConfig,
-        voters: BTreeSet<u64>,
+        replicas: impl IntoIterator<Item = u64>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
-        self.open_partition_inner(group, dir, log_cfg, Some(voters))
+        let replicas: Vec<u64> = replicas.into_iter().collect();
+        self.open_partition_inner(group, dir, log_cfg, Some(replicas))
             .await
     }
 
@@ -954,8 +1090,9 @@ impl RaftHost {
         group: GroupId,
         dir: PathBuf,
         log_cfg: LogConfig,
-        voters: Option<BTreeSet<u64>>,
+        replicas: Option<Vec<u64>>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
+        let voters: Option<BTreeSet<u64>> = replicas.as_ref().map(|r| r.iter().copied().collect());
         let _guard = self.open_lock.lock().await;
         if *self.shutdown_tx.borrow() {
             return Err(RaftError::Shutdown);
@@ -997,6 +1134,7 @@ impl RaftHost {
             meta: self.meta.raft.clone(),
             shared,
             hw_rx,
+            liveness: self.liveness.clone(),
             gate: tokio::sync::RwLock::new(()),
         });
         if let Ok(mut parts) = self.partitions.write() {
@@ -1004,11 +1142,11 @@ impl RaftHost {
         }
 
         let started = if !has_state {
-            match &voters {
-                Some(v) if v.first() == Some(&self.cfg.node_id) => {
+            match (&voters, &replicas) {
+                (Some(v), Some(r)) if r.first() == Some(&self.cfg.node_id) => {
                     self.initialize_partition(&raft, v).await
                 }
-                Some(v) if v.contains(&self.cfg.node_id) => {
+                (Some(v), _) if v.contains(&self.cfg.node_id) => {
                     self.initialize_partition_later(&group, &raft, v)
                 }
                 _ => Ok(()),
@@ -1053,8 +1191,8 @@ impl RaftHost {
             .map_err(|e| RaftError::Other(format!("initializing partition group: {e}")))
     }
 
-    /// A voter other than the lowest-id one initializes a new group only if nobody has
-    /// contacted it within a random election timeout (the lowest-id voter is down or slow):
+    /// A voter other than the first replica initializes a new group only if nobody has
+    /// contacted it within a random election timeout (the first replica is down or slow):
     /// the initial membership entry is the same on every voter, so a second initialization is
     /// harmless, and the random delay keeps the late initializers from splitting the vote.
     fn initialize_partition_later(

@@ -18,6 +18,7 @@
 mod codec;
 mod error;
 mod host;
+mod liveness;
 mod meta_store;
 mod partition_store;
 mod transport;

@@ -59,9 +59,15 @@ pub(crate) struct Registry {
     groups: RwLock<HashMap<GroupId, Raft>>,
     /// The node's handler of [`RpcKind::App`] requests; until it is set they get an error reply.
     app: RwLock<Option<Arc<dyn AppHandler>>>,
+    /// This process's boot id for ping answers, drawn on first use.
+    boot: std::sync::OnceLock<u64>,
 }
 
 impl Registry {
+    pub(crate) fn boot(&self) -> u64 {
+        *self.boot.get_or_init(rand::random)
+    }
+
     pub(crate) fn set_app(&self, handler: Arc<dyn AppHandler>) {
         if let Ok(mut a) = self.app.write() {
             *a = Some(handler);
@@ -540,6 +546,12 @@ async fn dispatch(
     if kind == RpcKind::App {
         return dispatch_app(registry, group, payload).await;
     }
+    if kind == RpcKind::Ping {
+        return (
+            ResponseStatus::Ok,
+            crate::liveness::answer_ping(registry, registry.boot()).to_vec(),
+        );
+    }
     let Some(raft) = registry.get(group) else {
         return (
             ResponseStatus::UnknownGroup,
@@ -559,7 +571,7 @@ async fn dispatch(
             Ok(req) => json_reply(&raft.install_snapshot(req).await),
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
-        RpcKind::App => (ResponseStatus::Failed, b"unreachable".to_vec()),
+        RpcKind::App | RpcKind::Ping => (ResponseStatus::Failed, b"unreachable".to_vec()),
     }
 }
 

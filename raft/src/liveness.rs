@@ -1,0 +1,240 @@
+//! Node-to-node liveness, which lets partition groups stay quiet when idle.
+//!
+//! Partition groups run with openraft's heartbeats and election timer off (DESIGN.md 4a: nearly
+//! all of an idle group's cost is heartbeats). Instead every node pings each peer it shares a
+//! group with, one small RPC per peer however many groups there are, and the reply names the
+//! partition groups the peer leads. The group supervisor ([`crate::host`]) turns that into the
+//! decisions openraft's timers used to make per group: a follower elects when its leader's node
+//! is silent or no longer claims the group; a leader stops claiming a group when it cannot reach
+//! a majority of its voters; and a leader re-announces itself to a peer that comes back.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::codec::{ResponseStatus, RpcKind};
+use crate::transport::{Registry, Transport};
+use crate::{GroupId, NodeId, META_GROUP};
+
+/// How often each peer is pinged.
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(250);
+
+/// A peer whose last ping answer is older than this counts as down. Four ping rounds, so a single
+/// slow answer does not start elections.
+pub(crate) const ALIVE_WITHIN: Duration = Duration::from_millis(1000);
+
+/// What a node answers to a ping.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct PingReply {
+    /// Random per process start: a changed value means the peer restarted and lost its view of
+    /// who leads what.
+    pub(crate) boot: u64,
+    /// The partition groups this node leads.
+    pub(crate) leads: Vec<GroupId>,
+}
+
+#[derive(Debug)]
+struct PeerView {
+    boot: u64,
+    last_ok: Instant,
+    leads: HashSet<GroupId>,
+}
+
+/// The last ping answer of every peer.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    peers: Mutex<HashMap<NodeId, PeerView>>,
+}
+
+impl Liveness {
+    /// Records an answer; true when the peer has (re)appeared: never heard, silent for longer
+    /// than [`ALIVE_WITHIN`], or restarted.
+    pub(crate) fn record(&self, peer: NodeId, reply: PingReply) -> bool {
+        let now = Instant::now();
+        let Ok(mut peers) = self.peers.lock() else {
+            return false;
+        };
+        let leads = reply.leads.into_iter().collect();
+        match peers.get_mut(&peer) {
+            Some(v) => {
+                let back = v.boot != reply.boot || now.duration_since(v.last_ok) > ALIVE_WITHIN;
+                v.boot = reply.boot;
+                v.last_ok = now;
+                v.leads = leads;
+                back
+            }
+            None => {
+                peers.insert(
+                    peer,
+                    PeerView {
+                        boot: reply.boot,
+                        last_ok: now,
+                        leads,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    pub(crate) fn alive(&self, peer: NodeId) -> bool {
+        self.peers
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&peer).map(|v| v.last_ok.elapsed() <= ALIVE_WITHIN))
+            .unwrap_or(false)
+    }
+
+    /// Whether `peer` is alive and its last answer says it leads `group`.
+    pub(crate) fn alive_and_leads(&self, peer: NodeId, group: &str) -> bool {
+        self.peers
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.get(&peer)
+                    .map(|v| v.last_ok.elapsed() <= ALIVE_WITHIN && v.leads.contains(group))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Whether any live peer among `voters` claims to lead `group`.
+    pub(crate) fn someone_leads(&self, voters: &[NodeId], group: &str) -> bool {
+        voters.iter().any(|v| self.alive_and_leads(*v, group))
+    }
+
+    /// Whether this node together with the live ones among `voters` is a majority of `voters`.
+    pub(crate) fn quorum_reachable(&self, node_id: NodeId, voters: &[NodeId]) -> bool {
+        let reachable = voters
+            .iter()
+            .filter(|v| **v == node_id || self.alive(**v))
+            .count();
+        reachable * 2 > voters.len()
+    }
+}
+
+/// The partition groups this node leads, for a ping answer.
+pub(crate) fn led_groups(registry: &Registry) -> Vec<GroupId> {
+    registry
+        .all()
+        .into_iter()
+        .filter(|(g, raft)| g != META_GROUP && raft.metrics().borrow().state == ServerState::Leader)
+        .map(|(g, _)| g)
+        .collect()
+}
+
+/// The other voters of this node's partition groups: the peers worth pinging.
+fn partition_peers(registry: &Registry, node_id: NodeId) -> BTreeSet<NodeId> {
+    let mut peers = BTreeSet::new();
+    for (g, raft) in registry.all() {
+        if g == META_GROUP {
+            continue;
+        }
+        let m = raft.metrics();
+        let m = m.borrow();
+        peers.extend(
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != node_id),
+        );
+    }
+    peers
+}
+
+/// Pings every peer each [`PING_EVERY`]; `on_back` runs (on the pinging task) for a peer that
+/// has (re)appeared.
+pub(crate) async fn ping_loop(
+    transport: Arc<Transport>,
+    registry: Arc<Registry>,
+    liveness: Arc<Liveness>,
+    node_id: NodeId,
+    on_back: Arc<dyn Fn(NodeId) + Send + Sync>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let from = node_id.to_string();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PING_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+        for peer in partition_peers(&registry, node_id) {
+            let Some(addr) = transport.addr_of(peer) else {
+                continue;
+            };
+            let transport = transport.clone();
+            let liveness = liveness.clone();
+            let on_back = on_back.clone();
+            let from = from.clone();
+            // One task per ping, so a peer that does not answer delays nobody else's.
+            tokio::spawn(async move {
+                let res = transport
+                    .call(peer, &addr, RpcKind::Ping, &from, |_| Ok(()), ALIVE_WITHIN)
+                    .await;
+                let Ok((ResponseStatus::Ok, body)) = res else {
+                    return;
+                };
+                match serde_json::from_slice::<PingReply>(&body) {
+                    Ok(reply) => {
+                        if liveness.record(peer, reply) {
+                            tracing::debug!(peer, "peer is reachable again");
+                            on_back(peer);
+                        }
+                    }
+                    Err(e) => tracing::warn!(peer, error = %e, "undecodable ping reply"),
+                }
+            });
+        }
+    }
+}
+
+/// The answer to a ping.
+pub(crate) fn answer_ping(registry: &Registry, boot: u64) -> Bytes {
+    let reply = PingReply {
+        boot,
+        leads: led_groups(registry),
+    };
+    Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(boot: u64, leads: &[&str]) -> PingReply {
+        PingReply {
+            boot,
+            leads: leads.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn first_answer_and_restart_count_as_back() {
+        let l = Liveness::default();
+        assert!(!l.alive(2));
+        assert!(l.record(2, reply(7, &["a"])));
+        assert!(l.alive(2));
+        assert!(
+            !l.record(2, reply(7, &["a"])),
+            "same boot, recent: not back"
+        );
+        assert!(l.record(2, reply(8, &[])), "new boot id: restarted");
+    }
+
+    #[test]
+    fn leads_and_quorum() {
+        let l = Liveness::default();
+        l.record(2, reply(1, &["g1"]));
+        assert!(l.alive_and_leads(2, "g1"));
+        assert!(!l.alive_and_leads(2, "g2"));
+        assert!(!l.alive_and_leads(3, "g1"));
+        assert!(l.someone_leads(&[1, 2, 3], "g1"));
+        assert!(l.quorum_reachable(1, &[1, 2, 3]), "self + 2 of 3");
+        assert!(!l.quorum_reachable(1, &[1, 3, 4]), "3 and 4 never answered");
+        assert!(l.quorum_reachable(1, &[1]));
+    }
+}
