@@ -155,6 +155,11 @@ async fn raft(State(node): State<Arc<Node>>) -> Json<Value> {
                 "applied_index": s.applied_index,
                 "voters": s.voters,
                 "match_index": s.match_index,
+                "snapshot_index": s.snapshot_index,
+                "purged_index": s.purged_index,
+                // Partition groups only: where this replica's Kafka log starts and ends.
+                "log_start_offset": node.raft.partition(&s.group).map(|g| g.log_start_offset()),
+                "log_end_offset": node.raft.partition(&s.group).map(|g| g.log_end_offset()),
             })
         })
         .collect();

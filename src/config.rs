@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub log_segment_bytes: u64,
     pub log_retention_ms: i64,
     pub log_retention_bytes: i64,
+    /// How often each partition replica looks for segments that retention deletes.
+    pub log_retention_check_interval_ms: u64,
     /// Largest request frame we accept; checked before the frame is allocated.
     pub socket_request_max_bytes: usize,
     /// Connections beyond this are closed at accept time.
@@ -71,6 +73,7 @@ impl Default for ServerConfig {
             log_segment_bytes: 1 << 30,
             log_retention_ms: 7 * 24 * 3600 * 1000,
             log_retention_bytes: -1,
+            log_retention_check_interval_ms: 300_000,
             socket_request_max_bytes: 104_857_600,
             max_connections: 10_000,
             max_in_flight_requests_per_connection: 64,
@@ -202,6 +205,13 @@ impl ServerConfig {
                 self.log_retention_ms = parse_num::<i64>(key, v)?.saturating_mul(3_600_000)
             }
             "log.retention.bytes" => self.log_retention_bytes = parse_num(key, v)?,
+            "log.retention.check.interval.ms" => {
+                let ms: u64 = parse_num(key, v)?;
+                if ms < 1 {
+                    return Err(invalid(key, v, "must be at least 1"));
+                }
+                self.log_retention_check_interval_ms = ms;
+            }
             "socket.request.max.bytes" => self.socket_request_max_bytes = parse_num(key, v)?,
             "max.connections" => self.max_connections = parse_num(key, v)?,
             "sluice.raft.addr" => {
@@ -306,11 +316,18 @@ mod tests {
             .unwrap());
         assert!(c.apply_property("num.partitions", "3").unwrap());
         assert!(c.apply_property("log.retention.hours", "2").unwrap());
+        assert!(c
+            .apply_property("log.retention.check.interval.ms", "250")
+            .unwrap());
+        assert!(c
+            .apply_property("log.retention.check.interval.ms", "0")
+            .is_err());
         assert!(!c.apply_property("some.unknown.key", "x").unwrap());
         assert_eq!(c.node_id, 7);
         assert_eq!(c.kafka_addr, "127.0.0.1:19092");
         assert_eq!(c.num_partitions, 3);
         assert_eq!(c.log_retention_ms, 7_200_000);
+        assert_eq!(c.log_retention_check_interval_ms, 250);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod metadata;
 pub mod metrics;
 pub mod node;
+pub mod retention;
 pub mod server;
 
 #[global_allocator]

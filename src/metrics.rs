@@ -58,6 +58,9 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub produce_latency: Histogram,
     pub fetch_latency: Histogram,
+    /// Segments (and their bytes) deleted by retention on this node, all partitions.
+    pub retention_segments_deleted: AtomicU64,
+    pub retention_bytes_deleted: AtomicU64,
 }
 
 impl Metrics {
@@ -94,6 +97,19 @@ impl Metrics {
             "sluice_bytes_out_total {}",
             self.bytes_out.load(Ordering::Relaxed)
         );
+        for (name, v) in [
+            (
+                "sluice_retention_segments_deleted_total",
+                &self.retention_segments_deleted,
+            ),
+            (
+                "sluice_retention_bytes_deleted_total",
+                &self.retention_bytes_deleted,
+            ),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
         self.produce_latency
             .render("sluice_produce_latency_seconds", out);
         self.fetch_latency
@@ -119,5 +135,10 @@ mod tests {
         assert!(s.contains("sluice_produce_latency_seconds_bucket{le=\"0.0025\"} 0"));
         assert!(s.contains("sluice_produce_latency_seconds_bucket{le=\"0.005\"} 1"));
         assert!(s.contains("sluice_produce_latency_seconds_count 1"));
+        m.retention_segments_deleted.fetch_add(3, Ordering::Relaxed);
+        let mut s = String::new();
+        m.render(&mut s);
+        assert!(s.contains("sluice_retention_segments_deleted_total 3"));
+        assert!(s.contains("sluice_retention_bytes_deleted_total 0"));
     }
 }

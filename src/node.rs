@@ -164,6 +164,7 @@ impl Node {
         tokio::spawn(leader_report_loop(node.clone()));
         tokio::spawn(preferred_leader_loop(node.clone()));
         tokio::spawn(fenced_leader_loop(node.clone()));
+        tokio::spawn(crate::retention::retention_loop(node.clone()));
         Ok(node)
     }
 
@@ -177,6 +178,16 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(topic.to_string(), partition))
             .cloned()
+    }
+
+    /// Every partition replica this node hosts.
+    pub fn local_partitions(&self) -> Vec<((String, i32), Arc<PartitionGroup>)> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect()
     }
 
     pub fn partition_count(&self) -> usize {

@@ -68,6 +68,10 @@ pub struct GroupStatus {
     pub voters: Vec<u64>,
     /// On the leader: the last log index each node is known to hold; empty elsewhere.
     pub match_index: BTreeMap<u64, Option<u64>>,
+    /// Last log index covered by this node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last log index this node has purged: its log starts after it.
+    pub purged_index: Option<u64>,
 }
 
 fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> GroupStatus {
@@ -93,6 +97,8 @@ fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> GroupStatus {
             .as_ref()
             .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
             .unwrap_or_default(),
+        snapshot_index: m.snapshot.map(|l| l.index),
+        purged_index: m.purged.map(|l| l.index),
     }
 }
 
@@ -576,6 +582,27 @@ impl MetaGroup {
     }
 }
 
+/// How long [`PartitionGroup::apply_retention`] waits for openraft's snapshot and for its purge.
+const RETENTION_WAIT: Duration = Duration::from_secs(10);
+
+fn wait_error(e: openraft::metrics::WaitError) -> RaftError {
+    match e {
+        openraft::metrics::WaitError::Timeout(..) => RaftError::Timeout,
+        openraft::metrics::WaitError::ShuttingDown => RaftError::Shutdown,
+    }
+}
+
+/// What one [`PartitionGroup::apply_retention`] pass deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// The log now starts after this Raft index.
+    pub purged_upto_index: u64,
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+    /// The new Kafka log start offset.
+    pub log_start_offset: i64,
+}
+
 /// One partition's Raft group on this node; its log is the partition log.
 pub struct PartitionGroup {
     group: GroupId,
@@ -736,6 +763,68 @@ impl PartitionGroup {
 
     pub fn group_id(&self) -> &str {
         &self.group
+    }
+
+    /// Applies delete retention to this replica's log (every replica does so on its own, as in
+    /// Kafka): deletes the oldest whole segments that breach `retention_ms` / `retention_bytes`
+    /// (-1 = unlimited), never the active segment and never above the last applied entry.
+    ///
+    /// openraft only purges what a snapshot covers, so a snapshot is taken first if needed
+    /// (partition snapshots hold no records, only last applied, membership and high watermark).
+    /// A follower that later needs purged entries is sent that snapshot and restarts its log
+    /// after it. Returns what was deleted, `None` if nothing was due, and [`RaftError::Timeout`]
+    /// if openraft has not purged within a few seconds (a leader postpones a purge while a
+    /// replication stream still reads the range; it then happens by itself later).
+    pub async fn apply_retention(
+        &self,
+        now_ms: i64,
+        retention_ms: i64,
+        retention_bytes: i64,
+    ) -> Result<Option<RetentionOutcome>, RaftError> {
+        if retention_ms < 0 && retention_bytes < 0 {
+            return Ok(None);
+        }
+        let Some(applied) = self.raft.metrics().borrow().last_applied.map(|l| l.index) else {
+            return Ok(None);
+        };
+        let shared = self.shared.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            let log = shared
+                .read_log()
+                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            Ok::<_, RaftError>(log.retention_plan(now_ms, retention_ms, retention_bytes, applied))
+        })
+        .await
+        .map_err(|e| RaftError::Other(e.to_string()))??;
+        let Some(plan) = plan else {
+            return Ok(None);
+        };
+        let cutoff = plan.purge_upto_index;
+        let covered =
+            |m: &RaftMetrics<NodeId, BasicNode>| m.snapshot.is_some_and(|s| s.index >= cutoff);
+        if !covered(&self.raft.metrics().borrow()) {
+            self.raft.trigger().snapshot().await?;
+            self.raft
+                .wait(Some(RETENTION_WAIT))
+                .metrics(covered, "snapshot covers the retention cutoff")
+                .await
+                .map_err(wait_error)?;
+        }
+        self.raft.trigger().purge_log(cutoff).await?;
+        self.raft
+            .wait(Some(RETENTION_WAIT))
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index >= cutoff),
+                "log purged up to the retention cutoff",
+            )
+            .await
+            .map_err(wait_error)?;
+        Ok(Some(RetentionOutcome {
+            purged_upto_index: cutoff,
+            segments_deleted: plan.segments,
+            bytes_deleted: plan.bytes,
+            log_start_offset: self.log_start_offset(),
+        }))
     }
 
     /// The Raft term, which is the Kafka leader epoch (single-term-leader: one leader per term).

@@ -1060,3 +1060,143 @@ async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snapshot(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/ret/0".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let cfg = LogConfig {
+        segment_bytes_max: 2048,
+        index_interval_bytes: 512,
+    };
+    let part_dir = |id: u64| dir.path().join(format!("n{id}")).join("ret-0");
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2, 3] {
+        let p = hosts[&id]
+            .open_partition(group.clone(), part_dir(id), cfg, voters.clone())
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader_id = partition_leader(&parts).await?;
+    let leader = parts[&leader_id].clone();
+    let value = vec![b'x'; 200];
+    for _ in 0..5 {
+        append_values(&leader, &[&value, &value]).await?;
+    }
+
+    tracing::info!("--- a follower goes away; the leader writes many segments without it");
+    let away = *voters.iter().find(|id| **id != leader_id).unwrap_or(&0);
+    wait_for(
+        "follower at the high watermark",
+        Duration::from_secs(10),
+        || parts[&away].high_watermark() == leader.high_watermark(),
+    )
+    .await?;
+    let away_end = parts[&away].log_end_offset();
+    hosts[&away].close_partition(&group, false).await?;
+    parts.remove(&away);
+    for _ in 0..60 {
+        append_values(&leader, &[&value, &value]).await?;
+    }
+    let hw = leader.high_watermark();
+    assert_eq!(hw, 130);
+
+    tracing::info!("--- nothing is due without limits; then size retention keeps ~4 KiB");
+    assert_eq!(leader.apply_retention(i64::MAX, -1, -1).await?, None);
+    let out = leader
+        .apply_retention(0, -1, 4096)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("nothing deleted"))?;
+    assert!(out.segments_deleted > 5, "{out:?}");
+    assert_eq!(leader.log_start_offset(), out.log_start_offset);
+    assert!(out.log_start_offset > away_end, "{out:?} vs {away_end}");
+    let st = leader.status();
+    assert_eq!(st.purged_index, Some(out.purged_upto_index));
+    assert!(st.snapshot_index >= Some(out.purged_upto_index));
+    assert!(matches!(
+        leader.read(out.log_start_offset - 1, 1 << 20).await,
+        Err(RaftError::Storage(_))
+    ));
+    // The other follower purges its own log on its own.
+    let other = *voters
+        .iter()
+        .find(|id| **id != leader_id && **id != away)
+        .unwrap_or(&0);
+    wait_for(
+        "other follower at the high watermark",
+        Duration::from_secs(10),
+        || parts[&other].high_watermark() == hw,
+    )
+    .await?;
+    let o = parts[&other]
+        .apply_retention(0, -1, 4096)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("follower deleted nothing"))?;
+    assert_eq!(o.log_start_offset, out.log_start_offset);
+
+    // Written after the snapshot: the returning follower must get these as log entries.
+    for _ in 0..10 {
+        append_values(&leader, &[&value, &value]).await?;
+    }
+    let hw_before = hw;
+    let hw = leader.high_watermark();
+
+    tracing::info!("--- the follower returns: it gets a snapshot, not the purged history");
+    let back = hosts[&away]
+        .open_partition(group.clone(), part_dir(away), cfg, voters.clone())
+        .await?;
+    wait_for(
+        "returning follower at the high watermark",
+        Duration::from_secs(20),
+        || back.high_watermark() == hw && back.log_end_offset() == hw,
+    )
+    .await?;
+    let start = back.log_start_offset();
+    // The snapshot was taken at the high watermark of the retention pass, so the follower's log
+    // starts there: after the leader's log start, before what was written since.
+    assert!(
+        start >= out.log_start_offset,
+        "{start} < {}",
+        out.log_start_offset
+    );
+    assert!(start > away_end && start <= hw_before, "{start}");
+    assert!(back.status().snapshot_index > Some(0));
+    let bases: Vec<i64> = std::fs::read_dir(part_dir(away))?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        bases.iter().all(|b| *b > away_end),
+        "old segments survived on the returning follower: {bases:?}"
+    );
+    let copied = back.read(start, 1 << 20).await?;
+    assert_eq!(batches(&copied)?.len(), 10);
+    assert_eq!(copied, leader.read(start, 1 << 20).await?);
+
+    tracing::info!("--- and writes keep replicating to it");
+    assert_eq!(append_values(&leader, &[b"after"]).await?, (hw, hw));
+    wait_for(
+        "returning follower replicates new writes",
+        Duration::from_secs(10),
+        || back.high_watermark() == hw + 1,
+    )
+    .await?;
+    assert_eq!(
+        back.read(hw, 1 << 20).await?,
+        leader.read(hw, 1 << 20).await?
+    );
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}

@@ -26,7 +26,9 @@ mod transport;
 use std::io::Cursor;
 
 pub use error::RaftError;
-pub use host::{GroupStatus, MetaGroup, PartitionGroup, RaftHost, RaftHostConfig};
+pub use host::{
+    GroupStatus, MetaGroup, PartitionGroup, RaftHost, RaftHostConfig, RetentionOutcome,
+};
 pub use sluice_storage::LogConfig;
 
 /// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.

@@ -165,6 +165,22 @@ impl Segment {
         self.end_offset() > self.base_offset
     }
 
+    /// The largest record timestamp, as Kafka's retention.ms judges a segment: batches without
+    /// timestamps (-1) fall back to the file's modification time. An unreadable mtime counts as
+    /// the far future, so a doubtful segment is kept rather than deleted.
+    fn largest_timestamp(&self) -> i64 {
+        if self.max_ts >= 0 {
+            return self.max_ts;
+        }
+        self.file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .unwrap_or(i64::MAX)
+    }
+
     fn path(&self, ext: &str) -> PathBuf {
         self.log_path.with_extension(ext)
     }
@@ -1154,6 +1170,81 @@ impl PartitionLog {
     pub fn size_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.size).sum()
     }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// What Kafka's delete retention would remove now: the oldest whole segments that breach
+    /// `retention_ms` (their largest record timestamp is more than that older than `now_ms`) or
+    /// that can go while the log stays at least `retention_bytes` big (`size - retention_bytes >=
+    /// segment size`, oldest first). `-1` (any negative value) disables either limit.
+    ///
+    /// Unlike Kafka, the active segment is never deleted, not even when it is all expired: rolling
+    /// it would put an empty segment at the end, which this log refuses (its successor would get
+    /// the same base offset). Segments holding any entry above `max_index` (the last applied,
+    /// hence committed, Raft index) are kept, as Kafka keeps those above the high watermark: only
+    /// a snapshot can stand in for purged entries, and it covers applied entries only.
+    pub fn retention_plan(
+        &self,
+        now_ms: i64,
+        retention_ms: i64,
+        retention_bytes: i64,
+        max_index: u64,
+    ) -> Option<RetentionPlan> {
+        let (_, older) = self.segments.split_last()?;
+        let bounded = older
+            .iter()
+            .take_while(|s| s.next_index() <= max_index.saturating_add(1))
+            .count();
+        let older = &older[..bounded];
+
+        let by_time = if retention_ms < 0 {
+            0
+        } else {
+            older
+                .iter()
+                .take_while(|s| now_ms.saturating_sub(s.largest_timestamp()) > retention_ms)
+                .count()
+        };
+        let by_size = if retention_bytes < 0 {
+            0
+        } else {
+            // Kafka: `diff = size - retention.bytes`; delete while `diff - segment.size >= 0`.
+            let mut diff = i128::from(self.size_bytes()) - i128::from(retention_bytes);
+            let mut n = 0;
+            for s in older {
+                diff -= i128::from(s.size);
+                if diff < 0 {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        };
+        let n = by_time.max(by_size);
+        let last = older.get(n.checked_sub(1)?)?;
+        let next = self.segments.get(n)?;
+        Some(RetentionPlan {
+            purge_upto_index: last.next_index().checked_sub(1)?,
+            segments: n,
+            bytes: older[..n].iter().map(|s| s.size).sum(),
+            log_start_offset: next.base_offset,
+        })
+    }
+}
+
+/// Whole segments that retention would delete; see [`PartitionLog::retention_plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPlan {
+    /// Purge every entry with a Raft index up to this one: the last entry of the newest segment
+    /// to delete, so [`PartitionLog::purge_upto_index`] removes exactly these segments.
+    pub purge_upto_index: u64,
+    pub segments: usize,
+    pub bytes: u64,
+    /// The log start offset once they are gone: the first kept segment's base offset.
+    pub log_start_offset: i64,
 }
 
 /// Terms are stored in partitionLeaderEpoch (i32).

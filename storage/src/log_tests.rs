@@ -762,3 +762,155 @@ fn epoch_starts_follow_terms_of_data_batches() {
     log.truncate_from_index(6).unwrap();
     assert_eq!(log.epoch_starts(), vec![(1, 0), (3, 2)]);
 }
+
+// ---------- retention ----------
+
+/// A log whose segments hold one entry each (every data batch rolls a new segment): an internal
+/// entry at index 1, then one 2-record batch per timestamp, at indexes 2, 3, ...
+fn one_batch_per_segment(dir: &Path, timestamps: &[i64]) -> PartitionLog {
+    let cfg = LogConfig {
+        segment_bytes_max: 1,
+        index_interval_bytes: 100,
+    };
+    let mut log = PartitionLog::open(dir, cfg).unwrap();
+    log.append_internal(1, 1, b"blank").unwrap();
+    for (i, ts) in timestamps.iter().enumerate() {
+        // Two records: the batch's max timestamp is ts + 1.
+        log.append_data(i as u64 + 2, 1, &data_batch(*ts, &[100, 100]))
+            .unwrap();
+    }
+    log.sync().unwrap();
+    log
+}
+
+#[test]
+fn retention_by_time_deletes_expired_prefix_but_never_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = one_batch_per_segment(dir.path(), &[1000, 2000, 3000, 4000]);
+    // The blank entry shares the first segment with the first batch.
+    assert_eq!(log.segment_count(), 4);
+    // now - (ts + 1) > 2500 for ts 1000 and 2000 only.
+    let plan = log.retention_plan(5000, 2500, -1, u64::MAX).unwrap();
+    assert_eq!(
+        (plan.purge_upto_index, plan.segments, plan.log_start_offset),
+        (3, 2, 4)
+    );
+    // Exactly at the limit is not a breach (Kafka: strictly older).
+    assert_eq!(log.retention_plan(4001, 3000, -1, u64::MAX), None);
+    // Everything expired: all but the active segment.
+    let plan = log.retention_plan(1_000_000, 0, -1, u64::MAX).unwrap();
+    assert_eq!((plan.purge_upto_index, plan.segments), (4, 3));
+    assert_eq!(plan.log_start_offset, 6);
+    // A newer segment before an older one stops the scan, as in Kafka.
+    let dir2 = tempfile::tempdir().unwrap();
+    let log2 = one_batch_per_segment(dir2.path(), &[9000, 1000, 1000, 1000]);
+    assert_eq!(log2.retention_plan(10_000, 2000, -1, u64::MAX), None);
+    // Unlimited.
+    assert_eq!(log.retention_plan(i64::MAX, -1, -1, u64::MAX), None);
+}
+
+#[test]
+fn retention_by_size_keeps_at_least_retention_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = one_batch_per_segment(dir.path(), &[0, 0, 0, 0]);
+    let sizes: Vec<u64> = log.segments.iter().map(|s| s.size).collect();
+    let total = log.size_bytes();
+    assert_eq!(total, sizes.iter().sum::<u64>());
+    // size - retention = exactly the first two segments: both go.
+    let keep = total - sizes[0] - sizes[1];
+    let plan = log.retention_plan(0, -1, keep as i64, u64::MAX).unwrap();
+    assert_eq!((plan.segments, plan.purge_upto_index), (2, 3));
+    assert_eq!(plan.bytes, sizes[0] + sizes[1]);
+    // One byte more to keep: only the first goes.
+    let plan = log
+        .retention_plan(0, -1, keep as i64 + 1, u64::MAX)
+        .unwrap();
+    assert_eq!((plan.segments, plan.purge_upto_index), (1, 2));
+    // retention.bytes = 0 would delete everything; the active segment stays.
+    let plan = log.retention_plan(0, -1, 0, u64::MAX).unwrap();
+    assert_eq!(plan.segments, 3);
+    // Under the limit: nothing.
+    assert_eq!(log.retention_plan(0, -1, total as i64, u64::MAX), None);
+    assert_eq!(log.retention_plan(0, -1, i64::MAX, u64::MAX), None);
+}
+
+#[test]
+fn retention_time_and_size_take_the_larger_prefix_and_stop_at_max_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = one_batch_per_segment(dir.path(), &[1000, 2000, 3000, 4000, 5000]);
+    let total = log.size_bytes() as i64;
+    let sizes: Vec<i64> = log.segments.iter().map(|s| s.size as i64).collect();
+    let seg = sizes[1];
+    let three = sizes[0] + sizes[1] + sizes[2];
+    // Time alone: one segment; size alone: three; together: three.
+    let by_time = log.retention_plan(3500, 2000, -1, u64::MAX).unwrap();
+    let by_size = log
+        .retention_plan(3500, -1, total - three, u64::MAX)
+        .unwrap();
+    let both = log
+        .retention_plan(3500, 2000, total - three, u64::MAX)
+        .unwrap();
+    assert_eq!((by_time.segments, by_size.segments), (1, 3));
+    assert_eq!(both, by_size);
+    // Time wins when it reaches further.
+    let both = log
+        .retention_plan(1_000_000, 0, total - seg, u64::MAX)
+        .unwrap();
+    assert_eq!(both.segments, 4);
+    // Bounded by the applied index: index 3 ends the second segment, 4 is inside the third.
+    let plan = log.retention_plan(1_000_000, 0, 0, 3).unwrap();
+    assert_eq!((plan.segments, plan.purge_upto_index), (2, 3));
+    let plan = log.retention_plan(1_000_000, 0, 0, 4).unwrap();
+    assert_eq!((plan.segments, plan.purge_upto_index), (3, 4));
+    assert_eq!(log.retention_plan(1_000_000, 0, 0, 1), None);
+    assert_eq!(log.retention_plan(1_000_000, 0, 0, 0), None);
+}
+
+#[test]
+fn retention_plan_applied_by_purge_deletes_exactly_those_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = one_batch_per_segment(dir.path(), &[1000, 2000, 3000, 4000]);
+    let before = log.segment_count();
+    let size_before = log.size_bytes();
+    let plan = log.retention_plan(5000, 2500, -1, u64::MAX).unwrap();
+    log.purge_upto_index(plan.purge_upto_index).unwrap();
+    assert_eq!(log.segment_count(), before - plan.segments);
+    assert_eq!(log.size_bytes(), size_before - plan.bytes);
+    assert_eq!(log.log_start_offset(), plan.log_start_offset);
+    assert_eq!(log.first_index(), Some(plan.purge_upto_index + 1));
+    assert!(matches!(
+        log.read(plan.log_start_offset - 1, 1 << 20, i64::MAX),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    let rest = log.read(plan.log_start_offset, 1 << 20, i64::MAX).unwrap();
+    assert_eq!(batch::parse_header(&rest).unwrap().base_offset, 4);
+    // The same plan again finds nothing new to delete, also after a reopen.
+    assert_eq!(log.retention_plan(5000, 2500, -1, u64::MAX), None);
+    drop(log);
+    let log = PartitionLog::open(
+        dir.path(),
+        LogConfig {
+            segment_bytes_max: 1,
+            index_interval_bytes: 100,
+        },
+    )
+    .unwrap();
+    assert_eq!(log.log_start_offset(), plan.log_start_offset);
+    assert_eq!(log.retention_plan(5000, 2500, -1, u64::MAX), None);
+}
+
+#[test]
+fn retention_without_timestamps_uses_the_segment_mtime() {
+    let dir = tempfile::tempdir().unwrap();
+    // Base timestamp -2 with two records: max timestamp -1, i.e. none.
+    let log = one_batch_per_segment(dir.path(), &[-2, -2, -2]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert_eq!(log.retention_plan(now, 60_000, -1, u64::MAX), None);
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    log.segments[0].file.set_modified(hour_ago).unwrap();
+    let plan = log.retention_plan(now, 60_000, -1, u64::MAX).unwrap();
+    assert_eq!(plan.segments, 1);
+}

@@ -103,6 +103,10 @@ fn broker_configs(node: &Node) -> Vec<(&'static str, String)> {
         ("log.retention.ms", c.log_retention_ms.to_string()),
         ("log.retention.bytes", c.log_retention_bytes.to_string()),
         (
+            "log.retention.check.interval.ms",
+            c.log_retention_check_interval_ms.to_string(),
+        ),
+        (
             "socket.request.max.bytes",
             c.socket_request_max_bytes.to_string(),
         ),

@@ -160,6 +160,14 @@ async fn fetch_partition(
     if w.offset < hw && budget > 0 {
         match group.read(w.offset, w.max_bytes.min(budget)).await {
             Ok(b) => records = b,
+            // Retention deleted the segment between the range check above and the read.
+            Err(_) if w.offset < group.log_start_offset() => {
+                let pd = error(w.partition, ErrorCode::OffsetOutOfRange)
+                    .with_high_watermark(hw)
+                    .with_last_stable_offset(hw)
+                    .with_log_start_offset(group.log_start_offset());
+                return (pd, None);
+            }
             Err(e) => {
                 tracing::warn!(topic, partition = w.partition, offset = w.offset, error = %e, "fetch read failed");
                 return (error(w.partition, raft_error_code(&e)), None);
