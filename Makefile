@@ -8,7 +8,7 @@ VENV_STAMP := $(VENV)/.stamp
 # Pinned loosely: the interop tests use only long-stable confluent-kafka / pytest APIs.
 PY_DEPS := confluent-kafka pytest pytest-timeout
 
-.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long cluster cluster-stop clean-venv
+.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv
 
 all: build
 
@@ -67,6 +67,10 @@ fmt:
 
 bench: deps build
 	scripts/bench.sh
+
+# Idle cost of many partitions: a 3-node loopback cluster with PARTITIONS (default 1000) at RF 3.
+idle: build
+	scripts/idle.sh
 
 # Every nemesis against a 3-node cluster for a few minutes; replay with SEED=... make chaos.
 CT_DURATION ?= 1800

@@ -219,9 +219,14 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
             if let Ok(mut m) = node.app.last_seen.lock() {
                 m.insert(node.cfg.node_id, Instant::now());
             }
+            if node.raft.meta().leads_with_quorum(Duration::from_secs(1)) {
+                if let Ok(mut c) = node.controller_contact.lock() {
+                    *c = Some(Instant::now());
+                }
+            }
             continue;
         }
-        let _ = call(
+        let answered = call(
             &node,
             controller,
             &AppRequest::Heartbeat {
@@ -230,6 +235,11 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
             Duration::from_secs(2),
         )
         .await;
+        if matches!(answered, Ok(AppResponse::Ok)) {
+            if let Ok(mut c) = node.controller_contact.lock() {
+                *c = Some(Instant::now());
+            }
+        }
     }
 }
 

@@ -100,6 +100,8 @@ pub struct Node {
     pub fatal: watch::Sender<Option<String>>,
     /// Receives node-to-node app messages; also the controller's heartbeat table.
     pub app: Arc<crate::cluster::Handler>,
+    /// When this node last had a heartbeat answered by the controller (or was the controller).
+    pub controller_contact: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Node {
@@ -141,6 +143,7 @@ impl Node {
             started_at: std::time::Instant::now(),
             fatal: watch::channel(None).0,
             app,
+            controller_contact: std::sync::Mutex::new(None),
         });
         if let Ok(mut w) = node.app.node.lock() {
             *w = Arc::downgrade(&node);
@@ -613,8 +616,23 @@ async fn fenced_leader_loop(node: Arc<Node>) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let me = node.cfg.node_id;
+        // Fencing is the controller's verdict; a node cut off from the controller (or just back
+        // from being cut off) sees an old verdict, and electing on it would only disrupt a
+        // working leader with a log that is likely behind.
+        let in_contact = node
+            .controller_contact
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(1500));
+        if !in_contact {
+            continue;
+        }
         let todo: Vec<Arc<PartitionGroup>> = {
             let st = node.state();
+            if st.fenced.contains(&me) {
+                continue;
+            }
             let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
             parts
                 .values()
@@ -648,65 +666,61 @@ async fn fenced_leader_loop(node: Arc<Node>) {
 }
 
 /// Leadership goes back to each partition's preferred leader (its first replica) once things are
-/// quiet, so leaders spread evenly again after failures heal. Each node only ever pulls leadership
-/// to itself, one partition at a time, which keeps elections from piling up.
+/// quiet, so leaders spread evenly again after failures heal. The leader hands it over by a
+/// graceful transfer (as the admin endpoint does) once the preferred replica has its whole log, so
+/// no election is started by a replica whose log is behind.
 async fn preferred_leader_loop(node: Arc<Node>) {
     const SETTLE: Duration = Duration::from_secs(10);
-    const PREFERRED_ELECTIONS_PER_ROUND: usize = 32;
-    let mut not_leading_since: std::collections::HashMap<(String, i32), std::time::Instant> =
+    // Several at a time: after a node returns, a third of a large cluster's partitions may want
+    // their leader back, and one per round would take many minutes.
+    const TRANSFERS_PER_ROUND: usize = 32;
+    let mut misplaced_since: std::collections::HashMap<(String, i32), std::time::Instant> =
         Default::default();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let candidates: Vec<((String, i32), Arc<PartitionGroup>)> = {
+        let me = node.cfg.node_id;
+        let candidates: Vec<((String, i32), Arc<PartitionGroup>, u64)> = {
             let st = node.state();
             let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
             parts
                 .iter()
-                .filter(|((t, p), g)| {
-                    let preferred = st
-                        .topics
-                        .get(t)
-                        .and_then(|m| m.partitions.get(*p as usize))
-                        .and_then(|r| r.first().copied());
+                .filter_map(|((t, p), g)| {
+                    let replicas = st.topics.get(t)?.partitions.get(*p as usize)?;
+                    let preferred = *replicas.first()?;
                     // Only when every replica is live: moving leadership during a fault costs
                     // availability for nothing.
-                    let replicas_live = st
-                        .topics
-                        .get(t)
-                        .and_then(|m| m.partitions.get(*p as usize))
-                        .is_some_and(|r| r.iter().all(|b| !st.fenced.contains(b)));
-                    preferred == Some(node.cfg.node_id)
-                        && replicas_live
-                        && !g.is_leader()
-                        && g.leader().is_some_and(|l| !st.fenced.contains(&l))
+                    let replicas_live = replicas.iter().all(|b| !st.fenced.contains(b));
+                    (preferred != me && replicas_live && g.is_leader())
+                        .then(|| ((t.clone(), *p), g.clone(), preferred))
                 })
-                .map(|(k, g)| (k.clone(), g.clone()))
                 .collect()
         };
-        let keys: BTreeSet<(String, i32)> = candidates.iter().map(|(k, _)| k.clone()).collect();
-        not_leading_since.retain(|k, _| keys.contains(k));
-        // Several at a time: after a node returns, a third of a large cluster's partitions may
-        // want their leader back, and one per round would take many minutes.
-        let mut elections = tokio::task::JoinSet::new();
-        for (key, group) in candidates {
-            let since = *not_leading_since
+        let keys: BTreeSet<(String, i32)> = candidates.iter().map(|(k, _, _)| k.clone()).collect();
+        misplaced_since.retain(|k, _| keys.contains(k));
+        let mut transfers = tokio::task::JoinSet::new();
+        for (key, group, preferred) in candidates {
+            let since = *misplaced_since
                 .entry(key.clone())
                 .or_insert_with(std::time::Instant::now);
-            if since.elapsed() < SETTLE {
+            // A transfer pauses the partition's writes until the target has the whole log, so
+            // only a target that is already caught up is worth it.
+            if since.elapsed() < SETTLE || !group.caught_up(preferred) {
                 continue;
             }
-            info!(topic = %key.0, partition = key.1, "taking back preferred leadership");
-            not_leading_since.remove(&key);
-            elections.spawn(async move {
-                if let Err(e) = group.trigger_elect().await {
-                    tracing::debug!(error = %e, "preferred leader election did not win");
+            info!(topic = %key.0, partition = key.1, to = preferred, "handing leadership back to the preferred replica");
+            misplaced_since.remove(&key);
+            let node = node.clone();
+            transfers.spawn(async move {
+                let gid = group.group_id().to_string();
+                if let Err(e) = node.transfer_partition_leadership(&gid, preferred).await {
+                    tracing::debug!(error = %e, "preferred leader transfer failed");
                 }
             });
-            if elections.len() >= PREFERRED_ELECTIONS_PER_ROUND {
+            if transfers.len() >= TRANSFERS_PER_ROUND {
                 break;
             }
         }
-        while elections.join_next().await.is_some() {}
+        while transfers.join_next().await.is_some() {}
     }
 }
 

@@ -19,7 +19,7 @@ use crate::codec::ResponseStatus;
 use crate::liveness::{self, Liveness};
 use crate::meta_store::{MetaLogStore, MetaStateMachine};
 use crate::partition_store::{
-    decode_offsets, PartitionLogStore, PartitionShared, PartitionStateMachine,
+    decode_offsets, LocalWaiter, PartitionLogStore, PartitionShared, PartitionStateMachine,
 };
 use crate::transport::TransportError;
 use crate::transport::{self, GroupNetworkFactory, Registry, Transport};
@@ -174,6 +174,10 @@ const LEADER_LOST_PATIENCE_MS: (u64, u64) = (200, 1000);
 /// retry replication to a follower that was down until there is something new to send).
 const NUDGE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a voter of a new group waits for its live first replica to initialize the group
+/// before it initializes the group itself.
+const LATE_INIT_PATIENCE: Duration = Duration::from_secs(15);
+
 /// A uniformly random duration in `[min_ms, max_ms]`.
 fn random_timeout(min_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(min_ms..=max_ms.max(min_ms)))
@@ -246,6 +250,7 @@ async fn election_watchdog(
     let mut stalled_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
     let mut patience: HashMap<GroupId, Duration> = HashMap::new();
     let mut nudged: HashMap<GroupId, std::time::Instant> = HashMap::new();
+    let mut deferring_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
     loop {
         let period = Duration::from_millis(rand::thread_rng().gen_range(WATCHDOG_PERIOD_MS));
         tokio::select! {
@@ -293,6 +298,18 @@ async fn election_watchdog(
                 .entry(group.clone())
                 .or_insert_with(|| random_timeout(min_ms, max_ms));
             if now.duration_since(since) >= wait {
+                let defer = group != META_GROUP && {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    defer_to_better_log(&registry, &m, &group, &liveness)
+                };
+                if defer {
+                    let first = *deferring_since.entry(group.clone()).or_insert(now);
+                    if now.duration_since(first) < MAX_DEFER {
+                        continue;
+                    }
+                }
+                deferring_since.remove(&group);
                 tracing::info!(
                     %group,
                     reason,
@@ -308,8 +325,27 @@ async fn election_watchdog(
         }
         stalled_since.retain(|g, _| seen.contains(g));
         patience.retain(|g, _| seen.contains(g));
+        deferring_since.retain(|g, _| seen.contains(g));
         nudged.retain(|_, t| now.duration_since(*t) < NUDGE_EVERY);
     }
+}
+
+/// A voter defers to a peer with a longer log at most this long (that peer might not be able to
+/// run, e.g. when it cannot reach a majority of its own).
+const MAX_DEFER: Duration = Duration::from_secs(5);
+
+/// Whether a live peer without a leader has a more up-to-date log for `group` than this node.
+fn defer_to_better_log(
+    registry: &Registry,
+    m: &RaftMetrics<NodeId, BasicNode>,
+    group: &str,
+    liveness: &Liveness,
+) -> bool {
+    let Some(mine) = registry.last_log_id(group) else {
+        return false;
+    };
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    liveness.better_log_elsewhere(&voters, group, mine)
 }
 
 /// A leader re-announces itself to a peer that is reachable again (it may have restarted, or
@@ -526,6 +562,19 @@ impl MetaGroup {
         m.state == ServerState::Leader && m.current_leader == Some(self.node_id)
     }
 
+    /// Leader, and a majority acknowledged it within `within` (a leader cut off from the others
+    /// keeps its role in openraft 0.9 until it hears of a newer term).
+    pub fn leads_with_quorum(&self, within: Duration) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let voters = m.membership_config.membership().voter_ids().count();
+        m.state == ServerState::Leader
+            && m.current_leader == Some(self.node_id)
+            && (voters <= 1
+                || m.millis_since_quorum_ack
+                    .is_some_and(|ms| u128::from(ms) <= within.as_millis()))
+    }
+
     pub fn status(&self) -> GroupStatus {
         status_from(META_GROUP, &self.raft.metrics().borrow())
     }
@@ -622,8 +671,18 @@ pub struct PartitionGroup {
 
 impl PartitionGroup {
     /// Proposes one validated Kafka batch; returns (base_offset, last_offset) once it is
-    /// committed, i.e. fsynced on a majority of the voters.
+    /// committed, i.e. fsynced on a majority of the voters (Kafka acks=all).
     pub async fn append(&self, batch: Bytes) -> Result<(i64, i64), RaftError> {
+        self.append_with(batch, false).await
+    }
+
+    /// Like [`PartitionGroup::append`], but answers as soon as the batch is on this leader's
+    /// disk (Kafka acks=1): a leader that fails before a majority has it may lose it.
+    pub async fn append_leader_ack(&self, batch: Bytes) -> Result<(i64, i64), RaftError> {
+        self.append_with(batch, true).await
+    }
+
+    async fn append_with(&self, batch: Bytes, leader_ack: bool) -> Result<(i64, i64), RaftError> {
         // Every replica's log refuses a batch that fails validation, and a log store error is
         // fatal to the Raft group, so a bad batch must never become a log entry — whatever the
         // caller checked already.
@@ -637,9 +696,43 @@ impl PartitionGroup {
         // Uncontended, the read lock is taken on the first poll, so the proposal still reaches
         // Raft in the caller's order.
         let _gate = self.gate.read().await;
-        let reply = propose(&self.raft, batch).await?;
-        decode_offsets(&reply)
-            .ok_or_else(|| RaftError::Other(format!("bad append reply of {} bytes", reply.len())))
+        if !leader_ack {
+            let reply = propose(&self.raft, batch).await?;
+            return decode_offsets(&reply).ok_or_else(|| {
+                RaftError::Other(format!("bad append reply of {} bytes", reply.len()))
+            });
+        }
+        let (tx, local) = tokio::sync::oneshot::channel();
+        self.shared.wait_local_append(LocalWaiter {
+            batch: batch.clone(),
+            tx,
+        });
+        let key = batch.clone();
+        let committed = propose(&self.raft, batch);
+        tokio::pin!(committed);
+        // Whichever comes first; commit implies the local append, so a waiter that misses its
+        // entry still gets the committed answer. Dropping the proposal future does not cancel it.
+        let res = tokio::select! {
+            reply = &mut committed => reply.and_then(|reply| decode_offsets(&reply).ok_or_else(|| {
+                RaftError::Other(format!("bad append reply of {} bytes", reply.len()))
+            })),
+            Ok(offsets) = local => Ok(offsets),
+        };
+        self.shared.forget_local_append(&key);
+        res
+    }
+
+    /// On the leader: whether voter `target` holds this leader's whole log.
+    pub fn caught_up(&self, target: u64) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&target).copied())
+            .flatten()
+            .map(|l| l.index);
+        matched.is_some() && matched == m.last_log_index
     }
 
     /// Moves leadership to `target` (called on the leader). New appends wait while the target
@@ -1214,6 +1307,7 @@ impl RaftHost {
         )
         .await?;
         self.registry.insert(group.clone(), raft.clone());
+        self.registry.insert_store(group.clone(), shared.clone());
         let pg = Arc::new(PartitionGroup {
             group: group.clone(),
             node_id: self.cfg.node_id,
@@ -1235,8 +1329,8 @@ impl RaftHost {
                 (Some(v), Some(r)) if r.first() == Some(&self.cfg.node_id) => {
                     self.initialize_partition(&raft, v).await
                 }
-                (Some(v), _) if v.contains(&self.cfg.node_id) => {
-                    self.initialize_partition_later(&group, &raft, v)
+                (Some(v), Some(r)) if v.contains(&self.cfg.node_id) => {
+                    self.initialize_partition_later(&group, &raft, v, r.first().copied())
                 }
                 _ => Ok(()),
             }
@@ -1289,6 +1383,7 @@ impl RaftHost {
         group: &str,
         raft: &Raft,
         voters: &BTreeSet<u64>,
+        preferred: Option<u64>,
     ) -> Result<(), RaftError> {
         let members = self.partition_members(voters)?;
         let (min_ms, max_ms) = {
@@ -1299,23 +1394,37 @@ impl RaftHost {
         let raft = raft.clone();
         let group = group.to_string();
         let shutdown = self.shutdown_tx.subscribe();
+        let liveness = self.liveness.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = transport::stopped(shutdown) => return,
+            let start = tokio::time::Instant::now();
+            let mut wait = delay;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = transport::stopped(shutdown.clone()) => return,
+                }
+                let contacted = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    m.state == ServerState::Shutdown
+                        || m.current_leader.is_some()
+                        || m.current_term > 0
+                        || m.last_log_index.is_some()
+                };
+                if contacted {
+                    return;
+                }
+                // A live first replica is merely slow to open its groups (a node opening a
+                // thousand new partitions takes seconds): give it time to lead as it should.
+                if preferred.is_some_and(|p| liveness.alive(p))
+                    && start.elapsed() < LATE_INIT_PATIENCE
+                {
+                    wait = Duration::from_millis(500);
+                    continue;
+                }
+                break;
             }
-            let contacted = {
-                let m = raft.metrics();
-                let m = m.borrow();
-                m.state == ServerState::Shutdown
-                    || m.current_leader.is_some()
-                    || m.current_term > 0
-                    || m.last_log_index.is_some()
-            };
-            if contacted {
-                return;
-            }
-            tracing::info!(%group, delay_ms = delay.as_millis() as u64, "no leader contacted this voter of a new group; initializing it too");
+            tracing::info!(%group, waited_ms = start.elapsed().as_millis() as u64, "no leader contacted this voter of a new group; initializing it too");
             match raft.initialize(members).await {
                 Ok(()) => {}
                 // Contacted in the meantime (NotAllowed), or the group closed: nothing to do.

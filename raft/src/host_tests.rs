@@ -1200,3 +1200,61 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_majority(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/t/acks".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for (id, h) in &hosts {
+        let p = h
+            .open_partition(
+                group.clone(),
+                dir.path().join(format!("n{id}")).join("t-acks"),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(*id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+    let batch = |v: &str| Bytes::from(data_batch(1_700_000_000_000, &[v.as_bytes()]));
+    assert_eq!(parts[&leader].append(batch("all-0")).await?, (0, 0));
+    assert_eq!(
+        parts[&leader].append_leader_ack(batch("one-1")).await?,
+        (1, 1)
+    );
+
+    tracing::info!("--- both followers close the group: nothing can commit any more");
+    for (id, h) in &hosts {
+        if *id != leader {
+            h.close_partition(&group, false).await?;
+        }
+    }
+    let lp = parts[&leader].clone();
+    // The nodes still answer pings, so the leader keeps claiming the group.
+    assert!(lp.is_leader());
+    let hw = lp.high_watermark();
+    let acked = tokio::time::timeout(Duration::from_secs(5), lp.append_leader_ack(batch("one-2")))
+        .await
+        .map_err(|_| anyhow::anyhow!("acks=1 append did not answer from the leader's disk"))??;
+    assert_eq!(acked, (2, 2));
+    assert_eq!(
+        lp.high_watermark(),
+        hw,
+        "an uncommitted batch moved the high watermark"
+    );
+    let all = tokio::time::timeout(Duration::from_secs(2), lp.append(batch("all-3"))).await;
+    assert!(
+        all.is_err(),
+        "acks=all answered without a majority: {all:?}"
+    );
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}

@@ -36,6 +36,11 @@ pub(crate) struct PingReply {
     pub(crate) boot: u64,
     /// The partition groups this node leads.
     pub(crate) leads: Vec<GroupId>,
+    /// For each group this node votes in but has no leader: its last log id as (term, index).
+    /// A voter whose log is behind a peer's leaves the election to that peer: its own attempts
+    /// cannot win, and each one raises its term, which makes the peer's attempts fail too.
+    #[serde(default)]
+    pub(crate) leaderless_logs: Vec<(GroupId, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -43,6 +48,7 @@ struct PeerView {
     boot: u64,
     last_ok: Instant,
     leads: HashSet<GroupId>,
+    leaderless_logs: HashMap<GroupId, (u64, u64)>,
 }
 
 /// The last ping answer of every peer.
@@ -60,12 +66,18 @@ impl Liveness {
             return false;
         };
         let leads = reply.leads.into_iter().collect();
+        let leaderless_logs = reply
+            .leaderless_logs
+            .into_iter()
+            .map(|(g, term, index)| (g, (term, index)))
+            .collect();
         match peers.get_mut(&peer) {
             Some(v) => {
                 let back = v.boot != reply.boot || now.duration_since(v.last_ok) > ALIVE_WITHIN;
                 v.boot = reply.boot;
                 v.last_ok = now;
                 v.leads = leads;
+                v.leaderless_logs = leaderless_logs;
                 back
             }
             None => {
@@ -75,6 +87,7 @@ impl Liveness {
                         boot: reply.boot,
                         last_ok: now,
                         leads,
+                        leaderless_logs,
                     },
                 );
                 true
@@ -107,6 +120,25 @@ impl Liveness {
         voters.iter().any(|v| self.alive_and_leads(*v, group))
     }
 
+    /// Whether a live peer among `voters` is also without a leader for `group` and has a log
+    /// more up to date than `mine` (term, index), so it, not this node, should run.
+    pub(crate) fn better_log_elsewhere(
+        &self,
+        voters: &[NodeId],
+        group: &str,
+        mine: (u64, u64),
+    ) -> bool {
+        let Ok(peers) = self.peers.lock() else {
+            return false;
+        };
+        voters.iter().any(|v| {
+            peers.get(v).is_some_and(|p| {
+                p.last_ok.elapsed() <= ALIVE_WITHIN
+                    && p.leaderless_logs.get(group).is_some_and(|l| *l > mine)
+            })
+        })
+    }
+
     /// Whether this node together with the live ones among `voters` is a majority of `voters`.
     pub(crate) fn quorum_reachable(&self, node_id: NodeId, voters: &[NodeId]) -> bool {
         let reachable = voters
@@ -115,16 +147,6 @@ impl Liveness {
             .count();
         reachable * 2 > voters.len()
     }
-}
-
-/// The partition groups this node leads, for a ping answer.
-pub(crate) fn led_groups(registry: &Registry) -> Vec<GroupId> {
-    registry
-        .all()
-        .into_iter()
-        .filter(|(g, raft)| g != META_GROUP && raft.metrics().borrow().state == ServerState::Leader)
-        .map(|(g, _)| g)
-        .collect()
 }
 
 /// The other voters of this node's partition groups: the peers worth pinging.
@@ -194,9 +216,33 @@ pub(crate) async fn ping_loop(
 
 /// The answer to a ping.
 pub(crate) fn answer_ping(registry: &Registry, boot: u64) -> Bytes {
+    let mut leads = Vec::new();
+    let mut leaderless = Vec::new();
+    for (g, raft) in registry.all() {
+        if g == META_GROUP {
+            continue;
+        }
+        let m = raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            leads.push(g);
+        } else if m.current_leader.is_none()
+            && matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        {
+            leaderless.push(g);
+        }
+    }
+    let leaderless_logs = leaderless
+        .into_iter()
+        .filter_map(|g| {
+            let (term, index) = registry.last_log_id(&g)?;
+            Some((g, term, index))
+        })
+        .collect();
     let reply = PingReply {
         boot,
-        leads: led_groups(registry),
+        leads,
+        leaderless_logs,
     };
     Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
 }
@@ -209,7 +255,27 @@ mod tests {
         PingReply {
             boot,
             leads: leads.iter().map(|s| s.to_string()).collect(),
+            leaderless_logs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_longer_log_elsewhere_takes_precedence() {
+        let l = Liveness::default();
+        let mut r = reply(1, &[]);
+        r.leaderless_logs = vec![("g".into(), 3, 10)];
+        l.record(2, r);
+        assert!(l.better_log_elsewhere(&[1, 2, 3], "g", (3, 9)));
+        assert!(
+            l.better_log_elsewhere(&[1, 2, 3], "g", (2, 50)),
+            "term first"
+        );
+        assert!(
+            !l.better_log_elsewhere(&[1, 2, 3], "g", (3, 10)),
+            "equal logs both run"
+        );
+        assert!(!l.better_log_elsewhere(&[1, 2, 3], "other", (0, 0)));
+        assert!(!l.better_log_elsewhere(&[1, 3], "g", (0, 0)), "not a voter");
     }
 
     #[test]

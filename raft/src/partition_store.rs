@@ -60,6 +60,21 @@ pub(crate) struct PartitionShared {
     pub(crate) log: RwLock<PartitionLog>,
     state: Mutex<StateCell>,
     state_write: Mutex<()>,
+    /// acks=1 producers waiting for their batch to be in this (leader's) log.
+    local_waiters: Mutex<Vec<LocalWaiter>>,
+}
+
+fn same_buffer(a: &Bytes, b: &Bytes) -> bool {
+    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+}
+
+/// A batch proposed on this node, and who to tell its offsets once it is on this node's disk.
+/// `batch` is the very buffer handed to Raft: the leader's log store receives the same allocation,
+/// so pointer and length identify the entry, and holding the buffer keeps its address from
+/// being reused by another entry meanwhile.
+pub(crate) struct LocalWaiter {
+    pub(crate) batch: Bytes,
+    pub(crate) tx: tokio::sync::oneshot::Sender<(i64, i64)>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -104,7 +119,39 @@ impl PartitionShared {
                 written_at: None,
             }),
             state_write: Mutex::new(()),
+            local_waiters: Mutex::new(Vec::new()),
         }))
+    }
+
+    pub(crate) fn wait_local_append(&self, waiter: LocalWaiter) {
+        if let Ok(mut w) = self.local_waiters.lock() {
+            w.push(waiter);
+        }
+    }
+
+    /// Forgets a waiter whose proposal ended otherwise (committed, failed or timed out).
+    pub(crate) fn forget_local_append(&self, batch: &Bytes) {
+        if let Ok(mut w) = self.local_waiters.lock() {
+            w.retain(|x| !same_buffer(&x.batch, batch));
+        }
+    }
+
+    fn notify_local_appends(&self, appended: Vec<(Bytes, (i64, i64))>) {
+        if appended.is_empty() {
+            return;
+        }
+        let Ok(mut waiters) = self.local_waiters.lock() else {
+            return;
+        };
+        if waiters.is_empty() {
+            return;
+        }
+        for (data, offsets) in appended {
+            if let Some(k) = waiters.iter().position(|w| same_buffer(&w.batch, &data)) {
+                let w = waiters.swap_remove(k);
+                let _ = w.tx.send(offsets);
+            }
+        }
     }
 
     /// Whether this replica has ever taken part in its group (a vote or any log).
@@ -124,6 +171,14 @@ impl PartitionShared {
             StorageIOError::read_logs(openraft::AnyError::error("partition log lock poisoned"))
                 .into()
         })
+    }
+
+    /// The (term, index) of the last entry, without waiting: `None` while an append holds the
+    /// log (callers are on the async runtime) or when the log is empty.
+    pub(crate) fn last_log_id_if_idle(&self) -> Option<(u64, u64)> {
+        let log = self.log.try_read().ok()?;
+        let index = log.last_index()?;
+        Some((log.term_of(index)?, index))
     }
 
     fn write_log(&self) -> Result<std::sync::RwLockWriteGuard<'_, PartitionLog>, StorageError> {
@@ -251,15 +306,19 @@ impl RaftLogReader<TypeConfig> for PartitionLogStore {
     }
 }
 
-fn append_one(log: &mut PartitionLog, e: &Entry) -> Result<(), sluice_storage::StorageError> {
+/// Appends one entry; for a data batch, returns its (base, last) offsets.
+fn append_one(
+    log: &mut PartitionLog,
+    e: &Entry,
+) -> Result<Option<(i64, i64)>, sluice_storage::StorageError> {
     let index = e.log_id.index;
     let term = e.log_id.leader_id.term;
     match &e.payload {
-        EntryPayload::Normal(data) => log.append_data(index, term, data).map(|_| ()),
+        EntryPayload::Normal(data) => log.append_data(index, term, data).map(Some),
         EntryPayload::Blank | EntryPayload::Membership(_) => {
             let payload = encode_entry(e)
                 .map_err(|err| sluice_storage::StorageError::InvalidArgument(err.to_string()))?;
-            log.append_internal(index, term, &payload)
+            log.append_internal(index, term, &payload).map(|()| None)
         }
     }
 }
@@ -267,9 +326,10 @@ fn append_one(log: &mut PartitionLog, e: &Entry) -> Result<(), sluice_storage::S
 fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), StorageError> {
     let purged = shared.purged()?;
     let mut log = shared.write_log()?;
+    let mut appended: Vec<(Bytes, (i64, i64))> = Vec::new();
     for e in entries {
-        match append_one(&mut log, &e) {
-            Ok(()) => {}
+        let res = match append_one(&mut log, &e) {
+            Ok(offsets) => offsets,
             Err(sluice_storage::StorageError::NonContiguous { .. })
                 if log
                     .last_index()
@@ -282,12 +342,17 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
                 log.reset(e.log_id.index, next_offset)
                     .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
                 append_one(&mut log, &e)
-                    .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+                    .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?
             }
             Err(err) => return Err(StorageIOError::write_log_entry(e.log_id, &err).into()),
+        };
+        if let (Some(offsets), EntryPayload::Normal(data)) = (res, e.payload) {
+            appended.push((data, offsets));
         }
     }
     log.sync().map_err(|e| StorageIOError::write_logs(&e))?;
+    drop(log);
+    shared.notify_local_appends(appended);
     Ok(())
 }
 

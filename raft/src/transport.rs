@@ -61,6 +61,8 @@ pub(crate) struct Registry {
     app: RwLock<Option<Arc<dyn AppHandler>>>,
     /// This process's boot id for ping answers, drawn on first use.
     boot: std::sync::OnceLock<u64>,
+    /// The partition groups' stores, for their last log id in ping answers.
+    stores: RwLock<HashMap<GroupId, Arc<crate::partition_store::PartitionShared>>>,
 }
 
 impl Registry {
@@ -89,7 +91,26 @@ impl Registry {
     }
 
     pub(crate) fn remove(&self, group: &str) -> Option<Raft> {
+        if let Ok(mut st) = self.stores.write() {
+            st.remove(group);
+        }
         self.groups.write().ok()?.remove(group)
+    }
+
+    pub(crate) fn insert_store(
+        &self,
+        group: GroupId,
+        store: Arc<crate::partition_store::PartitionShared>,
+    ) {
+        if let Ok(mut st) = self.stores.write() {
+            st.insert(group, store);
+        }
+    }
+
+    /// The (term, index) of the group's last log entry; `None` when unknown or the log is busy.
+    pub(crate) fn last_log_id(&self, group: &str) -> Option<(u64, u64)> {
+        let store = self.stores.read().ok()?.get(group).cloned()?;
+        store.last_log_id_if_idle()
     }
 
     pub(crate) fn all(&self) -> Vec<(GroupId, Raft)> {

@@ -69,6 +69,7 @@ async fn produce_partition(
     partition: i32,
     records: Option<Bytes>,
     timeout: Duration,
+    acks: i16,
 ) -> PartitionOutcome {
     let max_message_bytes = {
         let st = node.state();
@@ -128,13 +129,24 @@ async fn produce_partition(
         batches.push(records.slice(pos..pos + len));
         pos += len;
     }
+    // DELIBERATELY BROKEN with `--features chaos-bugs` and SLUICE_CHAOS_BUG=ack-before-quorum,
+    // for the chaos harness to catch: acks=all answered as acks=1, from the leader's disk alone.
     #[cfg(feature = "chaos-bugs")]
-    if crate::chaos_bugs::enabled("ack-before-quorum") {
-        return ack_before_quorum(group, batches, timeout).await;
-    }
+    let acks = if crate::chaos_bugs::enabled("ack-before-quorum") {
+        1
+    } else {
+        acks
+    };
     let mut first_base = -1;
     for b in batches {
-        match tokio::time::timeout(timeout, group.append(b)).await {
+        // acks=1: the leader's disk is enough, as in Kafka; acks=all (and acks=0, whose outcome
+        // nobody reads) wait for a majority.
+        let append = if acks == 1 {
+            futures::future::Either::Left(group.append_leader_ack(b))
+        } else {
+            futures::future::Either::Right(group.append(b))
+        };
+        match tokio::time::timeout(timeout, append).await {
             Ok(Ok((base, _last))) => {
                 if first_base < 0 {
                     first_base = base;
@@ -155,40 +167,6 @@ async fn produce_partition(
         error: ErrorCode::None,
         message: None,
         base_offset: first_base,
-        log_start_offset: group.log_start_offset(),
-    }
-}
-
-/// DELIBERATELY BROKEN, compiled only with `--features chaos-bugs` for the chaos harness to catch:
-/// acknowledges once the leader's own log has the batch, without waiting for a majority.
-#[cfg(feature = "chaos-bugs")]
-async fn ack_before_quorum(
-    group: Arc<sluice_raft::PartitionGroup>,
-    batches: Vec<Bytes>,
-    timeout: Duration,
-) -> PartitionOutcome {
-    let before = group.log_end_offset();
-    let mut records = 0i64;
-    for b in batches {
-        records += batch::parse_header(&b)
-            .map(|h| i64::from(h.records_count))
-            .unwrap_or(0);
-        let g = group.clone();
-        tokio::spawn(async move {
-            let _ = g.append(b).await;
-        });
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    while group.log_end_offset() < before + records {
-        if tokio::time::Instant::now() > deadline {
-            return PartitionOutcome::err(ErrorCode::RequestTimedOut, "timed out");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    PartitionOutcome {
-        error: ErrorCode::None,
-        message: None,
-        base_offset: before,
         log_start_offset: group.log_start_offset(),
     }
 }
@@ -229,8 +207,15 @@ pub fn handle(
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 futs.push(
-                    produce_partition(node.clone(), topic.clone(), p.index, p.records, timeout)
-                        .boxed(),
+                    produce_partition(
+                        node.clone(),
+                        topic.clone(),
+                        p.index,
+                        p.records,
+                        timeout,
+                        acks,
+                    )
+                    .boxed(),
                 );
             }
         }
