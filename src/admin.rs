@@ -1,6 +1,7 @@
 //! Admin HTTP (axum): JSON views of cluster, brokers, topics, partitions and Raft groups, a health
 //! check, and Prometheus metrics. Read-only for now.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -26,6 +27,11 @@ pub fn router(node: Arc<Node>) -> Router {
             post(transfer_leadership),
         )
         .route("/v1/brokers/{id}/decommission", post(decommission))
+        .route(
+            "/v1/partitions/{topic}/{partition}/reassign",
+            post(reassign),
+        )
+        .route("/v1/reassignments", get(reassignments))
         .fallback(not_found)
         .with_state(node)
 }
@@ -314,6 +320,119 @@ async fn transfer_leadership(
     )
 }
 
+/// A partition and the replica set it moves to.
+type PartitionMove = (u32, Vec<u64>);
+
+/// Per topic, the moves that take every replica off broker `id` (partitions already moving are
+/// left alone). Pure over the metadata, so it is easy to test.
+fn decommission_moves(
+    st: &crate::metadata::MetaState,
+    id: u64,
+) -> Result<Vec<(String, Vec<PartitionMove>)>, String> {
+    let mut load: BTreeMap<u64, usize> = st
+        .brokers
+        .keys()
+        .filter(|b| **b != id && !st.fenced.contains(b))
+        .map(|b| (*b, 0))
+        .collect();
+    for t in st.topics.values() {
+        for r in &t.partitions {
+            for b in r {
+                if let Some(n) = load.get_mut(b) {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let mut plan = Vec::new();
+    for t in st.topics.values() {
+        let mut moves = Vec::new();
+        for (p, replicas) in t.partitions.iter().enumerate() {
+            if !replicas.contains(&id) || t.reassigning.contains_key(&(p as u32)) {
+                continue;
+            }
+            let Some((&to, _)) = load
+                .iter()
+                .filter(|(b, _)| !replicas.contains(b))
+                .min_by_key(|(b, n)| (**n, **b))
+            else {
+                return Err(format!(
+                    "no live broker can take {}/{p} off broker {id} (replicas {replicas:?}); \
+                     add a broker or lower the replication factor first",
+                    t.name
+                ));
+            };
+            *load.entry(to).or_default() += 1;
+            let target = replicas
+                .iter()
+                .map(|b| if *b == id { to } else { *b })
+                .collect();
+            moves.push((p as u32, target));
+        }
+        plan.push((t.name.clone(), moves));
+    }
+    Ok(plan)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ReassignBody {
+    replicas: Vec<u64>,
+}
+
+/// Starts moving a partition to a new replica set (preferred leader first), like Kafka's
+/// AlterPartitionReassignments; `GET /v1/reassignments` shows the moves still in progress.
+async fn reassign(
+    State(node): State<Arc<Node>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    body: Option<Json<ReassignBody>>,
+) -> Response {
+    let Some(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body {\"replicas\": [broker ids]}",
+        );
+    };
+    let cmd = crate::metadata::Command::ReassignPartitions {
+        topic: topic.clone(),
+        moves: vec![(partition, body.replicas.clone())],
+    };
+    match node.propose(&cmd).await {
+        Ok(crate::metadata::Reply::Ok) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "topic": topic, "partition": partition, "target": body.replicas })),
+        )
+            .into_response(),
+        Ok(crate::metadata::Reply::Err { code, message }) => {
+            let status = if code == crate::errors::ErrorCode::UnknownTopicOrPartition.code() {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            error(status, message)
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn reassignments(State(node): State<Arc<Node>>) -> Response {
+    let st = node.state();
+    let list: Vec<serde_json::Value> = st
+        .topics
+        .values()
+        .flat_map(|t| {
+            t.reassigning.iter().map(move |(p, target)| {
+                json!({
+                    "topic": t.name,
+                    "partition": p,
+                    "replicas": t.partitions.get(*p as usize),
+                    "target": target,
+                })
+            })
+        })
+        .collect();
+    Json(json!({ "reassignments": list })).into_response()
+}
+
 async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Response {
     let hosted: Vec<String> = {
         let st = node.state();
@@ -327,22 +446,48 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
             .map(|(t, p, _)| format!("{}/{p}", t.name))
             .collect()
     };
-    // Moving replicas is partition reassignment, which is not built yet; refusing is better than
-    // silently shrinking replica sets.
+    // A broker that still hosts replicas has them moved first: each one to the live broker with
+    // the fewest replicas that does not hold the partition yet. The caller repeats the request
+    // until the broker is empty and is then removed.
     if !hosted.is_empty() {
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "broker {id} still hosts {} partition replica(s) ({}); delete or move them first",
-                hosted.len(),
-                hosted
-                    .iter()
-                    .take(10)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
+        let plan = {
+            let st = node.state();
+            decommission_moves(&st, id)
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(why) => return error(StatusCode::CONFLICT, why),
+        };
+        let mut started = 0usize;
+        for (topic, moves) in plan {
+            if moves.is_empty() {
+                continue;
+            }
+            started += moves.len();
+            match node
+                .propose(&crate::metadata::Command::ReassignPartitions { topic, moves })
+                .await
+            {
+                Ok(crate::metadata::Reply::Ok) => {}
+                Ok(crate::metadata::Reply::Err { message, .. }) => {
+                    return error(StatusCode::CONFLICT, message)
+                }
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        return (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "broker": id,
+                "moving": hosted.len(),
+                "started": started,
+                "message": format!(
+                    "moving {} partition replica(s) off broker {id}; repeat this request until it answers 200",
+                    hosted.len()
+                ),
+            })),
+        )
+            .into_response();
     }
     if !node.raft.meta().is_leader() {
         return error(
@@ -365,5 +510,58 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
     {
         Ok(_) => Json(json!({ "decommissioned": id })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{BrokerInfo, MetaState, TopicMeta};
+
+    fn state(brokers: &[u64], parts: Vec<Vec<u64>>) -> MetaState {
+        let mut st = MetaState::default();
+        for id in brokers {
+            st.brokers.insert(
+                *id,
+                BrokerInfo {
+                    id: *id,
+                    kafka_addr: String::new(),
+                    admin_addr: String::new(),
+                    raft_addr: String::new(),
+                    registered_at_ms: 0,
+                },
+            );
+        }
+        st.topics.insert(
+            "t".into(),
+            TopicMeta {
+                name: "t".into(),
+                id: [1; 16],
+                partitions: parts,
+                configs: Default::default(),
+                leaders: Default::default(),
+                reassigning: Default::default(),
+            },
+        );
+        st
+    }
+
+    #[test]
+    fn decommission_moves_replace_the_broker_in_place_on_the_least_loaded_live_broker() {
+        let mut st = state(&[1, 2, 3, 4, 5], vec![vec![3, 1], vec![1, 2], vec![2, 3]]);
+        st.fenced.insert(5);
+        let plan = decommission_moves(&st, 3).unwrap();
+        // 4 holds nothing and 5 is fenced: both moves go to 4, and 3's position is kept.
+        assert_eq!(
+            plan,
+            vec![("t".into(), vec![(0, vec![4, 1]), (2, vec![2, 4])])]
+        );
+    }
+
+    #[test]
+    fn decommission_without_room_is_refused() {
+        let st = state(&[1, 2, 3], vec![vec![1, 2, 3]]);
+        let err = decommission_moves(&st, 2).unwrap_err();
+        assert!(err.contains("no live broker can take"), "{err}");
     }
 }

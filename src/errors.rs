@@ -30,6 +30,7 @@ pub enum ErrorCode {
     KafkaStorageError = 56,
     FencedLeaderEpoch = 74,
     UnknownLeaderEpoch = 75,
+    NoReassignmentInProgress = 85,
     InvalidRecord = 87,
 }
 

@@ -33,6 +33,11 @@ pub struct TopicMeta {
     /// nodes that hold no replica of the partition.
     #[serde(default)]
     pub leaders: BTreeMap<u32, LeaderInfo>,
+    /// partition index -> the replica set it is moving to (reassignment in progress). The
+    /// partition's leader adds the new replicas to its Raft group, waits until they have caught
+    /// up, changes the voters, and then records the move as done.
+    #[serde(default)]
+    pub reassigning: BTreeMap<u32, Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,6 +98,18 @@ pub enum Command {
     /// Decommission: forget a broker entirely.
     UnregisterBroker {
         id: u64,
+    },
+    /// Start moving partitions of a topic to new replica sets (preferred leader first).
+    ReassignPartitions {
+        topic: String,
+        moves: Vec<(u32, Vec<u64>)>,
+    },
+    /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
+    CompleteReassignment {
+        topic: String,
+        topic_id: [u8; 16],
+        partition: u32,
+        replicas: Vec<u64>,
     },
 }
 
@@ -271,7 +288,90 @@ impl MetaState {
                 }
                 Reply::Ok
             }
+            Command::ReassignPartitions { topic, moves } => {
+                let Some(t) = self.topics.get(topic) else {
+                    return Reply::err(
+                        ErrorCode::UnknownTopicOrPartition,
+                        format!("topic '{topic}' does not exist"),
+                    );
+                };
+                // All or nothing: validate every move first.
+                for (p, replicas) in moves {
+                    if *p as usize >= t.partitions.len() {
+                        return Reply::err(
+                            ErrorCode::UnknownTopicOrPartition,
+                            format!("topic '{topic}' has no partition {p}"),
+                        );
+                    }
+                    let distinct: BTreeSet<u64> = replicas.iter().copied().collect();
+                    if replicas.is_empty() || distinct.len() != replicas.len() {
+                        return Reply::err(
+                            ErrorCode::InvalidReplicaAssignment,
+                            format!("partition {p}: replicas must be distinct and non-empty, got {replicas:?}"),
+                        );
+                    }
+                    if let Some(b) = replicas.iter().find(|b| !self.brokers.contains_key(b)) {
+                        return Reply::err(
+                            ErrorCode::InvalidReplicaAssignment,
+                            format!("partition {p}: broker {b} is not registered"),
+                        );
+                    }
+                }
+                let Some(t) = self.topics.get_mut(topic) else {
+                    return Reply::Ok;
+                };
+                for (p, replicas) in moves {
+                    if t.partitions.get(*p as usize) == Some(replicas) {
+                        t.reassigning.remove(p);
+                    } else {
+                        t.reassigning.insert(*p, replicas.clone());
+                    }
+                }
+                Reply::Ok
+            }
+            Command::CompleteReassignment {
+                topic,
+                topic_id,
+                partition,
+                replicas,
+            } => {
+                let Some(t) = self.topics.get_mut(topic) else {
+                    return Reply::err(
+                        ErrorCode::UnknownTopicOrPartition,
+                        format!("topic '{topic}' does not exist"),
+                    );
+                };
+                // Stale: another incarnation of the topic, or the target changed meanwhile.
+                if t.id != *topic_id || t.reassigning.get(partition) != Some(replicas) {
+                    return Reply::err(
+                        ErrorCode::NoReassignmentInProgress,
+                        format!(
+                            "no reassignment of {topic}-{partition} to {replicas:?} is in progress"
+                        ),
+                    );
+                }
+                t.reassigning.remove(partition);
+                if let Some(r) = t.partitions.get_mut(*partition as usize) {
+                    *r = replicas.clone();
+                }
+                Reply::Ok
+            }
         }
+    }
+
+    /// Partitions with `node` among their reassignment targets but not (yet) their replicas: the
+    /// node opens them as a joining replica.
+    pub fn joining_on(&self, node: u64) -> impl Iterator<Item = (&TopicMeta, usize, &Vec<u64>)> {
+        self.topics.values().flat_map(move |t| {
+            t.reassigning.iter().filter_map(move |(p, target)| {
+                let current = t.partitions.get(*p as usize)?;
+                (target.contains(&node) && !current.contains(&node)).then_some((
+                    t,
+                    *p as usize,
+                    target,
+                ))
+            })
+        })
     }
 
     /// Replica placement: round-robin over the given brokers, with each partition's replica list
@@ -307,7 +407,67 @@ mod tests {
             partitions: vec![vec![1]; n],
             configs: BTreeMap::new(),
             leaders: BTreeMap::new(),
+            reassigning: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn reassignment_is_validated_then_completed_once() {
+        let mut s = MetaState::default();
+        for id in 1..=4 {
+            s.apply(&Command::RegisterBroker {
+                broker: BrokerInfo {
+                    id,
+                    kafka_addr: String::new(),
+                    admin_addr: String::new(),
+                    raft_addr: String::new(),
+                    registered_at_ms: 0,
+                },
+            });
+        }
+        s.apply(&Command::CreateTopic {
+            topic: topic("t", 2),
+        });
+        let reassign = |moves: Vec<(u32, Vec<u64>)>| Command::ReassignPartitions {
+            topic: "t".into(),
+            moves,
+        };
+        for bad in [
+            vec![(5, vec![1])],
+            vec![(0, vec![])],
+            vec![(0, vec![2, 2])],
+            vec![(0, vec![9])],
+        ] {
+            assert!(matches!(s.apply(&reassign(bad)), Reply::Err { .. }));
+        }
+        assert!(
+            s.topics["t"].reassigning.is_empty(),
+            "a rejected move left a trace"
+        );
+        assert_eq!(s.apply(&reassign(vec![(1, vec![2, 3])])), Reply::Ok);
+        assert_eq!(s.joining_on(2).count(), 1);
+        assert_eq!(
+            s.joining_on(1).count(),
+            0,
+            "1 is a current replica, not joining"
+        );
+        let done = |replicas: Vec<u64>| Command::CompleteReassignment {
+            topic: "t".into(),
+            topic_id: [1; 16],
+            partition: 1,
+            replicas,
+        };
+        assert!(
+            matches!(s.apply(&done(vec![3, 2])), Reply::Err { .. }),
+            "not the target"
+        );
+        assert_eq!(s.apply(&done(vec![2, 3])), Reply::Ok);
+        assert_eq!(s.topics["t"].partitions[1], vec![2, 3]);
+        assert!(s.topics["t"].reassigning.is_empty());
+        assert!(
+            matches!(s.apply(&done(vec![2, 3])), Reply::Err { .. }),
+            "completed twice"
+        );
     }
 
     #[test]

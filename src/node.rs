@@ -167,6 +167,7 @@ impl Node {
         tokio::spawn(leader_report_loop(node.clone()));
         tokio::spawn(preferred_leader_loop(node.clone()));
         tokio::spawn(fenced_leader_loop(node.clone()));
+        tokio::spawn(reassignment_loop(node.clone()));
         tokio::spawn(crate::retention::retention_loop(node.clone()));
         Ok(node)
     }
@@ -665,6 +666,105 @@ async fn fenced_leader_loop(node: Arc<Node>) {
     }
 }
 
+/// Carries out reassignments on the partitions this node leads: new replicas join the group as
+/// learners and catch up, then the voters change (a joint change) to exactly the target, and the
+/// move is recorded. A leader that is not in the target first adds the new replicas, then hands
+/// leadership to the target's first replica, whose loop finishes the job. Every step is idempotent,
+/// so a restart or a leader change mid-move just resumes it.
+/// (topic, topic id, partition, target replicas, the local group).
+type PendingMove = (String, [u8; 16], u32, Vec<u64>, Arc<PartitionGroup>);
+
+async fn reassignment_loop(node: Arc<Node>) {
+    let in_flight: Arc<std::sync::Mutex<BTreeSet<String>>> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let me = node.cfg.node_id;
+        let todo: Vec<PendingMove> = {
+            let st = node.state();
+            let parts = node.partitions.read().unwrap_or_else(|p| p.into_inner());
+            st.topics
+                .values()
+                .flat_map(|t| {
+                    t.reassigning
+                        .iter()
+                        .map(move |(p, target)| (t, *p, target.clone()))
+                })
+                .filter_map(|(t, p, target)| {
+                    let g = parts.get(&(t.name.clone(), p as i32))?;
+                    g.is_leader()
+                        .then(|| (t.name.clone(), t.id, p, target, g.clone()))
+                })
+                .collect()
+        };
+        for (topic, topic_id, partition, target, group) in todo {
+            let gid = group.group_id().to_string();
+            if let Ok(mut f) = in_flight.lock() {
+                if !f.insert(gid.clone()) {
+                    continue;
+                }
+            }
+            let node = node.clone();
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let res =
+                    move_replicas(&node, &group, me, &topic, topic_id, partition, &target).await;
+                if let Err(e) = res {
+                    warn!(%topic, partition, ?target, error = %e, "reassignment step failed; will retry");
+                }
+                if let Ok(mut f) = in_flight.lock() {
+                    f.remove(&gid);
+                }
+            });
+        }
+    }
+}
+
+async fn move_replicas(
+    node: &Arc<Node>,
+    group: &Arc<PartitionGroup>,
+    me: u64,
+    topic: &str,
+    topic_id: [u8; 16],
+    partition: u32,
+    target: &[u64],
+) -> Result<(), NodeError> {
+    let target_set: BTreeSet<u64> = target.iter().copied().collect();
+    let voters = group.voters();
+    if voters != target_set {
+        if target_set.contains(&me) {
+            info!(%topic, partition, from = ?voters, to = ?target, "changing the replica set");
+            group.change_voters(target_set.clone()).await?;
+        } else {
+            let union: BTreeSet<u64> = voters.union(&target_set).copied().collect();
+            if voters != union {
+                info!(%topic, partition, from = ?voters, to = ?union, "adding the new replicas before leaving");
+                group.change_voters(union).await?;
+            }
+            let successor = target[0];
+            info!(%topic, partition, to = successor, "handing leadership to the new replica set");
+            node.transfer_partition_leadership(group.group_id(), successor)
+                .await?;
+            // The successor's loop removes this node.
+            return Ok(());
+        }
+    }
+    let reply = node
+        .propose(&Command::CompleteReassignment {
+            topic: topic.to_string(),
+            topic_id,
+            partition,
+            replicas: target.to_vec(),
+        })
+        .await?;
+    match reply {
+        Reply::Ok => {
+            info!(%topic, partition, replicas = ?target, "reassignment complete");
+            Ok(())
+        }
+        Reply::Err { message, .. } => Err(NodeError::Other(message)),
+    }
+}
+
 /// Leadership goes back to each partition's preferred leader (its first replica) once things are
 /// quiet, so leaders spread evenly again after failures heal. The leader hands it over by a
 /// graceful transfer (as the admin endpoint does) once the preferred replica has its whole log, so
@@ -763,8 +863,10 @@ struct Wanted {
     group: String,
     id_hex: String,
     segment_bytes: Option<u64>,
-    /// Preferred leader first.
+    /// Preferred leader first; for a joining replica, the reassignment target.
     replicas: Vec<u64>,
+    /// Being added by a reassignment: the group exists elsewhere and will contact this replica.
+    join: bool,
 }
 
 async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
@@ -774,8 +876,14 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     let desired: BTreeMap<(String, i32), Wanted> = {
         let st = node.state();
         let mut topic_bits: HashMap<&str, (String, Option<u64>)> = HashMap::new();
+        let joining: BTreeSet<(&str, usize)> = st
+            .joining_on(me)
+            .map(|(t, p, _)| (t.name.as_str(), p))
+            .collect();
         st.partitions_on(me)
+            .chain(st.joining_on(me))
             .map(|(t, p, r)| {
+                let join = joining.contains(&(t.name.as_str(), p));
                 let (id_hex, segment_bytes) =
                     topic_bits.entry(t.name.as_str()).or_insert_with(|| {
                         (
@@ -791,6 +899,7 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
                         id_hex: id_hex.clone(),
                         segment_bytes: *segment_bytes,
                         replicas: r.clone(),
+                        join,
                     },
                 )
             })
@@ -839,6 +948,7 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
             id_hex,
             segment_bytes,
             replicas,
+            join,
         } = wanted;
         // A directory left by an older topic of the same name must not leak its data.
         let id_file = dir.join("topic_id");
@@ -856,7 +966,12 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
         };
         // One broken partition must not keep the others from opening: note it, go on, and let
         // the loop retry.
-        let group = match node.raft.open_partition(gid, dir, log_cfg, replicas).await {
+        let opened = if join {
+            node.raft.join_partition(gid, dir, log_cfg).await
+        } else {
+            node.raft.open_partition(gid, dir, log_cfg, replicas).await
+        };
+        let group = match opened {
             Ok(g) => g,
             Err(e) => {
                 error!(%topic, partition = p, error = %e, "cannot open partition");

@@ -197,13 +197,14 @@ def test_fourth_node_joins_and_is_decommissioned(cluster, tmp_path):
         with urllib.request.urlopen(req, timeout=30) as r:
             assert json.loads(r.read()) == {"decommissioned": 4}
         wait_for("three brokers again", lambda: len(metadata(cluster[1].bootstrap).brokers) == 3)
-        # --- a broker that still hosts replicas is refused with a reason
+        # --- a broker whose replicas have nowhere to go (RF 3 on 3 brokers) is refused with a reason
         Clients(cluster[0]).sluice("topics", "create", "pinned", "--partitions", "3", "--replication-factor", "3")
         req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/{cluster[1].node_id}/decommission", method="POST")
         try:
             urllib.request.urlopen(req, timeout=30)
             raise AssertionError("decommission of a broker with replicas succeeded")
         except urllib.error.HTTPError as e:
-            assert e.code == 409 and "still hosts" in e.read().decode()
+            assert e.code == 409 and "no live broker can take" in e.read().decode()
+        assert get_json(controller.admin, "/v1/reassignments")["reassignments"] == []
     finally:
         fourth.stop()

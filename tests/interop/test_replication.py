@@ -13,7 +13,7 @@ import urllib.request
 
 from confluent_kafka import Producer
 
-from conftest import Clients
+from conftest import Clients, Node
 from helpers import consume_all
 from test_cluster import get_json, metadata, start_all, wait_for
 
@@ -256,3 +256,81 @@ def test_transfer_leadership_under_load(cluster):
     w.join(timeout=120)
     assert len(w.acked) > 100
     assert not w.failed, f"{len(w.failed)} writes failed for good: {list(w.failed.values())[:3]}"
+
+
+def post(admin: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{admin}{path}", data=data, method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_decommission_moves_replicas_to_a_new_broker_under_load(cluster, tmp_path):
+    start_all(cluster)
+    topic = "repl-move"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "3")
+    assert r.returncode == 0, r.stderr
+    wait_for("partitions led", lambda: all_led(cluster, topic, 2))
+    fourth = Node(tmp_path, name="n4", node_id=4)
+    fourth.peers = cluster[0].peers + f",4@127.0.0.1:{fourth.raft_port}"
+    fourth.start(wait=False)
+    try:
+        fourth.wait_ready(timeout_s=60)
+        wait_for("four brokers", lambda: len(metadata(cluster[0].bootstrap).brokers) == 4)
+        # --- bad reassignments are refused with a reason and leave nothing behind
+        assert post(cluster[0].admin, f"/v1/partitions/{topic}/0/reassign", {"replicas": [1, 9]})[0] == 400
+        assert post(cluster[0].admin, f"/v1/partitions/{topic}/0/reassign", {"replicas": [1, 1]})[0] == 400
+        assert post(cluster[0].admin, f"/v1/partitions/{topic}/7/reassign", {"replicas": [1]})[0] == 404
+        assert get_json(cluster[0].admin, "/v1/reassignments")["reassignments"] == []
+        bootstrap = ",".join(n.bootstrap for n in cluster)
+        w = Writer(bootstrap, topic, retries=10)
+        w.start()
+        time.sleep(2)
+        # --- decommission node 3 while writes go on: its replicas move to node 4, then it leaves
+        ctl = get_json(cluster[0].admin, "/v1/cluster")["controller_id"]
+        controller = next(n for n in cluster if n.node_id == ctl)
+        victim = next(n for n in cluster if n.node_id != ctl)
+        first_code, first = post(controller.admin, f"/v1/brokers/{victim.node_id}/decommission")
+        assert first_code == 202 and first["moving"] == 2, first
+
+        def decommissioned():
+            code, body = post(controller.admin, f"/v1/brokers/{victim.node_id}/decommission")
+            assert code in (200, 202), (code, body)
+            return code == 200 or None
+        wait_for("decommission finished", decommissioned, timeout_s=120, interval_s=1.0)
+        time.sleep(2)
+        w.stop.set()
+        w.join(timeout=120)
+        assert len(w.acked) > 100
+        assert not w.failed, f"{len(w.failed)} writes failed for good: {list(w.failed.values())[:3]}"
+        # --- the new replica sets, as every node and client sees them
+        live = [n for n in cluster if n is not victim] + [fourth]
+        expected = {n.node_id for n in live}
+        md = metadata(fourth.bootstrap, topic)
+        assert {b for b in md.brokers} == expected
+        for p in md.topics[topic].partitions.values():
+            assert set(p.replicas) == expected, p.replicas
+        assert get_json(controller.admin, "/v1/reassignments")["reassignments"] == []
+        # --- node 4's data batches are the leader's, byte for byte, up to the high watermark
+        for part in range(2):
+            leader_id = wait_for("a leader", lambda: leaders(fourth, topic).get(part) if leaders(fourth, topic).get(part, -1) >= 0 else None)
+            leader = next(n for n in live if n.node_id == leader_id)
+
+            def same_logs():
+                hw = get_json(leader.admin, f"/v1/topics/{topic}")["partitions"][part]["high_watermark"]
+                logs = {n.node_id: data_log(n, topic, part, hw) for n in live}
+                return hw if len(set(logs.values())) == 1 and logs[4] else None
+            wait_for(f"identical replica logs of partition {part}", same_logs, timeout_s=30)
+        # --- the old replica's data is gone
+        wait_for("partition data removed from the old broker",
+                 lambda: not any(victim.partition_dir(topic, p).exists() for p in range(2)))
+        # --- every acknowledged value is there, at its offset
+        got = {(rec.partition, rec.offset): rec.value.decode() for rec in consume_all(fourth.bootstrap, topic, 2)}
+        for v, (part, off) in w.acked.items():
+            assert got.get((part, off)) == v, f"{v} acked at {part}/{off}, read {got.get((part, off))!r}"
+    finally:
+        fourth.stop()

@@ -78,6 +78,7 @@ pub async fn create_topic(
         partitions: MetaState::place_replicas(&brokers, 0, partitions as usize, rf as usize),
         configs,
         leaders: Default::default(),
+        reassigning: Default::default(),
     };
     match node.propose(&Command::CreateTopic { topic }).await {
         Ok(Reply::Ok) => {}
