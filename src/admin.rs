@@ -124,11 +124,15 @@ async fn topic(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Respo
         .enumerate()
         .map(|(p, replicas)| {
             let g = node.partition(&name, p as i32);
+            // This node's replica knows best; a node without one answers from what leaders
+            // reported to the controller, as Metadata does.
+            let leader = node.partition_leader_in(&node.state(), &name, p as i32);
             json!({
                 "partition": p,
                 "replicas": replicas,
-                "leader": g.as_ref().and_then(|g| g.leader()),
-                "leader_epoch": g.as_ref().map(|g| g.leader_epoch()),
+                "reassigning_to": t.reassigning.get(&(p as u32)),
+                "leader": leader.map(|(l, _)| l),
+                "leader_epoch": leader.map(|(_, e)| e),
                 "in_sync_replicas": g.as_ref().map(|g| g.status().voters),
                 "log_start_offset": g.as_ref().map(|g| g.log_start_offset()),
                 "log_end_offset": g.as_ref().map(|g| g.log_end_offset()),

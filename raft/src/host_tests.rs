@@ -448,6 +448,29 @@ async fn start_cluster(
     Ok((hosts, peers))
 }
 
+/// Opens `group` on every host (in `n{id}/{sub}` under `dir`) with all hosts as voters.
+async fn open_on_all(
+    hosts: &BTreeMap<u64, Arc<RaftHost>>,
+    dir: &Path,
+    group: &str,
+    sub: &str,
+) -> anyhow::Result<BTreeMap<u64, Arc<PartitionGroup>>> {
+    let voters: BTreeSet<u64> = hosts.keys().copied().collect();
+    let mut parts = BTreeMap::new();
+    for (id, h) in hosts {
+        let p = h
+            .open_partition(
+                group.to_string(),
+                dir.join(format!("n{id}")).join(sub),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(*id, p);
+    }
+    Ok(parts)
+}
+
 /// The one node every host in `hosts` agrees leads the metadata group.
 async fn meta_leader(hosts: &BTreeMap<u64, Arc<RaftHost>>) -> anyhow::Result<u64> {
     wait_for(
@@ -824,20 +847,8 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
     init_tracing();
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
-    let group = "p/t/2".to_string();
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
-    let mut parts = BTreeMap::new();
-    for (id, h) in &hosts {
-        let p = h
-            .open_partition(
-                group.clone(),
-                dir.path().join(format!("n{id}")).join("t-2"),
-                LogConfig::default(),
-                voters.clone(),
-            )
-            .await?;
-        parts.insert(*id, p);
-    }
+    let parts = open_on_all(&hosts, dir.path(), "p/t/2", "t-2").await?;
     let leader = partition_leader(&parts).await?;
     let mut next = 0i64;
     for i in 0..3 {
@@ -1208,19 +1219,7 @@ async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_maj
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/acks".to_string();
-    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
-    let mut parts = BTreeMap::new();
-    for (id, h) in &hosts {
-        let p = h
-            .open_partition(
-                group.clone(),
-                dir.path().join(format!("n{id}")).join("t-acks"),
-                LogConfig::default(),
-                voters.clone(),
-            )
-            .await?;
-        parts.insert(*id, p);
-    }
+    let parts = open_on_all(&hosts, dir.path(), &group, "t-acks").await?;
     let leader = partition_leader(&parts).await?;
     let batch = |v: &str| Bytes::from(data_batch(1_700_000_000_000, &[v.as_bytes()]));
     assert_eq!(parts[&leader].append(batch("all-0")).await?, (0, 0));

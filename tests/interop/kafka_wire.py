@@ -60,15 +60,7 @@ def string(s: str | None) -> bytes:
 
 def varint(v: int) -> bytes:
     """Zigzag varint as used inside record batches (also fine for varlongs)."""
-    z = (v << 1) ^ (v >> 63)
-    z &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        if z < 0x80:
-            out.append(z)
-            return bytes(out)
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
+    return uvarint(((v << 1) ^ (v >> 63)) & ((1 << 64) - 1))
 
 
 # --- API keys and error codes used by the tests ---------------------------------------------------
@@ -362,3 +354,114 @@ def parse_fetch_v4(resp: bytes) -> tuple[int, list[tuple[str, int, int, int, byt
 
 
 ERR_OFFSET_OUT_OF_RANGE = 1
+
+
+# --- flexible versions (KIP-482): compact types and tagged fields ----------------------------------
+
+ALTER_PARTITION_REASSIGNMENTS = 45
+LIST_PARTITION_REASSIGNMENTS = 46
+
+
+def uvarint(v: int) -> bytes:
+    """Unsigned varint: compact lengths and tag counts (KIP-482)."""
+    out = bytearray()
+    while True:
+        if v < 0x80:
+            out.append(v)
+            return bytes(out)
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+
+
+def compact_string(s: str | None) -> bytes:
+    if s is None:
+        return uvarint(0)
+    b = s.encode()
+    return uvarint(len(b) + 1) + b
+
+
+def compact_array(items: list[bytes] | None) -> bytes:
+    if items is None:
+        return uvarint(0)
+    return uvarint(len(items) + 1) + b"".join(items)
+
+
+NO_TAGS = uvarint(0)
+
+
+def request_header_v2(api_key: int, api_version: int, correlation_id: int, client_id: str | None = "sluice-interop") -> bytes:
+    return request_header_v1(api_key, api_version, correlation_id, client_id) + NO_TAGS
+
+
+def alter_partition_reassignments_v0(correlation_id: int, moves: dict[str, dict[int, list[int] | None]]) -> bytes:
+    topics = []
+    for name, parts in moves.items():
+        ps = [i32(p) + (compact_array(None) if r is None else compact_array([i32(b) for b in r])) + NO_TAGS for p, r in parts.items()]
+        topics.append(compact_string(name) + compact_array(ps) + NO_TAGS)
+    body = i32(30_000) + compact_array(topics) + NO_TAGS
+    return frame(request_header_v2(ALTER_PARTITION_REASSIGNMENTS, 0, correlation_id) + body)
+
+
+def list_partition_reassignments_v0(correlation_id: int) -> bytes:
+    body = i32(30_000) + compact_array(None) + NO_TAGS
+    return frame(request_header_v2(LIST_PARTITION_REASSIGNMENTS, 0, correlation_id) + body)
+
+
+class FlexReader(Reader):
+    def uvarint(self) -> int:
+        shift = v = 0
+        while True:
+            b = self.data[self.pos]
+            self.pos += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                return v
+            shift += 7
+
+    def compact_string(self) -> str | None:
+        n = self.uvarint() - 1
+        if n < 0:
+            return None
+        s = self.data[self.pos : self.pos + n].decode()
+        self.pos += n
+        return s
+
+    def count(self) -> int:
+        return self.uvarint() - 1
+
+    def skip_tags(self) -> None:
+        for _ in range(self.uvarint()):
+            self.uvarint()
+            self.pos += self.uvarint()
+
+
+def _parse_reassignment_reply(resp: bytes, read_partition) -> tuple[int, dict]:
+    """Both reassignment replies share a frame: header tags, throttle, error, message, then
+    topics of partitions; `read_partition(reader)` reads one partition's own fields."""
+    r = FlexReader(resp)
+    r.i32()  # correlation id
+    r.skip_tags()
+    r.i32()  # throttle
+    err = r.i16()
+    r.compact_string()
+    out = {}
+    for _ in range(r.count()):
+        name = r.compact_string()
+        for _ in range(r.count()):
+            p = r.i32()
+            out[(name, p)] = read_partition(r)
+            r.skip_tags()
+        r.skip_tags()
+    return err, out
+
+
+def parse_alter_partition_reassignments_v0(resp: bytes) -> tuple[int, dict[tuple[str, int], tuple[int, str | None]]]:
+    """(top-level error, {(topic, partition): (error code, message)})."""
+    return _parse_reassignment_reply(resp, lambda r: (r.i16(), r.compact_string()))
+
+
+def parse_list_partition_reassignments_v0(resp: bytes) -> dict[tuple[str, int], tuple[list[int], list[int], list[int]]]:
+    """{(topic, partition): (replicas, adding, removing)}."""
+    err, out = _parse_reassignment_reply(resp, lambda r: tuple([r.i32() for _ in range(r.count())] for _ in range(3)))
+    assert err == 0, f"ListPartitionReassignments error {err}"
+    return out

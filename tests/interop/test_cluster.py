@@ -178,16 +178,27 @@ def test_foreign_data_directory_is_refused(cluster, tmp_path):
     assert "belongs to cluster" in r.stderr, r.stderr[-2000:]
 
 
-def test_fourth_node_joins_and_is_decommissioned(cluster, tmp_path):
-    start_all(cluster)
-    ctl = wait_for("a controller", lambda: (lambda s: s.pop() if len(s) == 1 and None not in s else None)(controllers(cluster)))
-    # --- a node started later with the peer list plus itself joins the metadata group
+def start_fourth(cluster, tmp_path) -> Node:
+    """Node 4, started with the cluster's peer list plus itself, once every node sees it as a broker.
+    The caller stops it."""
     fourth = Node(tmp_path, name="n4", node_id=4)
     fourth.peers = cluster[0].peers + f",4@127.0.0.1:{fourth.raft_port}"
     fourth.start(wait=False)
     try:
         fourth.wait_ready(timeout_s=60)
         wait_for("four brokers in metadata", lambda: len(metadata(cluster[0].bootstrap).brokers) == 4)
+    except BaseException:
+        fourth.stop()
+        raise
+    return fourth
+
+
+def test_fourth_node_joins_and_is_decommissioned(cluster, tmp_path):
+    start_all(cluster)
+    ctl = wait_for("a controller", lambda: (lambda s: s.pop() if len(s) == 1 and None not in s else None)(controllers(cluster)))
+    # --- a node started later with the peer list plus itself joins the metadata group
+    fourth = start_fourth(cluster, tmp_path)
+    try:
         assert get_json(fourth.admin, "/v1/cluster")["controller_id"] == ctl
         raft = get_json(fourth.admin, "/v1/raft")["groups"]
         assert any(g["group"] == "meta" for g in raft)

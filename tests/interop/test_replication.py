@@ -13,9 +13,9 @@ import urllib.request
 
 from confluent_kafka import Producer
 
-from conftest import Clients, Node
+from conftest import Clients
 from helpers import consume_all
-from test_cluster import get_json, metadata, start_all, wait_for
+from test_cluster import get_json, metadata, start_all, start_fourth, wait_for
 
 INTERNAL_PRODUCER_ID = -0x511CE
 
@@ -275,12 +275,8 @@ def test_decommission_moves_replicas_to_a_new_broker_under_load(cluster, tmp_pat
     r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "3")
     assert r.returncode == 0, r.stderr
     wait_for("partitions led", lambda: all_led(cluster, topic, 2))
-    fourth = Node(tmp_path, name="n4", node_id=4)
-    fourth.peers = cluster[0].peers + f",4@127.0.0.1:{fourth.raft_port}"
-    fourth.start(wait=False)
+    fourth = start_fourth(cluster, tmp_path)
     try:
-        fourth.wait_ready(timeout_s=60)
-        wait_for("four brokers", lambda: len(metadata(cluster[0].bootstrap).brokers) == 4)
         # --- bad reassignments are refused with a reason and leave nothing behind
         assert post(cluster[0].admin, f"/v1/partitions/{topic}/0/reassign", {"replicas": [1, 9]})[0] == 400
         assert post(cluster[0].admin, f"/v1/partitions/{topic}/0/reassign", {"replicas": [1, 1]})[0] == 400
@@ -334,3 +330,63 @@ def test_decommission_moves_replicas_to_a_new_broker_under_load(cluster, tmp_pat
             assert got.get((part, off)) == v, f"{v} acked at {part}/{off}, read {got.get((part, off))!r}"
     finally:
         fourth.stop()
+
+
+def test_kafka_reassignment_api_moves_a_partition_and_its_leader(cluster):
+    """AlterPartitionReassignments / ListPartitionReassignments on the wire (the APIs
+    kafka-reassign-partitions.sh uses): an RF 2 partition moves to another pair of brokers, its
+    leader moving with it when the leader is not in the new set; bad moves get per-partition errors."""
+    from kafka_wire import (RawConn, alter_partition_reassignments_v0, list_partition_reassignments_v0,
+                            parse_alter_partition_reassignments_v0, parse_list_partition_reassignments_v0)
+    start_all(cluster)
+    topic = "repl-api-move"
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "2")
+    assert r.returncode == 0, r.stderr
+    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    before = get_json(cluster[0].admin, f"/v1/topics/{topic}")["partitions"][0]
+    old = before["replicas"]
+    spare = next(n.node_id for n in cluster if n.node_id not in old)
+    # The leader's replica is dropped, so leadership has to move as well.
+    target = [spare, next(b for b in old if b != before["leader"])]
+    bootstrap = ",".join(n.bootstrap for n in cluster)
+    w = Writer(bootstrap, topic, retries=10)
+    w.start()
+    time.sleep(2)
+    host, port = cluster[0].bootstrap.split(":")
+    with RawConn(host, int(port)) as c:
+        c.send(alter_partition_reassignments_v0(1, {topic: {0: [1, 99]}, "no-such-topic": {0: [1]}}))
+        err, res = parse_alter_partition_reassignments_v0(c.recv_frame())
+        assert err == 0
+        assert res[(topic, 0)][0] == 39, res  # INVALID_REPLICA_ASSIGNMENT: broker 99 does not exist
+        assert res[("no-such-topic", 0)][0] == 3, res  # UNKNOWN_TOPIC_OR_PARTITION
+        c.send(alter_partition_reassignments_v0(2, {topic: {0: None}}))
+        _, res = parse_alter_partition_reassignments_v0(c.recv_frame())
+        assert res[(topic, 0)][0] == 42 and "cancel" in res[(topic, 0)][1], res
+        c.send(alter_partition_reassignments_v0(3, {topic: {0: target}}))
+        _, res = parse_alter_partition_reassignments_v0(c.recv_frame())
+        assert res[(topic, 0)] == (0, None), res
+
+        def done():
+            c.send(list_partition_reassignments_v0(4))
+            ongoing = parse_list_partition_reassignments_v0(c.recv_frame())
+            if ongoing:
+                replicas, adding, removing = ongoing[(topic, 0)]
+                assert adding == [spare] and set(removing) == set(old) - set(target), ongoing
+                assert set(replicas) == set(old) | set(target), ongoing
+                return None
+            return True
+        wait_for("reassignment finished", done, timeout_s=60)
+    after = get_json(cluster[0].admin, f"/v1/topics/{topic}")["partitions"][0]
+    assert after["replicas"] == target, after
+    wait_for("the leader is in the new replica set",
+             lambda: get_json(cluster[0].admin, f"/v1/topics/{topic}")["partitions"][0]["leader"] in target)
+    time.sleep(2)
+    w.stop.set()
+    w.join(timeout=120)
+    assert len(w.acked) > 100
+    assert not w.failed, f"{len(w.failed)} writes failed for good: {list(w.failed.values())[:3]}"
+    got = {(rec.partition, rec.offset): rec.value.decode() for rec in consume_all(bootstrap, topic, 1)}
+    for v, (part, off) in w.acked.items():
+        assert got.get((part, off)) == v, f"{v} acked at {part}/{off}, read {got.get((part, off))!r}"
+    dropped = next(n for n in cluster if n.node_id in set(old) - set(target))
+    wait_for("the dropped replica's data is removed", lambda: not dropped.partition_dir(topic, 0).exists())

@@ -12,6 +12,7 @@ pub mod list_offsets;
 pub mod metadata;
 pub mod offset_for_leader_epoch;
 pub mod produce;
+pub mod reassignments;
 
 use std::sync::Arc;
 
@@ -72,6 +73,16 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
         ApiKey::DescribeCluster,
         describe_cluster::MIN_VERSION,
         describe_cluster::MAX_VERSION,
+    ),
+    (
+        ApiKey::AlterPartitionReassignments,
+        reassignments::ALTER_MIN_VERSION,
+        reassignments::ALTER_MAX_VERSION,
+    ),
+    (
+        ApiKey::ListPartitionReassignments,
+        reassignments::LIST_MIN_VERSION,
+        reassignments::LIST_MAX_VERSION,
     ),
 ];
 
@@ -177,6 +188,18 @@ pub fn dispatch(
             Some(Response::Kind(Box::new(ResponseKind::DescribeCluster(
                 describe_cluster::handle(&node, v, r),
             ))))
+        }
+        .boxed(),
+        RequestKind::AlterPartitionReassignments(r) => async move {
+            Some(Response::Kind(Box::new(
+                ResponseKind::AlterPartitionReassignments(reassignments::alter(&node, v, r).await),
+            )))
+        }
+        .boxed(),
+        RequestKind::ListPartitionReassignments(r) => async move {
+            Some(Response::Kind(Box::new(
+                ResponseKind::ListPartitionReassignments(reassignments::list(&node, v, r)),
+            )))
         }
         .boxed(),
         // supported_versions() filtered everything else before decoding.
