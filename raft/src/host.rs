@@ -122,11 +122,12 @@ fn meta_config() -> Result<Arc<Config>, RaftError> {
 fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
     let c = Config {
         cluster_name: group.to_string(),
-        // Without heartbeats this is only the AppendEntries RPC timeout.
-        heartbeat_interval: 300,
+        // Without heartbeats this is only the AppendEntries RPC timeout. It must exceed a slow
+        // link's round trip: at 300 ms, a 200 ms delay each way stopped every commit.
+        heartbeat_interval: 1000,
         // The supervisor's patience before electing in a leaderless group, and openraft's leader
         // lease: a voter refuses votes this long after the leader's last append reached it.
-        election_timeout_min: 1000,
+        election_timeout_min: 1100,
         election_timeout_max: 2000,
         enable_heartbeat: false,
         enable_elect: false,
@@ -323,6 +324,12 @@ async fn election_watchdog(
                 patience.insert(group.clone(), random_timeout(min_ms, max_ms));
             }
         }
+        registry.set_stalled(
+            seen.iter()
+                .filter(|g| g.as_str() != META_GROUP)
+                .cloned()
+                .collect(),
+        );
         stalled_since.retain(|g, _| seen.contains(g));
         patience.retain(|g, _| seen.contains(g));
         deferring_since.retain(|g, _| seen.contains(g));
@@ -516,7 +523,10 @@ async fn elect_until_leader(raft: &Raft, node_id: NodeId) -> Result<(), RaftErro
             tracing::info!(group = %raft.config().cluster_name, "triggering an election on request");
             raft.trigger().elect().await?;
         }
-        let wait = random_timeout(heartbeat_ms, 2 * heartbeat_ms);
+        // Quiet partition groups have a long heartbeat interval (it is only their RPC timeout);
+        // retrying that slowly would make every transfer take seconds.
+        let step = heartbeat_ms.min(300);
+        let wait = random_timeout(step, 2 * step);
         let until = (tokio::time::Instant::now() + wait).min(deadline);
         // Wake early when this node wins (or someone else does).
         loop {
@@ -696,20 +706,23 @@ impl PartitionGroup {
         // Uncontended, the read lock is taken on the first poll, so the proposal still reaches
         // Raft in the caller's order.
         let _gate = self.gate.read().await;
-        if !leader_ack {
-            let reply = propose(&self.raft, batch).await?;
-            return decode_offsets(&reply).ok_or_else(|| {
-                RaftError::Other(format!("bad append reply of {} bytes", reply.len()))
-            });
-        }
+        // Without a waiter the sender stays here, so `local` never resolves.
         let (tx, local) = tokio::sync::oneshot::channel();
-        self.shared.wait_local_append(LocalWaiter {
-            batch: batch.clone(),
-            tx,
-        });
-        let key = batch.clone();
+        let mut idle_tx = None;
+        let key = if leader_ack {
+            self.shared.wait_local_append(LocalWaiter {
+                batch: batch.clone(),
+                tx,
+            });
+            Some(batch.clone())
+        } else {
+            idle_tx = Some(tx);
+            None
+        };
         let committed = propose(&self.raft, batch);
         tokio::pin!(committed);
+        let lost = self.leadership_lost();
+        tokio::pin!(lost);
         // Whichever comes first; commit implies the local append, so a waiter that misses its
         // entry still gets the committed answer. Dropping the proposal future does not cancel it.
         let res = tokio::select! {
@@ -717,9 +730,28 @@ impl PartitionGroup {
                 RaftError::Other(format!("bad append reply of {} bytes", reply.len()))
             })),
             Ok(offsets) = local => Ok(offsets),
+            // A leader cut off from its majority cannot commit until the partition heals, and by
+            // then it has usually been replaced: answer now, so the client finds the new leader
+            // instead of waiting out its request timeout. The outcome is unknown (it may still
+            // commit), which is what Timeout says.
+            () = &mut lost => Err(RaftError::Timeout),
         };
-        self.shared.forget_local_append(&key);
+        drop(idle_tx);
+        if let Some(key) = key {
+            self.shared.forget_local_append(&key);
+        }
         res
+    }
+
+    /// Resolves once this node, having led, no longer claims leadership (it stepped down, or
+    /// cannot reach a majority of the voters).
+    async fn leadership_lost(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !self.is_leader() {
+                return;
+            }
+        }
     }
 
     /// On the leader: whether voter `target` holds this leader's whole log.

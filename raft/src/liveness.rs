@@ -36,7 +36,8 @@ pub(crate) struct PingReply {
     pub(crate) boot: u64,
     /// The partition groups this node leads.
     pub(crate) leads: Vec<GroupId>,
-    /// For each group this node votes in but has no leader: its last log id as (term, index).
+    /// For each group this node votes in but has no (working) leader: its last log id as
+    /// (term, index).
     /// A voter whose log is behind a peer's leaves the election to that peer: its own attempts
     /// cannot win, and each one raises its term, which makes the peer's attempts fail too.
     #[serde(default)]
@@ -226,8 +227,8 @@ pub(crate) fn answer_ping(registry: &Registry, boot: u64) -> Bytes {
         let m = m.borrow();
         if m.state == ServerState::Leader {
             leads.push(g);
-        } else if m.current_leader.is_none()
-            && matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        } else if matches!(m.state, ServerState::Follower | ServerState::Candidate)
+            && (m.current_leader.is_none() || registry.is_stalled(&g))
         {
             leaderless.push(g);
         }

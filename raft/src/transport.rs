@@ -63,6 +63,9 @@ pub(crate) struct Registry {
     boot: std::sync::OnceLock<u64>,
     /// The partition groups' stores, for their last log id in ping answers.
     stores: RwLock<HashMap<GroupId, Arc<crate::partition_store::PartitionShared>>>,
+    /// Partition groups this node's supervisor wants an election for (its leader is gone or
+    /// silent); ping answers carry their last log ids.
+    stalled: RwLock<std::collections::HashSet<GroupId>>,
 }
 
 impl Registry {
@@ -105,6 +108,16 @@ impl Registry {
         if let Ok(mut st) = self.stores.write() {
             st.insert(group, store);
         }
+    }
+
+    pub(crate) fn set_stalled(&self, groups: std::collections::HashSet<GroupId>) {
+        if let Ok(mut s) = self.stalled.write() {
+            *s = groups;
+        }
+    }
+
+    pub(crate) fn is_stalled(&self, group: &str) -> bool {
+        self.stalled.read().is_ok_and(|s| s.contains(group))
     }
 
     /// The (term, index) of the group's last log entry; `None` when unknown or the log is busy.
