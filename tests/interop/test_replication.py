@@ -39,6 +39,12 @@ def all_led(nodes, topic: str, n: int):
     return False
 
 
+def create_led_topic(cluster, topic: str, partitions: int, rf: int) -> None:
+    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", str(partitions), "--replication-factor", str(rf))
+    assert r.returncode == 0, r.stderr
+    wait_for(f"all {partitions} partitions of {topic} led", lambda: all_led(cluster, topic, partitions))
+
+
 class Writer(threading.Thread):
     """Writes unique values with acks=all until stopped; records every delivery report. Retries are
     off, so a value is sent once: acknowledged values must each appear exactly once, at their
@@ -89,9 +95,7 @@ class Writer(threading.Thread):
 def test_acked_writes_survive_leader_kills(cluster):
     start_all(cluster)
     topic = "repl-kill"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "6", "--replication-factor", "3")
-    assert r.returncode == 0, r.stderr
-    wait_for("all partitions led", lambda: all_led(cluster, topic, 6))
+    create_led_topic(cluster, topic, 6, 3)
     bootstrap = ",".join(n.bootstrap for n in cluster)
     w = Writer(bootstrap, topic)
     w.start()
@@ -156,9 +160,7 @@ def data_log(node, topic: str, partition: int, hw: int) -> bytes:
 def test_stopped_follower_catches_up_byte_for_byte(cluster, tmp_path):
     start_all(cluster)
     topic = "repl-catchup"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
-    assert r.returncode == 0, r.stderr
-    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    create_led_topic(cluster, topic, 1, 3)
     leader_id = leaders(cluster[0], topic)[0]
     follower = next(n for n in cluster if n.node_id != leader_id)
     follower.stop()
@@ -194,9 +196,7 @@ def test_stopped_follower_catches_up_byte_for_byte(cluster, tmp_path):
 def test_no_majority_no_ack_then_recovery(cluster):
     start_all(cluster)
     topic = "repl-quorum"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
-    assert r.returncode == 0, r.stderr
-    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    create_led_topic(cluster, topic, 1, 3)
     # --- stop two of the three replicas
     for n in cluster[1:]:
         n.kill9()
@@ -231,9 +231,7 @@ def test_no_majority_no_ack_then_recovery(cluster):
 def test_transfer_leadership_under_load(cluster):
     start_all(cluster)
     topic = "repl-transfer"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "3")
-    assert r.returncode == 0, r.stderr
-    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    create_led_topic(cluster, topic, 1, 3)
     w = Writer(",".join(n.bootstrap for n in cluster), topic, retries=10)
     w.start()
     time.sleep(2)
@@ -272,9 +270,7 @@ def post(admin: str, path: str, body: dict | None = None) -> tuple[int, dict]:
 def test_decommission_moves_replicas_to_a_new_broker_under_load(cluster, tmp_path):
     start_all(cluster)
     topic = "repl-move"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "3")
-    assert r.returncode == 0, r.stderr
-    wait_for("partitions led", lambda: all_led(cluster, topic, 2))
+    create_led_topic(cluster, topic, 2, 3)
     fourth = start_fourth(cluster, tmp_path)
     try:
         # --- bad reassignments are refused with a reason and leave nothing behind
@@ -340,9 +336,7 @@ def test_kafka_reassignment_api_moves_a_partition_and_its_leader(cluster):
                             parse_alter_partition_reassignments_v0, parse_list_partition_reassignments_v0)
     start_all(cluster)
     topic = "repl-api-move"
-    r = Clients(cluster[0]).sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "2")
-    assert r.returncode == 0, r.stderr
-    wait_for("partition led", lambda: all_led(cluster, topic, 1))
+    create_led_topic(cluster, topic, 1, 2)
     before = get_json(cluster[0].admin, f"/v1/topics/{topic}")["partitions"][0]
     old = before["replicas"]
     spare = next(n.node_id for n in cluster if n.node_id not in old)
