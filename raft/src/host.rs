@@ -709,6 +709,10 @@ impl PartitionGroup {
         // Without a waiter the sender stays here, so `local` never resolves.
         let (tx, local) = tokio::sync::oneshot::channel();
         let mut idle_tx = None;
+        // A sole voter commits the moment its own disk has the batch, so waiting for the commit
+        // costs nothing and keeps Kafka's single-replica behaviour: the high watermark already
+        // covers an acks=1 answer.
+        let leader_ack = leader_ack && self.voters().len() > 1;
         let key = if leader_ack {
             self.shared.wait_local_append(LocalWaiter {
                 batch: batch.clone(),
