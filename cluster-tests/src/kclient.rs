@@ -226,26 +226,18 @@ impl KClient {
             self.topic = None;
             return Outcome::Fail("LEADER_NOT_AVAILABLE (no leader in metadata)".into());
         };
-        let cap = if topic.has_topic_id() {
-            i16::MAX
-        } else {
-            TOPIC_ID_VERSION - 1
-        };
-        let mut ft = FetchTopic::default();
-        ft.topic = TopicName(StrBytes::from_string(topic_name.clone()));
-        ft.topic_id = topic.raw.topic_id;
-        let mut fp = FetchPartition::default();
-        fp.partition = partition;
-        fp.fetch_offset = offset;
-        fp.partition_max_bytes = 256 * 1024;
-        ft.partitions = vec![fp];
-        let mut req = FetchRequest::default();
-        req.replica_id = BrokerId(-1);
-        req.max_wait_ms = FETCH_WAIT_MS;
-        req.min_bytes = 1;
-        req.max_bytes = 1024 * 1024;
-        req.isolation_level = 0;
-        req.topics = vec![ft];
+        let (req, cap) = fetch_request(
+            topic,
+            &topic_name,
+            partition,
+            FetchShape {
+                offset,
+                partition_max_bytes: 256 * 1024,
+                max_wait_ms: FETCH_WAIT_MS,
+                min_bytes: 1,
+                max_bytes: 1024 * 1024,
+            },
+        );
         let res = tokio::time::timeout(Duration::from_secs(6), async {
             let conn = client.broker(leader).await?;
             let version = conn.version_for_max(ApiKey::Fetch, cap)?;
@@ -314,25 +306,18 @@ impl KClient {
         let leader = topic
             .leader(partition)
             .ok_or_else(|| anyhow!("no leader for partition {partition}"))?;
-        let cap = if topic.has_topic_id() {
-            i16::MAX
-        } else {
-            TOPIC_ID_VERSION - 1
-        };
-        let mut ft = FetchTopic::default();
-        ft.topic = TopicName(StrBytes::from_string(topic_name.clone()));
-        ft.topic_id = topic.raw.topic_id;
-        let mut fp = FetchPartition::default();
-        fp.partition = partition;
-        fp.fetch_offset = 0;
-        fp.partition_max_bytes = 1;
-        ft.partitions = vec![fp];
-        let mut req = FetchRequest::default();
-        req.replica_id = BrokerId(-1);
-        req.max_wait_ms = 0;
-        req.min_bytes = 0;
-        req.max_bytes = 1;
-        req.topics = vec![ft];
+        let (req, cap) = fetch_request(
+            topic,
+            &topic_name,
+            partition,
+            FetchShape {
+                offset: 0,
+                partition_max_bytes: 1,
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: 1,
+            },
+        );
         let res = tokio::time::timeout(Duration::from_secs(5), async {
             let conn = client.broker(leader).await?;
             let version = conn.version_for_max(ApiKey::Fetch, cap)?;
@@ -365,6 +350,46 @@ impl KClient {
 }
 
 /// Classifies one produce response for a one-partition request.
+/// The sizes and waits of one single-partition fetch.
+struct FetchShape {
+    offset: i64,
+    partition_max_bytes: i32,
+    max_wait_ms: i32,
+    min_bytes: i32,
+    max_bytes: i32,
+}
+
+/// A consumer fetch of one partition, and the highest Fetch version that names the topic the
+/// way this broker knows it (by id only if it reported one).
+fn fetch_request(
+    topic: &TopicInfo,
+    topic_name: &str,
+    partition: i32,
+    shape: FetchShape,
+) -> (FetchRequest, i16) {
+    let cap = if topic.has_topic_id() {
+        i16::MAX
+    } else {
+        TOPIC_ID_VERSION - 1
+    };
+    let mut fp = FetchPartition::default();
+    fp.partition = partition;
+    fp.fetch_offset = shape.offset;
+    fp.partition_max_bytes = shape.partition_max_bytes;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(StrBytes::from_string(topic_name.to_string()));
+    ft.topic_id = topic.raw.topic_id;
+    ft.partitions = vec![fp];
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = shape.max_wait_ms;
+    req.min_bytes = shape.min_bytes;
+    req.max_bytes = shape.max_bytes;
+    req.isolation_level = 0;
+    req.topics = vec![ft];
+    (req, cap)
+}
+
 fn produce_outcome(
     leader: i32,
     partition: i32,

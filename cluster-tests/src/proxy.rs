@@ -271,6 +271,16 @@ mod tests {
         addr
     }
 
+    /// Exactly `n` bytes, within 2 s (panics otherwise: this is a test).
+    async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    }
+
     async fn roundtrip(s: &mut TcpStream, msg: &[u8], wait: Duration) -> Option<Vec<u8>> {
         s.write_all(msg).await.ok()?;
         let mut got = vec![0u8; msg.len()];
@@ -310,18 +320,8 @@ mod tests {
             .is_none());
         p.set(LinkMode::PASS);
         // The held bytes arrive after the heal, none lost, none reordered.
-        let mut got = [0u8; 2];
-        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&got, b"bc");
-        let mut got = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(2), s2.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&got, b"x");
+        assert_eq!(read_n(&mut s, 2).await, b"bc");
+        assert_eq!(read_n(&mut s2, 1).await, b"x");
     }
 
     #[tokio::test]
@@ -337,12 +337,7 @@ mod tests {
             .await
             .is_none());
         p.set(LinkMode::PASS);
-        let mut got = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&got, b"q");
+        assert_eq!(read_n(&mut s, 1).await, b"q");
     }
 
     #[tokio::test]
