@@ -137,6 +137,11 @@ impl<C: RaftTypeConfig> Debug for ApplyResult<C> {
     }
 }
 
+/// [sluice patch] The most client writes one leader append takes (see
+/// [`RaftCore::sluice_handle_api_msg`]). Bounded so that one append (and the memory it holds)
+/// stays small, while one fsync can still carry a whole burst of small produce batches.
+pub(crate) const SLUICE_MAX_GATHERED_WRITES: usize = 256;
+
 /// Data for a Leader.
 ///
 /// It is created when RaftCore enters leader state, and will be dropped when it quits leader state.
@@ -506,6 +511,69 @@ where
         }
 
         true
+    }
+
+    /// [sluice patch] Leader-side group commit.
+    ///
+    /// Upstream handles each `ClientWriteRequest` on its own and runs the engine's commands after
+    /// each, so every `client_write` becomes its own `append()` call and its own fsync, and the
+    /// writes that queue up during one fsync are then written one fsync at a time. Here a client
+    /// write also takes every further client write already queued (up to
+    /// [`SLUICE_MAX_GATHERED_WRITES`]) and appends them all with one `leader_append_entries`,
+    /// which becomes one `AppendInputEntries` command: one `append()` and one flush for all of
+    /// them. Entries keep the order of the channel; each caller is answered for its own entry.
+    /// A non-write message taken while gathering is handled right after the gathered writes'
+    /// commands have run, so it is not reordered before them.
+    pub(crate) async fn sluice_handle_api_msg(&mut self, msg: RaftMsg<C>) -> Result<(), Fatal<C::NodeId>> {
+        let RaftMsg::ClientWriteRequest { app_data, tx } = msg else {
+            self.handle_api_msg(msg).await;
+            return Ok(());
+        };
+        let mut writes = vec![(app_data, tx)];
+        let mut other = None;
+        while writes.len() < SLUICE_MAX_GATHERED_WRITES {
+            match self.rx_api.try_recv() {
+                Ok(RaftMsg::ClientWriteRequest { app_data, tx }) => writes.push((app_data, tx)),
+                Ok(msg) => {
+                    other = Some(msg);
+                    break;
+                }
+                // Empty, or disconnected (the runtime loop notices that itself).
+                Err(_) => break,
+            }
+        }
+        self.sluice_write_entries(writes);
+        if let Some(msg) = other {
+            self.run_engine_commands().await?;
+            self.handle_api_msg(msg).await;
+        }
+        Ok(())
+    }
+
+    /// [sluice patch] `write_entry` for several client writes at once.
+    fn sluice_write_entries(&mut self, writes: Vec<(C::D, ResponderOf<C>)>) {
+        if self.engine.leader_handler().is_err() {
+            for (_, tx) in writes {
+                // Sends ForwardToLeader to this caller.
+                let _ = self.engine.get_leader_handler_or_reject(Some(tx));
+            }
+            return;
+        }
+        let n = writes.len() as u64;
+        let mut entries = Vec::with_capacity(writes.len());
+        let mut txs = Vec::with_capacity(writes.len());
+        for (app_data, tx) in writes {
+            entries.push(C::Entry::from_app_data(app_data));
+            txs.push(tx);
+        }
+        let Some((mut lh, _)) = self.engine.get_leader_handler_or_reject(None) else {
+            return;
+        };
+        lh.leader_append_entries(entries);
+        let last = lh.state.last_log_id().unwrap().index;
+        for (i, tx) in txs.into_iter().enumerate() {
+            self.client_resp_channels.insert(last + 1 - n + i as u64, tx);
+        }
     }
 
     /// Send a heartbeat message to every followers/learners.
@@ -952,7 +1020,8 @@ where
 
                 msg_res = self.rx_api.recv() => {
                     match msg_res {
-                        Some(msg) => self.handle_api_msg(msg).await,
+                        // [sluice patch] was `self.handle_api_msg(msg).await`
+                        Some(msg) => self.sluice_handle_api_msg(msg).await?,
                         None => {
                             tracing::info!("all rx_api senders are dropped");
                             return Err(Fatal::Stopped);
@@ -1004,7 +1073,8 @@ where
                 },
             };
 
-            self.handle_api_msg(msg).await;
+            // [sluice patch] was `self.handle_api_msg(msg).await;`
+            self.sluice_handle_api_msg(msg).await?;
 
             // TODO: does run_engine_commands() run too frequently?
             //       to run many commands in one shot, it is possible to batch more commands to gain
