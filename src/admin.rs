@@ -195,6 +195,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     ] {
         let _ = writeln!(out, "# TYPE sluice_partition_{name} gauge");
     }
+    // Their ratio is the batches one fsync carried on this replica (group commit); both count
+    // from when the partition last opened on this node.
+    for name in ["log_fsyncs_total", "log_appended_batches_total"] {
+        let _ = writeln!(out, "# TYPE sluice_partition_{name} counter");
+    }
     let topics: Vec<(String, usize)> = node
         .state()
         .topics
@@ -226,6 +231,12 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
                 out,
                 "sluice_partition_is_leader{{{l}}} {}",
                 u8::from(g.is_leader())
+            );
+            let (fsyncs, batches) = g.io_counters();
+            let _ = writeln!(out, "sluice_partition_log_fsyncs_total{{{l}}} {fsyncs}");
+            let _ = writeln!(
+                out,
+                "sluice_partition_log_appended_batches_total{{{l}}} {batches}"
             );
         }
     }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use openraft::error::RaftError as OpenraftError;
 use openraft::{BasicNode, ChangeMembers, Config, RaftMetrics, ServerState, SnapshotPolicy};
 use rand::Rng;
 use sluice_storage::{batch, LogConfig, MetaStore};
@@ -141,6 +142,16 @@ fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
     Ok(Arc::new(
         c.validate().map_err(|e| RaftError::Other(e.to_string()))?,
     ))
+}
+
+/// Polls `fut` once; its output if that was enough.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
 
 async fn propose(raft: &Raft, data: Bytes) -> Result<Bytes, RaftError> {
@@ -674,9 +685,77 @@ pub struct PartitionGroup {
     shared: Arc<PartitionShared>,
     hw_rx: watch::Receiver<i64>,
     liveness: Arc<Liveness>,
-    /// Appends hold it shared; a leadership transfer holds it exclusively so the target can catch
-    /// up to a log that has stopped growing.
-    gate: tokio::sync::RwLock<()>,
+    /// Closed by a leadership transfer so the target can catch up to a log that has stopped
+    /// growing.
+    gate: AppendGate,
+}
+
+/// Admission of appends to a partition group, without any await between the check and the
+/// proposal: a caller's batch reaches Raft on the caller's first poll, so the batches of one
+/// connection's pipelined requests enter the log in arrival order whatever the runtime's
+/// cooperative budget or task scheduling does.
+#[derive(Default)]
+struct AppendGate {
+    state: std::sync::Mutex<GateState>,
+    /// Signalled when a transfer reopens the gate.
+    reopened: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    /// Admitted appends that have not finished (committed, failed or given up).
+    in_flight: usize,
+}
+
+/// Counts one admitted append until it is dropped.
+struct InFlight<'a>(&'a AppendGate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.in_flight = st.in_flight.saturating_sub(1);
+    }
+}
+
+/// Keeps the gate closed until dropped.
+struct Closed<'a>(&'a AppendGate);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed = false;
+        self.0.reopened.notify_waiters();
+    }
+}
+
+impl AppendGate {
+    /// Runs `submit` and counts the append in flight if the gate is open; `None` if it is closed.
+    fn admit<T>(&self, submit: impl FnOnce() -> T) -> Option<(InFlight<'_>, T)> {
+        // Poisoning cannot leave the two plain fields inconsistent, so it is ignored.
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closed {
+            return None;
+        }
+        st.in_flight += 1;
+        let out = submit();
+        Some((InFlight(self), out))
+    }
+
+    fn close(&self) -> Closed<'_> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        Closed(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight
+    }
 }
 
 impl PartitionGroup {
@@ -703,9 +782,6 @@ impl PartitionGroup {
                 "record batch uses the producer id reserved for Raft-internal entries".into(),
             ));
         }
-        // Uncontended, the read lock is taken on the first poll, so the proposal still reaches
-        // Raft in the caller's order.
-        let _gate = self.gate.read().await;
         // Without a waiter the sender stays here, so `local` never resolves.
         let (tx, local) = tokio::sync::oneshot::channel();
         let mut idle_tx = None;
@@ -723,28 +799,68 @@ impl PartitionGroup {
             idle_tx = Some(tx);
             None
         };
-        let committed = propose(&self.raft, batch);
+        let res = self.propose_admitted(batch, local).await;
+        drop(idle_tx);
+        if let Some(key) = key {
+            self.shared.forget_local_append(&key);
+        }
+        res
+    }
+
+    /// Waits for the gate, proposes `batch` the moment it is open, and answers with its offsets
+    /// from the commit or from `local` (the leader's own disk, for acks=1), whichever is first.
+    async fn propose_admitted(
+        &self,
+        batch: Bytes,
+        local: tokio::sync::oneshot::Receiver<(i64, i64)>,
+    ) -> Result<(i64, i64), RaftError> {
+        let mut batch = Some(batch);
+        let (_in_flight, submitted) = loop {
+            let reopened = self.gate.reopened.notified();
+            // `client_write_ff` sends to the Raft core before its first await, so polling it once
+            // proposes the entry; not being ready means the core has stopped.
+            if let Some(admitted) = self.gate.admit(|| {
+                batch
+                    .take()
+                    .and_then(|b| poll_once(self.raft.client_write_ff(b)))
+            }) {
+                break admitted;
+            }
+            // A transfer is under way; it reopens within its own bound.
+            if tokio::time::timeout(PROPOSE_TIMEOUT, reopened)
+                .await
+                .is_err()
+            {
+                return Err(RaftError::Timeout);
+            }
+        };
+        let committed = match submitted {
+            Some(Ok(rx)) => rx,
+            Some(Err(fatal)) => return Err(fatal.into()),
+            None => return Err(RaftError::Shutdown),
+        };
+        let committed = tokio::time::timeout(PROPOSE_TIMEOUT, committed);
         tokio::pin!(committed);
         let lost = self.leadership_lost();
         tokio::pin!(lost);
         // Whichever comes first; commit implies the local append, so a waiter that misses its
-        // entry still gets the committed answer. Dropping the proposal future does not cancel it.
-        let res = tokio::select! {
-            reply = &mut committed => reply.and_then(|reply| decode_offsets(&reply).ok_or_else(|| {
-                RaftError::Other(format!("bad append reply of {} bytes", reply.len()))
-            })),
+        // entry still gets the committed answer. Dropping the receiver does not cancel the entry.
+        tokio::select! {
+            reply = &mut committed => match reply {
+                Err(_) => Err(RaftError::Timeout),
+                Ok(Err(_)) => Err(RaftError::Shutdown),
+                Ok(Ok(Err(e))) => Err(OpenraftError::<NodeId, _>::APIError(e).into()),
+                Ok(Ok(Ok(resp))) => decode_offsets(&resp.data).ok_or_else(|| {
+                    RaftError::Other(format!("bad append reply of {} bytes", resp.data.len()))
+                }),
+            },
             Ok(offsets) = local => Ok(offsets),
             // A leader cut off from its majority cannot commit until the partition heals, and by
             // then it has usually been replaced: answer now, so the client finds the new leader
             // instead of waiting out its request timeout. The outcome is unknown (it may still
             // commit), which is what Timeout says.
             () = &mut lost => Err(RaftError::Timeout),
-        };
-        drop(idle_tx);
-        if let Some(key) = key {
-            self.shared.forget_local_append(&key);
         }
-        res
     }
 
     /// Resolves once this node, having led, no longer claims leadership (it stepped down, or
@@ -783,9 +899,16 @@ impl PartitionGroup {
                 leader: self.leader(),
             });
         }
-        let _gate = tokio::time::timeout(Duration::from_secs(10), self.gate.write())
-            .await
-            .map_err(|_| RaftError::Timeout)?;
+        let _closed = self.gate.close();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Appends admitted before the gate closed finish first (as before, when they held a
+        // shared lock the transfer waited for), so none is cut off by the leader change.
+        while self.gate.in_flight() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(RaftError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let m = self.raft.metrics().borrow().clone();
@@ -832,19 +955,27 @@ impl PartitionGroup {
         *self.hw_rx.borrow()
     }
 
+    /// Lock-free: safe to call from async handlers while an append is being written.
     pub fn log_start_offset(&self) -> i64 {
-        match self.shared.log.read() {
-            Ok(l) => l.log_start_offset(),
-            Err(p) => p.into_inner().log_start_offset(),
-        }
+        self.shared.log_start_offset()
     }
 
     /// The next offset this replica's log would assign (it may hold uncommitted batches).
+    /// Lock-free, like [`PartitionGroup::log_start_offset`].
     pub fn log_end_offset(&self) -> i64 {
-        match self.shared.log.read() {
-            Ok(l) => l.log_end_offset(),
-            Err(p) => p.into_inner().log_end_offset(),
-        }
+        self.shared.log_end_offset()
+    }
+
+    /// (fdatasync calls, data batches appended) on this replica's log since the group opened.
+    pub fn io_counters(&self) -> (u64, u64) {
+        (
+            self.shared
+                .fsyncs
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.shared
+                .appended_batches
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub fn subscribe_high_watermark(&self) -> watch::Receiver<i64> {
@@ -1354,7 +1485,7 @@ impl RaftHost {
             shared,
             hw_rx,
             liveness: self.liveness.clone(),
-            gate: tokio::sync::RwLock::new(()),
+            gate: AppendGate::default(),
         });
         if let Ok(mut parts) = self.partitions.write() {
             parts.insert(group.clone(), pg.clone());

@@ -1,6 +1,7 @@
 //! Whole-host tests: real tokio runtime, real disk, real loopback TCP.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1255,5 +1256,155 @@ async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_maj
     for h in hosts.values() {
         h.shutdown().await;
     }
+    Ok(())
+}
+
+/// Opens a single-node host with one single-voter partition that leads.
+async fn single_node_partition(dir: &Path) -> anyhow::Result<(Arc<RaftHost>, Arc<PartitionGroup>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let peers: BTreeMap<u64, String> = [(1, listener.local_addr()?.to_string())]
+        .into_iter()
+        .collect();
+    let host = start_host(1, dir, listener, peers, Arc::new(RecordingApp::default())).await?;
+    let p = host
+        .open_partition(
+            "p/t/0".to_string(),
+            dir.join("partitions").join("t-0"),
+            LogConfig::default(),
+            [1u64],
+        )
+        .await?;
+    wait_for("partition leader", Duration::from_secs(5), || p.is_leader()).await?;
+    Ok((host, p))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_fsyncs_on_the_leader() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (host, p) = single_node_partition(dir.path()).await?;
+    let (fsyncs_before, batches_before) = p.io_counters();
+
+    tracing::info!("--- 200 one-record appends proposed together");
+    const N: usize = 200;
+    let appends = (0..N).map(|i| {
+        let p = p.clone();
+        async move {
+            let value = format!("v{i}");
+            p.append(Bytes::from(data_batch(
+                1_700_000_000_000,
+                &[value.as_bytes()],
+            )))
+            .await
+        }
+    });
+    let results = futures_join_all(appends).await;
+    let mut offsets = Vec::new();
+    for r in results {
+        offsets.push(r?.0);
+    }
+    assert_eq!(
+        offsets,
+        (0..N as i64).collect::<Vec<_>>(),
+        "each append gets its own offset, in proposal order"
+    );
+    assert_eq!(p.high_watermark(), N as i64);
+
+    let (fsyncs, batches) = p.io_counters();
+    let (fsyncs, batches) = (fsyncs - fsyncs_before, batches - batches_before);
+    assert_eq!(batches, N as u64);
+    // Without group commit every append is its own fsync (200); with it, the appends that queue
+    // behind one fsync share the next one.
+    assert!(
+        fsyncs * 10 <= batches,
+        "{fsyncs} fsyncs for {batches} batches: appends did not share fsyncs"
+    );
+    host.shutdown().await;
+    Ok(())
+}
+
+/// Polls every future once, in order, on the current task, then drives them all to completion.
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (host, p) = single_node_partition(dir.path()).await?;
+
+    tracing::info!(
+        "--- spend this task's cooperative budget, as a read loop decoding many frames does"
+    );
+    let noop = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(noop);
+    for _ in 0..10_000 {
+        if !tokio::task::coop::has_budget_remaining() {
+            break;
+        }
+        let mut spend = std::pin::pin!(tokio::task::coop::consume_budget());
+        let _ = spend.as_mut().poll(&mut cx);
+    }
+    assert!(!tokio::task::coop::has_budget_remaining());
+
+    tracing::info!(
+        "--- poll each append once, in order, as the connection does, then finish them in reverse"
+    );
+    const N: usize = 50;
+    let mut pending = Vec::new();
+    for i in 0..N {
+        let p = p.clone();
+        let mut fut = Box::pin(async move {
+            let value = format!("v{i}");
+            p.append(Bytes::from(data_batch(
+                1_700_000_000_000,
+                &[value.as_bytes()],
+            )))
+            .await
+        });
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => {
+                anyhow::bail!("append {i} finished on its first poll: {r:?}")
+            }
+            std::task::Poll::Pending => pending.push((i, fut)),
+        }
+    }
+    // The most recently spawned task tends to run first; the order must not depend on it.
+    let mut tasks = Vec::new();
+    for (i, fut) in pending.into_iter().rev() {
+        tasks.push((i, tokio::spawn(fut)));
+    }
+    let mut offsets = vec![-1i64; N];
+    for (i, t) in tasks {
+        offsets[i] = t.await??.0;
+    }
+    assert_eq!(
+        offsets,
+        (0..N as i64).collect::<Vec<_>>(),
+        "offsets follow the order of the first polls"
+    );
+    host.shutdown().await;
     Ok(())
 }

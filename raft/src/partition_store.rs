@@ -14,6 +14,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,14 @@ struct StateCell {
 pub(crate) struct PartitionShared {
     dir: PathBuf,
     pub(crate) log: RwLock<PartitionLog>,
+    /// The log's start and end offsets, published after every change so that async callers
+    /// (Fetch, Produce, ListOffsets) read them without touching the log's lock.
+    log_start_offset: AtomicI64,
+    log_end_offset: AtomicI64,
+    /// fdatasync calls on the partition log and data batches appended (leader or follower), for
+    /// `/metrics`: their ratio is how many batches one fsync carries (group commit).
+    pub(crate) fsyncs: AtomicU64,
+    pub(crate) appended_batches: AtomicU64,
     state: Mutex<StateCell>,
     state_write: Mutex<()>,
     /// acks=1 producers waiting for their batch to be in this (leader's) log.
@@ -112,6 +121,10 @@ impl PartitionShared {
         }
         Ok(Arc::new(PartitionShared {
             dir: dir.to_path_buf(),
+            log_start_offset: AtomicI64::new(log.log_start_offset()),
+            log_end_offset: AtomicI64::new(log.log_end_offset()),
+            fsyncs: AtomicU64::new(0),
+            appended_batches: AtomicU64::new(0),
             log: RwLock::new(log),
             state: Mutex::new(StateCell {
                 current: state.clone(),
@@ -121,6 +134,22 @@ impl PartitionShared {
             state_write: Mutex::new(()),
             local_waiters: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Call with the log still locked after every change to it.
+    fn publish_offsets(&self, log: &PartitionLog) {
+        self.log_start_offset
+            .store(log.log_start_offset(), Ordering::Release);
+        self.log_end_offset
+            .store(log.log_end_offset(), Ordering::Release);
+    }
+
+    pub(crate) fn log_start_offset(&self) -> i64 {
+        self.log_start_offset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn log_end_offset(&self) -> i64 {
+        self.log_end_offset.load(Ordering::Acquire)
     }
 
     pub(crate) fn wait_local_append(&self, waiter: LocalWaiter) {
@@ -350,8 +379,19 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
             appended.push((data, offsets));
         }
     }
-    log.sync().map_err(|e| StorageIOError::write_logs(&e))?;
+    shared.publish_offsets(&log);
+    let pending = log.take_pending_sync();
+    // The fsync runs without the lock: fetches and replication reads of the committed prefix go
+    // on meanwhile, and nothing can change the log under it, because openraft issues log writes
+    // (append, truncate, purge) one at a time and waits for each.
     drop(log);
+    if let Some(p) = pending {
+        p.sync().map_err(|e| StorageIOError::write_logs(&e))?;
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    shared
+        .appended_batches
+        .fetch_add(appended.len() as u64, Ordering::Relaxed);
     shared.notify_local_appends(appended);
     Ok(())
 }
@@ -439,8 +479,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         let shared = self.shared.clone();
         blocking(move || {
             let mut log = shared.write_log()?;
-            log.truncate_from_index(log_id.index)
-                .map_err(|e| StorageIOError::write_logs(&e).into())
+            let res = log.truncate_from_index(log_id.index);
+            shared.publish_offsets(&log);
+            res.map_err(|e| StorageIOError::write_logs(&e).into())
         })
         .await
     }
@@ -454,8 +495,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
             let mut log = shared.write_log()?;
             // Purging past the last entry leaves an empty log that continues at the next index
             // and at the same offset.
-            log.purge_upto_index(log_id.index)
-                .map_err(|e| StorageIOError::write_logs(&e).into())
+            let res = log.purge_upto_index(log_id.index);
+            shared.publish_offsets(&log);
+            res.map_err(|e| StorageIOError::write_logs(&e).into())
         })
         .await
     }
@@ -670,7 +712,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         next_offset = hw,
                         "log does not contain the installed snapshot's last entry; restarting it after the snapshot"
                     );
-                    log.reset(last.index + 1, hw).map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+                    let res = log.reset(last.index + 1, hw);
+                    shared.publish_offsets(&log);
+                    res.map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
                 }
             }
             Ok(())

@@ -228,7 +228,8 @@ fn ready(correlation_id: i32, api_key: ApiKey, version: i16, result: HandlerResu
 }
 
 /// Starts the handler right away so that requests reach Raft in arrival order (a produce handler
-/// submits its batches before its first real wait), then lets it finish on its own task.
+/// proposes its batches on its first poll, with no await before them, whatever the task's
+/// cooperative budget), then lets it finish on its own task.
 fn start(
     correlation_id: i32,
     api_key: ApiKey,

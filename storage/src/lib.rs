@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use batch::{BatchError, BatchHeader};
-pub use log::{EntryKind, LogConfig, LogEntry, PartitionLog, RetentionPlan};
+pub use log::{EntryKind, LogConfig, LogEntry, PartitionLog, PendingSync, RetentionPlan};
 pub use meta::MetaStore;
 
 /// Errors of this crate.

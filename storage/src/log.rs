@@ -24,6 +24,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -65,6 +66,20 @@ pub struct LogEntry {
     pub kind: EntryKind,
     /// The stored batch, with the assigned baseOffset and partitionLeaderEpoch = term.
     pub bytes: Bytes,
+}
+
+/// An fsync of the active segment, detached from the log (see [`PartitionLog::take_pending_sync`]).
+#[derive(Debug)]
+pub struct PendingSync {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// fdatasync: the batches are in place, and their length is all the metadata that matters.
+    pub fn sync(self) -> Result<(), StorageError> {
+        self.file.sync_data().ctx(&self.path)
+    }
 }
 
 /// In-memory metadata of one stored batch; the dense per-segment table makes Raft-index lookups O(1).
@@ -142,7 +157,8 @@ struct Segment {
     base_offset: i64,
     first_index: u64,
     log_path: PathBuf,
-    file: File,
+    /// Shared so that a [`PendingSync`] can fsync it after the caller has released the log.
+    file: Arc<File>,
     size: u64,
     entries: Vec<EntryMeta>,
     index: SparseIndexes,
@@ -655,7 +671,7 @@ impl PartitionLog {
                 base_offset: base,
                 first_index,
                 log_path,
-                file,
+                file: Arc::new(file),
                 size: walk.valid_len,
                 entries: walk.entries,
                 index: SparseIndexes::default(),
@@ -828,7 +844,7 @@ impl PartitionLog {
             base_offset: base,
             first_index,
             log_path,
-            file,
+            file: Arc::new(file),
             size: 0,
             entries: Vec::new(),
             index: SparseIndexes::default(),
@@ -849,13 +865,25 @@ impl PartitionLog {
     /// Fsyncs everything appended since the last sync (older segments were fsynced when they were
     /// rolled, sidecars when they were created; indexes are rebuilt on open and need no fsync).
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        if self.dirty {
-            if let Some(seg) = self.segments.last() {
-                seg.file.sync_data().ctx(&seg.log_path)?;
-            }
-            self.dirty = false;
+        match self.take_pending_sync() {
+            Some(p) => p.sync(),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// What [`PartitionLog::sync`] would fsync, to be done by the caller once it has released the
+    /// log, so that readers need not wait for the disk. The log counts as clean from here on: the
+    /// caller must run the returned sync before it reports the appends durable, and must treat a
+    /// failed sync as fatal for the log (retrying an fsync after a failure is unsafe anyway).
+    pub fn take_pending_sync(&mut self) -> Option<PendingSync> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        self.segments.last().map(|seg| PendingSync {
+            file: seg.file.clone(),
+            path: seg.log_path.clone(),
+        })
     }
 
     /// The Raft index the next append must use; `None` for a new, never-written log (any index).

@@ -914,3 +914,36 @@ fn retention_without_timestamps_uses_the_segment_mtime() {
     let plan = log.retention_plan(now, 60_000, -1, u64::MAX).unwrap();
     assert_eq!(plan.segments, 1);
 }
+
+#[test]
+fn pending_sync_is_taken_once_and_runs_without_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    assert!(
+        log.take_pending_sync().is_none(),
+        "a fresh log has nothing to sync"
+    );
+    log.append_data(1, 1, &data_batch(100, &[1, 2])).unwrap();
+    log.append_data(2, 1, &data_batch(100, &[3])).unwrap();
+    let pending = log
+        .take_pending_sync()
+        .expect("appends leave the log dirty");
+    assert!(
+        log.take_pending_sync().is_none(),
+        "the second caller has nothing left to sync"
+    );
+    // The log stays fully usable while the detached fsync has not run yet.
+    assert_eq!(
+        log.read(0, usize::MAX, i64::MAX).unwrap().len(),
+        log.size_bytes() as usize
+    );
+    log.append_data(3, 1, &data_batch(100, &[4])).unwrap();
+    pending.sync().unwrap();
+    let again = log
+        .take_pending_sync()
+        .expect("the later append is not covered");
+    again.sync().unwrap();
+    drop(log);
+    let log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(log.log_end_offset(), 4);
+}

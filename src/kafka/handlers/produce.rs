@@ -60,9 +60,9 @@ fn batch_error_code(e: &BatchError) -> ErrorCode {
     }
 }
 
-/// Validates and appends the record batches for one partition. Written so that the first poll
-/// submits the first batch to Raft before returning Pending: the connection relies on that to keep
-/// the order of pipelined requests.
+/// Validates and appends the record batches for one partition. Nothing before the proposal
+/// awaits, so the first poll hands every batch to Raft (see `PartitionGroup::append`): the
+/// connection polls each request once on arrival, which keeps pipelined requests in order.
 async fn produce_partition(
     node: Arc<Node>,
     topic: String,
@@ -137,30 +137,34 @@ async fn produce_partition(
     } else {
         acks
     };
-    let mut first_base = -1;
-    for b in batches {
+    // Every batch is proposed on the first poll of join_all, in order, before any waits (see
+    // PartitionGroup::append), so a request's batches and pipelined requests keep their order
+    // and share fsyncs.
+    let appends = batches.into_iter().map(|b| {
         // acks=1: the leader's disk is enough, as in Kafka; acks=all (and acks=0, whose outcome
         // nobody reads) wait for a majority.
-        let append = if acks == 1 {
+        if acks == 1 {
             futures::future::Either::Left(group.append_leader_ack(b))
         } else {
             futures::future::Either::Right(group.append(b))
-        };
-        match tokio::time::timeout(timeout, append).await {
-            Ok(Ok((base, _last))) => {
+        }
+    });
+    let Ok(results) = tokio::time::timeout(timeout, futures::future::join_all(appends)).await
+    else {
+        return PartitionOutcome::err(
+            ErrorCode::RequestTimedOut,
+            "timed out waiting for the write to commit",
+        );
+    };
+    let mut first_base = -1;
+    for r in results {
+        match r {
+            Ok((base, _last)) => {
                 if first_base < 0 {
                     first_base = base;
                 }
             }
-            Ok(Err(e)) => {
-                return PartitionOutcome::err(raft_error_code(&e), e.to_string());
-            }
-            Err(_) => {
-                return PartitionOutcome::err(
-                    ErrorCode::RequestTimedOut,
-                    "timed out waiting for the write to commit",
-                )
-            }
+            Err(e) => return PartitionOutcome::err(raft_error_code(&e), e.to_string()),
         }
     }
     PartitionOutcome {
