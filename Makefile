@@ -65,8 +65,14 @@ lint:
 fmt:
 	cargo fmt --all
 
-bench: deps build
+# Throughput (kcat, 1,000,000 x 100 B), then the hot-path runs: 16 small acks=all producers on one
+# partition at RF 1 and RF 3 (acked rate, batches per fsync), and paced produce-to-ack latency.
+bench: deps venv build
 	scripts/bench.sh
+	$(VENV)/bin/python scripts/hotpath_bench.py small-producers --rf 1
+	$(VENV)/bin/python scripts/hotpath_bench.py small-producers --rf 3
+	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 1000 --seconds 20
+	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 10000 --seconds 20
 
 # Idle cost of many partitions: a 3-node loopback cluster with PARTITIONS (default 1000) at RF 3.
 idle: build
