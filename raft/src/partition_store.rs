@@ -260,6 +260,22 @@ impl PartitionShared {
         Ok(())
     }
 
+    /// Records `committed` in memory only, if a write would be held back by the interval anyway
+    /// (see [`PartitionShared::update_state`]); `false` means the caller must write it.
+    fn note_committed_if_not_due(&self, committed: Option<LogId>) -> Result<bool, StorageError> {
+        let mut st = self.lock_state()?;
+        let only_committed =
+            st.current.vote == st.written.vote && st.current.purged == st.written.purged;
+        let recent = st
+            .written_at
+            .is_some_and(|t| t.elapsed() < COMMITTED_WRITE_INTERVAL);
+        if only_committed && recent {
+            st.current.committed = committed;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Writes a committed log id held back by the write interval; called when the group closes.
     pub(crate) fn flush_state(&self) -> Result<(), StorageError> {
         self.update_state(true, |_| {})
@@ -440,6 +456,11 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // openraft calls this on every commit, before it applies: skip the blocking-pool round
+        // trip when the write interval says the file is not due anyway.
+        if self.shared.note_committed_if_not_due(committed)? {
+            return Ok(());
+        }
         let shared = self.shared.clone();
         blocking(move || shared.update_state(false, |s| s.committed = committed)).await
     }
