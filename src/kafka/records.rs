@@ -6,19 +6,22 @@
 //! exactly as received, and followers and fetches never decompress) and walked with the same
 //! record parser as uncompressed ones. A batch's decompressed size is capped at
 //! [`DECOMPRESSED_CAP_FACTOR`] × `max.message.bytes`, checked while decompressing, so a
-//! decompression bomb costs at most the cap in CPU. Memory stays small whatever the cap: gzip,
-//! LZ4 and zstd are decompressed into a reused 64 KiB window that the record walk reads as it
-//! goes; snappy's raw format has no streaming decoder, so its output is held whole, and snappy
-//! cannot expand more than about 21× anyway (its densest copy op is 3 bytes for 64).
+//! decompression bomb costs at most the cap in CPU. Memory mostly stays small whatever the cap:
+//! gzip, LZ4 and zstd are decompressed into a reused 64 KiB window that the record walk reads as
+//! it goes (LZ4 adds one block of at most 4 MiB; libzstd its frame's window, of which it writes
+//! no more than the bytes produced, so at most the cap). Snappy's raw format has no streaming
+//! decoder, so its output is held whole, but snappy cannot expand more than about 21× (its
+//! densest copy op is 3 bytes for 64) and a block's declared size is checked before allocation.
 //!
 //! Codecs and crates:
 //! - gzip (1): `flate2` on its `zlib-rs` backend (a pure-Rust zlib; in `benches/validate.rs` it
 //!   inflated 1 MiB batches about 40 % faster than flate2's default `miniz_oxide`). Concatenated
 //!   gzip members are read, as Java's `GZIPInputStream` does.
-//! - snappy (2): `snap` (pure Rust) for the raw snappy format. The Java client and kafka-python
-//!   write snappy-java's xerial framing (`\x82SNAPPY\0`, two version words, then length-prefixed
-//!   raw blocks), librdkafka writes one raw snappy block; `snap` knows neither framing, so we
-//!   walk xerial blocks here and accept both, as snappy-java's reader (and so Kafka) does.
+//! - snappy (2): `snap` (pure Rust) for raw snappy blocks. The Java client and kafka-python write
+//!   snappy-java's xerial framing (`\x82SNAPPY\0`, two version words, then length-prefixed raw
+//!   blocks), librdkafka writes one raw block. `snap` reads raw blocks and the official snappy
+//!   framing, not xerial, so xerial blocks are walked here; both forms are accepted, as
+//!   snappy-java's reader (and so Kafka) accepts both.
 //! - LZ4 (3): `lz4_flex`'s frame decoder (pure Rust, bounds-checked decoding). Kafka's reader
 //!   refuses frames with dependent blocks, so Java consumers could not read them: refused here too.
 //! - zstd (4): the `zstd` crate, bindings to the reference libzstd. It is already linked into the
@@ -50,6 +53,8 @@ pub fn decompressed_cap(max_message_bytes: usize) -> usize {
 const WINDOW: usize = 64 * 1024;
 /// A snappy output buffer larger than this is freed after use rather than kept for the next batch.
 const SNAPPY_RETAIN: usize = 4 * 1024 * 1024;
+/// A zstd context that decoded more than this, or failed, is dropped rather than reused.
+const ZSTD_RETAIN: u64 = 4 * 1024 * 1024;
 
 const XERIAL_MAGIC: &[u8; 8] = b"\x82SNAPPY\0";
 const LZ4_FRAME_MAGIC: [u8; 4] = 0x184D_2204u32.to_le_bytes();
@@ -553,7 +558,16 @@ fn check_compressed(
             })?;
             // with_context resets the context's session, whatever a failed batch left in it.
             let dec = zstd::stream::read::Decoder::with_context(payload, dctx);
-            check_records(&mut ReadSource::new(dec, window, cap, name), h)
+            let mut src = ReadSource::new(dec, window, cap, name);
+            let res = check_records(&mut src, h);
+            let produced = src.produced;
+            drop(src);
+            // libzstd decodes through a window buffer as large as the frame's declared window,
+            // written up to the bytes produced; don't keep one a big or hostile batch grew.
+            if res.is_err() || produced > ZSTD_RETAIN {
+                scratch.zstd = None;
+            }
+            res
         }
         other => Err(RecordError::UnknownCodec(other)),
     }

@@ -575,7 +575,10 @@ fn buffers_are_reused_after_failures() {
     let cut = batch_raw(4, &payload[..payload.len() / 2], 50, 49);
     for _ in 0..3 {
         assert!(check(&cut, BIG_CAP).is_err());
+        // A context a failed batch used is not kept; one a small good batch used is.
+        SCRATCH.with(|s| assert!(s.borrow().zstd.is_none()));
         check(&good, BIG_CAP).unwrap();
+        SCRATCH.with(|s| assert!(s.borrow().zstd.is_some()));
     }
     let big_snappy = batch_of(2, &body(60_000), 60_000);
     check(&big_snappy, BIG_CAP).unwrap();
