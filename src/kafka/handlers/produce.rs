@@ -16,7 +16,7 @@ use sluice_raft::RaftError;
 use sluice_storage::batch::{self, BatchError};
 
 use crate::errors::ErrorCode;
-use crate::kafka::records;
+use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
 use crate::kafka::Response;
 use crate::node::Node;
@@ -126,7 +126,8 @@ async fn produce_partition(
             );
         }
         // After the size check, so an oversize batch is refused before anything decompresses it.
-        if let Err(e) = records::validate(b, &header, records::decompressed_cap(max_message_bytes))
+        if let Err(e) =
+            record_walk::validate(b, &header, record_walk::decompressed_cap(max_message_bytes))
         {
             return PartitionOutcome::err(ErrorCode::CorruptMessage, e.to_string());
         }
