@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.stamp
 # Pinned loosely: the interop tests use only long-stable confluent-kafka / pytest APIs.
-PY_DEPS := confluent-kafka pytest pytest-timeout
+# kafka-python's codecs come from python-snappy, lz4 and zstandard (its snappy/lz4/zstd extras);
+# the compression tests use the same three to build batches by hand.
+PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=2.3,<3' python-snappy lz4 zstandard
 
 .PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv
 

@@ -1,4 +1,5 @@
-//! Produce (key 0): validates each record batch (magic 2, CRC-32C, size limits) and proposes it,
+//! Produce (key 0): validates each record batch (magic 2, CRC-32C, size limits, and every record,
+//! decompressed when the batch is compressed: see `kafka::records`) and proposes it,
 //! unchanged, to the partition's Raft group. The log assigns offsets; the reply carries the base
 //! offset once the batch is committed. acks=0 gets no response at all, as in Kafka.
 
@@ -15,6 +16,7 @@ use sluice_raft::RaftError;
 use sluice_storage::batch::{self, BatchError};
 
 use crate::errors::ErrorCode;
+use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
 use crate::kafka::Response;
 use crate::node::Node;
@@ -115,9 +117,6 @@ async fn produce_partition(
             Ok(h) => h,
             Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
         };
-        if let Err(e) = crate::kafka::records::validate(b, &header) {
-            return PartitionOutcome::err(ErrorCode::CorruptMessage, e);
-        }
         if len > max_message_bytes {
             return PartitionOutcome::err(
                 ErrorCode::MessageTooLarge,
@@ -125,6 +124,12 @@ async fn produce_partition(
                     "record batch of {len} bytes exceeds max.message.bytes {max_message_bytes}"
                 ),
             );
+        }
+        // After the size check, so an oversize batch is refused before anything decompresses it.
+        if let Err(e) =
+            record_walk::validate(b, &header, record_walk::decompressed_cap(max_message_bytes))
+        {
+            return PartitionOutcome::err(ErrorCode::CorruptMessage, e.to_string());
         }
         batches.push(records.slice(pos..pos + len));
         pos += len;
