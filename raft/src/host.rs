@@ -662,6 +662,30 @@ pub struct RetentionOutcome {
     pub log_start_offset: i64,
 }
 
+/// Changes of one partition's high watermark and log start offset, from
+/// [`PartitionGroup::subscribe_changes`].
+pub struct PartitionChanges {
+    hw: watch::Receiver<i64>,
+    log_start: watch::Receiver<i64>,
+}
+
+impl PartitionChanges {
+    /// Whether either moved since the subscription or the last [`PartitionChanges::changed`].
+    pub fn has_changed(&self) -> bool {
+        self.hw.has_changed().unwrap_or(false) || self.log_start.has_changed().unwrap_or(false)
+    }
+
+    /// Resolves at the next change. Once the group has closed it never resolves (a closed
+    /// channel would otherwise resolve at once, forever): callers bound the wait themselves.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            Ok(()) = self.hw.changed() => {}
+            Ok(()) = self.log_start.changed() => {}
+            else => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// One partition's Raft group on this node; its log is the partition log.
 pub struct PartitionGroup {
     group: GroupId,
@@ -673,6 +697,9 @@ pub struct PartitionGroup {
     meta: Raft,
     shared: Arc<PartitionShared>,
     hw_rx: watch::Receiver<i64>,
+    /// Bumped when retention moves the log start, so a long poll below it wakes up to answer
+    /// OFFSET_OUT_OF_RANGE instead of sleeping out its max wait.
+    log_start_tx: watch::Sender<i64>,
     liveness: Arc<Liveness>,
     /// Appends hold it shared; a leadership transfer holds it exclusively so the target can catch
     /// up to a log that has stopped growing.
@@ -847,8 +874,36 @@ impl PartitionGroup {
         }
     }
 
+    /// A receiver that reports only high-watermark changes after this call. (A plain clone of
+    /// the group's receiver would report every change since the group opened, so `changed()`
+    /// would return at once, every time.)
     pub fn subscribe_high_watermark(&self) -> watch::Receiver<i64> {
-        self.hw_rx.clone()
+        let mut rx = self.hw_rx.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// What a long poll waits on: the high watermark and the log start offset, reporting only
+    /// changes after this call. Subscribe before reading, so a commit between the read and the
+    /// wait still wakes the waiter.
+    pub fn subscribe_changes(&self) -> PartitionChanges {
+        let mut log_start = self.log_start_tx.subscribe();
+        log_start.mark_unchanged();
+        PartitionChanges {
+            hw: self.subscribe_high_watermark(),
+            log_start,
+        }
+    }
+
+    /// Publishes the log start offset if it moved (retention purges run inside openraft, which
+    /// may also postpone them, so this is called around each retention pass).
+    fn publish_log_start(&self) {
+        let start = self.log_start_offset();
+        self.log_start_tx.send_if_modified(|v| {
+            let moved = *v != start;
+            *v = start;
+            moved
+        });
     }
 
     /// Reads whole batches from `offset`, never past the high watermark.
@@ -910,6 +965,8 @@ impl PartitionGroup {
         retention_ms: i64,
         retention_bytes: i64,
     ) -> Result<Option<RetentionOutcome>, RaftError> {
+        // Catches a purge openraft postponed past the end of the previous pass.
+        self.publish_log_start();
         if retention_ms < 0 && retention_bytes < 0 {
             return Ok(None);
         }
@@ -948,6 +1005,7 @@ impl PartitionGroup {
             )
             .await
             .map_err(wait_error)?;
+        self.publish_log_start();
         Ok(Some(RetentionOutcome {
             purged_upto_index: cutoff,
             segments_deleted: plan.segments,
@@ -1327,6 +1385,10 @@ impl RaftHost {
             .has_state()
             .map_err(|e| RaftError::Storage(e.to_string()))?;
         let (hw_tx, hw_rx) = watch::channel(0i64);
+        let log_start = shared
+            .read_log()
+            .map(|l| l.log_start_offset())
+            .map_err(|e| RaftError::Storage(e.to_string()))?;
         let sm = PartitionStateMachine::open(shared.clone(), Arc::new(hw_tx))
             .await
             .map_err(|e| RaftError::Storage(e.to_string()))?;
@@ -1353,6 +1415,7 @@ impl RaftHost {
             meta: self.meta.raft.clone(),
             shared,
             hw_rx,
+            log_start_tx: watch::channel(log_start).0,
             liveness: self.liveness.clone(),
             gate: tokio::sync::RwLock::new(()),
         });
