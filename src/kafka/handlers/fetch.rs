@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+use sluice_raft::PartitionChanges;
 
 use super::produce::raft_error_code;
 use crate::errors::ErrorCode;
@@ -53,7 +54,6 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
         Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, MAX_WAIT_MS_CAP) as u64);
 
     loop {
-        // Subscribe before reading so a commit between the read and the wait still wakes us.
         let mut watches = Vec::new();
         let mut results: Vec<(TopicName, PartitionData)> = Vec::new();
         let mut total = 0usize;
@@ -61,6 +61,8 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
         let mut worst = 0i16;
         for w in &wants {
             let (pd, watch) = fetch_partition(node, w, max_bytes.saturating_sub(total)).await;
+            // Subscribed inside, before reading: a commit between the read and the wait still
+            // wakes us.
             if pd.error_code != 0 {
                 any_error = true;
                 worst = pd.error_code;
@@ -82,12 +84,10 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
                 .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
             return build(results);
         }
-        let waits = watches.into_iter().map(|mut rx| {
-            async move {
-                let _ = rx.changed().await;
-            }
-            .boxed()
-        });
+        drop(results);
+        let waits = watches
+            .into_iter()
+            .map(|mut changes| async move { changes.changed().await }.boxed());
         let _ = tokio::time::timeout(deadline - now, futures::future::select_all(waits)).await;
     }
 }
@@ -121,7 +121,7 @@ async fn fetch_partition(
     node: &Node,
     w: &Want,
     budget: usize,
-) -> (PartitionData, Option<tokio::sync::watch::Receiver<i64>>) {
+) -> (PartitionData, Option<PartitionChanges>) {
     let topic = w.topic.0.as_str();
     let known = node
         .state()
@@ -145,7 +145,7 @@ async fn fetch_partition(
     if w.leader_epoch > epoch {
         return (error(w.partition, ErrorCode::UnknownLeaderEpoch), None);
     }
-    let watch = group.subscribe_high_watermark();
+    let watch = group.subscribe_changes();
     let hw = group.high_watermark();
     let start = group.log_start_offset();
     let end = group.log_end_offset();
