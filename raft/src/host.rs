@@ -908,13 +908,24 @@ impl PartitionGroup {
 
     /// Reads whole batches from `offset`, never past the high watermark.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Bytes, RaftError> {
+        self.read_within(offset, max_bytes, true).await
+    }
+
+    /// [`PartitionGroup::read`]; `min_one` false returns nothing rather than a first batch
+    /// larger than `max_bytes` (see `PartitionLog::read_within`).
+    pub async fn read_within(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        min_one: bool,
+    ) -> Result<Bytes, RaftError> {
         let shared = self.shared.clone();
         let hw = self.high_watermark();
         tokio::task::spawn_blocking(move || {
             let log = shared
                 .read_log()
                 .map_err(|e| RaftError::Storage(e.to_string()))?;
-            Ok(log.read(offset, max_bytes, hw)?)
+            Ok(log.read_within(offset, max_bytes, hw, min_one)?)
         })
         .await
         .map_err(|e| RaftError::Other(e.to_string()))?
