@@ -1,6 +1,6 @@
 //! Fetch (key 1): serves stored record batches as they are, up to the high watermark. Answers as soon
-//! as `min_bytes` are available and waits up to `max_wait_ms` only when they are not, woken by
-//! high-watermark changes rather than polling.
+//! as `min_bytes` are available (at once when `min_bytes <= 0`, as in Kafka) and waits up to
+//! `max_wait_ms` only when they are not, woken by high-watermark changes rather than polling.
 
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,8 @@ pub async fn handle(node: &Node, _version: i16, req: FetchRequest) -> FetchRespo
             results.push((w.topic.clone(), pd));
         }
         let now = Instant::now();
-        if total >= min_bytes.max(1) || any_error || now >= deadline || watches.is_empty() {
+        // min_bytes <= 0 answers at once, as in Kafka, even with nothing to return.
+        if total >= min_bytes || any_error || now >= deadline || watches.is_empty() {
             node.metrics
                 .bytes_out
                 .fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
