@@ -7,16 +7,17 @@
 //! Fetches are the exception: one at a time per connection, each from its start until its response
 //! is written, so what a connection holds in fetched records is one response, whatever it pipelines.
 //!
-//! A connection whose response writes make no progress for `sluice.socket.write.timeout.ms` is
-//! closed.
+//! A connection with no request and nothing in flight for `connections.max.idle.ms` is closed, and
+//! so is one whose response writes make no progress for `sluice.socket.write.timeout.ms`.
 
 pub mod handlers;
 pub mod records;
 pub mod respond;
 pub mod wire;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -53,6 +54,37 @@ impl Response {
             resp = *inner;
         }
         (resp, held)
+    }
+}
+
+/// When a connection last did something, and how many of its requests are not yet answered.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection counts as idle if nothing happens before: never while a request is
+    /// in flight (a long poll is not idleness), so then one full period from now.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Instant::now() + idle;
+        }
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
     }
 }
 
@@ -109,13 +141,16 @@ async fn handle_connection(
 ) -> Result<(), String> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
+    let activity = Arc::new(Activity::new());
     let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
 
     // The writer awaits responses strictly in request order.
     let metrics_node = node.clone();
+    let writer_activity = activity.clone();
     let stall = Duration::from_millis(node.cfg.socket_write_timeout_ms);
     let writer = tokio::spawn(async move {
         let metrics = &metrics_node.metrics;
+        let activity = writer_activity;
         while let Some(pending) = rx.recv().await {
             let Some((correlation_id, api_key, version, result)) = pending.await else {
                 return Err("handler task failed".to_string());
@@ -140,11 +175,16 @@ async fn handle_connection(
                 respond::write_all(&mut wr, chunks, stall).await?;
             }
             drop(held);
+            activity.touch();
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(())
     });
 
-    let conn = Conn { fetch_turn };
+    let conn = Conn {
+        activity,
+        fetch_turn,
+    };
     let read = read_loop(&mut rd, &node, &conn, &tx, &mut shutdown).await;
     drop(tx);
     let written = writer
@@ -156,6 +196,7 @@ async fn handle_connection(
 
 /// What the reader shares with the requests it starts.
 struct Conn {
+    activity: Arc<Activity>,
     fetch_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -167,17 +208,38 @@ async fn read_loop(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
     let max = node.cfg.socket_request_max_bytes;
+    let idle = node.cfg.connections_max_idle_ms.map(Duration::from_millis);
+    let mut head = [0u8; 4];
+    let mut got = 0usize;
     loop {
-        let size = tokio::select! {
-            r = rd.read_i32() => match r {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        let idle_at = idle.map(|d| conn.activity.idle_at(d));
+        // One read() per turn, which is cancel-safe: an idle check in between loses no bytes.
+        tokio::select! {
+            r = rd.read(&mut head[got..]) => match r {
+                Ok(0) if got == 0 => return Ok(()),
+                Ok(0) => return Err("connection closed inside a request size".into()),
+                Ok(n) => got += n,
                 Err(e) => return Err(format!("read failed: {e}")),
             },
             _ = shutdown.changed() => return Ok(()),
             // The writer gave up (a stalled or failed write): nothing more can be answered.
             _ = tx.closed() => return Err("response writer stopped".into()),
-        };
+            _ = sleep_until(idle_at) => {
+                let due = idle_at.is_some_and(|at| idle.map(|d| conn.activity.idle_at(d)) <= Some(at));
+                if due {
+                    return Err(format!(
+                        "idle for {} ms (connections.max.idle.ms)",
+                        idle.map_or(0, |d| d.as_millis())
+                    ));
+                }
+                continue;
+            }
+        }
+        if got < head.len() {
+            continue;
+        }
+        got = 0;
+        let size = i32::from_be_bytes(head);
         // Checked before allocating: a hostile length must not make us reserve memory.
         if size < 8 || size as usize > max {
             return Err(format!(
@@ -190,10 +252,20 @@ async fn read_loop(
             .map_err(|_| format!("timed out reading a {size}-byte request"))?
             .map_err(|e| format!("truncated request frame: {e}"))?;
         let frame = frame.freeze();
+        conn.activity.touch();
         let pending = decode_and_start(node, conn, frame)?;
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         if tx.send(pending).await.is_err() {
             return Err("response writer stopped".into());
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
