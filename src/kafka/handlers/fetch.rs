@@ -272,6 +272,9 @@ async fn fetch_partition(
         // No budget now (or, for an empty response, before the deadline): nothing from this
         // partition this time, which Kafka allows; the client fetches again.
         if let Some(permit) = budget.take(most).await {
+            // A budget smaller than the limit (sluice.fetch.memory.bytes < fetch.max.bytes)
+            // shrinks the read to what was granted.
+            let limit = limit.min(permit.num_permits());
             match group.read_within(w.offset, limit, min_one).await {
                 Ok(b) => {
                     budget.keep(permit, b.len());
