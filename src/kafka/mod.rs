@@ -143,6 +143,8 @@ async fn handle_connection(
     let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
     let activity = Arc::new(Activity::new());
     let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
+    // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
+    let (writer_alive, writer_gone) = tokio::sync::watch::channel(());
 
     // The writer awaits responses strictly in request order.
     let metrics_node = node.clone();
@@ -151,6 +153,7 @@ async fn handle_connection(
     let writer = tokio::spawn(async move {
         let metrics = &metrics_node.metrics;
         let activity = writer_activity;
+        let _alive = writer_alive;
         while let Some(pending) = rx.recv().await {
             let Some((correlation_id, api_key, version, result)) = pending.await else {
                 return Err("handler task failed".to_string());
@@ -184,6 +187,7 @@ async fn handle_connection(
     let conn = Conn {
         activity,
         fetch_turn,
+        writer_gone,
     };
     let read = read_loop(&mut rd, &node, &conn, &tx, &mut shutdown).await;
     drop(tx);
@@ -198,6 +202,8 @@ async fn handle_connection(
 struct Conn {
     activity: Arc<Activity>,
     fetch_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Resolves `changed()` (with an error) once the writer has stopped.
+    writer_gone: tokio::sync::watch::Receiver<()>,
 }
 
 async fn read_loop(
@@ -273,14 +279,26 @@ async fn sleep_until(at: Option<Instant>) {
 /// until this one's response is too (Kafka serves a connection one request at a time; here only
 /// fetches wait, so pipelined produces still share fsyncs). Without this, a client pipelining
 /// fetches could make the connection hold one full response per request.
+///
+/// Once the writer has stopped (the client left, or stalled and was dropped), fetches still queued
+/// give up instead of reading data nobody will receive.
 fn one_fetch_at_a_time(
     turn: Arc<tokio::sync::Mutex<()>>,
+    mut writer_gone: tokio::sync::watch::Receiver<()>,
     fut: BoxFuture<'static, HandlerResult>,
 ) -> BoxFuture<'static, HandlerResult> {
     Box::pin(async move {
-        let guard = turn.lock_owned().await;
-        let resp = fut.await?;
-        Some(Response::Held(Box::new(resp), Box::new(guard)))
+        let run = async move {
+            let guard = turn.lock_owned().await;
+            let resp = fut.await?;
+            Some(Response::Held(Box::new(resp), Box::new(guard)))
+        };
+        tokio::select! {
+            // The first poll must reach the turn's queue, so requests queue in arrival order.
+            biased;
+            r = run => r,
+            _ = writer_gone.changed() => None,
+        }
     })
 }
 
@@ -324,7 +342,7 @@ fn decode_and_start(node: &Arc<Node>, conn: &Conn, frame: Bytes) -> Result<Pendi
         .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
     let mut fut = handlers::dispatch(node.clone(), header, request);
     if api_key == ApiKey::Fetch {
-        fut = one_fetch_at_a_time(conn.fetch_turn.clone(), fut);
+        fut = one_fetch_at_a_time(conn.fetch_turn.clone(), conn.writer_gone.clone(), fut);
     }
     Ok(start(correlation_id, api_key, version, fut))
 }
