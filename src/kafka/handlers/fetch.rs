@@ -91,9 +91,9 @@ impl Budget {
         let kept = if used <= reserved {
             permit.split(used)
         } else {
-            // The first batch was larger than the topic's max.message.bytes allows now (written
-            // under a larger limit): count what is free of the excess; the rest is a bounded
-            // overshoot of one batch.
+            // A first batch larger than the reservation (written under a larger max.message.bytes,
+            // or bigger than the whole budget): count what is free of the excess; the rest is an
+            // overshoot of at most that one batch.
             let extra = u32::try_from(used - reserved).unwrap_or(u32::MAX);
             if let Ok(more) = self.sem.clone().try_acquire_many_owned(extra) {
                 permit.merge(more);
