@@ -54,6 +54,18 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests one connection may have in flight before we stop reading from it.
     pub max_in_flight_requests_per_connection: usize,
+    /// Largest Fetch response, whatever the request asks (Kafka's `fetch.max.bytes`); the first
+    /// batch of the first non-empty partition may still exceed it, so a consumer can progress.
+    pub fetch_max_bytes: usize,
+    /// Record bytes that all Fetch responses not yet written to their sockets may hold together
+    /// (`sluice.fetch.memory.bytes`), so many connections cannot hold gigabytes between them.
+    pub fetch_memory_bytes: usize,
+    /// A connection with no request and nothing in flight for this long is closed
+    /// (`connections.max.idle.ms`); `None` never closes one.
+    pub connections_max_idle_ms: Option<u64>,
+    /// A response write that makes no progress for this long closes the connection
+    /// (`sluice.socket.write.timeout.ms`): a client that stops reading cannot pin its responses.
+    pub socket_write_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +89,10 @@ impl Default for ServerConfig {
             socket_request_max_bytes: 104_857_600,
             max_connections: 10_000,
             max_in_flight_requests_per_connection: 64,
+            fetch_max_bytes: 57_671_680,
+            fetch_memory_bytes: 256 << 20,
+            connections_max_idle_ms: Some(600_000),
+            socket_write_timeout_ms: 30_000,
         }
     }
 }
@@ -94,6 +110,22 @@ fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, ConfigEr
         .trim()
         .parse::<T>()
         .map_err(|_| invalid(key, value, "not a valid number"))
+}
+
+/// A whole number within `min..=max`, the range named in the error.
+fn parse_in<T>(key: &str, value: &str, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let n: T = parse_num(key, value)?;
+    if n < min || n > max {
+        return Err(invalid(
+            key,
+            value,
+            format!("must be between {min} and {max}"),
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
@@ -214,6 +246,27 @@ impl ServerConfig {
             }
             "socket.request.max.bytes" => self.socket_request_max_bytes = parse_num(key, v)?,
             "max.connections" => self.max_connections = parse_num(key, v)?,
+            // Kafka's own lower bound; i32 because the protocol's max_bytes fields are.
+            "fetch.max.bytes" => {
+                self.fetch_max_bytes = parse_in(key, v, 1024, i32::MAX as usize)?;
+            }
+            "sluice.fetch.memory.bytes" => {
+                self.fetch_memory_bytes = parse_in(key, v, 1024, i32::MAX as usize)?;
+            }
+            // As in Kafka, a negative value turns the idle timeout off.
+            "connections.max.idle.ms" => {
+                let ms: i64 = parse_num(key, v)?;
+                self.connections_max_idle_ms = match u64::try_from(ms) {
+                    Ok(0) => {
+                        return Err(invalid(key, v, "must be positive (negative: no timeout)"))
+                    }
+                    Ok(ms) => Some(ms),
+                    Err(_) => None,
+                };
+            }
+            "sluice.socket.write.timeout.ms" => {
+                self.socket_write_timeout_ms = parse_in(key, v, 1, i32::MAX as u64)?;
+            }
             "sluice.raft.addr" => {
                 check_hostport(key, v)?;
                 self.raft_addr = v.to_string()
@@ -340,6 +393,52 @@ mod tests {
         assert!(c
             .apply_property("auto.create.topics.enable", "yes")
             .is_err());
+    }
+
+    #[test]
+    fn fetch_and_connection_limits_parse() {
+        let mut c = ServerConfig::default();
+        assert_eq!(c.fetch_max_bytes, 57_671_680);
+        assert_eq!(c.connections_max_idle_ms, Some(600_000));
+        assert!(c.apply_property("fetch.max.bytes", "1048576").unwrap());
+        assert!(c
+            .apply_property("sluice.fetch.memory.bytes", "67108864")
+            .unwrap());
+        assert!(c.apply_property("connections.max.idle.ms", "1500").unwrap());
+        assert!(c
+            .apply_property("sluice.socket.write.timeout.ms", "2000")
+            .unwrap());
+        assert_eq!(c.fetch_max_bytes, 1_048_576);
+        assert_eq!(c.fetch_memory_bytes, 67_108_864);
+        assert_eq!(c.connections_max_idle_ms, Some(1500));
+        assert_eq!(c.socket_write_timeout_ms, 2000);
+        assert!(c.apply_property("connections.max.idle.ms", "-1").unwrap());
+        assert_eq!(c.connections_max_idle_ms, None);
+    }
+
+    #[test]
+    fn fetch_and_connection_limits_refuse_bad_values() {
+        let mut c = ServerConfig::default();
+        for (key, value) in [
+            ("fetch.max.bytes", "1023"),
+            ("fetch.max.bytes", "-1"),
+            ("fetch.max.bytes", "2147483648"),
+            ("fetch.max.bytes", "lots"),
+            ("sluice.fetch.memory.bytes", "0"),
+            ("sluice.fetch.memory.bytes", "1e9"),
+            ("connections.max.idle.ms", "0"),
+            ("connections.max.idle.ms", "soon"),
+            ("sluice.socket.write.timeout.ms", "0"),
+            ("sluice.socket.write.timeout.ms", "-5"),
+        ] {
+            let e = c.apply_property(key, value).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}={value}: {e}");
+        }
+        let e = c.apply_property("fetch.max.bytes", "10").unwrap_err();
+        assert!(e.to_string().contains("between 1024 and"), "{e}");
+        // A refused value leaves the previous one in place.
+        assert_eq!(c.fetch_max_bytes, 57_671_680);
+        assert_eq!(c.connections_max_idle_ms, Some(600_000));
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct Node {
     pub app: Arc<crate::cluster::Handler>,
     /// When this node last had a heartbeat answered by the controller (or was the controller).
     pub controller_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Bytes of record data that unwritten Fetch responses may hold (`sluice.fetch.memory.bytes`).
+    pub fetch_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Node {
@@ -133,6 +135,7 @@ impl Node {
         .await?;
         let app = crate::cluster::Handler::new();
         raft.set_app_handler(app.clone());
+        let cfg_fetch_memory = cfg.fetch_memory_bytes;
         let node = Arc::new(Node {
             cfg,
             raft,
@@ -143,6 +146,7 @@ impl Node {
             started_at: std::time::Instant::now(),
             fatal: watch::channel(None).0,
             app,
+            fetch_budget: Arc::new(tokio::sync::Semaphore::new(cfg_fetch_memory)),
             controller_contact: std::sync::Mutex::new(None),
         });
         if let Ok(mut w) = node.app.node.lock() {

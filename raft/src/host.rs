@@ -673,6 +673,30 @@ pub struct RetentionOutcome {
     pub log_start_offset: i64,
 }
 
+/// Changes of one partition's high watermark and log start offset, from
+/// [`PartitionGroup::subscribe_changes`].
+pub struct PartitionChanges {
+    hw: watch::Receiver<i64>,
+    log_start: watch::Receiver<i64>,
+}
+
+impl PartitionChanges {
+    /// Whether either moved since the subscription or the last [`PartitionChanges::changed`].
+    pub fn has_changed(&self) -> bool {
+        self.hw.has_changed().unwrap_or(false) || self.log_start.has_changed().unwrap_or(false)
+    }
+
+    /// Resolves at the next change. Once the group has closed it never resolves (a closed
+    /// channel would otherwise resolve at once, forever): callers bound the wait themselves.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            Ok(()) = self.hw.changed() => {}
+            Ok(()) = self.log_start.changed() => {}
+            else => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// One partition's Raft group on this node; its log is the partition log.
 pub struct PartitionGroup {
     group: GroupId,
@@ -978,19 +1002,47 @@ impl PartitionGroup {
         )
     }
 
+    /// A receiver that reports only high-watermark changes after this call. (A plain clone of
+    /// the group's receiver would report every change since the group opened, so `changed()`
+    /// would return at once, every time.)
     pub fn subscribe_high_watermark(&self) -> watch::Receiver<i64> {
-        self.hw_rx.clone()
+        let mut rx = self.hw_rx.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// What a long poll waits on: the high watermark and the log start offset, reporting only
+    /// changes after this call. Subscribe before reading, so a commit between the read and the
+    /// wait still wakes the waiter.
+    pub fn subscribe_changes(&self) -> PartitionChanges {
+        let mut log_start = self.shared.subscribe_log_start();
+        log_start.mark_unchanged();
+        PartitionChanges {
+            hw: self.subscribe_high_watermark(),
+            log_start,
+        }
     }
 
     /// Reads whole batches from `offset`, never past the high watermark.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Bytes, RaftError> {
+        self.read_within(offset, max_bytes, true).await
+    }
+
+    /// [`PartitionGroup::read`]; `min_one` false returns nothing rather than a first batch
+    /// larger than `max_bytes` (see `PartitionLog::read_within`).
+    pub async fn read_within(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        min_one: bool,
+    ) -> Result<Bytes, RaftError> {
         let shared = self.shared.clone();
         let hw = self.high_watermark();
         tokio::task::spawn_blocking(move || {
             let log = shared
                 .read_log()
                 .map_err(|e| RaftError::Storage(e.to_string()))?;
-            Ok(log.read(offset, max_bytes, hw)?)
+            Ok(log.read_within(offset, max_bytes, hw, min_one)?)
         })
         .await
         .map_err(|e| RaftError::Other(e.to_string()))?

@@ -75,6 +75,13 @@ fn batches(bytes: &[u8]) -> anyhow::Result<Vec<(i64, i64)>> {
     Ok(out)
 }
 
+/// Whether a future is ready on its first poll: a deterministic "has not happened yet".
+fn ready_now<F: std::future::Future>(fut: F) -> bool {
+    let fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    fut.poll(&mut cx).is_ready()
+}
+
 async fn append_values(p: &PartitionGroup, values: &[&[u8]]) -> anyhow::Result<(i64, i64)> {
     Ok(p.append(Bytes::from(data_batch(1_700_000_000_000, values)))
         .await?)
@@ -1405,6 +1412,74 @@ async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> a
         (0..N as i64).collect::<Vec<_>>(),
         "offsets follow the order of the first polls"
     );
+    host.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_subscriptions_report_only_what_happens_after_them() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let peers: BTreeMap<u64, String> = [(1, addr)].into_iter().collect();
+    let host = start_host(
+        1,
+        dir.path(),
+        listener,
+        peers,
+        Arc::new(RecordingApp::default()),
+    )
+    .await?;
+    wait_for("meta leader", Duration::from_secs(5), || {
+        host.meta().is_leader()
+    })
+    .await?;
+    let cfg = LogConfig {
+        segment_bytes_max: 2048,
+        index_interval_bytes: 512,
+    };
+    let p = host
+        .open_partition("p/w/0".to_string(), dir.path().join("w-0"), cfg, [1u64])
+        .await?;
+    wait_for("partition leader", Duration::from_secs(5), || p.is_leader()).await?;
+    let value = vec![b'x'; 200];
+    for _ in 0..20 {
+        append_values(&p, &[&value, &value]).await?;
+    }
+
+    tracing::info!("--- a subscription made after the commits has nothing to report");
+    let rx = p.subscribe_high_watermark();
+    assert!(
+        !rx.has_changed()?,
+        "a fresh subscription reports commits made before it, so a long poll would spin"
+    );
+    let mut changes = p.subscribe_changes();
+    assert!(!changes.has_changed());
+    assert!(
+        !ready_now(changes.changed()),
+        "nothing happened, yet the wait is over"
+    );
+
+    tracing::info!("--- a commit after subscribing wakes the waiter, once");
+    append_values(&p, &[b"late"]).await?;
+    assert!(rx.has_changed()?);
+    assert!(changes.has_changed());
+    tokio::time::timeout(Duration::from_secs(5), changes.changed()).await?;
+    assert!(!changes.has_changed());
+    assert!(!ready_now(changes.changed()));
+
+    tracing::info!("--- retention moving the log start wakes it too");
+    let hw = p.high_watermark();
+    let out = p
+        .apply_retention(0, -1, 4096)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("nothing deleted"))?;
+    assert!(out.log_start_offset > 0, "{out:?}");
+    assert_eq!(p.high_watermark(), hw, "retention committed nothing");
+    assert!(changes.has_changed(), "the log start moved to {out:?}");
+    tokio::time::timeout(Duration::from_secs(5), changes.changed()).await?;
+    assert!(!changes.has_changed());
     host.shutdown().await;
     Ok(())
 }

@@ -27,7 +27,8 @@ use std::io::Cursor;
 
 pub use error::RaftError;
 pub use host::{
-    GroupStatus, MetaGroup, PartitionGroup, RaftHost, RaftHostConfig, RetentionOutcome,
+    GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RaftHost, RaftHostConfig,
+    RetentionOutcome,
 };
 pub use sluice_storage::LogConfig;
 

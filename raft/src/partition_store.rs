@@ -63,6 +63,9 @@ pub(crate) struct PartitionShared {
     /// (Fetch, Produce, ListOffsets) read them without touching the log's lock.
     log_start_offset: AtomicI64,
     log_end_offset: AtomicI64,
+    /// Wakes long polls when the log start moves (retention, snapshot install), so a fetch
+    /// below the new start answers OFFSET_OUT_OF_RANGE at once instead of after its max wait.
+    log_start_moved: watch::Sender<i64>,
     /// fdatasync calls on the partition log and data batches appended (leader or follower), for
     /// `/metrics`: their ratio is how many batches one fsync carries (group commit).
     pub(crate) fsyncs: AtomicU64,
@@ -123,6 +126,7 @@ impl PartitionShared {
             dir: dir.to_path_buf(),
             log_start_offset: AtomicI64::new(log.log_start_offset()),
             log_end_offset: AtomicI64::new(log.log_end_offset()),
+            log_start_moved: watch::channel(log.log_start_offset()).0,
             fsyncs: AtomicU64::new(0),
             appended_batches: AtomicU64::new(0),
             log: RwLock::new(log),
@@ -138,10 +142,22 @@ impl PartitionShared {
 
     /// Call with the log still locked after every change to it.
     fn publish_offsets(&self, log: &PartitionLog) {
-        self.log_start_offset
-            .store(log.log_start_offset(), Ordering::Release);
+        let start = log.log_start_offset();
+        self.log_start_offset.store(start, Ordering::Release);
         self.log_end_offset
             .store(log.log_end_offset(), Ordering::Release);
+        self.log_start_moved.send_if_modified(|v| {
+            let moved = *v != start;
+            *v = start;
+            moved
+        });
+    }
+
+    /// Reports log start moves after this call.
+    pub(crate) fn subscribe_log_start(&self) -> watch::Receiver<i64> {
+        let mut rx = self.log_start_moved.subscribe();
+        rx.mark_unchanged();
+        rx
     }
 
     pub(crate) fn log_start_offset(&self) -> i64 {

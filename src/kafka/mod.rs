@@ -4,19 +4,26 @@
 //!
 //! Requests on one connection are started in arrival order and may complete concurrently (pipelined
 //! produce requests share one fsync), but responses go out in order, as the protocol requires.
+//! Fetches are the exception: one at a time per connection, each from its start until its response
+//! is written, so what a connection holds in fetched records is one response, whatever it pipelines.
+//!
+//! A connection with no request and nothing in flight for `connections.max.idle.ms` is closed, and
+//! so is one whose response writes make no progress for `sluice.socket.write.timeout.ms`.
 
 pub mod handlers;
 pub mod records;
+pub mod respond;
 pub mod wire;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
-use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::Decodable;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
@@ -32,6 +39,53 @@ pub enum Response {
     Kind(Box<ResponseKind>),
     /// A body we encoded by hand (old versions the crate no longer knows, or error bodies).
     Raw(Bytes),
+    /// A response and something to keep until it has been written to the socket: the fetch
+    /// budget its records hold, the connection's fetch turn.
+    Held(Box<Response>, Box<dyn Send>),
+}
+
+impl Response {
+    /// The response itself, and what it held (to drop once it is written).
+    fn unheld(self) -> (Response, Vec<Box<dyn Send>>) {
+        let mut resp = self;
+        let mut held = Vec::new();
+        while let Response::Held(inner, h) = resp {
+            held.push(h);
+            resp = *inner;
+        }
+        (resp, held)
+    }
+}
+
+/// When a connection last did something, and how many of its requests are not yet answered.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection counts as idle if nothing happens before: never while a request is
+    /// in flight (a long poll is not idleness), so then one full period from now.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Instant::now() + idle;
+        }
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    }
 }
 
 /// Accepts connections until `shutdown` resolves. Takes an already-bound listener so tests can bind
@@ -87,71 +141,111 @@ async fn handle_connection(
 ) -> Result<(), String> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
+    let activity = Arc::new(Activity::new());
+    let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
+    // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
+    let (writer_alive, writer_gone) = tokio::sync::watch::channel(());
 
     // The writer awaits responses strictly in request order.
     let metrics_node = node.clone();
+    let writer_activity = activity.clone();
+    let stall = Duration::from_millis(node.cfg.socket_write_timeout_ms);
     let writer = tokio::spawn(async move {
         let metrics = &metrics_node.metrics;
-        let mut out = BytesMut::with_capacity(64 * 1024);
+        let activity = writer_activity;
+        let _alive = writer_alive;
         while let Some(pending) = rx.recv().await {
             let Some((correlation_id, api_key, version, result)) = pending.await else {
                 return Err("handler task failed".to_string());
             };
+            let (resp, held) = match result {
+                Some(r) => {
+                    let (r, held) = r.unheld();
+                    (Some(r), held)
+                }
+                None => (None, Vec::new()),
+            };
             if !matches!(api_key, ApiKey::Produce | ApiKey::Fetch) {
                 // Produce and Fetch count themselves, with their partitions' error codes.
-                let code = match &result {
+                let code = match &resp {
                     Some(Response::Kind(k)) => top_level_error(k),
                     _ => 0,
                 };
                 metrics.count_request(&format!("{api_key:?}"), code);
             }
-            let Some(resp) = result else { continue };
-            out.clear();
-            out.put_i32(0); // size, patched below
-            let header_version = api_key.response_header_version(version);
-            ResponseHeader::default()
-                .with_correlation_id(correlation_id)
-                .encode(&mut out, header_version)
-                .map_err(|e| format!("encoding response header: {e}"))?;
-            match resp {
-                Response::Kind(kind) => kind
-                    .encode(&mut out, version)
-                    .map_err(|e| format!("encoding {api_key:?} v{version} response: {e}"))?,
-                Response::Raw(b) => out.put_slice(&b),
+            if let Some(resp) = resp {
+                let chunks = respond::encode(correlation_id, api_key, version, resp)?;
+                respond::write_all(&mut wr, chunks, stall).await?;
             }
-            let size = (out.len() - 4) as i32;
-            out[0..4].copy_from_slice(&size.to_be_bytes());
-            wr.write_all(&out)
-                .await
-                .map_err(|e| format!("write failed: {e}"))?;
+            drop(held);
+            activity.touch();
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(())
     });
 
-    let result = read_loop(&mut rd, &node, &tx, &mut shutdown).await;
+    let conn = Conn {
+        activity,
+        fetch_turn,
+        writer_gone,
+    };
+    let read = read_loop(&mut rd, &node, &conn, &tx, &mut shutdown).await;
     drop(tx);
     let written = writer
         .await
         .map_err(|e| format!("writer task failed: {e}"))?;
-    result.and(written)
+    // A failed writer stops the reader too; its reason is the one worth reporting.
+    written.and(read)
+}
+
+/// What the reader shares with the requests it starts.
+struct Conn {
+    activity: Arc<Activity>,
+    fetch_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Resolves `changed()` (with an error) once the writer has stopped.
+    writer_gone: tokio::sync::watch::Receiver<()>,
 }
 
 async fn read_loop(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     node: &Arc<Node>,
+    conn: &Conn,
     tx: &mpsc::Sender<Pending>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
     let max = node.cfg.socket_request_max_bytes;
+    let idle = node.cfg.connections_max_idle_ms.map(Duration::from_millis);
+    let mut head = [0u8; 4];
+    let mut got = 0usize;
     loop {
-        let size = tokio::select! {
-            r = rd.read_i32() => match r {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        let idle_at = idle.map(|d| conn.activity.idle_at(d));
+        // One read() per turn, which is cancel-safe: an idle check in between loses no bytes.
+        tokio::select! {
+            r = rd.read(&mut head[got..]) => match r {
+                Ok(0) if got == 0 => return Ok(()),
+                Ok(0) => return Err("connection closed inside a request size".into()),
+                Ok(n) => got += n,
                 Err(e) => return Err(format!("read failed: {e}")),
             },
             _ = shutdown.changed() => return Ok(()),
-        };
+            // The writer gave up (a stalled or failed write): nothing more can be answered.
+            _ = tx.closed() => return Err("response writer stopped".into()),
+            _ = sleep_until(idle_at) => {
+                let due = idle_at.is_some_and(|at| idle.map(|d| conn.activity.idle_at(d)) <= Some(at));
+                if due {
+                    return Err(format!(
+                        "idle for {} ms (connections.max.idle.ms)",
+                        idle.map_or(0, |d| d.as_millis())
+                    ));
+                }
+                continue;
+            }
+        }
+        if got < head.len() {
+            continue;
+        }
+        got = 0;
+        let size = i32::from_be_bytes(head);
         // Checked before allocating: a hostile length must not make us reserve memory.
         if size < 8 || size as usize > max {
             return Err(format!(
@@ -164,16 +258,53 @@ async fn read_loop(
             .map_err(|_| format!("timed out reading a {size}-byte request"))?
             .map_err(|e| format!("truncated request frame: {e}"))?;
         let frame = frame.freeze();
-        let pending = decode_and_start(node, frame)?;
+        conn.activity.touch();
+        let pending = decode_and_start(node, conn, frame)?;
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         if tx.send(pending).await.is_err() {
             return Err("response writer stopped".into());
         }
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a fetch once the connection's previous fetch has been written out, and holds the turn
+/// until this one's response is too (Kafka serves a connection one request at a time; here only
+/// fetches wait, so pipelined produces still share fsyncs). Without this, a client pipelining
+/// fetches could make the connection hold one full response per request.
+///
+/// Once the writer has stopped (the client left, or stalled and was dropped), fetches still queued
+/// give up instead of reading data nobody will receive.
+fn one_fetch_at_a_time(
+    turn: Arc<tokio::sync::Mutex<()>>,
+    mut writer_gone: tokio::sync::watch::Receiver<()>,
+    fut: BoxFuture<'static, HandlerResult>,
+) -> BoxFuture<'static, HandlerResult> {
+    Box::pin(async move {
+        let run = async move {
+            let guard = turn.lock_owned().await;
+            let resp = fut.await?;
+            Some(Response::Held(Box::new(resp), Box::new(guard)))
+        };
+        tokio::select! {
+            // The first poll must reach the turn's queue, so requests queue in arrival order.
+            biased;
+            r = run => r,
+            _ = writer_gone.changed() => None,
+        }
+    })
+}
+
 /// Decodes one frame and starts its handler. Errors close the connection, as Kafka does for
 /// requests it cannot parse.
-fn decode_and_start(node: &Arc<Node>, frame: Bytes) -> Result<Pending, String> {
+fn decode_and_start(node: &Arc<Node>, conn: &Conn, frame: Bytes) -> Result<Pending, String> {
     let mut peek = frame.clone();
     let api_key_raw = peek.get_i16();
     let version = peek.get_i16();
@@ -209,7 +340,10 @@ fn decode_and_start(node: &Arc<Node>, frame: Bytes) -> Result<Pending, String> {
         .map_err(|e| format!("malformed {api_key:?} v{version} request header: {e}"))?;
     let request = RequestKind::decode(api_key, &mut body, version)
         .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
-    let fut = handlers::dispatch(node.clone(), header, request);
+    let mut fut = handlers::dispatch(node.clone(), header, request);
+    if api_key == ApiKey::Fetch {
+        fut = one_fetch_at_a_time(conn.fetch_turn.clone(), conn.writer_gone.clone(), fut);
+    }
     Ok(start(correlation_id, api_key, version, fut))
 }
 

@@ -319,21 +319,45 @@ impl Segment {
         }
     }
 
-    /// Reads the contiguous stored bytes of slots `[a, b)`.
-    fn read_slots(&self, a: usize, b: usize) -> Result<Bytes, StorageError> {
-        let (Some(first), Some(last)) = (
+    /// Byte length of the contiguous stored slots `[a, b)` (0 if the range is empty).
+    fn slots_len(&self, a: usize, b: usize) -> usize {
+        match (
             self.entries.get(a),
             b.checked_sub(1).and_then(|l| self.entries.get(l)),
-        ) else {
-            return Ok(Bytes::new());
-        };
-        let start = first.pos;
-        let len = (last.pos + u64::from(last.len) - start) as usize;
-        let mut buf = BytesMut::zeroed(len);
-        self.file
-            .read_exact_at(&mut buf, start)
-            .ctx(&self.log_path)?;
+        ) {
+            (Some(first), Some(last)) if b > a => {
+                (last.pos + u64::from(last.len) - first.pos) as usize
+            }
+            _ => 0,
+        }
+    }
+
+    /// Reads the contiguous stored bytes of slots `[a, b)`.
+    fn read_slots(&self, a: usize, b: usize) -> Result<Bytes, StorageError> {
+        let mut buf = BytesMut::zeroed(self.slots_len(a, b));
+        let n = self.read_slots_into(a, b, &mut buf)?;
+        buf.truncate(n);
         Ok(buf.freeze())
+    }
+
+    /// Reads the contiguous stored bytes of slots `[a, b)` into the front of `buf`; returns how
+    /// many bytes that was.
+    fn read_slots_into(&self, a: usize, b: usize, buf: &mut [u8]) -> Result<usize, StorageError> {
+        let len = self.slots_len(a, b);
+        let Some(first) = self.entries.get(a).filter(|_| len > 0) else {
+            return Ok(0);
+        };
+        let have = buf.len();
+        let dst = buf.get_mut(..len).ok_or_else(|| {
+            StorageError::InvalidArgument(format!(
+                "{}: a {have}-byte buffer for slots {a}..{b}, which hold {len} bytes",
+                self.log_path.display()
+            ))
+        })?;
+        self.file
+            .read_exact_at(dst, first.pos)
+            .ctx(&self.log_path)?;
+        Ok(len)
     }
 }
 
@@ -1091,6 +1115,20 @@ impl PartitionLog {
         max_bytes: usize,
         max_offset_exclusive: i64,
     ) -> Result<Bytes, StorageError> {
+        self.read_within(offset, max_bytes, max_offset_exclusive, true)
+    }
+
+    /// [`PartitionLog::read`], where `min_one` says whether the first batch is returned even if
+    /// it alone exceeds `max_bytes` (Kafka does so only for the first partition of a response
+    /// that has data, so a consumer can always make progress). The bytes are read from the file
+    /// once, straight into the buffer that is returned.
+    pub fn read_within(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        max_offset_exclusive: i64,
+        min_one: bool,
+    ) -> Result<Bytes, StorageError> {
         let (log_start, log_end) = (self.log_start_offset(), self.log_end_offset());
         if offset < log_start || offset > log_end {
             return Err(StorageError::OffsetOutOfRange {
@@ -1117,8 +1155,8 @@ impl PartitionLog {
                 if !e.data || seg.first_index + (slot as u64) < visible_from {
                     continue;
                 }
-                if e.end > max_offset_exclusive || (total > 0 && total + e.len as usize > max_bytes)
-                {
+                let fits = total + e.len as usize <= max_bytes || (total == 0 && min_one);
+                if e.end > max_offset_exclusive || !fits {
                     break 'outer;
                 }
                 total += e.len as usize;
@@ -1128,13 +1166,19 @@ impl PartitionLog {
                 }
             }
         }
-        if let [(k, a, b)] = runs[..] {
-            return self.segments[k].read_slots(a, b);
-        }
-        let mut out = BytesMut::with_capacity(total);
+        // Sized from the runs themselves, so the check in read_slots_into holds by construction.
+        let len: usize = runs
+            .iter()
+            .map(|&(k, a, b)| self.segments[k].slots_len(a, b))
+            .sum();
+        // Zeroed, not uninitialised: a large buffer comes from fresh (already zero) pages.
+        let mut out = BytesMut::zeroed(len);
+        let mut at = 0;
         for (k, a, b) in runs {
-            out.extend_from_slice(&self.segments[k].read_slots(a, b)?);
+            let dst = out.get_mut(at..).unwrap_or_default();
+            at += self.segments[k].read_slots_into(a, b, dst)?;
         }
+        out.truncate(at);
         Ok(out.freeze())
     }
 

@@ -109,13 +109,14 @@ impl Model {
         e
     }
 
-    fn read(&self, offset: i64, max_bytes: usize, hw: i64) -> Option<Vec<u8>> {
+    fn read(&self, offset: i64, max_bytes: usize, hw: i64, min_one: bool) -> Option<Vec<u8>> {
         if offset < self.log_start() || offset > self.next_offset {
             return None;
         }
         let mut out = Vec::new();
         for e in self.entries.iter().filter(|e| e.data && e.end > offset) {
-            if e.end > hw || (!out.is_empty() && out.len() + e.bytes.len() > max_bytes) {
+            let fits = out.len() + e.bytes.len() <= max_bytes || (out.is_empty() && min_one);
+            if e.end > hw || !fits {
                 break;
             }
             out.extend_from_slice(&e.bytes);
@@ -276,13 +277,16 @@ fn model_random_operations() {
                 } else {
                     rng.gen_range(m.log_start()..=m.next_offset + 1)
                 };
+                let min_one = rng.gen_bool(0.5);
                 match (
-                    log.read(offset, max_bytes, hw),
-                    m.read(offset, max_bytes, hw),
+                    log.read_within(offset, max_bytes, hw, min_one),
+                    m.read(offset, max_bytes, hw, min_one),
                 ) {
-                    (Ok(got), Some(want)) => {
-                        assert_eq!(got.as_ref(), &want[..], "read({offset}, {max_bytes}, {hw})")
-                    }
+                    (Ok(got), Some(want)) => assert_eq!(
+                        got.as_ref(),
+                        &want[..],
+                        "read({offset}, {max_bytes}, {hw}, {min_one})"
+                    ),
                     (Err(StorageError::OffsetOutOfRange { .. }), None) => {}
                     (got, want) => panic!("read({offset}): got {got:?}, want {want:?}"),
                 }
@@ -380,6 +384,15 @@ fn raft_index_to_offset_mapping() {
     // Offset 3 is in entry 5; the internal entries before it are skipped.
     let got = log.read(3, 1, i64::MAX).unwrap();
     assert_eq!(batch::validate(&got).unwrap().base_offset, 3);
+    // Unless told otherwise: then a batch larger than max_bytes is not returned at all.
+    assert_eq!(log.read_within(3, 1, i64::MAX, false).unwrap().len(), 0);
+    assert_eq!(log.read_within(3, got.len(), i64::MAX, false).unwrap(), got);
+    // Batches on both sides of internal entries come back as one contiguous buffer.
+    let all = log.read(0, usize::MAX, i64::MAX).unwrap();
+    let bases: Vec<i64> = batch::split(&all)
+        .map(|b| batch::validate(b.unwrap()).unwrap().base_offset)
+        .collect();
+    assert_eq!(bases, vec![0, 3]);
     // The high watermark excludes the batch whose last offset is not below it.
     assert_eq!(log.read(3, usize::MAX, 4).unwrap().len(), 0);
     assert_eq!(

@@ -76,6 +76,7 @@ ERR_CORRUPT_MESSAGE = 2
 ERR_UNKNOWN_TOPIC_OR_PARTITION = 3
 ERR_MESSAGE_TOO_LARGE = 10
 ERR_UNSUPPORTED_VERSION = 35
+ERR_INVALID_REQUEST = 42
 ERR_INVALID_RECORD = 87
 
 
@@ -325,6 +326,29 @@ def fetch_request_v4(correlation_id: int, topic: str, partition: int, offset: in
         + i32(partition)
         + i64(offset)
         + i32(max_bytes)
+    )
+    return frame(request_header_v1(FETCH, 4, correlation_id) + body)
+
+
+def fetch_request_v4_partitions(
+    correlation_id: int,
+    topic: str,
+    partitions: list[tuple[int, int, int]],
+    max_wait_ms: int,
+    min_bytes: int = 1,
+    max_bytes: int = 1 << 20,
+) -> bytes:
+    """Fetch v4 for several (partition, offset, partition_max_bytes) of one topic, repeats allowed."""
+    body = (
+        i32(-1)  # replica_id: a consumer
+        + i32(max_wait_ms)
+        + i32(min_bytes)
+        + i32(max_bytes)
+        + i8(0)  # read_uncommitted
+        + i32(1)
+        + string(topic)
+        + i32(len(partitions))
+        + b"".join(i32(p) + i64(offset) + i32(pmax) for p, offset, pmax in partitions)
     )
     return frame(request_header_v1(FETCH, 4, correlation_id) + body)
 

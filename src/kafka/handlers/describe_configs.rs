@@ -110,6 +110,13 @@ fn broker_configs(node: &Node) -> Vec<(&'static str, String)> {
             "socket.request.max.bytes",
             c.socket_request_max_bytes.to_string(),
         ),
+        ("fetch.max.bytes", c.fetch_max_bytes.to_string()),
+        (
+            "connections.max.idle.ms",
+            c.connections_max_idle_ms
+                .map_or(-1, |ms| ms as i64)
+                .to_string(),
+        ),
     ]
 }
 

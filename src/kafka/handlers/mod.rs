@@ -141,9 +141,13 @@ pub fn dispatch(
         .boxed(),
         RequestKind::Produce(r) => produce::handle(node, v, r),
         RequestKind::Fetch(r) => async move {
-            Some(Response::Kind(Box::new(ResponseKind::Fetch(
-                fetch::handle(&node, v, r).await,
-            ))))
+            let (resp, held) = fetch::handle(&node, v, r).await;
+            let resp = Response::Kind(Box::new(ResponseKind::Fetch(resp)));
+            // The fetch budget goes back once the connection has written the records out.
+            Some(match held {
+                Some(permit) => Response::Held(Box::new(resp), Box::new(permit)),
+                None => resp,
+            })
         }
         .boxed(),
         RequestKind::ListOffsets(r) => async move {
