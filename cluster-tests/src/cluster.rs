@@ -33,10 +33,14 @@ pub fn sluice_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sluice")
 }
 
-/// A free port on 127.0.0.1 (bound then released: a small race we accept).
-pub fn free_port() -> Result<u16> {
+/// A free port on 127.0.0.1, held until the listener is dropped, so that nothing this process
+/// binds to port 0 meanwhile (the proxies) can be handed the same port. Once released, another
+/// process could still take it before the node binds it: a small race we accept.
+fn reserve_port(held: &mut Vec<std::net::TcpListener>) -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    let port = l.local_addr()?.port();
+    held.push(l);
+    Ok(port)
 }
 
 pub struct Node {
@@ -81,6 +85,8 @@ impl Cluster {
         }
         std::fs::create_dir_all(root)?;
         let mut nodes = BTreeMap::new();
+        // A proxy once got a node's just-released Kafka port and the node could not start.
+        let mut held = Vec::new();
         for id in 1..=n {
             let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
             let dir = root.join(format!("n{id}"));
@@ -91,9 +97,9 @@ impl Cluster {
                     id,
                     data_dir: dir.join("data"),
                     log_path: dir.join("node.log"),
-                    kafka: addr(free_port()?),
-                    raft: addr(free_port()?),
-                    admin: addr(free_port()?),
+                    kafka: addr(reserve_port(&mut held)?),
+                    raft: addr(reserve_port(&mut held)?),
+                    admin: addr(reserve_port(&mut held)?),
                     child: None,
                     paused: false,
                     starts: 0,
@@ -114,6 +120,7 @@ impl Cluster {
                 Proxy::start(&format!("client->{to}"), node.kafka).await?,
             );
         }
+        drop(held);
         Ok(Cluster {
             bin,
             nodes,

@@ -314,20 +314,7 @@ def parse_produce_v3(resp: bytes) -> tuple[int, list[tuple[str, int, int, int]]]
 
 
 def fetch_request_v4(correlation_id: int, topic: str, partition: int, offset: int, max_wait_ms: int, min_bytes: int = 1, max_bytes: int = 1 << 20) -> bytes:
-    body = (
-        i32(-1)  # replica_id: a consumer
-        + i32(max_wait_ms)
-        + i32(min_bytes)
-        + i32(max_bytes)
-        + i8(0)  # read_uncommitted
-        + i32(1)
-        + string(topic)
-        + i32(1)
-        + i32(partition)
-        + i64(offset)
-        + i32(max_bytes)
-    )
-    return frame(request_header_v1(FETCH, 4, correlation_id) + body)
+    return fetch_request_v4_partitions(correlation_id, topic, [(partition, offset, max_bytes)], max_wait_ms, min_bytes, max_bytes)
 
 
 def fetch_request_v4_partitions(
