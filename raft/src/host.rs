@@ -806,6 +806,13 @@ impl PartitionGroup {
                 "record batch uses the producer id reserved for Raft-internal entries".into(),
             ));
         }
+        // Marked as not yet placed, so every log appending it assigns offsets only here, on the
+        // leader; a replica that receives it later checks the leader's placement instead.
+        let batch = {
+            let mut b = bytes::BytesMut::from(&batch[..h.total_len()]);
+            batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+            b.freeze()
+        };
         // Without a waiter the sender stays here, so `local` never resolves.
         let (tx, local) = tokio::sync::oneshot::channel();
         let mut idle_tx = None;

@@ -375,7 +375,13 @@ fn append_one(
     let index = e.log_id.index;
     let term = e.log_id.leader_id.term;
     match &e.payload {
-        EntryPayload::Normal(data) => log.append_data(index, term, data).map(Some),
+        EntryPayload::Normal(data) => {
+            if batch::parse_header(data)?.base_offset == batch::UNPLACED_BASE_OFFSET {
+                log.append_data(index, term, data).map(Some)
+            } else {
+                log.append_replicated(index, term, data).map(Some)
+            }
+        }
         EntryPayload::Blank | EntryPayload::Membership(_) => {
             let payload = encode_entry(e)
                 .map_err(|err| sluice_storage::StorageError::InvalidArgument(err.to_string()))?;
@@ -843,6 +849,33 @@ mod tests {
         let mut sm = PartitionStateMachine::open(shared, hw_tx).await?;
         assert_eq!(*hw_rx.borrow(), 3);
         assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 2)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_replicated_batch_placed_elsewhere_is_refused_not_renumbered() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        let entry = |index: u64, base: i64| {
+            let mut b = crate::test_util::data_batch(0, &[b"x"]);
+            batch::set_base_offset(&mut b, base);
+            Entry {
+                log_id: log_id(1, index),
+                payload: EntryPayload::Normal(Bytes::from(b)),
+            }
+        };
+        // The leader's own batches are unplaced; the log assigns 0 and 1.
+        append_blocking(
+            &shared,
+            vec![entry(0, batch::UNPLACED_BASE_OFFSET), entry(1, -1)],
+        )?;
+        // Replicated at the offset where this log continues: accepted.
+        append_blocking(&shared, vec![entry(2, 2)])?;
+        // A leader that placed index 3 at offset 5 has a different log: refuse, append nothing.
+        let err = append_blocking(&shared, vec![entry(3, 5)]).expect_err("divergence must fail");
+        assert!(err.to_string().contains("divergence"), "{err}");
+        assert_eq!(shared.log_end_offset(), 3);
+        assert_eq!(shared.read_log()?.next_index(), Some(3));
         Ok(())
     }
 

@@ -40,6 +40,14 @@ pub enum StorageError {
         log_start: i64,
         log_end: i64,
     },
+    /// A replicated batch was placed at another offset than where this log continues: the
+    /// replicas' logs have diverged.
+    #[error("log divergence at raft index {raft_index}: the batch was placed at offset {placed}, but this log continues at {local}")]
+    OffsetMismatch {
+        raft_index: u64,
+        placed: i64,
+        local: i64,
+    },
     #[error("non-contiguous raft index: expected {expected}, got {got}")]
     NonContiguous { expected: u64, got: u64 },
     #[error("invalid argument: {0}")]

@@ -36,6 +36,8 @@ const LOG_START_FILE: &str = "log-start";
 const LOG_START_MAGIC: &[u8; 4] = b"SLLS";
 const SIDECAR_MAGIC: &[u8; 4] = b"SLRS";
 const OFFSET_ENTRY_LEN: u64 = 8;
+/// baseOffset, batchLength and partitionLeaderEpoch: the part of a data batch the log rewrites.
+const PATCHED_HEAD_LEN: usize = 16;
 const TIME_ENTRY_LEN: u64 = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -731,12 +733,37 @@ impl PartitionLog {
         })
     }
 
-    /// `batch` is one valid batch; returns (base_offset, last_offset). Not durable until `sync`.
+    /// `batch` is one valid batch; the log assigns its offsets from its end and returns
+    /// (base_offset, last_offset). For a batch new to the Raft log (the leader's own appends).
+    /// Not durable until `sync`.
     pub fn append_data(
         &mut self,
         raft_index: u64,
         term: u64,
         batch: &[u8],
+    ) -> Result<(i64, i64), StorageError> {
+        self.append_batch(raft_index, term, batch, None)
+    }
+
+    /// Like [`PartitionLog::append_data`] for a batch another replica's log has already placed
+    /// (a follower's appends): its stored baseOffset must be where this log continues, or the
+    /// logs have diverged and [`StorageError::OffsetMismatch`] says so, appending nothing.
+    pub fn append_replicated(
+        &mut self,
+        raft_index: u64,
+        term: u64,
+        batch: &[u8],
+    ) -> Result<(i64, i64), StorageError> {
+        let placed = batch::parse_header(batch)?.base_offset;
+        self.append_batch(raft_index, term, batch, Some(placed))
+    }
+
+    fn append_batch(
+        &mut self,
+        raft_index: u64,
+        term: u64,
+        batch: &[u8],
+        placed_at: Option<i64>,
     ) -> Result<(i64, i64), StorageError> {
         let h = batch::validate(batch)?;
         if batch::is_internal(&h) {
@@ -746,14 +773,33 @@ impl PartitionLog {
         }
         let epoch = term_to_epoch(term)?;
         let base = self.log_end_offset();
+        if let Some(placed) = placed_at.filter(|&p| p != base) {
+            return Err(StorageError::OffsetMismatch {
+                raft_index,
+                placed,
+                local: base,
+            });
+        }
         let end = i64::from(h.last_offset_delta)
             .checked_add(1)
             .and_then(|d| base.checked_add(d))
             .ok_or_else(|| StorageError::InvalidArgument("offset overflow".into()))?;
-        let mut buf = batch.to_vec();
-        batch::set_base_offset(&mut buf, base);
-        batch::set_partition_leader_epoch(&mut buf, epoch);
-        self.append_stored(raft_index, term, &buf, base, end, h.max_timestamp, true)?;
+        // Only the first 16 bytes change (baseOffset, batchLength, partitionLeaderEpoch), and all
+        // lie outside the CRC: the rest is written from the caller's buffer as it is.
+        let mut head = [0u8; PATCHED_HEAD_LEN];
+        head.copy_from_slice(&batch[..PATCHED_HEAD_LEN]);
+        batch::set_base_offset(&mut head, base);
+        batch::set_partition_leader_epoch(&mut head, epoch);
+        let stored = &batch[..h.total_len()];
+        self.append_stored(
+            raft_index,
+            term,
+            (&head, &stored[PATCHED_HEAD_LEN..]),
+            base,
+            end,
+            h.max_timestamp,
+            true,
+        )?;
         Ok((base, end - 1))
     }
 
@@ -771,7 +817,7 @@ impl PartitionLog {
                 "internal payload too large".into(),
             ));
         }
-        self.append_stored(raft_index, term, &buf, next, next, i64::MIN, false)
+        self.append_stored(raft_index, term, (&buf, &[]), next, next, i64::MIN, false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -779,7 +825,7 @@ impl PartitionLog {
         &mut self,
         raft_index: u64,
         term: u64,
-        buf: &[u8],
+        (head, tail): (&[u8], &[u8]),
         base: i64,
         end: i64,
         max_ts: i64,
@@ -793,7 +839,7 @@ impl PartitionLog {
                 });
             }
         }
-        let len = buf.len() as u64;
+        let len = (head.len() + tail.len()) as u64;
         let roll = match self.segments.last() {
             None => true,
             // A segment holding no data is never rolled: its successor would get the same name.
@@ -813,7 +859,11 @@ impl PartitionLog {
             .last_mut()
             .ok_or_else(|| StorageError::Corrupt("no active segment".into()))?;
         let pos = seg.size;
-        if let Err(e) = seg.file.write_all_at(buf, pos) {
+        let written = seg
+            .file
+            .write_all_at(head, pos)
+            .and_then(|()| seg.file.write_all_at(tail, pos + head.len() as u64));
+        if let Err(e) = written {
             // Best effort: drop a partial write now rather than leave it to recovery.
             let _ = seg.file.set_len(pos);
             return Err(e).ctx(&seg.log_path);
