@@ -1483,3 +1483,66 @@ async fn change_subscriptions_report_only_what_happens_after_them() -> anyhow::R
     host.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow::Result<()> {
+    use crate::codec::{ResponseStatus, RpcKind};
+    use crate::transport::Transport;
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (host, p) = single_node_partition(dir.path()).await?;
+    assert_eq!(append_values(&p, &[b"a"]).await?, (0, 0));
+    let epoch = p.leader_epoch();
+    let addr = host.local_addr().to_string();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let peer = Transport::new(2, BTreeMap::new(), rx);
+
+    tracing::info!("--- a vote whose term no Kafka leader epoch can hold");
+    let vote = VoteRequest::new(crate::Vote::new(i32::MAX as u64 + 1, 2), None);
+    let (status, why) = peer
+        .call(
+            1,
+            &addr,
+            RpcKind::Vote,
+            "p/t/0",
+            |out| Ok(serde_json::to_writer(bytes::BufMut::writer(out), &vote)?),
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert_eq!(status, ResponseStatus::Failed, "{why:?}");
+
+    tracing::info!("--- an AppendEntries whose batch fails its CRC");
+    let mut corrupt = data_batch(0, &[b"z"]);
+    batch::set_base_offset(&mut corrupt, 1);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let append: AppendEntriesRequest<crate::TypeConfig> = AppendEntriesRequest {
+        vote: crate::Vote::new_committed(epoch as u64 + 1, 2),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![crate::Entry {
+            log_id: crate::log_id(epoch as u64 + 1, 1),
+            payload: openraft::EntryPayload::Normal(Bytes::from(corrupt)),
+        }],
+    };
+    let (status, why) = peer
+        .call(
+            1,
+            &addr,
+            RpcKind::AppendEntries,
+            "p/t/0",
+            |out| crate::codec::encode_append(&append, out).map_err(Into::into),
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert_eq!(status, ResponseStatus::Failed, "{why:?}");
+
+    tracing::info!("--- the group still leads in the same term and appends");
+    assert_eq!(p.leader_epoch(), epoch);
+    assert_eq!(append_values(&p, &[b"b"]).await?, (1, 1));
+    peer.shutdown_peers();
+    host.shutdown().await;
+    Ok(())
+}

@@ -561,6 +561,19 @@ struct SnapshotFile {
     data: PartitionSnapshotData,
 }
 
+/// What a follower checks of a partition snapshot sent by a peer, before openraft installs it.
+pub(crate) fn check_snapshot_data(data: &[u8]) -> Result<(), String> {
+    let d: PartitionSnapshotData =
+        serde_json::from_slice(data).map_err(|e| format!("unreadable partition snapshot: {e}"))?;
+    if d.high_watermark < 0 {
+        return Err(format!(
+            "partition snapshot with a negative high watermark {}",
+            d.high_watermark
+        ));
+    }
+    Ok(())
+}
+
 fn load_snapshot(dir: &Path) -> Result<Option<SnapshotFile>, StorageError> {
     match file::read_optional(&dir.join(SNAPSHOT_FILE))
         .map_err(|e| StorageIOError::read_snapshot(None, &e))?

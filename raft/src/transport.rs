@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, Frame, ResponseStatus, RpcKind, MAX_FRAME_BYTES};
+use crate::peer_input;
 use crate::{AppHandler, GroupId, Node, NodeId, Raft, TypeConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -592,17 +593,30 @@ async fn dispatch(
             format!("no group {group}").into_bytes(),
         );
     };
+    let refused = |group: &str, why: String| {
+        tracing::warn!(group, reason = %why, "refused a peer's request");
+        (ResponseStatus::Failed, why.into_bytes())
+    };
     match kind {
         RpcKind::AppendEntries => match codec::decode_append(&payload) {
-            Ok(req) => json_reply(&raft.append_entries(req).await),
+            Ok(req) => match peer_input::check_append(group, &req) {
+                Ok(()) => json_reply(&raft.append_entries(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::Vote => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
-            Ok(req) => json_reply(&raft.vote(req).await),
+            Ok(req) => match peer_input::check_vote(&req) {
+                Ok(()) => json_reply(&raft.vote(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::InstallSnapshot => match codec::decode_snapshot(&payload) {
-            Ok(req) => json_reply(&raft.install_snapshot(req).await),
+            Ok(req) => match peer_input::check_snapshot(group, &req) {
+                Ok(()) => json_reply(&raft.install_snapshot(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::App | RpcKind::Ping => (ResponseStatus::Failed, b"unreachable".to_vec()),
