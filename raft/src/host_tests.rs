@@ -1533,7 +1533,7 @@ async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow:
             &addr,
             RpcKind::AppendEntries,
             "p/t/0",
-            |out| crate::codec::encode_append(&append, out).map_err(Into::into),
+            |out| crate::codec::encode_append(&append, out),
             Duration::from_secs(5),
         )
         .await?;
