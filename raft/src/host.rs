@@ -1084,6 +1084,11 @@ impl PartitionGroup {
         &self.group
     }
 
+    /// The directory holding this replica's log and Raft state.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Applies delete retention to this replica's log (every replica does so on its own, as in
     /// Kafka): deletes the oldest whole segments that breach `retention_ms` / `retention_bytes`
     /// (-1 = unlimited), never the active segment and never above the last applied entry.
