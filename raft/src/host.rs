@@ -34,6 +34,13 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with the leader's log before it is made a voter.
 const LEARNER_CATCHUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How far behind a new partition replica may be when appends pause for its last catch-up
+/// before it becomes a voter: one or two AppendEntries.
+const PROMOTE_SLACK_ENTRIES: u64 = 64;
+
+/// The longest a partition pauses appends while its new replicas take the last entries.
+const PROMOTE_PAUSE_MAX: Duration = Duration::from_secs(10);
+
 /// Entries after which a partition group snapshots its (tiny) state machine. This bounds what a
 /// restart re-reads from the log to rebuild the high watermark.
 const PARTITION_SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
@@ -430,12 +437,16 @@ fn current_voters(raft: &Raft) -> BTreeSet<NodeId> {
 /// Makes `new` the voter set: every new member is added as a learner first and must catch up
 /// (bounded by [`LEARNER_CATCHUP_TIMEOUT`]) before the joint change makes it a voter; removed
 /// voters leave the membership altogether. Call on the leader.
-async fn change_voters(
+async fn change_voters<G, F>(
     raft: &Raft,
     node_id: NodeId,
     new: BTreeSet<NodeId>,
     addr_of: impl Fn(NodeId) -> Option<String>,
-) -> Result<(), RaftError> {
+    before_promoting: impl FnOnce(Vec<NodeId>) -> F,
+) -> Result<(), RaftError>
+where
+    F: std::future::Future<Output = Result<G, RaftError>>,
+{
     ensure_leader(raft, node_id)?;
     if new.is_empty() {
         return Err(RaftError::Other("a group needs at least one voter".into()));
@@ -466,6 +477,8 @@ async fn change_voters(
             Err(_) => return Err(RaftError::Timeout),
         }
     }
+    // Held across the change: a partition keeps its gate closed while the new voters are made.
+    let _ready = before_promoting(new.difference(&old).copied().collect()).await?;
     tracing::info!(group = %raft.config().cluster_name, ?old, ?new, "changing voters");
     match tokio::time::timeout(
         PROPOSE_TIMEOUT,
@@ -628,9 +641,13 @@ impl MetaGroup {
             return Ok(());
         }
         let addr = raft_addr.clone();
-        change_voters(&self.raft, self.node_id, new, move |n| {
-            (n == id).then(|| addr.clone())
-        })
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            move |n| (n == id).then(|| addr.clone()),
+            |_| async { Ok(()) },
+        )
         .await
     }
 
@@ -643,7 +660,14 @@ impl MetaGroup {
         if !new.remove(&id) {
             return Ok(());
         }
-        change_voters(&self.raft, self.node_id, new, |_| None).await
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            |_| None,
+            |_| async { Ok(()) },
+        )
+        .await
     }
 
     /// Makes this node the leader if it can: see [`PartitionGroup::trigger_elect`].
@@ -1195,13 +1219,65 @@ impl PartitionGroup {
     /// configured peers, or the metadata membership); it is added as a learner, must catch up
     /// (bounded, else [`RaftError::Timeout`]), and then becomes a voter by a joint change.
     /// Removed voters leave the membership. Call on the leader, else [`RaftError::NotLeader`].
+    ///
+    /// A new voter must hold the leader's whole log when it becomes one: otherwise the voters
+    /// that make a majority without it could acknowledge the change while it still lacks
+    /// committed data, and a replica that leaves would take the last copies with it. Once the
+    /// learners are close, appends pause (as for a leadership transfer) until they match the
+    /// leader's last entry, and resume after the change.
     pub async fn change_voters(&self, new: BTreeSet<u64>) -> Result<(), RaftError> {
         let transport = self.transport.clone();
         let meta = self.meta.clone();
-        change_voters(&self.raft, self.node_id, new, move |id| {
-            resolve_addr(&transport, &meta, id)
-        })
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            move |id| resolve_addr(&transport, &meta, id),
+            |learners| self.hold_until_caught_up(learners),
+        )
         .await
+    }
+
+    /// Waits until every node in `learners` matches this leader's last log entry, first with
+    /// appends flowing (until they are within [`PROMOTE_SLACK_ENTRIES`]), then with the gate
+    /// closed; returns the closed gate. Bounded by [`LEARNER_CATCHUP_TIMEOUT`] and, while
+    /// appends are paused, by [`PROMOTE_PAUSE_MAX`].
+    async fn hold_until_caught_up(&self, learners: Vec<NodeId>) -> Result<Closed<'_>, RaftError> {
+        let lag = |m: &RaftMetrics<NodeId, BasicNode>| -> Option<u64> {
+            let last = m.last_log_index.unwrap_or(0);
+            let repl = m.replication.as_ref()?;
+            learners.iter().try_fold(0u64, |worst, id| {
+                let matched = repl.get(id)?.as_ref().map_or(0, |l| l.index + 1);
+                Some(worst.max((last + 1).saturating_sub(matched)))
+            })
+        };
+        let close_enough =
+            |m: &RaftMetrics<NodeId, BasicNode>| lag(m).is_some_and(|l| l <= PROMOTE_SLACK_ENTRIES);
+        self.raft
+            .wait(Some(LEARNER_CATCHUP_TIMEOUT))
+            .metrics(close_enough, "learners within reach of the leader's log")
+            .await
+            .map_err(wait_error)?;
+        let closed = self.gate.close();
+        let deadline = tokio::time::Instant::now() + PROMOTE_PAUSE_MAX;
+        while self.gate.in_flight() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(RaftError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Entries admitted before the gate closed are in the channel or the log by now.
+        self.raft
+            .wait(Some(
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            ))
+            .metrics(
+                |m| lag(m) == Some(0),
+                "learners hold the leader's whole log",
+            )
+            .await
+            .map_err(wait_error)?;
+        Ok(closed)
     }
 
     /// Makes this node the leader if it can (openraft 0.9 has no leadership transfer): starts

@@ -1546,3 +1546,65 @@ async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow:
     host.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 4).await?;
+    let group = "p/t/9".to_string();
+    let pdir = |id: u64| dir.path().join(format!("n{id}")).join("t-9");
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2, 3] {
+        let p = hosts[&id]
+            .open_partition(
+                group.clone(),
+                pdir(id),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+
+    tracing::info!("--- 3,000 entries: fewer than openraft's learner lag threshold (5,000)");
+    let value = [7u8; 1000];
+    for chunk in 0..30 {
+        let appends = (0..100)
+            .map(|_| parts[&leader].append(Bytes::from(data_batch(1_700_000_000_000, &[&value]))));
+        for r in futures_join_all(appends).await {
+            r?;
+        }
+        tracing::debug!(chunk, "appended");
+    }
+    let committed = parts[&leader].high_watermark();
+    assert_eq!(committed, 3000);
+
+    tracing::info!("--- node 4 replaces a follower; the other two voters are a majority without it, so only the move itself can make it wait for node 4");
+    parts.insert(
+        4,
+        hosts[&4]
+            .join_partition(group.clone(), pdir(4), LogConfig::default())
+            .await?,
+    );
+    let leaving = *voters.iter().find(|&&v| v != leader).expect("a follower");
+    let target: BTreeSet<u64> = voters
+        .iter()
+        .copied()
+        .filter(|&v| v != leaving)
+        .chain([4])
+        .collect();
+    parts[&leader].change_voters(target.clone()).await?;
+    assert_eq!(parts[&leader].voters(), target);
+    let on_new = parts[&4].log_end_offset();
+    assert!(
+        on_new >= committed,
+        "node 4 became a voter holding offsets below {on_new} of the {committed} committed"
+    );
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
