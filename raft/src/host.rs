@@ -41,10 +41,6 @@ const PROMOTE_SLACK_ENTRIES: u64 = 64;
 /// The longest a partition pauses appends while its new replicas take the last entries.
 const PROMOTE_PAUSE_MAX: Duration = Duration::from_secs(10);
 
-/// Entries after which a partition group snapshots its (tiny) state machine. This bounds what a
-/// restart re-reads from the log to rebuild the high watermark.
-const PARTITION_SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
-
 /// AppendEntries carries at most this many entries; with Kafka's ~1 MiB batch limit it keeps a
 /// frame well under the transport's frame limit.
 const PARTITION_MAX_PAYLOAD_ENTRIES: u64 = 32;
@@ -140,7 +136,10 @@ fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: PARTITION_MAX_PAYLOAD_ENTRIES,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(PARTITION_SNAPSHOT_EVERY_ENTRIES),
+        // Snapshots are cut at retention's purge point only (see partition_store): one cut
+        // later would make a follower that installs it skip records the leader retains. A
+        // restart starts from the applied checkpoint in the state file instead.
+        snapshot_policy: SnapshotPolicy::Never,
         // A partition snapshot holds no records, so purging the log behind it would delete
         // Kafka data: retention decides what goes, never openraft.
         max_in_snapshot_log_to_keep: u64::MAX,
@@ -1151,6 +1150,9 @@ impl PartitionGroup {
         let covered =
             |m: &RaftMetrics<NodeId, BasicNode>| m.snapshot.is_some_and(|s| s.index >= cutoff);
         if !covered(&self.raft.metrics().borrow()) {
+            // Cut exactly at the purge point: the snapshot is what a follower behind the new log
+            // start installs, and its log must then start where this one does.
+            self.shared.set_snapshot_target(cutoff);
             self.raft.trigger().snapshot().await?;
             self.raft
                 .wait(Some(RETENTION_WAIT))

@@ -1006,6 +1006,13 @@ impl PartitionLog {
         Some(self.segments[k].entries[slot].term)
     }
 
+    /// The offset the log continued at after entry `raft_index`: one past a data batch's last
+    /// offset, or the log end at the time for an internal entry.
+    pub fn end_offset_at(&self, raft_index: u64) -> Option<i64> {
+        let (k, slot) = self.locate(raft_index)?;
+        Some(self.segments[k].entries[slot].end)
+    }
+
     /// The visible entries with index in `[start, end_exclusive)`.
     pub fn entries(&self, start: u64, end_exclusive: u64) -> Result<Vec<LogEntry>, StorageError> {
         let Some((first, last)) = self.visible() else {
