@@ -328,6 +328,10 @@ async fn election_watchdog(
                     }
                 }
                 deferring_since.remove(&group);
+                if !registry.may_vote(&group) {
+                    tracing::debug!(%group, "not standing for election: getting back lost entries");
+                    continue;
+                }
                 tracing::info!(
                     %group,
                     reason,
@@ -1288,6 +1292,11 @@ impl PartitionGroup {
     /// pass (`Timeout`). Typically done within one or two heartbeat intervals. `Ok` at once on
     /// the leader.
     pub async fn trigger_elect(&self) -> Result<(), RaftError> {
+        if !self.shared.may_vote() {
+            return Err(RaftError::Other(
+                "this replica is getting back acknowledged entries it lost and may not stand for election yet".into(),
+            ));
+        }
         elect_until_leader(&self.raft, self.node_id).await
     }
 

@@ -1608,3 +1608,165 @@ async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> an
     }
     Ok(())
 }
+
+/// Flips a byte in the middle of the partition's (only) segment, breaking one batch's CRC.
+fn damage_middle_of_log(part_dir: &Path) -> anyhow::Result<()> {
+    let seg = std::fs::read_dir(part_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .ok_or_else(|| anyhow::anyhow!("no segment in {}", part_dir.display()))?;
+    let mut bytes = std::fs::read(&seg)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_it_has_them_again(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/lost/0".to_string();
+    let pdir = |id: u64| dir.path().join(format!("n{id}")).join("lost-0");
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2, 3] {
+        let p = hosts[&id]
+            .open_partition(
+                group.clone(),
+                pdir(id),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+    let others: Vec<u64> = voters.iter().copied().filter(|&v| v != leader).collect();
+    let (keeper, stale) = (others[0], others[1]);
+
+    tracing::info!(
+        "--- one follower goes away; 40 entries commit on the leader and the other follower"
+    );
+    hosts[&stale].close_partition(&group, false).await?;
+    parts.remove(&stale);
+    for i in 0..40 {
+        let v = format!("v{i}");
+        append_values(&parts[&leader], &[v.as_bytes()]).await?;
+    }
+    wait_for("the keeper has them", Duration::from_secs(10), || {
+        parts[&keeper].high_watermark() == 40
+    })
+    .await?;
+
+    tracing::info!("--- the leader goes down; the keeper stops and its disk loses half of what it acknowledged");
+    hosts[&leader].close_partition(&group, false).await?;
+    hosts[&keeper].close_partition(&group, false).await?;
+    parts.clear();
+    damage_middle_of_log(&pdir(keeper))?;
+
+    tracing::info!(
+        "--- keeper and stale follower come back: no leader may be elected between them"
+    );
+    let k = hosts[&keeper]
+        .open_partition(
+            group.clone(),
+            pdir(keeper),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    let s = hosts[&stale]
+        .open_partition(
+            group.clone(),
+            pdir(stale),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    assert!(k.log_end_offset() < 40, "the damaged log was cut");
+    let _ = s.trigger_elect().await;
+    assert!(k.trigger_elect().await.is_err(), "the keeper may not stand");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !k.is_leader() && !s.is_leader(),
+        "a leader was elected without the lost entries (keeper leads: {}, stale leads: {})",
+        k.is_leader(),
+        s.is_leader()
+    );
+
+    tracing::info!("--- the old leader returns: it leads, and the keeper gets every entry back");
+    let l = hosts[&leader]
+        .open_partition(
+            group.clone(),
+            pdir(leader),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    let parts: BTreeMap<u64, Arc<PartitionGroup>> =
+        [(leader, l.clone()), (keeper, k.clone()), (stale, s.clone())]
+            .into_iter()
+            .collect();
+    let new_leader = partition_leader(&parts).await?;
+    assert!(
+        parts[&new_leader].log_end_offset() >= 40,
+        "node {new_leader} leads without every committed entry"
+    );
+    wait_for(
+        "everyone has the 40 entries",
+        Duration::from_secs(10),
+        || parts.values().all(|p| p.high_watermark() >= 40),
+    )
+    .await?;
+    assert_eq!(k.read(0, 1 << 20).await?, l.read(0, 1 << 20).await?);
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> anyhow::Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let part_dir = dir.path().join("partitions").join("t-0");
+    {
+        let (host, p) = single_node_partition(dir.path()).await?;
+        for i in 0..20 {
+            let v = format!("v{i}");
+            append_values(&p, &[v.as_bytes()]).await?;
+        }
+        host.close_partition(&"p/t/0".to_string(), false).await?;
+        host.shutdown().await;
+    }
+    damage_middle_of_log(&part_dir)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let peers: BTreeMap<u64, String> = [(1, listener.local_addr()?.to_string())]
+        .into_iter()
+        .collect();
+    let host = start_host(
+        1,
+        dir.path(),
+        listener,
+        peers,
+        Arc::new(RecordingApp::default()),
+    )
+    .await?;
+    let opened = host
+        .open_partition(
+            "p/t/0".to_string(),
+            part_dir.clone(),
+            LogConfig::default(),
+            [1u64],
+        )
+        .await;
+    let err = opened
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the damaged partition opened"))?;
+    assert!(err.to_string().contains("durable point"), "{err}");
+    host.shutdown().await;
+    Ok(())
+}

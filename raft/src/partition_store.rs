@@ -54,6 +54,16 @@ struct RaftStateFile {
     /// The state machine as last applied; a hint like `committed` (older files lack it).
     #[serde(default)]
     applied: Option<PartitionSnapshotData>,
+    /// Every entry up to this index was fsynced: recovery treats a bad batch at or below it as
+    /// lost data, not a torn tail. A hint that lags, never leads: it is taken after the fsync,
+    /// and lowered on disk before a truncation removes entries below it.
+    #[serde(default)]
+    durable: Option<u64>,
+    /// Set when recovery found lost data below `durable` on a replicated partition: this replica
+    /// may not vote or stand for election until its log reaches this index again, because its
+    /// vote could elect a leader that lacks entries it had acknowledged.
+    #[serde(default)]
+    vote_floor: Option<u64>,
 }
 
 impl StateCell {
@@ -119,13 +129,13 @@ impl PartitionShared {
     /// Opens (and recovers) the partition log in `dir` and the Raft state file beside it.
     pub(crate) fn open(dir: &Path, cfg: LogConfig) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write(&e))?;
-        let mut log = PartitionLog::open(dir, cfg).map_err(|e| StorageIOError::read_logs(&e))?;
         let mut state: RaftStateFile = match file::read_optional(&dir.join(STATE_FILE))
             .map_err(|e| StorageIOError::read(&e))?
         {
             Some(b) => serde_json::from_slice(&b).map_err(|e| StorageIOError::read(&e))?,
             None => RaftStateFile::default(),
         };
+        let mut log = open_log(dir, cfg, &mut state)?;
         if let Some(snap) = load_snapshot(dir)? {
             finish_snapshot_install(dir, &mut log, &mut state, &snap)?;
         }
@@ -340,6 +350,65 @@ impl PartitionShared {
     }
 }
 
+/// Opens the log, telling recovery what was durable. Lost durable data on a replicated partition
+/// is cut like a torn tail, with this replica barred from voting until it has the entries again
+/// (see [`RaftStateFile::vote_floor`]); a single replica has nobody to get them from, so it
+/// refuses to open, with the file and position in the error.
+fn open_log(
+    dir: &Path,
+    cfg: LogConfig,
+    state: &mut RaftStateFile,
+) -> Result<PartitionLog, StorageError> {
+    match PartitionLog::open_checked(dir, cfg, state.durable) {
+        Ok(log) => Ok(log),
+        Err(sluice_storage::StorageError::BelowDurable {
+            path,
+            position,
+            raft_index,
+            durable,
+            problem,
+        }) => {
+            let voters = state
+                .applied
+                .as_ref()
+                .map(|a| a.membership.membership().voter_ids().count())
+                .or_else(|| {
+                    load_snapshot(dir)
+                        .ok()
+                        .flatten()
+                        .map(|s| s.meta.last_membership.membership().voter_ids().count())
+                })
+                .unwrap_or(0);
+            if voters < 2 {
+                let e = sluice_storage::StorageError::BelowDurable {
+                    path,
+                    position,
+                    raft_index,
+                    durable,
+                    problem,
+                };
+                tracing::error!(dir = %dir.display(), error = %e, "acknowledged data is damaged and no other replica holds it; not opening the partition (restore the directory, or remove it to start the partition empty)");
+                return Err(StorageIOError::read_logs(&e).into());
+            }
+            tracing::error!(
+                file = %path.display(),
+                position,
+                raft_index,
+                durable,
+                "acknowledged data is damaged ({problem}); cutting the log there and taking the entries from the leader again, without voting until this replica has them"
+            );
+            let log = PartitionLog::open(dir, cfg).map_err(|e| StorageIOError::read_logs(&e))?;
+            state.vote_floor = Some(state.vote_floor.map_or(durable, |f| f.max(durable)));
+            state.durable = log.last_index();
+            let bytes = serde_json::to_vec(&*state).map_err(|e| StorageIOError::write(&e))?;
+            file::write_atomic(&dir.join(STATE_FILE), &bytes)
+                .map_err(|e| StorageIOError::write(&e))?;
+            Ok(log)
+        }
+        Err(e) => Err(StorageIOError::read_logs(&e).into()),
+    }
+}
+
 /// Completes an install that a crash interrupted: the snapshot file is written first, then the
 /// log restarts after it, then the purge point is recorded. A snapshot whose last entry this log
 /// lacks is therefore honoured by restarting the log after it (never by deleting the snapshot,
@@ -479,6 +548,7 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
         }
     }
     shared.publish_offsets(&log);
+    let last_appended = log.last_index();
     let pending = log.take_pending_sync();
     // The fsync runs without the lock: fetches and replication reads of the committed prefix go
     // on meanwhile, and nothing can change the log under it, because openraft issues log writes
@@ -487,6 +557,9 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
     if let Some(p) = pending {
         p.sync().map_err(|e| StorageIOError::write_logs(&e))?;
         shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(last) = last_appended {
+        shared.note_durable(last);
     }
     shared
         .appended_batches
@@ -582,6 +655,14 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         blocking(move || {
+            // Lowered on disk first: a crash after the cut must not find the durable point past
+            // the log and take a legitimate truncation for lost data.
+            let below = log_id.index.checked_sub(1);
+            shared.update_state(true, |s| {
+                if s.durable.is_some_and(|d| below.is_none_or(|b| d > b)) {
+                    s.durable = below;
+                }
+            })?;
             let mut log = shared.write_log()?;
             let res = log.truncate_from_index(log_id.index);
             shared.publish_offsets(&log);
@@ -715,6 +796,35 @@ impl PartitionShared {
 
     fn snapshot_target(&self) -> Option<u64> {
         self.snapshot_target.lock().ok().and_then(|t| *t)
+    }
+
+    /// Records that entries up to `index` are fsynced (written with the next state write).
+    fn note_durable(&self, index: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            if st.current.durable.is_none_or(|d| d < index) {
+                st.current.durable = Some(index);
+            }
+        }
+    }
+
+    /// Whether this replica may vote and stand for election (see [`RaftStateFile::vote_floor`]).
+    /// Lifts the bar once the log has reached the floor again; the lift is written with the next
+    /// state write (until then a restart re-checks the floor against the log, with the same
+    /// outcome). Never blocks: called from the async runtime.
+    pub(crate) fn may_vote(&self) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        let Some(floor) = st.current.vote_floor else {
+            return true;
+        };
+        let last = self.log.try_read().ok().and_then(|l| l.last_index());
+        if last.is_none_or(|l| l < floor) {
+            return false;
+        }
+        tracing::info!(dir = %self.dir.display(), floor, "the replica has its lost entries again; it may vote");
+        st.current.vote_floor = None;
+        true
     }
 
     /// Records the applied state for the next state-file write (a restart starts from it).
@@ -980,6 +1090,8 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         if s.purged.is_none_or(|p| p.index < last.index) {
                             s.purged = Some(last);
                         }
+                        // The log restarts empty: nothing in it is durable yet.
+                        s.durable = None;
                     })?;
                 }
             }

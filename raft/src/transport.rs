@@ -121,6 +121,13 @@ impl Registry {
         self.stalled.read().is_ok_and(|s| s.contains(group))
     }
 
+    /// Whether the group's replica may vote and stand for election: false while it is getting
+    /// back acknowledged entries it lost (see `PartitionShared::may_vote`).
+    pub(crate) fn may_vote(&self, group: &str) -> bool {
+        let store = self.stores.read().ok().and_then(|s| s.get(group).cloned());
+        store.is_none_or(|s| s.may_vote())
+    }
+
     /// The (term, index) of the group's last log entry; `None` when unknown or the log is busy.
     pub(crate) fn last_log_id(&self, group: &str) -> Option<(u64, u64)> {
         let store = self.stores.read().ok()?.get(group).cloned()?;
@@ -607,6 +614,14 @@ async fn dispatch(
         },
         RpcKind::Vote => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
             Ok(req) => match peer_input::check_vote(&req) {
+                Ok(()) if !registry.may_vote(group) => {
+                    // A plain "not granted" with this replica's own state, as openraft would
+                    // answer a candidate whose log is behind.
+                    let m = raft.metrics().borrow().clone();
+                    let resp = VoteResponse::new(m.vote, m.last_applied.max(m.snapshot), false);
+                    tracing::info!(group, candidate = %req.vote, "not voting: this replica is still getting back entries it lost");
+                    json_reply(&Ok::<_, openraft::error::RaftError<NodeId>>(resp))
+                }
                 Ok(()) => json_reply(&raft.vote(req).await),
                 Err(why) => refused(group, why),
             },

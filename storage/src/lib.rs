@@ -48,6 +48,16 @@ pub enum StorageError {
         placed: i64,
         local: i64,
     },
+    /// Recovery found a bad or missing batch at or below the point known to have been fsynced:
+    /// acknowledged data was lost, which a torn tail cannot explain.
+    #[error("{path} at byte {position}: {problem}, at raft index {raft_index}, which is at or below the durable point {durable}")]
+    BelowDurable {
+        path: PathBuf,
+        position: u64,
+        raft_index: u64,
+        durable: u64,
+        problem: String,
+    },
     #[error("non-contiguous raft index: expected {expected}, got {got}")]
     NonContiguous { expected: u64, got: u64 },
     #[error("invalid argument: {0}")]

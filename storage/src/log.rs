@@ -563,6 +563,18 @@ impl PartitionLog {
     /// of the active segment is cut off with one warning; leftovers of interrupted purges, resets
     /// and segment creations are removed; missing or stale sidecars and indexes are rebuilt.
     pub fn open(dir: &Path, cfg: LogConfig) -> Result<PartitionLog, StorageError> {
+        Self::open_checked(dir, cfg, None)
+    }
+
+    /// [`PartitionLog::open`], knowing that every entry up to Raft index `durable` was fsynced
+    /// (and acknowledged): a bad batch at or below it is not a torn tail but lost data, and
+    /// [`StorageError::BelowDurable`] says so without cutting anything. Above it, a torn tail is
+    /// cut as usual.
+    pub fn open_checked(
+        dir: &Path,
+        cfg: LogConfig,
+        durable: Option<u64>,
+    ) -> Result<PartitionLog, StorageError> {
         if cfg.segment_bytes_max == 0 {
             return Err(StorageError::InvalidArgument(
                 "segment_bytes_max must be > 0".into(),
@@ -612,6 +624,10 @@ impl PartitionLog {
 
         let n = found.len();
         let mut walked = Vec::with_capacity(n);
+        // Only the active segment can hold writes that were never fsynced: a segment is
+        // fsynced before the next one is created. Its tail is cut below, once the Raft index of
+        // the first bad batch is known.
+        let mut torn_tail = None;
         for (i, &(base, _)) in found.iter().enumerate() {
             let log_path = segment_path(dir, base, "log");
             let file = OpenOptions::new()
@@ -629,13 +645,7 @@ impl PartitionLog {
                         walk.valid_len
                     )));
                 }
-                tracing::warn!(
-                    file = %log_path.display(),
-                    position = walk.valid_len,
-                    "truncating torn or corrupt tail of the active segment: {problem}"
-                );
-                file.set_len(walk.valid_len).ctx(&log_path)?;
-                file.sync_all().ctx(&log_path)?;
+                torn_tail = Some(problem.clone());
             }
             walked.push((log_path, file, walk));
         }
@@ -657,6 +667,37 @@ impl PartitionLog {
             if s.start_offset == found[0].0 {
                 firsts[0] = Some(s.start_index);
             }
+        }
+
+        if let (Some(problem), Some((log_path, file, walk)), Some(first)) =
+            (&torn_tail, walked.last(), firsts.last().copied().flatten())
+        {
+            let bad_index = first + walk.entries.len() as u64;
+            if let Some(durable) = durable.filter(|d| bad_index <= *d) {
+                return Err(StorageError::BelowDurable {
+                    path: log_path.clone(),
+                    position: walk.valid_len,
+                    raft_index: bad_index,
+                    durable,
+                    problem: problem.clone(),
+                });
+            }
+            tracing::warn!(
+                file = %log_path.display(),
+                position = walk.valid_len,
+                raft_index = bad_index,
+                "truncating torn or corrupt tail of the active segment: {problem}"
+            );
+            file.set_len(walk.valid_len).ctx(log_path)?;
+            file.sync_all().ctx(log_path)?;
+        } else if let (Some(problem), Some((log_path, file, walk))) = (&torn_tail, walked.last()) {
+            tracing::warn!(
+                file = %log_path.display(),
+                position = walk.valid_len,
+                "truncating torn or corrupt tail of the active segment: {problem}"
+            );
+            file.set_len(walk.valid_len).ctx(log_path)?;
+            file.sync_all().ctx(log_path)?;
         }
 
         let mut segments: Vec<Segment> = Vec::with_capacity(n);
@@ -724,13 +765,32 @@ impl PartitionLog {
         if removed {
             sync_dir(dir).ctx(dir)?;
         }
-        Ok(PartitionLog {
+        let log = PartitionLog {
             dir: dir.to_path_buf(),
             cfg,
             segments,
             start,
             dirty: false,
-        })
+        };
+        // Whole batches can go missing too (a file cut at a batch boundary).
+        if let Some(durable) = durable {
+            let next = log.next_index().unwrap_or(0);
+            if next <= durable {
+                let path = log
+                    .segments
+                    .last()
+                    .map_or_else(|| dir.to_path_buf(), |s| s.log_path.clone());
+                let position = log.segments.last().map_or(0, |s| s.size);
+                return Err(StorageError::BelowDurable {
+                    path,
+                    position,
+                    raft_index: next,
+                    durable,
+                    problem: "the log ends there".into(),
+                });
+            }
+        }
+        Ok(log)
     }
 
     /// `batch` is one valid batch; the log assigns its offsets from its end and returns
