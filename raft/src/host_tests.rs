@@ -13,6 +13,15 @@ use tokio::net::TcpListener;
 use crate::test_util::{data_batch, init_tracing, RecordingApp};
 use crate::{PartitionGroup, RaftError, RaftHost, RaftHostConfig};
 
+/// Held by every test here while it runs: they start real hosts whose liveness marks a peer
+/// gone after 1 s without an answer. Two of them at once in a debug build on a 2-core machine
+/// starve each other's pings long enough to trigger elections mid-test, and an append then
+/// fails as it should when a leader loses its majority (the "flaky" timeouts in CI).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE.lock().await
+}
+
 async fn wait_for<F: FnMut() -> bool>(
     what: &str,
     timeout: Duration,
@@ -90,6 +99,7 @@ async fn append_values(p: &PartitionGroup, values: &[&[u8]]) -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let part_dir = dir.path().join("partitions").join("t-0");
     let group = "p/t/0".to_string();
@@ -240,6 +250,7 @@ async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_replicate_a_partition_over_tcp() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let group = "p/t/1".to_string();
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
@@ -528,6 +539,7 @@ async fn partition_leader(parts: &BTreeMap<u64, Arc<PartitionGroup>>) -> anyhow:
 async fn meta_bootstraps_once_on_three_nodes_in_any_start_order() -> anyhow::Result<()> {
     use rand::seq::SliceRandom;
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (listeners, peers) = bind_nodes(3).await?;
     let mut order: Vec<(u64, TcpListener)> = listeners;
@@ -661,6 +673,7 @@ impl crate::AppHandler for EchoHandler {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_rpcs_share_the_raft_connection() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 2).await?;
     let t = Duration::from_secs(5);
@@ -745,6 +758,7 @@ async fn app_rpcs_share_the_raft_connection() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_voters_are_added_and_removed_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (listeners, all) = bind_nodes(3).await?;
     let mut listeners: BTreeMap<u64, TcpListener> = listeners.into_iter().collect();
@@ -853,6 +867,7 @@ async fn meta_voters_are_added_and_removed_on_the_leader() -> anyhow::Result<()>
 async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() -> anyhow::Result<()>
 {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
@@ -940,6 +955,7 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_partition_gets_a_leader_without_its_lowest_voter() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/3".to_string();
@@ -1002,6 +1018,7 @@ async fn new_partition_gets_a_leader_without_its_lowest_voter() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/4".to_string();
@@ -1084,6 +1101,7 @@ async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
 async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snapshot(
 ) -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/ret/0".to_string();
@@ -1224,6 +1242,7 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
 async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_majority(
 ) -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/acks".to_string();
@@ -1288,6 +1307,7 @@ async fn single_node_partition(dir: &Path) -> anyhow::Result<(Arc<RaftHost>, Arc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_fsyncs_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (host, p) = single_node_partition(dir.path()).await?;
     let (fsyncs_before, batches_before) = p.io_counters();
@@ -1359,6 +1379,7 @@ async fn futures_join_all<F: std::future::Future>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (host, p) = single_node_partition(dir.path()).await?;
 
@@ -1419,6 +1440,7 @@ async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_subscriptions_report_only_what_happens_after_them() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -1491,6 +1513,7 @@ async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow:
     use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (host, p) = single_node_partition(dir.path()).await?;
     assert_eq!(append_values(&p, &[b"a"]).await?, (0, 0));
@@ -1550,6 +1573,7 @@ async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 4).await?;
     let group = "p/t/9".to_string();
@@ -1626,6 +1650,7 @@ fn damage_middle_of_log(part_dir: &Path) -> anyhow::Result<()> {
 async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_it_has_them_again(
 ) -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/lost/0".to_string();
@@ -1731,6 +1756,7 @@ async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_it_has_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let part_dir = dir.path().join("partitions").join("t-0");
     {
