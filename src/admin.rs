@@ -51,6 +51,7 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
         "node_id": node.cfg.node_id,
         "controller_id": node.controller_id(),
         "partitions": node.partition_count(),
+        "storage_fence": node.storage_fence(),
     });
     let status = if ready {
         StatusCode::OK
@@ -167,6 +168,7 @@ async fn raft(State(node): State<Arc<Node>>) -> Json<Value> {
                 "match_index": s.match_index,
                 "snapshot_index": s.snapshot_index,
                 "purged_index": s.purged_index,
+                "storage_error": s.storage_error,
                 // Partition groups only: where this replica's Kafka log starts and ends.
                 "log_start_offset": node.raft.partition(&s.group).map(|g| g.log_start_offset()),
                 "log_end_offset": node.raft.partition(&s.group).map(|g| g.log_end_offset()),
@@ -200,6 +202,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     for name in ["log_fsyncs_total", "log_appended_batches_total"] {
         let _ = writeln!(out, "# TYPE sluice_partition_{name} counter");
     }
+    // 1 while this replica's Raft core is stopped on a storage error (it is being reopened).
+    let _ = writeln!(out, "# TYPE sluice_partition_storage_failed gauge");
     let topics: Vec<(String, usize)> = node
         .state()
         .topics
@@ -231,6 +235,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
                 out,
                 "sluice_partition_is_leader{{{l}}} {}",
                 u8::from(g.is_leader())
+            );
+            let _ = writeln!(
+                out,
+                "sluice_partition_storage_failed{{{l}}} {}",
+                u8::from(g.failure().is_some())
             );
             let (fsyncs, batches) = g.io_counters();
             let _ = writeln!(out, "sluice_partition_log_fsyncs_total{{{l}}} {fsyncs}");

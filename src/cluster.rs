@@ -215,6 +215,11 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
         let Some(controller) = node.controller_id() else {
             continue;
         };
+        // Silence is how a node fences itself: the controller fences a broker it does not hear
+        // from, and leadership moves to replicas on working disks.
+        if node.storage_fence().is_some() {
+            continue;
+        }
         if controller == node.cfg.node_id {
             if let Ok(mut m) = node.app.last_seen.lock() {
                 m.insert(node.cfg.node_id, Instant::now());

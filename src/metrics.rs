@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Segments (and their bytes) deleted by retention on this node, all partitions.
     pub retention_segments_deleted: AtomicU64,
     pub retention_bytes_deleted: AtomicU64,
+    /// Partition replicas whose Raft core stopped on a storage error (each failure once).
+    pub storage_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -105,6 +107,10 @@ impl Metrics {
             (
                 "sluice_retention_bytes_deleted_total",
                 &self.retention_bytes_deleted,
+            ),
+            (
+                "sluice_partition_storage_failures_total",
+                &self.storage_failures,
             ),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter");

@@ -104,6 +104,10 @@ pub struct Node {
     pub controller_contact: std::sync::Mutex<Option<std::time::Instant>>,
     /// Bytes of record data that unwritten Fetch responses may hold (`sluice.fetch.memory.bytes`).
     pub fetch_budget: Arc<tokio::sync::Semaphore>,
+    /// Why this node fenced itself over its storage (a replica it could not reopen for
+    /// [`STORAGE_FENCE_AFTER`]): it stops heartbeating the controller, which fences it, so
+    /// leadership moves away and no new replicas are placed here.
+    pub storage_fence: std::sync::Mutex<Option<String>>,
 }
 
 impl Node {
@@ -148,6 +152,7 @@ impl Node {
             app,
             fetch_budget: Arc::new(tokio::sync::Semaphore::new(cfg_fetch_memory)),
             controller_contact: std::sync::Mutex::new(None),
+            storage_fence: std::sync::Mutex::new(None),
         });
         if let Ok(mut w) = node.app.node.lock() {
             *w = Arc::downgrade(&node);
@@ -173,6 +178,7 @@ impl Node {
         tokio::spawn(fenced_leader_loop(node.clone()));
         tokio::spawn(reassignment_loop(node.clone()));
         tokio::spawn(crate::retention::retention_loop(node.clone()));
+        tokio::spawn(storage_loop(node.clone()));
         Ok(node)
     }
 
@@ -295,7 +301,7 @@ impl Node {
 
     /// Ready = we know a controller, are registered, and every local partition has a leader.
     pub fn is_ready(&self) -> bool {
-        if self.controller_id().is_none() {
+        if self.controller_id().is_none() || self.storage_fence().is_some() {
             return false;
         }
         if !self.state().brokers.contains_key(&self.cfg.node_id) {
@@ -307,6 +313,14 @@ impl Node {
         };
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
         parts.len() >= assigned && parts.values().all(|g| g.leader().is_some())
+    }
+
+    /// Why the node fenced itself over its storage, if it did.
+    pub fn storage_fence(&self) -> Option<String> {
+        self.storage_fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Starts an election for `group` on this node (the receiving half of leadership transfer).
@@ -964,7 +978,12 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
                 sluice_storage::file::sync_dir(root)?;
             }
         }
-        sluice_storage::file::write_atomic(&dir.join("topic_id"), id_hex.as_bytes())?;
+        // Written once: rewriting it at every open would keep a partition on a full disk from
+        // opening.
+        let id_file = dir.join("topic_id");
+        if std::fs::read_to_string(&id_file).map_or(true, |old| old.trim() != id_hex) {
+            sluice_storage::file::write_atomic(&id_file, id_hex.as_bytes())?;
+        }
         let log_cfg = LogConfig {
             segment_bytes_max: segment_bytes.unwrap_or(node.cfg.log_segment_bytes),
             ..LogConfig::default()
@@ -998,6 +1017,95 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     }
     cleanup_orphan_dirs(node);
     Ok(())
+}
+
+/// How often local replicas are checked for a Raft core stopped on a storage error.
+const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A failed replica is reopened at most this often (each try re-reads its log).
+const STORAGE_REOPEN_EVERY: Duration = Duration::from_secs(3);
+/// A replica that cannot be reopened for this long makes the node fence itself.
+pub const STORAGE_FENCE_AFTER: Duration = Duration::from_secs(30);
+
+/// Watches this node's replicas for a Raft core stopped by a failed write or fsync. Retrying an
+/// fsync after a failure is unsafe, so such a replica is closed and opened again from disk
+/// (its unconfirmed tail cut; the leader sends it again) until that works. Meanwhile it serves
+/// nothing and other replicas lead. A node that cannot reopen a replica for
+/// [`STORAGE_FENCE_AFTER`] (a full or broken disk) fences itself until it can.
+async fn storage_loop(node: Arc<Node>) {
+    let mut failing_since: HashMap<(String, i32), std::time::Instant> = HashMap::new();
+    let mut tried_at: HashMap<(String, i32), std::time::Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(STORAGE_CHECK_EVERY).await;
+        let groups: Vec<((String, i32), Arc<PartitionGroup>)> = node
+            .partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect();
+        let now = std::time::Instant::now();
+        for (key, group) in groups {
+            let Some(reason) = group.failure() else {
+                if failing_since.remove(&key).is_some() {
+                    info!(topic = %key.0, partition = key.1, "partition replica serves again");
+                }
+                continue;
+            };
+            failing_since.entry(key.clone()).or_insert_with(|| {
+                error!(topic = %key.0, partition = key.1, %reason, "partition replica stopped on a storage error; reopening it from disk");
+                node.metrics
+                    .storage_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                now
+            });
+            if tried_at
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < STORAGE_REOPEN_EVERY)
+            {
+                continue;
+            }
+            tried_at.insert(key.clone(), now);
+            let gid = group.group_id().to_string();
+            match node.raft.reopen_partition(&gid).await {
+                Ok(reopened) => {
+                    node.partitions
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone(), reopened);
+                    node.partitions_changed.send_modify(|v| *v += 1);
+                }
+                Err(e) => {
+                    warn!(topic = %key.0, partition = key.1, error = %e, "cannot reopen the partition replica yet");
+                }
+            }
+        }
+        failing_since.retain(|k, _| {
+            node.partitions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(k)
+        });
+        tried_at.retain(|k, _| failing_since.contains_key(k));
+        let stuck = failing_since
+            .iter()
+            .find(|(_, t)| now.duration_since(**t) >= STORAGE_FENCE_AFTER)
+            .map(|((t, p), since)| {
+                format!(
+                    "partition {t}-{p} could not be reopened after a storage error for {} s",
+                    now.duration_since(*since).as_secs()
+                )
+            });
+        let mut fence = node.storage_fence.lock().unwrap_or_else(|p| p.into_inner());
+        if stuck.is_some() != fence.is_some() {
+            match &stuck {
+                Some(why) => {
+                    error!(reason = %why, "fencing this node over its storage: no more heartbeats to the controller until it recovers")
+                }
+                None => info!("storage recovered; this node unfences itself"),
+            }
+        }
+        *fence = stuck;
+    }
 }
 
 /// Longest file name most file systems take (ext4, xfs: 255 bytes).

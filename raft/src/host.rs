@@ -76,6 +76,8 @@ pub struct GroupStatus {
     pub snapshot_index: Option<u64>,
     /// Last log index this node has purged: its log starts after it.
     pub purged_index: Option<u64>,
+    /// Why the group's Raft core stopped, if it did on an error (a failed write or fsync).
+    pub storage_error: Option<String>,
 }
 
 fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> GroupStatus {
@@ -103,6 +105,15 @@ fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> GroupStatus {
             .unwrap_or_default(),
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
+        storage_error: core_failure(m),
+    }
+}
+
+/// Why a group's Raft core stopped, unless it was asked to.
+fn core_failure(m: &RaftMetrics<NodeId, BasicNode>) -> Option<String> {
+    match &m.running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -739,6 +750,8 @@ pub struct PartitionGroup {
     /// Closed by a leadership transfer so the target can catch up to a log that has stopped
     /// growing.
     gate: AppendGate,
+    /// How the log was opened, to open it again after a storage failure.
+    log_cfg: LogConfig,
 }
 
 /// Admission of appends to a partition group, without any await between the check and the
@@ -1111,6 +1124,12 @@ impl PartitionGroup {
         &self.group
     }
 
+    /// Why this replica's Raft core stopped, if a write or fsync failed: the replica serves
+    /// nothing until [`RaftHost::reopen_partition`] opens it again.
+    pub fn failure(&self) -> Option<String> {
+        core_failure(&self.raft.metrics().borrow())
+    }
+
     /// The directory holding this replica's log and Raft state.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
@@ -1314,6 +1333,9 @@ impl PartitionGroup {
 
 /// One per process: the group registry plus the multiplexed transport.
 pub struct RaftHost {
+    /// Replicas closed by [`RaftHost::reopen_partition`] whose reopening failed: how to try
+    /// again (directory, log config, last index known fsynced).
+    reopen_pending: Mutex<HashMap<GroupId, (PathBuf, LogConfig, Option<u64>)>>,
     cfg: RaftHostConfig,
     local_addr: SocketAddr,
     registry: Arc<Registry>,
@@ -1403,6 +1425,7 @@ impl RaftHost {
         tracing::info!(node_id = cfg.node_id, %local_addr, has_state, "raft host started");
 
         let host = Arc::new(RaftHost {
+            reopen_pending: Mutex::new(HashMap::new()),
             meta: MetaGroup {
                 node_id: cfg.node_id,
                 raft,
@@ -1568,7 +1591,7 @@ impl RaftHost {
         replicas: impl IntoIterator<Item = u64>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
         let replicas: Vec<u64> = replicas.into_iter().collect();
-        self.open_partition_inner(group, dir, log_cfg, Some(replicas))
+        self.open_partition_inner(group, dir, log_cfg, Some(replicas), None)
             .await
     }
 
@@ -1582,7 +1605,49 @@ impl RaftHost {
         dir: PathBuf,
         log_cfg: LogConfig,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
-        self.open_partition_inner(group, dir, log_cfg, None).await
+        self.open_partition_inner(group, dir, log_cfg, None, None)
+            .await
+    }
+
+    /// Opens again a replica whose Raft core stopped on a storage error, once the caller thinks
+    /// the disk may work again. Entries after the last one this replica fsynced are cut first:
+    /// after a failed fsync the kernel may report them written while the disk lacks them, and
+    /// they were never acknowledged by this replica; the leader sends them again. Errors (the
+    /// disk still failing) leave the group closed; call again later.
+    pub async fn reopen_partition(
+        &self,
+        group: &GroupId,
+    ) -> Result<Arc<PartitionGroup>, RaftError> {
+        let pending = self
+            .reopen_pending
+            .lock()
+            .ok()
+            .and_then(|p| p.get(group).cloned());
+        let (dir, log_cfg, durable) = match (self.partition(group), pending) {
+            (Some(old), _) if old.failure().is_none() => return Ok(old),
+            (Some(old), _) => {
+                let how = (old.dir.clone(), old.log_cfg, old.shared.durable_in_memory());
+                drop(old);
+                self.close_partition(group, false).await?;
+                how
+            }
+            (None, Some(how)) => how,
+            (None, None) => {
+                return Err(RaftError::Other(format!(
+                    "partition group {group} is not open"
+                )))
+            }
+        };
+        if let Ok(mut p) = self.reopen_pending.lock() {
+            p.insert(group.clone(), (dir.clone(), log_cfg, durable));
+        }
+        let opened = self
+            .open_partition_inner(group.clone(), dir, log_cfg, None, Some(durable))
+            .await?;
+        if let Ok(mut p) = self.reopen_pending.lock() {
+            p.remove(group);
+        }
+        Ok(opened)
     }
 
     async fn open_partition_inner(
@@ -1591,6 +1656,7 @@ impl RaftHost {
         dir: PathBuf,
         log_cfg: LogConfig,
         replicas: Option<Vec<u64>>,
+        cut_after: Option<Option<u64>>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
         let voters: Option<BTreeSet<u64>> = replicas.as_ref().map(|r| r.iter().copied().collect());
         let _guard = self.open_lock.lock().await;
@@ -1601,10 +1667,16 @@ impl RaftHost {
             return Ok(p);
         }
         let open_dir = dir.clone();
-        let shared = tokio::task::spawn_blocking(move || PartitionShared::open(&open_dir, log_cfg))
-            .await
-            .map_err(|e| RaftError::Other(e.to_string()))?
-            .map_err(|e| RaftError::Storage(e.to_string()))?;
+        let shared = tokio::task::spawn_blocking(move || {
+            let shared = PartitionShared::open(&open_dir, log_cfg)?;
+            if let Some(durable) = cut_after {
+                shared.cut_unconfirmed_tail(durable)?;
+            }
+            Ok::<_, crate::StorageError>(shared)
+        })
+        .await
+        .map_err(|e| RaftError::Other(e.to_string()))?
+        .map_err(|e| RaftError::Storage(e.to_string()))?;
         let has_state = shared
             .has_state()
             .map_err(|e| RaftError::Storage(e.to_string()))?;
@@ -1637,6 +1709,7 @@ impl RaftHost {
             hw_rx,
             liveness: self.liveness.clone(),
             gate: AppendGate::default(),
+            log_cfg,
         });
         if let Ok(mut parts) = self.partitions.write() {
             parts.insert(group.clone(), pg.clone());

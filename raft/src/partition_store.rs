@@ -798,6 +798,27 @@ impl PartitionShared {
         self.snapshot_target.lock().ok().and_then(|t| *t)
     }
 
+    /// The last index known fsynced in this process (or recorded before it started).
+    pub(crate) fn durable_in_memory(&self) -> Option<u64> {
+        self.lock_state().ok().and_then(|st| st.current.durable)
+    }
+
+    /// Cuts every entry after `durable`, for a replica reopened after a storage failure; `None`
+    /// (nothing was ever recorded durable) keeps the log as recovery left it.
+    pub(crate) fn cut_unconfirmed_tail(&self, durable: Option<u64>) -> Result<(), StorageError> {
+        let Some(durable) = durable else {
+            return Ok(());
+        };
+        let mut log = self.write_log()?;
+        if log.last_index().is_some_and(|last| last > durable) {
+            tracing::warn!(dir = %self.dir.display(), durable, last = ?log.last_index(), "cutting entries written after the last confirmed fsync");
+            let res = log.truncate_from_index(durable + 1);
+            self.publish_offsets(&log);
+            res.map_err(|e| StorageIOError::write_logs(&e))?;
+        }
+        Ok(())
+    }
+
     /// Records that entries up to `index` are fsynced (written with the next state write).
     fn note_durable(&self, index: u64) {
         if let Ok(mut st) = self.state.lock() {

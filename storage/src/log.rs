@@ -747,7 +747,11 @@ impl PartitionLog {
                 time_file: None,
             };
             seg.rebuild_indexes(cfg.index_interval_bytes);
-            seg.write_index_files()?;
+            // The index files are a cache of what is rebuilt in memory here: failing to refresh
+            // them (a full disk) must not keep the partition from opening.
+            if let Err(e) = seg.write_index_files() {
+                tracing::warn!(segment = base, error = %e, "could not rewrite the segment's index files; serving from the rebuilt in-memory index");
+            }
             segments.push(seg);
         }
 
