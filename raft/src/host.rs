@@ -1331,11 +1331,14 @@ impl PartitionGroup {
     }
 }
 
+/// How to open a replica again: its directory, log config and last index known fsynced.
+type ReopenPlan = (PathBuf, LogConfig, Option<u64>);
+
 /// One per process: the group registry plus the multiplexed transport.
 pub struct RaftHost {
     /// Replicas closed by [`RaftHost::reopen_partition`] whose reopening failed: how to try
     /// again (directory, log config, last index known fsynced).
-    reopen_pending: Mutex<HashMap<GroupId, (PathBuf, LogConfig, Option<u64>)>>,
+    reopen_pending: Mutex<HashMap<GroupId, ReopenPlan>>,
     cfg: RaftHostConfig,
     local_addr: SocketAddr,
     registry: Arc<Registry>,
