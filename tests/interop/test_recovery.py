@@ -1,9 +1,12 @@
 """A torn or garbage tail on the active segment (what a crash mid-write leaves) is cut off at startup
 with one WARN naming the file and position; everything before it is still served, and new writes
-continue right after it. Each run prints its seed; set SLUICE_TEST_SEED to replay one."""
+continue right after it. Damage at or below the durable point (entries already fsynced, so possibly
+acknowledged) is not a torn tail: a single replica refuses to open the partition instead of serving
+a log with a hole. Each run prints its seed; set SLUICE_TEST_SEED to replay one."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -37,17 +40,30 @@ def active_segment(broker: Broker):
     return logs, logs[-1]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "zeros"])
-def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
-    s = seed()
-    rng = random.Random(s)
-    broker = broker_factory(CONFIG)
+def state_file(broker: Broker):
+    return broker.partition_dir(TOPIC, 0) / "raft-state.json"
+
+
+def durable_point(broker: Broker) -> int:
+    state = json.loads(state_file(broker).read_text())
+    assert isinstance(state.get("durable"), int), f"no durable point in {state_file(broker)}: {state}"
+    return state["durable"]
+
+
+def set_durable_point(broker: Broker, durable: int) -> None:
+    path = state_file(broker)
+    state = json.loads(path.read_text())
+    state["durable"] = durable
+    path.write_text(json.dumps(state))
+
+
+def produce_and_stop(broker: Broker, rng: random.Random):
+    """~260 KB in many small batches and 20 single-record batches at the end, then a clean stop.
+    Returns what was produced and the active segment's path, bytes and batches."""
     Clients(broker).create_topic(TOPIC, 1)
     # A bystander topic whose name sorts after the damaged one: its partitions must not suffer.
     Clients(broker).create_topic(BYSTANDER, 2)
     assert_all_delivered(produce(broker.bootstrap, BYSTANDER, [Outbound(value=f"b{i}".encode(), partition=i % 2) for i in range(10)], timeout_s=60))
-
-    # --- produce ~260 KB in many small batches, then a few single-record batches at the end
     out = [Outbound(value=f"rec-{i:06d}-".encode() + b"x" * rng.randrange(40, 160)) for i in range(2_000)]
     reports = produce(broker.bootstrap, TOPIC, out, timeout_s=120, **{"linger.ms": 0, "batch.num.messages": 40})
     tail = [Outbound(value=f"tail-{i}".encode()) for i in range(20)]
@@ -66,6 +82,15 @@ def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
     data_batches = [b for b in batches if not b.is_internal]
     assert data_batches, f"{seg.name} holds no data batch"
     assert int(seg.stem) <= data_batches[0].base_offset, f"{seg.name} starts after its first batch (base {data_batches[0].base_offset})"
+    return out, seg, data, batches, data_batches
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "zeros"])
+def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
+    s = seed()
+    rng = random.Random(s)
+    broker = broker_factory(CONFIG)
+    out, seg, data, batches, data_batches = produce_and_stop(broker, rng)
 
     # --- damage the tail
     if damage == "truncate":
@@ -73,6 +98,11 @@ def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
         cut = rng.randrange(victim.position + 1, victim.end)  # strictly inside a batch: a torn write
         with open(seg, "r+b") as f:
             f.truncate(cut)
+        # A write is torn only when the crash came before its fsync, so the durable point recorded
+        # on disk is below it. Every batch of the active segment is one Raft entry, and a clean stop
+        # leaves the durable point at the last one.
+        from_end = len(batches) - batches.index(victim)
+        set_durable_point(broker, durable_point(broker) - from_end)
         survivors = victim.base_offset
         positions = {victim.position, cut}
         print(f"{damage}: cut {seg.name} at byte {cut} inside the batch at {victim.position} (offsets {victim.base_offset}..{victim.last_offset})")
@@ -124,6 +154,52 @@ def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
     assert not [l for l in again.splitlines() if "WARN" in l and ".log" in l and "trunc" in l.lower()], f"seed {s}: second restart truncated again:\n{again[-2000:]}"
     got = consume_all(broker.bootstrap, TOPIC, 1, timeout_s=120)
     assert [r.value for r in got] == [m.value for m in out[:survivors]] + [m.value for m in more], f"seed {s}: log after second restart differs"
+
+
+def test_damage_below_the_durable_point_is_refused_not_cut(broker_factory):
+    """A bad batch among entries the log had fsynced is lost acknowledged data, not a torn write.
+    With no other replica to fetch it from, the broker must not cut the log there and serve the
+    rest as if nothing happened: it keeps that partition closed, says which file and byte, and
+    serves every other partition. Removing the partition's directory, as the error says, brings it
+    back empty."""
+    s = seed()
+    rng = random.Random(s)
+    broker = broker_factory(CONFIG)
+    out, seg, data, batches, data_batches = produce_and_stop(broker, rng)
+    victim = data_batches[rng.randrange(len(data_batches))]
+    cut = rng.randrange(victim.position + 1, victim.end)
+    with open(seg, "r+b") as f:
+        f.truncate(cut)
+    print(f"cut {seg.name} at byte {cut} inside the batch at {victim.position}, at or below durable point {durable_point(broker)}")
+    size_before = seg.stat().st_size
+
+    broker.start(wait=False)
+    wait_serving(broker.bootstrap, BYSTANDER, 2)
+    by = consume_all(broker.bootstrap, BYSTANDER, 2, timeout_s=60)
+    assert sorted(r.value for r in by) == sorted(f"b{i}".encode() for i in range(10)), f"seed {s}: bystander topic lost data"
+    deadline = time.monotonic() + 30
+    while True:
+        errors = [l for l in broker.log_text(current_run_only=True).splitlines() if "ERROR" in l and seg.name in l and "durable point" in l]
+        if errors or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert errors, f"seed {s}: no ERROR naming {seg.name} and the durable point; log:\n{broker.log_text(current_run_only=True)[-3000:]}"
+    assert f"at byte {victim.position}" in errors[0] or f"at byte {cut}" in errors[0], f"seed {s}: the error names no position of the damage: {errors[0]}"
+    assert "restore the directory, or remove it" in broker.log_text(current_run_only=True), "the error does not say what to do"
+    # The damaged partition is not served, and nothing was cut: the evidence stays on disk.
+    with pytest.raises(Exception):
+        watermarks(broker.bootstrap, TOPIC, 1, timeout_s=3)
+    assert seg.stat().st_size == size_before, f"seed {s}: {seg.name} was changed while the partition stayed closed"
+    assert broker.health() == 503, "a node with a partition it cannot open says it is not ready"
+
+    # --- the operator gives the data up: the partition opens empty and takes writes
+    assert broker.stop() == 0
+    shutil.rmtree(broker.partition_dir(TOPIC, 0))
+    broker.start()
+    wait_serving(broker.bootstrap, TOPIC, 1)
+    rep = produce(broker.bootstrap, TOPIC, [Outbound(value=b"after")], timeout_s=60)
+    assert_all_delivered(rep)
+    assert [r.value for r in consume_all(broker.bootstrap, TOPIC, 1, timeout_s=60)] == [b"after"]
 
 
 def test_a_recreated_topic_never_meets_a_deleted_topics_files(broker_factory):
