@@ -8,6 +8,7 @@ pub mod history;
 pub mod kclient;
 pub mod logcmp;
 pub mod nemesis;
+pub mod powerloss;
 pub mod proxy;
 pub mod run;
 pub mod workload;
