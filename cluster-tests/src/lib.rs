@@ -7,6 +7,8 @@ pub mod cluster;
 pub mod history;
 pub mod kclient;
 pub mod logcmp;
+pub mod metacheck;
+pub mod metaload;
 pub mod nemesis;
 pub mod powerloss;
 pub mod proxy;
