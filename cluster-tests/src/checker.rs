@@ -2,7 +2,8 @@
 //!
 //! Anomalies (each is a safety violation; any of them fails the run):
 //! * `lost` — an acknowledged write that no poll ever returned although polls of its partition
-//!   reached past its acknowledged offset.
+//!   reached past its acknowledged offset; or one that polls did return but the final drain,
+//!   which read the partition past its offset, did not (the log lost it later).
 //! * `unseen` — an acknowledged write never read at all, even by the final drain (which reads
 //!   every partition up to its high watermark after the cluster healed).
 //! * `inconsistent_offsets` — two different values at one offset (by reads or acks).
@@ -271,6 +272,18 @@ pub fn check(ops: &[Op]) -> CheckResult {
             );
         }
     }
+    // What the final drain read: the log as it ended up, per partition.
+    let mut drained: HashMap<i32, (i64, BTreeSet<u64>)> = HashMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.f == F::Poll && o.kind == OpType::Ok && o.drain)
+    {
+        let d = drained.entry(op.partition).or_insert((-1, BTreeSet::new()));
+        for &(o, v) in op.msgs.as_deref().unwrap_or(&[]) {
+            d.0 = d.0.max(o);
+            d.1.insert(v);
+        }
+    }
     let mut info_read = 0;
     let mut info_unread = 0;
     for (v, w) in &writes {
@@ -291,6 +304,15 @@ pub fn check(ops: &[Op]) -> CheckResult {
                         "ack_mismatch",
                         json!({"partition": p, "value": v, "acked_offset": o, "read_offsets": offs}),
                     );
+                }
+                if let Some((hi, vals)) = drained.get(&p) {
+                    if *o < *hi && !vals.contains(v) {
+                        an.add(
+                            "lost",
+                            json!({"partition": p, "value": v, "acked_offset": o, "drained_up_to": hi,
+                                   "why": "read earlier, missing from the final drain"}),
+                        );
+                    }
                 }
             }
             None => {
@@ -506,6 +528,33 @@ mod tests {
             .check();
         only(&r, "lost");
         assert_eq!(r.examples["lost"][0]["value"], 2);
+    }
+
+    #[test]
+    fn detects_a_write_read_once_and_missing_from_the_final_drain() {
+        let mut h =
+            H::new()
+                .ack(0, 1, 0)
+                .ack(0, 2, 1)
+                .ack(0, 3, 2)
+                .poll(10, 0, 0, &[(0, 1), (1, 2)]);
+        // The drain reads past offset 1 and finds value 3 where 2 was: 2 is gone from the log.
+        h = h.poll(11, 0, 0, &[(0, 1), (1, 3), (2, 3)]);
+        let n = h.0.len();
+        h.0[n - 1].drain = true;
+        h.0[n - 2].drain = true;
+        let r = h.check();
+        assert!(!r.valid);
+        assert_eq!(r.anomaly_counts["lost"], 1, "{:?}", r.examples);
+        assert_eq!(r.examples["lost"][0]["value"], 2);
+        // The same reads outside the drain prove nothing about the final log.
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .poll(10, 0, 0, &[(0, 1), (1, 2)])
+            .poll(11, 0, 0, &[(0, 1)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
     }
 
     #[test]

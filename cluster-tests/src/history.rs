@@ -87,6 +87,9 @@ pub struct Op {
     /// Polls: the log start offset the broker reported (Fetch v5+), on success or error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_start: Option<i64>,
+    /// Polls of the final drain, which reads every partition from 0 once the faults are over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
     /// Metadata operations: the topic, the partition count asked for, the node asked, that
     /// node's start count (its process incarnation), where a view came from, and the view.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +122,7 @@ impl Op {
             fault: None,
             pipeline: None,
             log_start: None,
+            drain: false,
             topic: None,
             count: None,
             node: None,
@@ -130,6 +134,10 @@ impl Op {
     }
     pub fn pipeline(mut self, id: u64) -> Op {
         self.pipeline = Some(id);
+        self
+    }
+    pub fn drain(mut self) -> Op {
+        self.drain = true;
         self
     }
     pub fn log_start(mut self, o: Option<i64>) -> Op {

@@ -286,6 +286,14 @@ pub async fn worker(shared: Arc<Shared>, cluster: Arc<Mutex<Cluster>>, seed: u64
     }
 }
 
+/// One final view: node, its incarnation, `admin` or `kafka`, the topics (None: no answer).
+type View = (
+    NodeId,
+    u32,
+    &'static str,
+    Option<BTreeMap<String, TopicView>>,
+);
+
 /// After the final heal: waits (bounded) until every node's admin API and Kafka Metadata list
 /// the same topics, then records each view (the last ones seen if they never agree).
 pub async fn final_views(
@@ -302,12 +310,7 @@ pub async fn final_views(
                 .map(|id| (id, c.clients[&id].listen))
                 .collect()
         };
-        let mut views: Vec<(
-            NodeId,
-            u32,
-            &'static str,
-            Option<BTreeMap<String, TopicView>>,
-        )> = Vec::new();
+        let mut views: Vec<View> = Vec::new();
         for (id, client_addr) in nodes {
             let admin = admin_view(cluster, id).await;
             let inc = admin.as_ref().map_or(0, |(i, _)| *i);

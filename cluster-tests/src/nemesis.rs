@@ -406,7 +406,7 @@ async fn apply(
         Kind::PowerLoss => {
             // The RNG for tearing is the fault's own, drawn from the schedule's seed.
             let mut rng = <StdRng as rand::SeedableRng>::seed_from_u64(pick ^ 0x0bad_cafe);
-            let (targets, who) = if pick % 4 == 0 {
+            let (targets, who) = if pick.is_multiple_of(4) {
                 (ids.clone(), "every node".to_string())
             } else {
                 let x = leader_or_random(&c, topic, part, pick).await;
@@ -432,7 +432,7 @@ async fn apply(
             )
         }
         Kind::DiskFault => {
-            let x = if pick % 3 == 0 {
+            let x = if pick.is_multiple_of(3) {
                 shuffled[0]
             } else {
                 leader_or_random(&c, topic, part, pick).await

@@ -188,9 +188,11 @@ pub async fn final_drain(
         let mut position = 0i64;
         let mut err = None;
         while position < hw && tokio::time::Instant::now() < deadline {
-            shared
-                .history
-                .record(Op::new(process, OpType::Invoke, F::Poll, p).offset(position));
+            shared.history.record(
+                Op::new(process, OpType::Invoke, F::Poll, p)
+                    .offset(position)
+                    .drain(),
+            );
             let res = kc.poll(p, position).await;
             let log_start = kc.last_log_start;
             match res {
@@ -199,7 +201,8 @@ pub async fn final_drain(
                         Op::new(process, OpType::Ok, F::Poll, p)
                             .offset(position)
                             .msgs(pairs)
-                            .log_start(log_start),
+                            .log_start(log_start)
+                            .drain(),
                     );
                     position = next.max(position);
                     err = None;
@@ -209,7 +212,8 @@ pub async fn final_drain(
                         Op::new(process, OpType::Info, F::Poll, p)
                             .offset(position)
                             .error(e.clone())
-                            .log_start(log_start),
+                            .log_start(log_start)
+                            .drain(),
                     );
                     err = Some(e);
                     process = shared.fresh_process();
