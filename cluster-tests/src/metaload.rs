@@ -269,10 +269,16 @@ pub async fn worker(shared: Arc<Shared>, cluster: Arc<Mutex<Cluster>>, seed: u64
             Outcome::Fail(e) => Op::new(process, OpType::Fail, f, -1).error(e),
             Outcome::Info(e) => Op::new(process, OpType::Info, f, -1).error(e),
         };
-        let failed_create = f == F::CreateTopic && done.kind == OpType::Fail;
+        let failed = done.kind == OpType::Fail;
         shared.history.record(with_count(done.topic(&topic)));
-        if failed_create {
-            known.retain(|k| k.name != topic);
+        match f {
+            F::CreateTopic if failed => known.retain(|k| k.name != topic),
+            F::CreatePartitions if failed => {
+                if let Some(k) = known.iter_mut().find(|k| k.name == topic) {
+                    k.count -= 1;
+                }
+            }
+            _ => {}
         }
         // A look at one node's metadata after every operation.
         let id = ids[rng.gen_range(0..ids.len())];

@@ -516,7 +516,13 @@ async fn heal_disk(
         .saturating_sub(before.1);
     log.injected_writes += writes;
     log.injected_fsyncs += fsyncs;
-    let stopped = c.stopped_groups(id).await.unwrap_or_default();
+    // A group whose last write failed may take a moment to report that it stopped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = match c.stopped_groups(id).await {
+        Ok(s) => s,
+        // Unknown is treated as stopped: a restart is harmless, a dead group left alone is not.
+        Err(e) => vec![format!("unknown: /v1/raft did not answer: {e:#}")],
+    };
     let mut text =
         format!("heal disk n{id} ({writes} writes and {fsyncs} fsyncs failed on purpose)");
     if !stopped.is_empty() {
