@@ -235,11 +235,14 @@ impl Node {
         self.raft.meta().leader()
     }
 
-    pub fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
+    /// Where a partition's files live: `partitions/{topic}-{partition}.{topic id}`. With the topic
+    /// id in the name, a re-created topic gets a new directory and can never meet files a deleted
+    /// topic of the same name left behind (say, by a crash halfway through removing them).
+    pub fn partition_dir(&self, topic: &str, partition: i32, topic_id_hex: &str) -> PathBuf {
         self.cfg
             .data_dir
             .join("partitions")
-            .join(format!("{topic}-{partition}"))
+            .join(partition_dir_name(topic, partition, topic_id_hex))
     }
 
     /// Waits (bounded) until every partition of `topic` has a local group with a leader.
@@ -937,7 +940,6 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
                 info!(topic = %key.0, partition = key.1, "closing partition (topic deleted)");
                 node.raft.close_partition(&g.status().group, true).await?;
             }
-            remove_partition_dir(node, &key.0, key.1);
         }
     }
 
@@ -946,7 +948,6 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
         if node.partition(&topic, p).is_some() {
             continue;
         }
-        let dir = node.partition_dir(&topic, p);
         let Wanted {
             group: gid,
             id_hex,
@@ -954,16 +955,16 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
             replicas,
             join,
         } = wanted;
-        // A directory left by an older topic of the same name must not leak its data.
-        let id_file = dir.join("topic_id");
-        if let Ok(old) = std::fs::read_to_string(&id_file) {
-            if old.trim() != id_hex {
-                warn!(%topic, partition = p, "removing data of a deleted topic with the same name");
-                let _ = std::fs::remove_dir_all(&dir);
+        let dir = node.partition_dir(&topic, p, &id_hex);
+        adopt_unversioned_dir(&dir, &topic, p, &id_hex)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+            // The new entry must survive a crash before anything in it is trusted.
+            if let Some(root) = dir.parent() {
+                sluice_storage::file::sync_dir(root)?;
             }
         }
-        std::fs::create_dir_all(&dir)?;
-        sluice_storage::file::write_atomic(&id_file, id_hex.as_bytes())?;
+        sluice_storage::file::write_atomic(&dir.join("topic_id"), id_hex.as_bytes())?;
         let log_cfg = LogConfig {
             segment_bytes_max: segment_bytes.unwrap_or(node.cfg.log_segment_bytes),
             ..LogConfig::default()
@@ -999,12 +1000,46 @@ async fn reconcile_once(node: &Arc<Node>) -> Result<(), NodeError> {
     Ok(())
 }
 
-fn remove_partition_dir(node: &Node, topic: &str, partition: i32) {
-    let dir = node.partition_dir(topic, partition);
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            warn!(dir = %dir.display(), error = %e, "could not remove partition directory");
+/// Longest file name most file systems take (ext4, xfs: 255 bytes).
+const NAME_MAX: usize = 255;
+
+/// `{topic}-{partition}.{topic id}`, with the topic name shortened if the whole would not fit a
+/// file name (Kafka allows 249-character names; the partition and id keep names unique).
+fn partition_dir_name(topic: &str, partition: i32, topic_id_hex: &str) -> String {
+    let suffix = format!("-{partition}.{topic_id_hex}");
+    let room = NAME_MAX.saturating_sub(suffix.len());
+    let cut = topic
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .take_while(|&end| end <= room)
+        .last()
+        .unwrap_or(0);
+    format!("{}{suffix}", &topic[..cut])
+}
+
+/// Before topic ids were part of the name, a partition lived in `{topic}-{partition}`. Such a
+/// directory is renamed to `dir` if its `topic_id` file says it belongs to this topic; any other
+/// is left for [`cleanup_orphan_dirs`].
+fn adopt_unversioned_dir(
+    dir: &std::path::Path,
+    topic: &str,
+    partition: i32,
+    id_hex: &str,
+) -> std::io::Result<()> {
+    let Some(root) = dir.parent() else {
+        return Ok(());
+    };
+    let old = root.join(format!("{topic}-{partition}"));
+    if dir.exists() || !old.is_dir() {
+        return Ok(());
+    }
+    match std::fs::read_to_string(old.join("topic_id")) {
+        Ok(id) if id.trim() == id_hex => {
+            info!(from = %old.display(), to = %dir.display(), "renaming partition directory to carry its topic id");
+            std::fs::rename(&old, dir)?;
+            sluice_storage::file::sync_dir(root)
         }
+        _ => Ok(()),
     }
 }
 
@@ -1013,16 +1048,16 @@ fn cleanup_orphan_dirs(node: &Node) {
     let Ok(entries) = std::fs::read_dir(node.cfg.data_dir.join("partitions")) else {
         return;
     };
-    let wanted: BTreeSet<String> = node
+    let wanted: BTreeSet<std::ffi::OsString> = node
         .partitions
         .read()
         .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .map(|(t, p)| format!("{t}-{p}"))
+        .values()
+        .filter_map(|g| g.dir().file_name().map(ToOwned::to_owned))
         .collect();
     for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if !wanted.contains(&name) {
+        if !wanted.contains(&e.file_name()) {
+            let name = e.file_name().to_string_lossy().to_string();
             info!(dir = %name, "removing partition directory no longer assigned to this node");
             let _ = std::fs::remove_dir_all(e.path());
         }
@@ -1032,6 +1067,37 @@ fn cleanup_orphan_dirs(node: &Node) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_dir_names_carry_the_topic_id_and_fit_a_file_name() {
+        assert_eq!(partition_dir_name("orders", 3, "ab12"), "orders-3.ab12");
+        let id = "0123456789abcdef0123456789abcdef";
+        let long = "t".repeat(249);
+        let name = partition_dir_name(&long, 1_000_000, id);
+        assert_eq!(name.len(), NAME_MAX);
+        assert!(name.ends_with(&format!("-1000000.{id}")));
+    }
+
+    #[test]
+    fn an_unversioned_directory_is_adopted_only_by_its_own_topic() {
+        let root = tempfile::tempdir().unwrap();
+        let old = root.path().join("t-0");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("topic_id"), "aaaa").unwrap();
+        std::fs::write(old.join("00000000000000000000.log"), b"data").unwrap();
+        // Another topic of the same name (a new id) does not take it.
+        let other = root.path().join(partition_dir_name("t", 0, "bbbb"));
+        adopt_unversioned_dir(&other, "t", 0, "bbbb").unwrap();
+        assert!(old.exists() && !other.exists());
+        // Its own topic does, with its files.
+        let mine = root.path().join(partition_dir_name("t", 0, "aaaa"));
+        adopt_unversioned_dir(&mine, "t", 0, "aaaa").unwrap();
+        assert!(!old.exists());
+        assert_eq!(
+            std::fs::read(mine.join("00000000000000000000.log")).unwrap(),
+            b"data"
+        );
+    }
 
     #[test]
     fn dir_identity_roundtrip() {

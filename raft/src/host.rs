@@ -34,9 +34,12 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with the leader's log before it is made a voter.
 const LEARNER_CATCHUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Entries after which a partition group snapshots its (tiny) state machine. This bounds what a
-/// restart re-reads from the log to rebuild the high watermark.
-const PARTITION_SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
+/// How far behind a new partition replica may be when appends pause for its last catch-up
+/// before it becomes a voter: one or two AppendEntries.
+const PROMOTE_SLACK_ENTRIES: u64 = 64;
+
+/// The longest a partition pauses appends while its new replicas take the last entries.
+const PROMOTE_PAUSE_MAX: Duration = Duration::from_secs(10);
 
 /// AppendEntries carries at most this many entries; with Kafka's ~1 MiB batch limit it keeps a
 /// frame well under the transport's frame limit.
@@ -133,7 +136,10 @@ fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: PARTITION_MAX_PAYLOAD_ENTRIES,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(PARTITION_SNAPSHOT_EVERY_ENTRIES),
+        // Snapshots are cut at retention's purge point only (see partition_store): one cut
+        // later would make a follower that installs it skip records the leader retains. A
+        // restart starts from the applied checkpoint in the state file instead.
+        snapshot_policy: SnapshotPolicy::Never,
         // A partition snapshot holds no records, so purging the log behind it would delete
         // Kafka data: retention decides what goes, never openraft.
         max_in_snapshot_log_to_keep: u64::MAX,
@@ -322,6 +328,10 @@ async fn election_watchdog(
                     }
                 }
                 deferring_since.remove(&group);
+                if !registry.may_vote(&group) {
+                    tracing::debug!(%group, "not standing for election: getting back lost entries");
+                    continue;
+                }
                 tracing::info!(
                     %group,
                     reason,
@@ -430,12 +440,16 @@ fn current_voters(raft: &Raft) -> BTreeSet<NodeId> {
 /// Makes `new` the voter set: every new member is added as a learner first and must catch up
 /// (bounded by [`LEARNER_CATCHUP_TIMEOUT`]) before the joint change makes it a voter; removed
 /// voters leave the membership altogether. Call on the leader.
-async fn change_voters(
+async fn change_voters<G, F>(
     raft: &Raft,
     node_id: NodeId,
     new: BTreeSet<NodeId>,
     addr_of: impl Fn(NodeId) -> Option<String>,
-) -> Result<(), RaftError> {
+    before_promoting: impl FnOnce(Vec<NodeId>) -> F,
+) -> Result<(), RaftError>
+where
+    F: std::future::Future<Output = Result<G, RaftError>>,
+{
     ensure_leader(raft, node_id)?;
     if new.is_empty() {
         return Err(RaftError::Other("a group needs at least one voter".into()));
@@ -466,6 +480,8 @@ async fn change_voters(
             Err(_) => return Err(RaftError::Timeout),
         }
     }
+    // Held across the change: a partition keeps its gate closed while the new voters are made.
+    let _ready = before_promoting(new.difference(&old).copied().collect()).await?;
     tracing::info!(group = %raft.config().cluster_name, ?old, ?new, "changing voters");
     match tokio::time::timeout(
         PROPOSE_TIMEOUT,
@@ -628,9 +644,13 @@ impl MetaGroup {
             return Ok(());
         }
         let addr = raft_addr.clone();
-        change_voters(&self.raft, self.node_id, new, move |n| {
-            (n == id).then(|| addr.clone())
-        })
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            move |n| (n == id).then(|| addr.clone()),
+            |_| async { Ok(()) },
+        )
         .await
     }
 
@@ -643,7 +663,14 @@ impl MetaGroup {
         if !new.remove(&id) {
             return Ok(());
         }
-        change_voters(&self.raft, self.node_id, new, |_| None).await
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            |_| None,
+            |_| async { Ok(()) },
+        )
+        .await
     }
 
     /// Makes this node the leader if it can: see [`PartitionGroup::trigger_elect`].
@@ -806,6 +833,13 @@ impl PartitionGroup {
                 "record batch uses the producer id reserved for Raft-internal entries".into(),
             ));
         }
+        // Marked as not yet placed, so every log appending it assigns offsets only here, on the
+        // leader; a replica that receives it later checks the leader's placement instead.
+        let batch = {
+            let mut b = bytes::BytesMut::from(&batch[..h.total_len()]);
+            batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+            b.freeze()
+        };
         // Without a waiter the sender stays here, so `local` never resolves.
         let (tx, local) = tokio::sync::oneshot::channel();
         let mut idle_tx = None;
@@ -1077,6 +1111,11 @@ impl PartitionGroup {
         &self.group
     }
 
+    /// The directory holding this replica's log and Raft state.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Applies delete retention to this replica's log (every replica does so on its own, as in
     /// Kafka): deletes the oldest whole segments that breach `retention_ms` / `retention_bytes`
     /// (-1 = unlimited), never the active segment and never above the last applied entry.
@@ -1115,6 +1154,9 @@ impl PartitionGroup {
         let covered =
             |m: &RaftMetrics<NodeId, BasicNode>| m.snapshot.is_some_and(|s| s.index >= cutoff);
         if !covered(&self.raft.metrics().borrow()) {
+            // Cut exactly at the purge point: the snapshot is what a follower behind the new log
+            // start installs, and its log must then start where this one does.
+            self.shared.set_snapshot_target(cutoff);
             self.raft.trigger().snapshot().await?;
             self.raft
                 .wait(Some(RETENTION_WAIT))
@@ -1183,13 +1225,65 @@ impl PartitionGroup {
     /// configured peers, or the metadata membership); it is added as a learner, must catch up
     /// (bounded, else [`RaftError::Timeout`]), and then becomes a voter by a joint change.
     /// Removed voters leave the membership. Call on the leader, else [`RaftError::NotLeader`].
+    ///
+    /// A new voter must hold the leader's whole log when it becomes one: otherwise the voters
+    /// that make a majority without it could acknowledge the change while it still lacks
+    /// committed data, and a replica that leaves would take the last copies with it. Once the
+    /// learners are close, appends pause (as for a leadership transfer) until they match the
+    /// leader's last entry, and resume after the change.
     pub async fn change_voters(&self, new: BTreeSet<u64>) -> Result<(), RaftError> {
         let transport = self.transport.clone();
         let meta = self.meta.clone();
-        change_voters(&self.raft, self.node_id, new, move |id| {
-            resolve_addr(&transport, &meta, id)
-        })
+        change_voters(
+            &self.raft,
+            self.node_id,
+            new,
+            move |id| resolve_addr(&transport, &meta, id),
+            |learners| self.hold_until_caught_up(learners),
+        )
         .await
+    }
+
+    /// Waits until every node in `learners` matches this leader's last log entry, first with
+    /// appends flowing (until they are within [`PROMOTE_SLACK_ENTRIES`]), then with the gate
+    /// closed; returns the closed gate. Bounded by [`LEARNER_CATCHUP_TIMEOUT`] and, while
+    /// appends are paused, by [`PROMOTE_PAUSE_MAX`].
+    async fn hold_until_caught_up(&self, learners: Vec<NodeId>) -> Result<Closed<'_>, RaftError> {
+        let lag = |m: &RaftMetrics<NodeId, BasicNode>| -> Option<u64> {
+            let last = m.last_log_index.unwrap_or(0);
+            let repl = m.replication.as_ref()?;
+            learners.iter().try_fold(0u64, |worst, id| {
+                let matched = repl.get(id)?.as_ref().map_or(0, |l| l.index + 1);
+                Some(worst.max((last + 1).saturating_sub(matched)))
+            })
+        };
+        let close_enough =
+            |m: &RaftMetrics<NodeId, BasicNode>| lag(m).is_some_and(|l| l <= PROMOTE_SLACK_ENTRIES);
+        self.raft
+            .wait(Some(LEARNER_CATCHUP_TIMEOUT))
+            .metrics(close_enough, "learners within reach of the leader's log")
+            .await
+            .map_err(wait_error)?;
+        let closed = self.gate.close();
+        let deadline = tokio::time::Instant::now() + PROMOTE_PAUSE_MAX;
+        while self.gate.in_flight() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(RaftError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Entries admitted before the gate closed are in the channel or the log by now.
+        self.raft
+            .wait(Some(
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            ))
+            .metrics(
+                |m| lag(m) == Some(0),
+                "learners hold the leader's whole log",
+            )
+            .await
+            .map_err(wait_error)?;
+        Ok(closed)
     }
 
     /// Makes this node the leader if it can (openraft 0.9 has no leadership transfer): starts
@@ -1198,6 +1292,11 @@ impl PartitionGroup {
     /// pass (`Timeout`). Typically done within one or two heartbeat intervals. `Ok` at once on
     /// the leader.
     pub async fn trigger_elect(&self) -> Result<(), RaftError> {
+        if !self.shared.may_vote() {
+            return Err(RaftError::Other(
+                "this replica is getting back acknowledged entries it lost and may not stand for election yet".into(),
+            ));
+        }
         elect_until_leader(&self.raft, self.node_id).await
     }
 

@@ -13,6 +13,15 @@ use tokio::net::TcpListener;
 use crate::test_util::{data_batch, init_tracing, RecordingApp};
 use crate::{PartitionGroup, RaftError, RaftHost, RaftHostConfig};
 
+/// Held by every test here while it runs: they start real hosts whose liveness marks a peer
+/// gone after 1 s without an answer. Two of them at once in a debug build on a 2-core machine
+/// starve each other's pings long enough to trigger elections mid-test, and an append then
+/// fails as it should when a leader loses its majority (the "flaky" timeouts in CI).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE.lock().await
+}
+
 async fn wait_for<F: FnMut() -> bool>(
     what: &str,
     timeout: Duration,
@@ -90,6 +99,7 @@ async fn append_values(p: &PartitionGroup, values: &[&[u8]]) -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let part_dir = dir.path().join("partitions").join("t-0");
     let group = "p/t/0".to_string();
@@ -240,6 +250,7 @@ async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_replicate_a_partition_over_tcp() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let group = "p/t/1".to_string();
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
@@ -528,6 +539,7 @@ async fn partition_leader(parts: &BTreeMap<u64, Arc<PartitionGroup>>) -> anyhow:
 async fn meta_bootstraps_once_on_three_nodes_in_any_start_order() -> anyhow::Result<()> {
     use rand::seq::SliceRandom;
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (listeners, peers) = bind_nodes(3).await?;
     let mut order: Vec<(u64, TcpListener)> = listeners;
@@ -661,6 +673,7 @@ impl crate::AppHandler for EchoHandler {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_rpcs_share_the_raft_connection() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 2).await?;
     let t = Duration::from_secs(5);
@@ -745,6 +758,7 @@ async fn app_rpcs_share_the_raft_connection() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_voters_are_added_and_removed_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (listeners, all) = bind_nodes(3).await?;
     let mut listeners: BTreeMap<u64, TcpListener> = listeners.into_iter().collect();
@@ -853,6 +867,7 @@ async fn meta_voters_are_added_and_removed_on_the_leader() -> anyhow::Result<()>
 async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() -> anyhow::Result<()>
 {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
@@ -940,6 +955,7 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_partition_gets_a_leader_without_its_lowest_voter() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/3".to_string();
@@ -1002,6 +1018,7 @@ async fn new_partition_gets_a_leader_without_its_lowest_voter() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/4".to_string();
@@ -1084,6 +1101,7 @@ async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
 async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snapshot(
 ) -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/ret/0".to_string();
@@ -1175,15 +1193,11 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
     )
     .await?;
     let start = back.log_start_offset();
-    // The snapshot was taken at the high watermark of the retention pass, so the follower's log
-    // starts there: after the leader's log start, before what was written since.
-    assert!(
-        start >= out.log_start_offset,
-        "{start} < {}",
-        out.log_start_offset
-    );
+    // The snapshot is cut at the leader's purge point, so the follower's log starts exactly
+    // where the leader's does and holds every record the leader retains.
+    assert_eq!(start, out.log_start_offset);
     assert!(start > away_end && start <= hw_before, "{start}");
-    assert!(back.status().snapshot_index > Some(0));
+    assert_eq!(back.status().snapshot_index, Some(out.purged_upto_index));
     let bases: Vec<i64> = std::fs::read_dir(part_dir(away))?
         .filter_map(|e| {
             e.ok()?
@@ -1199,7 +1213,11 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
         "old segments survived on the returning follower: {bases:?}"
     );
     let copied = back.read(start, 1 << 20).await?;
-    assert_eq!(batches(&copied)?.len(), 10);
+    assert_eq!(
+        batches(&copied)?.last().map(|b| b.1),
+        Some(hw - 1),
+        "everything up to the high watermark"
+    );
     assert_eq!(copied, leader.read(start, 1 << 20).await?);
 
     tracing::info!("--- and writes keep replicating to it");
@@ -1224,6 +1242,7 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
 async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_majority(
 ) -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
     let group = "p/t/acks".to_string();
@@ -1288,6 +1307,7 @@ async fn single_node_partition(dir: &Path) -> anyhow::Result<(Arc<RaftHost>, Arc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_fsyncs_on_the_leader() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (host, p) = single_node_partition(dir.path()).await?;
     let (fsyncs_before, batches_before) = p.io_counters();
@@ -1359,6 +1379,7 @@ async fn futures_join_all<F: std::future::Future>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let (host, p) = single_node_partition(dir.path()).await?;
 
@@ -1419,6 +1440,7 @@ async fn an_append_is_proposed_on_its_first_poll_even_without_coop_budget() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_subscriptions_report_only_what_happens_after_them() -> anyhow::Result<()> {
     init_tracing();
+    let _one_at_a_time = serial().await;
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -1480,6 +1502,297 @@ async fn change_subscriptions_report_only_what_happens_after_them() -> anyhow::R
     assert!(changes.has_changed(), "the log start moved to {out:?}");
     tokio::time::timeout(Duration::from_secs(5), changes.changed()).await?;
     assert!(!changes.has_changed());
+    host.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow::Result<()> {
+    use crate::codec::{ResponseStatus, RpcKind};
+    use crate::transport::Transport;
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (host, p) = single_node_partition(dir.path()).await?;
+    assert_eq!(append_values(&p, &[b"a"]).await?, (0, 0));
+    let epoch = p.leader_epoch();
+    let addr = host.local_addr().to_string();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let peer = Transport::new(2, BTreeMap::new(), rx);
+
+    tracing::info!("--- a vote whose term no Kafka leader epoch can hold");
+    let vote = VoteRequest::new(crate::Vote::new(i32::MAX as u64 + 1, 2), None);
+    let (status, why) = peer
+        .call(
+            1,
+            &addr,
+            RpcKind::Vote,
+            "p/t/0",
+            |out| Ok(serde_json::to_writer(bytes::BufMut::writer(out), &vote)?),
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert_eq!(status, ResponseStatus::Failed, "{why:?}");
+
+    tracing::info!("--- an AppendEntries whose batch fails its CRC");
+    let mut corrupt = data_batch(0, &[b"z"]);
+    batch::set_base_offset(&mut corrupt, 1);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let append: AppendEntriesRequest<crate::TypeConfig> = AppendEntriesRequest {
+        vote: crate::Vote::new_committed(epoch as u64 + 1, 2),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![crate::Entry {
+            log_id: crate::log_id(epoch as u64 + 1, 1),
+            payload: openraft::EntryPayload::Normal(Bytes::from(corrupt)),
+        }],
+    };
+    let (status, why) = peer
+        .call(
+            1,
+            &addr,
+            RpcKind::AppendEntries,
+            "p/t/0",
+            |out| crate::codec::encode_append(&append, out),
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert_eq!(status, ResponseStatus::Failed, "{why:?}");
+
+    tracing::info!("--- the group still leads in the same term and appends");
+    assert_eq!(p.leader_epoch(), epoch);
+    assert_eq!(append_values(&p, &[b"b"]).await?, (1, 1));
+    peer.shutdown_peers();
+    host.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 4).await?;
+    let group = "p/t/9".to_string();
+    let pdir = |id: u64| dir.path().join(format!("n{id}")).join("t-9");
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2, 3] {
+        let p = hosts[&id]
+            .open_partition(
+                group.clone(),
+                pdir(id),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+
+    tracing::info!("--- 3,000 entries: fewer than openraft's learner lag threshold (5,000)");
+    let value = [7u8; 1000];
+    for chunk in 0..30 {
+        let appends = (0..100)
+            .map(|_| parts[&leader].append(Bytes::from(data_batch(1_700_000_000_000, &[&value]))));
+        for r in futures_join_all(appends).await {
+            r?;
+        }
+        tracing::debug!(chunk, "appended");
+    }
+    let committed = parts[&leader].high_watermark();
+    assert_eq!(committed, 3000);
+
+    tracing::info!("--- node 4 replaces a follower; the other two voters are a majority without it, so only the move itself can make it wait for node 4");
+    parts.insert(
+        4,
+        hosts[&4]
+            .join_partition(group.clone(), pdir(4), LogConfig::default())
+            .await?,
+    );
+    let leaving = *voters.iter().find(|&&v| v != leader).expect("a follower");
+    let target: BTreeSet<u64> = voters
+        .iter()
+        .copied()
+        .filter(|&v| v != leaving)
+        .chain([4])
+        .collect();
+    parts[&leader].change_voters(target.clone()).await?;
+    assert_eq!(parts[&leader].voters(), target);
+    let on_new = parts[&4].log_end_offset();
+    assert!(
+        on_new >= committed,
+        "node 4 became a voter holding offsets below {on_new} of the {committed} committed"
+    );
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Flips a byte in the middle of the partition's (only) segment, breaking one batch's CRC.
+fn damage_middle_of_log(part_dir: &Path) -> anyhow::Result<()> {
+    let seg = std::fs::read_dir(part_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .ok_or_else(|| anyhow::anyhow!("no segment in {}", part_dir.display()))?;
+    let mut bytes = std::fs::read(&seg)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_it_has_them_again(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/lost/0".to_string();
+    let pdir = |id: u64| dir.path().join(format!("n{id}")).join("lost-0");
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = BTreeMap::new();
+    for id in [1u64, 2, 3] {
+        let p = hosts[&id]
+            .open_partition(
+                group.clone(),
+                pdir(id),
+                LogConfig::default(),
+                voters.clone(),
+            )
+            .await?;
+        parts.insert(id, p);
+    }
+    let leader = partition_leader(&parts).await?;
+    let others: Vec<u64> = voters.iter().copied().filter(|&v| v != leader).collect();
+    let (keeper, stale) = (others[0], others[1]);
+
+    tracing::info!(
+        "--- one follower goes away; 40 entries commit on the leader and the other follower"
+    );
+    hosts[&stale].close_partition(&group, false).await?;
+    parts.remove(&stale);
+    for i in 0..40 {
+        let v = format!("v{i}");
+        append_values(&parts[&leader], &[v.as_bytes()]).await?;
+    }
+    wait_for("the keeper has them", Duration::from_secs(10), || {
+        parts[&keeper].high_watermark() == 40
+    })
+    .await?;
+
+    tracing::info!("--- the leader goes down; the keeper stops and its disk loses half of what it acknowledged");
+    hosts[&leader].close_partition(&group, false).await?;
+    hosts[&keeper].close_partition(&group, false).await?;
+    parts.clear();
+    damage_middle_of_log(&pdir(keeper))?;
+
+    tracing::info!(
+        "--- keeper and stale follower come back: no leader may be elected between them"
+    );
+    let k = hosts[&keeper]
+        .open_partition(
+            group.clone(),
+            pdir(keeper),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    let s = hosts[&stale]
+        .open_partition(
+            group.clone(),
+            pdir(stale),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    assert!(k.log_end_offset() < 40, "the damaged log was cut");
+    let _ = s.trigger_elect().await;
+    assert!(k.trigger_elect().await.is_err(), "the keeper may not stand");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !k.is_leader() && !s.is_leader(),
+        "a leader was elected without the lost entries (keeper leads: {}, stale leads: {})",
+        k.is_leader(),
+        s.is_leader()
+    );
+
+    tracing::info!("--- the old leader returns: it leads, and the keeper gets every entry back");
+    let l = hosts[&leader]
+        .open_partition(
+            group.clone(),
+            pdir(leader),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    let parts: BTreeMap<u64, Arc<PartitionGroup>> =
+        [(leader, l.clone()), (keeper, k.clone()), (stale, s.clone())]
+            .into_iter()
+            .collect();
+    let new_leader = partition_leader(&parts).await?;
+    assert!(
+        parts[&new_leader].log_end_offset() >= 40,
+        "node {new_leader} leads without every committed entry"
+    );
+    wait_for(
+        "everyone has the 40 entries",
+        Duration::from_secs(10),
+        || parts.values().all(|p| p.high_watermark() >= 40),
+    )
+    .await?;
+    assert_eq!(k.read(0, 1 << 20).await?, l.read(0, 1 << 20).await?);
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let part_dir = dir.path().join("partitions").join("t-0");
+    {
+        let (host, p) = single_node_partition(dir.path()).await?;
+        for i in 0..20 {
+            let v = format!("v{i}");
+            append_values(&p, &[v.as_bytes()]).await?;
+        }
+        host.close_partition(&"p/t/0".to_string(), false).await?;
+        host.shutdown().await;
+    }
+    damage_middle_of_log(&part_dir)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let peers: BTreeMap<u64, String> = [(1, listener.local_addr()?.to_string())]
+        .into_iter()
+        .collect();
+    let host = start_host(
+        1,
+        dir.path(),
+        listener,
+        peers,
+        Arc::new(RecordingApp::default()),
+    )
+    .await?;
+    let opened = host
+        .open_partition(
+            "p/t/0".to_string(),
+            part_dir.clone(),
+            LogConfig::default(),
+            [1u64],
+        )
+        .await;
+    let err = opened
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the damaged partition opened"))?;
+    assert!(err.to_string().contains("durable point"), "{err}");
     host.shutdown().await;
     Ok(())
 }

@@ -21,6 +21,7 @@ mod host;
 mod liveness;
 mod meta_store;
 mod partition_store;
+mod peer_input;
 mod transport;
 
 use std::io::Cursor;

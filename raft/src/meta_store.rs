@@ -283,6 +283,35 @@ pub(crate) struct MetaStateMachine {
     app: Arc<dyn MetaApp>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// Shared with the snapshot builders: a build runs in its own task and may finish after an
+    /// install, which it must not undo.
+    snapshot_write: Arc<std::sync::Mutex<()>>,
+}
+
+/// Persists a snapshot unless the store already holds a later one (see
+/// [`MetaStateMachine::snapshot_write`]).
+fn save_snapshot_if_not_older(
+    store: &MetaStore,
+    lock: &std::sync::Mutex<()>,
+    meta: &SnapshotMeta,
+    encoded: &[u8],
+) -> Result<(), StorageError> {
+    let sig = meta.signature();
+    let _writer = lock.lock().map_err(|_| {
+        StorageIOError::write_snapshot(
+            Some(sig.clone()),
+            openraft::AnyError::error("snapshot writer poisoned"),
+        )
+    })?;
+    if let Some((existing, _)) = load_snapshot(store)? {
+        if existing.last_log_id > meta.last_log_id {
+            tracing::info!(kept = ?existing.last_log_id, refused = ?meta.last_log_id, "not replacing a later metadata snapshot with an earlier one");
+            return Ok(());
+        }
+    }
+    store
+        .put_state(KEY_SNAPSHOT, encoded)
+        .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e).into())
 }
 
 impl MetaStateMachine {
@@ -299,6 +328,7 @@ impl MetaStateMachine {
             app,
             last_applied: None,
             membership: StoredMembership::default(),
+            snapshot_write: Arc::default(),
         };
         if let Some((meta, data)) = snap {
             sm.app.restore(&data).map_err(|e| {
@@ -318,19 +348,16 @@ pub(crate) struct MetaSnapshotBuilder {
     store: MetaStore,
     meta: SnapshotMeta,
     data: Vec<u8>,
+    snapshot_write: Arc<std::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for MetaSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let encoded = encode_snapshot(&self.meta, &self.data)?;
         let store = self.store.clone();
-        let sig = self.meta.signature();
-        blocking(move || {
-            store
-                .put_state(KEY_SNAPSHOT, &encoded)
-                .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e).into())
-        })
-        .await?;
+        let lock = self.snapshot_write.clone();
+        let meta = self.meta.clone();
+        blocking(move || save_snapshot_if_not_older(&store, &lock, &meta, &encoded)).await?;
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: Box::new(Cursor::new(self.data.clone())),
@@ -385,6 +412,7 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
                 snapshot_id: snapshot_id(self.last_applied),
             },
             data: self.app.snapshot(),
+            snapshot_write: self.snapshot_write.clone(),
         }
     }
 
@@ -405,13 +433,9 @@ impl RaftStateMachine<TypeConfig> for MetaStateMachine {
         self.membership = meta.last_membership.clone();
         let encoded = encode_snapshot(meta, &data)?;
         let store = self.store.clone();
-        let sig = meta.signature();
-        blocking(move || {
-            store
-                .put_state(KEY_SNAPSHOT, &encoded)
-                .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e).into())
-        })
-        .await
+        let lock = self.snapshot_write.clone();
+        let meta = meta.clone();
+        blocking(move || save_snapshot_if_not_older(&store, &lock, &meta, &encoded)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -471,6 +495,37 @@ mod tests {
         let mut sm = MetaStateMachine::open(store, app2.clone()).await?;
         assert_eq!(sm.applied_state().await?.0, Some(crate::log_id(1, 1)));
         assert_eq!(app2.commands(), vec![b"hello".to_vec()]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_build_finishing_after_an_install_does_not_undo_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = MetaStore::open(dir.path())?;
+        let mut sm =
+            MetaStateMachine::open(store.clone(), Arc::new(RecordingApp::default())).await?;
+        sm.apply([Entry {
+            log_id: crate::log_id(1, 1),
+            payload: EntryPayload::Normal(Bytes::from_static(b"old")),
+        }])
+        .await?;
+        // openraft builds in its own task: the builder is taken at index 1 ...
+        let mut stale = sm.get_snapshot_builder().await;
+        // ... the leader's snapshot at index 9 is installed meanwhile ...
+        let leader_app = RecordingApp::default();
+        leader_app.apply(9, b"from the leader");
+        let last = Some(crate::log_id(2, 9));
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: StoredMembership::default(),
+            snapshot_id: snapshot_id(last),
+        };
+        sm.install_snapshot(&meta, Box::new(Cursor::new(leader_app.snapshot())))
+            .await?;
+        // ... and the build finishes last.
+        stale.build_snapshot().await?;
+        let (kept, _) = load_snapshot(&store)?.expect("a snapshot");
+        assert_eq!(kept.last_log_id, last);
         Ok(())
     }
 }

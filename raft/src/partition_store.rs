@@ -6,9 +6,15 @@
 //! from the stored batches, so a Normal entry's payload is the batch as stored, with the base
 //! offset this replica's log assigned (the same on every replica, since logs agree).
 //!
-//! Vote, committed and last-purged log ids live in `raft-state.json` next to the segments; the
-//! state machine's snapshot (last applied, membership, high watermark — never the data) lives in
-//! `raft-snapshot.json`.
+//! Vote, committed and last-purged log ids live in `raft-state.json` next to the segments,
+//! together with a checkpoint of the state machine (last applied, membership, high watermark)
+//! that lets a restart skip re-applying the log.
+//!
+//! The Raft snapshot (`raft-snapshot.json`) is the same state cut at the log's purge point, never
+//! later, and it holds no records: it is what a follower that needs purged entries installs, after
+//! which its log restarts exactly where the leader's retained log starts. A snapshot cut at last
+//! applied instead would make such a follower skip records the leader still retains. Snapshots
+//! are only built by retention (openraft's own policy is off for partitions).
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -45,6 +51,27 @@ struct RaftStateFile {
     vote: Option<Vote>,
     committed: Option<LogId>,
     purged: Option<LogId>,
+    /// The state machine as last applied; a hint like `committed` (older files lack it).
+    #[serde(default)]
+    applied: Option<PartitionSnapshotData>,
+    /// Every entry up to this index was fsynced: recovery treats a bad batch at or below it as
+    /// lost data, not a torn tail. A hint that lags, never leads: it is taken after the fsync,
+    /// and lowered on disk before a truncation removes entries below it.
+    #[serde(default)]
+    durable: Option<u64>,
+    /// Set when recovery found lost data below `durable` on a replicated partition: this replica
+    /// may not vote or stand for election until its log reaches this index again, because its
+    /// vote could elect a leader that lacks entries it had acknowledged.
+    #[serde(default)]
+    vote_floor: Option<u64>,
+}
+
+impl StateCell {
+    /// Whether what differs from the file is only hints (committed, the applied checkpoint),
+    /// which may be written late; a vote or purge point must be written before it is relied on.
+    fn only_hints_changed(&self) -> bool {
+        self.current.vote == self.written.vote && self.current.purged == self.written.purged
+    }
 }
 
 struct StateCell {
@@ -72,6 +99,11 @@ pub(crate) struct PartitionShared {
     pub(crate) appended_batches: AtomicU64,
     state: Mutex<StateCell>,
     state_write: Mutex<()>,
+    /// Serializes snapshot file writes: a build (its own task) and an install (the state
+    /// machine's task) may run at once, and both replace `raft-snapshot.json`.
+    snapshot_write: Mutex<()>,
+    /// The index the next snapshot is cut at (retention's purge cutoff).
+    snapshot_target: Mutex<Option<u64>>,
     /// acks=1 producers waiting for their batch to be in this (leader's) log.
     local_waiters: Mutex<Vec<LocalWaiter>>,
 }
@@ -97,13 +129,16 @@ impl PartitionShared {
     /// Opens (and recovers) the partition log in `dir` and the Raft state file beside it.
     pub(crate) fn open(dir: &Path, cfg: LogConfig) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write(&e))?;
-        let log = PartitionLog::open(dir, cfg).map_err(|e| StorageIOError::read_logs(&e))?;
         let mut state: RaftStateFile = match file::read_optional(&dir.join(STATE_FILE))
             .map_err(|e| StorageIOError::read(&e))?
         {
             Some(b) => serde_json::from_slice(&b).map_err(|e| StorageIOError::read(&e))?,
             None => RaftStateFile::default(),
         };
+        let mut log = open_log(dir, cfg, &mut state)?;
+        if let Some(snap) = load_snapshot(dir)? {
+            finish_snapshot_install(dir, &mut log, &mut state, &snap)?;
+        }
         // Recovery may have cut a damaged tail that had committed. The committed hint must not
         // point past the log, or openraft waits forever for entries that no longer exist.
         if let Some(c) = state.committed {
@@ -136,6 +171,8 @@ impl PartitionShared {
                 written_at: None,
             }),
             state_write: Mutex::new(()),
+            snapshot_write: Mutex::new(()),
+            snapshot_target: Mutex::new(None),
             local_waiters: Mutex::new(Vec::new()),
         }))
     }
@@ -257,12 +294,10 @@ impl PartitionShared {
             if st.current == st.written {
                 return Ok(());
             }
-            let only_committed =
-                st.current.vote == st.written.vote && st.current.purged == st.written.purged;
             let recent = st
                 .written_at
                 .is_some_and(|t| t.elapsed() < COMMITTED_WRITE_INTERVAL);
-            if only_committed && recent && !force {
+            if st.only_hints_changed() && recent && !force {
                 return Ok(());
             }
             st.current.clone()
@@ -280,12 +315,10 @@ impl PartitionShared {
     /// (see [`PartitionShared::update_state`]); `false` means the caller must write it.
     fn note_committed_if_not_due(&self, committed: Option<LogId>) -> Result<bool, StorageError> {
         let mut st = self.lock_state()?;
-        let only_committed =
-            st.current.vote == st.written.vote && st.current.purged == st.written.purged;
         let recent = st
             .written_at
             .is_some_and(|t| t.elapsed() < COMMITTED_WRITE_INTERVAL);
-        if only_committed && recent {
+        if st.only_hints_changed() && recent {
             st.current.committed = committed;
             return Ok(true);
         }
@@ -315,6 +348,103 @@ impl PartitionShared {
             .map_err(|e| StorageIOError::read_logs(&e))?;
         stored.into_iter().map(to_entry).collect()
     }
+}
+
+/// Opens the log, telling recovery what was durable. Lost durable data on a replicated partition
+/// is cut like a torn tail, with this replica barred from voting until it has the entries again
+/// (see [`RaftStateFile::vote_floor`]); a single replica has nobody to get them from, so it
+/// refuses to open, with the file and position in the error.
+fn open_log(
+    dir: &Path,
+    cfg: LogConfig,
+    state: &mut RaftStateFile,
+) -> Result<PartitionLog, StorageError> {
+    match PartitionLog::open_checked(dir, cfg, state.durable) {
+        Ok(log) => Ok(log),
+        Err(sluice_storage::StorageError::BelowDurable {
+            path,
+            position,
+            raft_index,
+            durable,
+            problem,
+        }) => {
+            let voters = state
+                .applied
+                .as_ref()
+                .map(|a| a.membership.membership().voter_ids().count())
+                .or_else(|| {
+                    load_snapshot(dir)
+                        .ok()
+                        .flatten()
+                        .map(|s| s.meta.last_membership.membership().voter_ids().count())
+                })
+                .unwrap_or(0);
+            if voters < 2 {
+                let e = sluice_storage::StorageError::BelowDurable {
+                    path,
+                    position,
+                    raft_index,
+                    durable,
+                    problem,
+                };
+                tracing::error!(dir = %dir.display(), error = %e, "acknowledged data is damaged and no other replica holds it; not opening the partition (restore the directory, or remove it to start the partition empty)");
+                return Err(StorageIOError::read_logs(&e).into());
+            }
+            tracing::error!(
+                file = %path.display(),
+                position,
+                raft_index,
+                durable,
+                "acknowledged data is damaged ({problem}); cutting the log there and taking the entries from the leader again, without voting until this replica has them"
+            );
+            let log = PartitionLog::open(dir, cfg).map_err(|e| StorageIOError::read_logs(&e))?;
+            state.vote_floor = Some(state.vote_floor.map_or(durable, |f| f.max(durable)));
+            state.durable = log.last_index();
+            let bytes = serde_json::to_vec(&*state).map_err(|e| StorageIOError::write(&e))?;
+            file::write_atomic(&dir.join(STATE_FILE), &bytes)
+                .map_err(|e| StorageIOError::write(&e))?;
+            Ok(log)
+        }
+        Err(e) => Err(StorageIOError::read_logs(&e).into()),
+    }
+}
+
+/// Completes an install that a crash interrupted: the snapshot file is written first, then the
+/// log restarts after it, then the purge point is recorded. A snapshot whose last entry this log
+/// lacks is therefore honoured by restarting the log after it (never by deleting the snapshot,
+/// which purged entries may depend on), and a log that restarts after the recorded purge point
+/// moves the purge point up to it.
+fn finish_snapshot_install(
+    dir: &Path,
+    log: &mut PartitionLog,
+    state: &mut RaftStateFile,
+    snap: &SnapshotFile,
+) -> Result<(), StorageError> {
+    let Some(last) = snap.meta.last_log_id else {
+        return Ok(());
+    };
+    if log.term_of(last.index) != Some(last.leader_id.term)
+        && log.next_index().is_none_or(|next| next <= last.index)
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            snapshot_last = %last,
+            log_next_index = ?log.next_index(),
+            "the log ends before the installed snapshot; restarting it after the snapshot"
+        );
+        log.reset(last.index + 1, snap.data.high_watermark)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+    }
+    let restarted_after = log
+        .first_index()
+        .or(log.next_index())
+        .and_then(|first| first.checked_sub(1));
+    if restarted_after == Some(last.index) && state.purged.is_none_or(|p| p.index < last.index) {
+        state.purged = Some(last);
+        let bytes = serde_json::to_vec(&*state).map_err(|e| StorageIOError::write(&e))?;
+        file::write_atomic(&dir.join(STATE_FILE), &bytes).map_err(|e| StorageIOError::write(&e))?;
+    }
+    Ok(())
 }
 
 /// Rebuilds the Raft entry a stored batch holds.
@@ -375,7 +505,13 @@ fn append_one(
     let index = e.log_id.index;
     let term = e.log_id.leader_id.term;
     match &e.payload {
-        EntryPayload::Normal(data) => log.append_data(index, term, data).map(Some),
+        EntryPayload::Normal(data) => {
+            if batch::parse_header(data)?.base_offset == batch::UNPLACED_BASE_OFFSET {
+                log.append_data(index, term, data).map(Some)
+            } else {
+                log.append_replicated(index, term, data).map(Some)
+            }
+        }
         EntryPayload::Blank | EntryPayload::Membership(_) => {
             let payload = encode_entry(e)
                 .map_err(|err| sluice_storage::StorageError::InvalidArgument(err.to_string()))?;
@@ -412,6 +548,7 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
         }
     }
     shared.publish_offsets(&log);
+    let last_appended = log.last_index();
     let pending = log.take_pending_sync();
     // The fsync runs without the lock: fetches and replication reads of the committed prefix go
     // on meanwhile, and nothing can change the log under it, because openraft issues log writes
@@ -420,6 +557,9 @@ fn append_blocking(shared: &PartitionShared, entries: Vec<Entry>) -> Result<(), 
     if let Some(p) = pending {
         p.sync().map_err(|e| StorageIOError::write_logs(&e))?;
         shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(last) = last_appended {
+        shared.note_durable(last);
     }
     shared
         .appended_batches
@@ -515,6 +655,14 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         blocking(move || {
+            // Lowered on disk first: a crash after the cut must not find the durable point past
+            // the log and take a legitimate truncation for lost data.
+            let below = log_id.index.checked_sub(1);
+            shared.update_state(true, |s| {
+                if s.durable.is_some_and(|d| below.is_none_or(|b| d > b)) {
+                    s.durable = below;
+                }
+            })?;
             let mut log = shared.write_log()?;
             let res = log.truncate_from_index(log_id.index);
             shared.publish_offsets(&log);
@@ -547,12 +695,55 @@ struct PartitionSnapshotData {
     membership: StoredMembership,
     /// First offset not committed: where the log continues after the last applied entry.
     high_watermark: i64,
+    /// Memberships applied before `membership`, oldest first, back to the one in force at the
+    /// last snapshot point: a snapshot cut before the last applied entry needs the membership
+    /// of its own point. Empty in snapshots.
+    #[serde(default)]
+    earlier_memberships: Vec<StoredMembership>,
+}
+
+impl PartitionSnapshotData {
+    /// The membership in force after entry `index`: the last one applied at or before it.
+    fn membership_at(&self, index: u64) -> StoredMembership {
+        self.earlier_memberships
+            .iter()
+            .chain(std::iter::once(&self.membership))
+            .rev()
+            .find(|m| m.log_id().is_some_and(|l| l.index <= index))
+            .or_else(|| self.earlier_memberships.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Forgets memberships that no snapshot at or after `index` can need.
+    fn forget_memberships_before(&mut self, index: u64) {
+        let in_force = self
+            .earlier_memberships
+            .iter()
+            .rposition(|m| m.log_id().is_some_and(|l| l.index <= index));
+        if let Some(k) = in_force {
+            self.earlier_memberships.drain(..k);
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
     data: PartitionSnapshotData,
+}
+
+/// What a follower checks of a partition snapshot sent by a peer, before openraft installs it.
+pub(crate) fn check_snapshot_data(data: &[u8]) -> Result<(), String> {
+    let d: PartitionSnapshotData =
+        serde_json::from_slice(data).map_err(|e| format!("unreadable partition snapshot: {e}"))?;
+    if d.high_watermark < 0 {
+        return Err(format!(
+            "partition snapshot with a negative high watermark {}",
+            d.high_watermark
+        ));
+    }
+    Ok(())
 }
 
 fn load_snapshot(dir: &Path) -> Result<Option<SnapshotFile>, StorageError> {
@@ -566,13 +757,89 @@ fn load_snapshot(dir: &Path) -> Result<Option<SnapshotFile>, StorageError> {
     }
 }
 
-fn save_snapshot(dir: &Path, snap: &SnapshotFile) -> Result<(), StorageError> {
-    let sig = Some(snap.meta.signature());
-    let bytes =
-        serde_json::to_vec(snap).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    file::write_atomic(&dir.join(SNAPSHOT_FILE), &bytes)
-        .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-    Ok(())
+impl PartitionShared {
+    /// Writes `snap` unless the file already holds a later snapshot; `false` if it did not.
+    /// Builds and installs never overwrite each other mid-write (one writer at a time), and an
+    /// older snapshot never replaces a newer one that purged entries may depend on.
+    fn save_snapshot(&self, snap: &SnapshotFile) -> Result<bool, StorageError> {
+        let sig = Some(snap.meta.signature());
+        let _writer = self.snapshot_write.lock().map_err(|_| {
+            StorageIOError::write_snapshot(
+                sig.clone(),
+                openraft::AnyError::error("snapshot writer poisoned"),
+            )
+        })?;
+        if let Some(existing) = load_snapshot(&self.dir)? {
+            if existing.meta.last_log_id > snap.meta.last_log_id {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    kept = ?existing.meta.last_log_id,
+                    refused = ?snap.meta.last_log_id,
+                    "not replacing a later snapshot with an earlier one"
+                );
+                return Ok(false);
+            }
+        }
+        let bytes = serde_json::to_vec(snap)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        file::write_atomic(&self.dir.join(SNAPSHOT_FILE), &bytes)
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(true)
+    }
+
+    /// Where the next snapshot is cut: `Some` once retention has asked for one.
+    pub(crate) fn set_snapshot_target(&self, index: u64) {
+        if let Ok(mut t) = self.snapshot_target.lock() {
+            *t = Some(index);
+        }
+    }
+
+    fn snapshot_target(&self) -> Option<u64> {
+        self.snapshot_target.lock().ok().and_then(|t| *t)
+    }
+
+    /// Records that entries up to `index` are fsynced (written with the next state write).
+    fn note_durable(&self, index: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            if st.current.durable.is_none_or(|d| d < index) {
+                st.current.durable = Some(index);
+            }
+        }
+    }
+
+    /// Whether this replica may vote and stand for election (see [`RaftStateFile::vote_floor`]).
+    /// Lifts the bar once the log has reached the floor again; the lift is written with the next
+    /// state write (until then a restart re-checks the floor against the log, with the same
+    /// outcome). Never blocks: called from the async runtime.
+    pub(crate) fn may_vote(&self) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        let Some(floor) = st.current.vote_floor else {
+            return true;
+        };
+        let last = self.log.try_read().ok().and_then(|l| l.last_index());
+        if last.is_none_or(|l| l < floor) {
+            return false;
+        }
+        tracing::info!(dir = %self.dir.display(), floor, "the replica has its lost entries again; it may vote");
+        st.current.vote_floor = None;
+        true
+    }
+
+    /// Records the applied state for the next state-file write (a restart starts from it).
+    fn note_applied(&self, data: &PartitionSnapshotData) {
+        if let Ok(mut st) = self.state.lock() {
+            st.current.applied = Some(data.clone());
+        }
+    }
+
+    fn applied_checkpoint(&self) -> Option<PartitionSnapshotData> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|st| st.current.applied.clone())
+    }
 }
 
 /// Tracks last applied, membership and the high watermark, which it publishes.
@@ -583,8 +850,9 @@ pub(crate) struct PartitionStateMachine {
 }
 
 impl PartitionStateMachine {
-    /// Starts from the persisted snapshot (openraft re-applies the committed log after it);
-    /// without one, from the start of the log.
+    /// Starts from the applied checkpoint or the snapshot, whichever is later and still on the
+    /// recovered log (openraft re-applies the committed log after it); without either, from the
+    /// start of the log.
     pub(crate) async fn open(
         shared: Arc<PartitionShared>,
         hw_tx: Arc<watch::Sender<i64>>,
@@ -593,30 +861,35 @@ impl PartitionStateMachine {
         let (snap, log_start) =
             blocking(move || Ok((load_snapshot(&s.dir)?, s.read_log()?.log_start_offset())))
                 .await?;
-        let next_index = shared.read_log()?.next_index().unwrap_or(0);
-        // A snapshot that covers entries the recovered log no longer has (a damaged tail was
-        // cut) describes state that is gone: rebuild from the log instead.
-        let snap = snap.filter(|f| match f.data.last_applied {
-            Some(l) if l.index >= next_index => {
+        let on_log = |l: &LogId| {
+            shared
+                .read_log()
+                .map(|log| log.term_of(l.index) == Some(l.leader_id.term))
+                .unwrap_or(false)
+        };
+        // A checkpoint past a damaged tail that recovery cut describes state that is gone; the
+        // snapshot is at or before the purge point, which finish_snapshot_install honoured.
+        let checkpoint = shared.applied_checkpoint().filter(|c| match c.last_applied {
+            Some(l) if !on_log(&l) => {
                 tracing::warn!(
                     dir = %shared.dir.display(),
-                    snapshot_last = l.index,
-                    log_next_index = next_index,
-                    "state snapshot is ahead of the recovered log; rebuilding from the log"
+                    checkpoint = %l,
+                    "applied checkpoint is not on the recovered log; re-applying from the snapshot"
                 );
-                if let Err(e) = std::fs::remove_file(shared.dir.join(SNAPSHOT_FILE)) {
-                    tracing::warn!(error = %e, "could not remove the stale snapshot");
-                }
                 false
             }
             _ => true,
         });
-        let data = match snap {
-            Some(f) => f.data,
-            None => PartitionSnapshotData {
+        let snap = snap.map(|f| f.data);
+        let data = match (checkpoint, snap) {
+            (Some(c), Some(s)) if c.last_applied >= s.last_applied => c,
+            (_, Some(s)) => s,
+            (Some(c), None) => c,
+            (None, None) => PartitionSnapshotData {
                 last_applied: None,
                 membership: StoredMembership::default(),
                 high_watermark: log_start,
+                earlier_memberships: Vec::new(),
             },
         };
         hw_tx.send_replace(data.high_watermark);
@@ -630,11 +903,25 @@ impl PartitionStateMachine {
 
 pub(crate) struct PartitionSnapshotBuilder {
     shared: Arc<PartitionShared>,
+    /// The state to snapshot, already cut at its point (see [`PartitionStateMachine::cut_at`]),
+    /// except for the high watermark when `hw_at` is set.
     data: PartitionSnapshotData,
+    /// Read the high watermark after this entry from the log (a cut before last applied).
+    hw_at: Option<u64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        if let Some(index) = self.hw_at {
+            let shared = self.shared.clone();
+            let end = blocking(move || Ok(shared.read_log()?.end_offset_at(index))).await?;
+            self.data.high_watermark = end.ok_or_else(|| {
+                StorageIOError::read_log_at_index(
+                    index,
+                    openraft::AnyError::error("snapshot point is not in the log"),
+                )
+            })?;
+        }
         let meta = SnapshotMeta {
             last_log_id: self.data.last_applied,
             last_membership: self.data.membership.clone(),
@@ -647,7 +934,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
             data: self.data.clone(),
         };
         let shared = self.shared.clone();
-        blocking(move || save_snapshot(&shared.dir, &file)).await?;
+        blocking(move || shared.save_snapshot(&file).map(|_| ())).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -667,6 +954,40 @@ pub(crate) fn decode_offsets(b: &[u8]) -> Option<(i64, i64)> {
     let base = i64::from_be_bytes(b.get(0..8)?.try_into().ok()?);
     let last = i64::from_be_bytes(b.get(8..16)?.try_into().ok()?);
     Some((base, last))
+}
+
+impl PartitionStateMachine {
+    /// The state to snapshot for a cut after entry `target` (retention's purge cutoff), or
+    /// after the last applied entry without a target; the high watermark of an earlier cut is
+    /// read from the log by the builder. Forgets memberships older than the cut's.
+    fn cut_at(&mut self, target: Option<u64>) -> (PartitionSnapshotData, Option<u64>) {
+        let applied = self.data.last_applied;
+        let index = match (target, applied) {
+            (Some(t), Some(a)) if t < a.index => t,
+            _ => {
+                if let Some(a) = applied {
+                    self.data.forget_memberships_before(a.index);
+                }
+                let mut d = self.data.clone();
+                d.earlier_memberships.clear();
+                return (d, None);
+            }
+        };
+        let term = self.shared.read_log().ok().and_then(|l| l.term_of(index));
+        let Some(term) = term else {
+            // Not in the log (already purged): cut at last applied, as without a target.
+            return self.cut_at(None);
+        };
+        let membership = self.data.membership_at(index);
+        self.data.forget_memberships_before(index);
+        let d = PartitionSnapshotData {
+            last_applied: Some(log_id(term, index)),
+            membership,
+            high_watermark: -1,
+            earlier_memberships: Vec::new(),
+        };
+        (d, Some(index))
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
@@ -696,11 +1017,16 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
                 EntryPayload::Blank => replies.push(Bytes::new()),
                 EntryPayload::Membership(m) => {
-                    self.data.membership = StoredMembership::new(Some(e.log_id), m);
+                    let previous = std::mem::replace(
+                        &mut self.data.membership,
+                        StoredMembership::new(Some(e.log_id), m),
+                    );
+                    self.data.earlier_memberships.push(previous);
                     replies.push(Bytes::new());
                 }
             }
         }
+        self.shared.note_applied(&self.data);
         self.hw_tx.send_if_modified(|hw| {
             let changed = *hw != self.data.high_watermark;
             *hw = self.data.high_watermark;
@@ -710,9 +1036,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let (data, hw_at) = self.cut_at(self.shared.snapshot_target());
         PartitionSnapshotBuilder {
             shared: self.shared.clone(),
-            data: self.data.clone(),
+            data,
+            hw_at,
         }
     }
 
@@ -726,8 +1054,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
-        let data: PartitionSnapshotData = serde_json::from_slice(snapshot.get_ref())
+        let mut data: PartitionSnapshotData = serde_json::from_slice(snapshot.get_ref())
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        data.earlier_memberships.clear();
         let file = SnapshotFile {
             meta: meta.clone(),
             data: data.clone(),
@@ -736,10 +1065,14 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let snap_last = meta.last_log_id;
         let hw = data.high_watermark;
         blocking(move || {
-            save_snapshot(&shared.dir, &file)?;
+            // In this order, so that a crash anywhere leaves what finish_snapshot_install
+            // completes on the next open: the snapshot, then the log restarted after it, then
+            // the purge point.
+            shared.save_snapshot(&file)?;
             // The snapshot carries no records: a replica whose log does not reach the snapshot
-            // (or disagrees at its end) restarts its log right after it, at the leader's offset;
-            // the records below are gone from this replica, as after retention.
+            // (or disagrees at its end) restarts its log right after it, at the leader's offset.
+            // The snapshot was cut at the leader's purge point, so this is where the leader's
+            // retained log starts, and everything the leader still has reaches this replica.
             if let Some(last) = snap_last {
                 let mut log = shared.write_log()?;
                 if log.term_of(last.index) != Some(last.leader_id.term) {
@@ -752,12 +1085,21 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     let res = log.reset(last.index + 1, hw);
                     shared.publish_offsets(&log);
                     res.map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+                    drop(log);
+                    shared.update_state(true, |s| {
+                        if s.purged.is_none_or(|p| p.index < last.index) {
+                            s.purged = Some(last);
+                        }
+                        // The log restarts empty: nothing in it is durable yet.
+                        s.durable = None;
+                    })?;
                 }
             }
             Ok(())
         })
         .await?;
         self.data = data;
+        self.shared.note_applied(&self.data);
         self.hw_tx.send_replace(self.data.high_watermark);
         Ok(())
     }
@@ -843,6 +1185,131 @@ mod tests {
         let mut sm = PartitionStateMachine::open(shared, hw_tx).await?;
         assert_eq!(*hw_rx.borrow(), 3);
         assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 2)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_replicated_batch_placed_elsewhere_is_refused_not_renumbered() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        let entry = |index: u64, base: i64| {
+            let mut b = crate::test_util::data_batch(0, &[b"x"]);
+            batch::set_base_offset(&mut b, base);
+            Entry {
+                log_id: log_id(1, index),
+                payload: EntryPayload::Normal(Bytes::from(b)),
+            }
+        };
+        // The leader's own batches are unplaced; the log assigns 0 and 1.
+        append_blocking(
+            &shared,
+            vec![entry(0, batch::UNPLACED_BASE_OFFSET), entry(1, -1)],
+        )?;
+        // Replicated at the offset where this log continues: accepted.
+        append_blocking(&shared, vec![entry(2, 2)])?;
+        // A leader that placed index 3 at offset 5 has a different log: refuse, append nothing.
+        let err = append_blocking(&shared, vec![entry(3, 5)]).expect_err("divergence must fail");
+        assert!(err.to_string().contains("divergence"), "{err}");
+        assert_eq!(shared.log_end_offset(), 3);
+        assert_eq!(shared.read_log()?.next_index(), Some(3));
+        Ok(())
+    }
+
+    fn snapshot_at(index: u64, term: u64, hw: i64) -> SnapshotFile {
+        let last = Some(log_id(term, index));
+        SnapshotFile {
+            meta: SnapshotMeta {
+                last_log_id: last,
+                last_membership: StoredMembership::default(),
+                snapshot_id: snapshot_id(last),
+            },
+            data: PartitionSnapshotData {
+                last_applied: last,
+                membership: StoredMembership::default(),
+                high_watermark: hw,
+                earlier_memberships: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_earlier_snapshot_never_replaces_a_later_one() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        assert!(shared.save_snapshot(&snapshot_at(20, 2, 50))?);
+        // A build cut at 10 that finishes after an install at 20 must not undo it.
+        assert!(!shared.save_snapshot(&snapshot_at(10, 2, 30))?);
+        let kept = load_snapshot(dir.path())?.expect("a snapshot");
+        assert_eq!(kept.meta.last_log_id, Some(log_id(2, 20)));
+        assert!(shared.save_snapshot(&snapshot_at(30, 3, 70))?);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_by_a_crash_is_completed_on_open() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+            let entries = (0..5)
+                .map(|i| {
+                    let mut b = crate::test_util::data_batch(0, &[b"x"]);
+                    batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+                    Entry {
+                        log_id: log_id(1, i),
+                        payload: EntryPayload::Normal(Bytes::from(b)),
+                    }
+                })
+                .collect();
+            append_blocking(&shared, entries)?;
+            // The install wrote the leader's snapshot at index 20, then the node died before
+            // the log restarted after it.
+            assert!(shared.save_snapshot(&snapshot_at(20, 2, 40))?);
+        }
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        let snap = load_snapshot(dir.path())?.expect("the snapshot survives");
+        assert_eq!(snap.meta.last_log_id, Some(log_id(2, 20)));
+        assert_eq!(shared.read_log()?.next_index(), Some(21));
+        assert_eq!(shared.log_end_offset(), 40);
+        assert_eq!(shared.purged()?, Some(log_id(2, 20)));
+        let (hw_tx, hw_rx) = watch::channel(-1);
+        let mut sm = PartitionStateMachine::open(shared, Arc::new(hw_tx)).await?;
+        assert_eq!(sm.applied_state().await?.0, Some(log_id(2, 20)));
+        assert_eq!(*hw_rx.borrow(), 40);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_restart_starts_from_the_applied_checkpoint() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (hw_tx, hw_rx) = watch::channel(-1);
+        let hw_tx = Arc::new(hw_tx);
+        {
+            let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+            let entries: Vec<Entry> = (0..3)
+                .map(|i| {
+                    let mut b = crate::test_util::data_batch(0, &[b"x", b"y"]);
+                    batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+                    Entry {
+                        log_id: log_id(1, i),
+                        payload: EntryPayload::Normal(Bytes::from(b)),
+                    }
+                })
+                .collect();
+            append_blocking(&shared, entries)?;
+            let mut sm = PartitionStateMachine::open(shared.clone(), hw_tx.clone()).await?;
+            let mut store = PartitionLogStore::new(shared.clone());
+            sm.apply(store.try_get_log_entries(0..3).await?).await?;
+            assert_eq!(*hw_rx.borrow(), 6);
+            shared.flush_state()?;
+        }
+        assert!(
+            load_snapshot(dir.path())?.is_none(),
+            "no snapshot was taken"
+        );
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        let mut sm = PartitionStateMachine::open(shared, hw_tx).await?;
+        assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 2)));
+        assert_eq!(*hw_rx.borrow(), 6);
         Ok(())
     }
 

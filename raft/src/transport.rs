@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, Frame, ResponseStatus, RpcKind, MAX_FRAME_BYTES};
+use crate::peer_input;
 use crate::{AppHandler, GroupId, Node, NodeId, Raft, TypeConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -118,6 +119,13 @@ impl Registry {
 
     pub(crate) fn is_stalled(&self, group: &str) -> bool {
         self.stalled.read().is_ok_and(|s| s.contains(group))
+    }
+
+    /// Whether the group's replica may vote and stand for election: false while it is getting
+    /// back acknowledged entries it lost (see `PartitionShared::may_vote`).
+    pub(crate) fn may_vote(&self, group: &str) -> bool {
+        let store = self.stores.read().ok().and_then(|s| s.get(group).cloned());
+        store.is_none_or(|s| s.may_vote())
     }
 
     /// The (term, index) of the group's last log entry; `None` when unknown or the log is busy.
@@ -592,17 +600,38 @@ async fn dispatch(
             format!("no group {group}").into_bytes(),
         );
     };
+    let refused = |group: &str, why: String| {
+        tracing::warn!(group, reason = %why, "refused a peer's request");
+        (ResponseStatus::Failed, why.into_bytes())
+    };
     match kind {
         RpcKind::AppendEntries => match codec::decode_append(&payload) {
-            Ok(req) => json_reply(&raft.append_entries(req).await),
+            Ok(req) => match peer_input::check_append(group, &req) {
+                Ok(()) => json_reply(&raft.append_entries(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::Vote => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
-            Ok(req) => json_reply(&raft.vote(req).await),
+            Ok(req) => match peer_input::check_vote(&req) {
+                Ok(()) if !registry.may_vote(group) => {
+                    // A plain "not granted" with this replica's own state, as openraft would
+                    // answer a candidate whose log is behind.
+                    let m = raft.metrics().borrow().clone();
+                    let resp = VoteResponse::new(m.vote, m.last_applied.max(m.snapshot), false);
+                    tracing::info!(group, candidate = %req.vote, "not voting: this replica is still getting back entries it lost");
+                    json_reply(&Ok::<_, openraft::error::RaftError<NodeId>>(resp))
+                }
+                Ok(()) => json_reply(&raft.vote(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::InstallSnapshot => match codec::decode_snapshot(&payload) {
-            Ok(req) => json_reply(&raft.install_snapshot(req).await),
+            Ok(req) => match peer_input::check_snapshot(group, &req) {
+                Ok(()) => json_reply(&raft.install_snapshot(req).await),
+                Err(why) => refused(group, why),
+            },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::App | RpcKind::Ping => (ResponseStatus::Failed, b"unreachable".to_vec()),

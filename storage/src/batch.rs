@@ -17,6 +17,11 @@ const CONTROL_FLAG: i16 = 0x20;
 /// place of records; they take no Kafka offset. Real producer ids are >= -1, so this cannot clash.
 pub const INTERNAL_PRODUCER_ID: i64 = -0x511CE;
 
+/// The baseOffset of a batch no log has placed yet: the leader proposes batches with it, so each
+/// replica can tell its own new batches (offsets to assign) from replicated ones (offsets to
+/// check). Producers' values are ignored, as in Kafka; this one is never stored.
+pub const UNPLACED_BASE_OFFSET: i64 = -1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {
     pub base_offset: i64,

@@ -43,6 +43,24 @@ pub enum StorageError {
         log_start: i64,
         log_end: i64,
     },
+    /// A replicated batch was placed at another offset than where this log continues: the
+    /// replicas' logs have diverged.
+    #[error("log divergence at raft index {raft_index}: the batch was placed at offset {placed}, but this log continues at {local}")]
+    OffsetMismatch {
+        raft_index: u64,
+        placed: i64,
+        local: i64,
+    },
+    /// Recovery found a bad or missing batch at or below the point known to have been fsynced:
+    /// acknowledged data was lost, which a torn tail cannot explain.
+    #[error("{path} at byte {position}: {problem}, at raft index {raft_index}, which is at or below the durable point {durable}")]
+    BelowDurable {
+        path: PathBuf,
+        position: u64,
+        raft_index: u64,
+        durable: u64,
+        problem: String,
+    },
     #[error("non-contiguous raft index: expected {expected}, got {got}")]
     NonContiguous { expected: u64, got: u64 },
     #[error("invalid argument: {0}")]

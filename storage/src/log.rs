@@ -37,6 +37,8 @@ const LOG_START_FILE: &str = "log-start";
 const LOG_START_MAGIC: &[u8; 4] = b"SLLS";
 const SIDECAR_MAGIC: &[u8; 4] = b"SLRS";
 const OFFSET_ENTRY_LEN: u64 = 8;
+/// baseOffset, batchLength and partitionLeaderEpoch: the part of a data batch the log rewrites.
+const PATCHED_HEAD_LEN: usize = 16;
 const TIME_ENTRY_LEN: u64 = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,6 +576,18 @@ impl PartitionLog {
     /// of the active segment is cut off with one warning; leftovers of interrupted purges, resets
     /// and segment creations are removed; missing or stale sidecars and indexes are rebuilt.
     pub fn open(dir: &Path, cfg: LogConfig) -> Result<PartitionLog, StorageError> {
+        Self::open_checked(dir, cfg, None)
+    }
+
+    /// [`PartitionLog::open`], knowing that every entry up to Raft index `durable` was fsynced
+    /// (and acknowledged): a bad batch at or below it is not a torn tail but lost data, and
+    /// [`StorageError::BelowDurable`] says so without cutting anything. Above it, a torn tail is
+    /// cut as usual.
+    pub fn open_checked(
+        dir: &Path,
+        cfg: LogConfig,
+        durable: Option<u64>,
+    ) -> Result<PartitionLog, StorageError> {
         if cfg.segment_bytes_max == 0 {
             return Err(StorageError::InvalidArgument(
                 "segment_bytes_max must be > 0".into(),
@@ -623,6 +637,10 @@ impl PartitionLog {
 
         let n = found.len();
         let mut walked = Vec::with_capacity(n);
+        // Only the active segment can hold writes that were never fsynced: a segment is
+        // fsynced before the next one is created. Its tail is cut below, once the Raft index of
+        // the first bad batch is known.
+        let mut torn_tail = None;
         for (i, &(base, _)) in found.iter().enumerate() {
             let log_path = segment_path(dir, base, "log");
             let file = OpenOptions::new()
@@ -640,13 +658,7 @@ impl PartitionLog {
                         walk.valid_len
                     )));
                 }
-                tracing::warn!(
-                    file = %log_path.display(),
-                    position = walk.valid_len,
-                    "truncating torn or corrupt tail of the active segment: {problem}"
-                );
-                file.set_len(walk.valid_len).ctx(&log_path)?;
-                fault::sync_all(&file, &log_path).ctx(&log_path)?;
+                torn_tail = Some(problem.clone());
             }
             walked.push((log_path, file, walk));
         }
@@ -668,6 +680,37 @@ impl PartitionLog {
             if s.start_offset == found[0].0 {
                 firsts[0] = Some(s.start_index);
             }
+        }
+
+        if let (Some(problem), Some((log_path, file, walk)), Some(first)) =
+            (&torn_tail, walked.last(), firsts.last().copied().flatten())
+        {
+            let bad_index = first + walk.entries.len() as u64;
+            if let Some(durable) = durable.filter(|d| bad_index <= *d) {
+                return Err(StorageError::BelowDurable {
+                    path: log_path.clone(),
+                    position: walk.valid_len,
+                    raft_index: bad_index,
+                    durable,
+                    problem: problem.clone(),
+                });
+            }
+            tracing::warn!(
+                file = %log_path.display(),
+                position = walk.valid_len,
+                raft_index = bad_index,
+                "truncating torn or corrupt tail of the active segment: {problem}"
+            );
+            file.set_len(walk.valid_len).ctx(log_path)?;
+            fault::sync_all(file, log_path).ctx(log_path)?;
+        } else if let (Some(problem), Some((log_path, file, walk))) = (&torn_tail, walked.last()) {
+            tracing::warn!(
+                file = %log_path.display(),
+                position = walk.valid_len,
+                "truncating torn or corrupt tail of the active segment: {problem}"
+            );
+            file.set_len(walk.valid_len).ctx(log_path)?;
+            fault::sync_all(file, log_path).ctx(log_path)?;
         }
 
         let mut segments: Vec<Segment> = Vec::with_capacity(n);
@@ -735,21 +778,65 @@ impl PartitionLog {
         if removed {
             sync_dir(dir).ctx(dir)?;
         }
-        Ok(PartitionLog {
+        let log = PartitionLog {
             dir: dir.to_path_buf(),
             cfg,
             segments,
             start,
             dirty: false,
-        })
+        };
+        // Whole batches can go missing too (a file cut at a batch boundary).
+        if let Some(durable) = durable {
+            let next = log.next_index().unwrap_or(0);
+            if next <= durable {
+                let path = log
+                    .segments
+                    .last()
+                    .map_or_else(|| dir.to_path_buf(), |s| s.log_path.clone());
+                let position = log.segments.last().map_or(0, |s| s.size);
+                return Err(StorageError::BelowDurable {
+                    path,
+                    position,
+                    raft_index: next,
+                    durable,
+                    problem: "the log ends there".into(),
+                });
+            }
+        }
+        Ok(log)
     }
 
-    /// `batch` is one valid batch; returns (base_offset, last_offset). Not durable until `sync`.
+    /// `batch` is one valid batch; the log assigns its offsets from its end and returns
+    /// (base_offset, last_offset). For a batch new to the Raft log (the leader's own appends).
+    /// Not durable until `sync`.
     pub fn append_data(
         &mut self,
         raft_index: u64,
         term: u64,
         batch: &[u8],
+    ) -> Result<(i64, i64), StorageError> {
+        self.append_batch(raft_index, term, batch, None)
+    }
+
+    /// Like [`PartitionLog::append_data`] for a batch another replica's log has already placed
+    /// (a follower's appends): its stored baseOffset must be where this log continues, or the
+    /// logs have diverged and [`StorageError::OffsetMismatch`] says so, appending nothing.
+    pub fn append_replicated(
+        &mut self,
+        raft_index: u64,
+        term: u64,
+        batch: &[u8],
+    ) -> Result<(i64, i64), StorageError> {
+        let placed = batch::parse_header(batch)?.base_offset;
+        self.append_batch(raft_index, term, batch, Some(placed))
+    }
+
+    fn append_batch(
+        &mut self,
+        raft_index: u64,
+        term: u64,
+        batch: &[u8],
+        placed_at: Option<i64>,
     ) -> Result<(i64, i64), StorageError> {
         let h = batch::validate(batch)?;
         if batch::is_internal(&h) {
@@ -759,14 +846,33 @@ impl PartitionLog {
         }
         let epoch = term_to_epoch(term)?;
         let base = self.log_end_offset();
+        if let Some(placed) = placed_at.filter(|&p| p != base) {
+            return Err(StorageError::OffsetMismatch {
+                raft_index,
+                placed,
+                local: base,
+            });
+        }
         let end = i64::from(h.last_offset_delta)
             .checked_add(1)
             .and_then(|d| base.checked_add(d))
             .ok_or_else(|| StorageError::InvalidArgument("offset overflow".into()))?;
-        let mut buf = batch.to_vec();
-        batch::set_base_offset(&mut buf, base);
-        batch::set_partition_leader_epoch(&mut buf, epoch);
-        self.append_stored(raft_index, term, &buf, base, end, h.max_timestamp, true)?;
+        // Only the first 16 bytes change (baseOffset, batchLength, partitionLeaderEpoch), and all
+        // lie outside the CRC: the rest is written from the caller's buffer as it is.
+        let mut head = [0u8; PATCHED_HEAD_LEN];
+        head.copy_from_slice(&batch[..PATCHED_HEAD_LEN]);
+        batch::set_base_offset(&mut head, base);
+        batch::set_partition_leader_epoch(&mut head, epoch);
+        let stored = &batch[..h.total_len()];
+        self.append_stored(
+            raft_index,
+            term,
+            (&head, &stored[PATCHED_HEAD_LEN..]),
+            base,
+            end,
+            h.max_timestamp,
+            true,
+        )?;
         Ok((base, end - 1))
     }
 
@@ -784,7 +890,7 @@ impl PartitionLog {
                 "internal payload too large".into(),
             ));
         }
-        self.append_stored(raft_index, term, &buf, next, next, i64::MIN, false)
+        self.append_stored(raft_index, term, (&buf, &[]), next, next, i64::MIN, false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -792,7 +898,7 @@ impl PartitionLog {
         &mut self,
         raft_index: u64,
         term: u64,
-        buf: &[u8],
+        (head, tail): (&[u8], &[u8]),
         base: i64,
         end: i64,
         max_ts: i64,
@@ -806,7 +912,7 @@ impl PartitionLog {
                 });
             }
         }
-        let len = buf.len() as u64;
+        let len = (head.len() + tail.len()) as u64;
         let roll = match self.segments.last() {
             None => true,
             // A segment holding no data is never rolled: its successor would get the same name.
@@ -826,7 +932,10 @@ impl PartitionLog {
             .last_mut()
             .ok_or_else(|| StorageError::Corrupt("no active segment".into()))?;
         let pos = seg.size;
-        if let Err(e) = fault::write_all_at(&seg.file, buf, pos, &seg.log_path) {
+        let written = fault::write_all_at(&seg.file, head, pos, &seg.log_path).and_then(|()| {
+            fault::write_all_at(&seg.file, tail, pos + head.len() as u64, &seg.log_path)
+        });
+        if let Err(e) = written {
             // Best effort: drop a partial write now rather than leave it to recovery.
             let _ = seg.file.set_len(pos);
             return Err(e).ctx(&seg.log_path);
@@ -968,6 +1077,13 @@ impl PartitionLog {
     pub fn term_of(&self, raft_index: u64) -> Option<u64> {
         let (k, slot) = self.locate(raft_index)?;
         Some(self.segments[k].entries[slot].term)
+    }
+
+    /// The offset the log continued at after entry `raft_index`: one past a data batch's last
+    /// offset, or the log end at the time for an internal entry.
+    pub fn end_offset_at(&self, raft_index: u64) -> Option<i64> {
+        let (k, slot) = self.locate(raft_index)?;
+        Some(self.segments[k].entries[slot].end)
     }
 
     /// The visible entries with index in `[start, end_exclusive)`.

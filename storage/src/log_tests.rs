@@ -960,3 +960,79 @@ fn pending_sync_is_taken_once_and_runs_without_the_log() {
     let log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
     assert_eq!(log.log_end_offset(), 4);
 }
+
+#[test]
+fn replicated_batches_must_continue_the_log_where_the_leader_placed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(
+        log.append_data(1, 1, &data_batch(100, &[1, 2])).unwrap(),
+        (0, 1)
+    );
+    let mut placed = data_batch(100, &[3]);
+    set_base_offset(&mut placed, 2);
+    assert_eq!(log.append_replicated(2, 1, &placed).unwrap(), (2, 2));
+    let size = log.size_bytes();
+    let mut elsewhere = data_batch(100, &[4]);
+    set_base_offset(&mut elsewhere, 7);
+    match log.append_replicated(3, 1, &elsewhere) {
+        Err(StorageError::OffsetMismatch {
+            raft_index: 3,
+            placed: 7,
+            local: 3,
+        }) => {}
+        other => panic!("want OffsetMismatch, got {other:?}"),
+    }
+    assert_eq!(log.size_bytes(), size, "nothing appended");
+    assert_eq!(log.next_index(), Some(3));
+    // The stored batch is the caller's, with only baseOffset and the leader epoch rewritten.
+    let stored = log.entries(2, 3).unwrap().remove(0).bytes;
+    assert_eq!(&stored[16..], &placed[16..]);
+    assert_eq!(batch::validate(&stored).unwrap().base_offset, 2);
+}
+
+#[test]
+fn damage_at_or_below_the_durable_point_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+        for i in 1..=10u64 {
+            log.append_data(i, 1, &data_batch(100, &[50])).unwrap();
+        }
+        log.sync().unwrap();
+    }
+    let seg = last_segment(dir.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Inside the 5th of 10 equal batches: indexes 5..=10 are lost.
+    let at = (len / 10 * 4 + 70) as usize;
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    match PartitionLog::open_checked(dir.path(), LogConfig::default(), Some(8)) {
+        Err(StorageError::BelowDurable {
+            raft_index,
+            durable,
+            ..
+        }) => assert_eq!((raft_index, durable), (5, 8)),
+        other => panic!("want BelowDurable, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        len,
+        "nothing was cut"
+    );
+    // With the durable point below the damage it is a torn tail, cut as before.
+    let log = PartitionLog::open_checked(dir.path(), LogConfig::default(), Some(4)).unwrap();
+    assert_eq!(log.last_index(), Some(4));
+    drop(log);
+    // A log that ends before the durable point lost whole batches.
+    assert!(matches!(
+        PartitionLog::open_checked(dir.path(), LogConfig::default(), Some(6)),
+        Err(StorageError::BelowDurable {
+            raft_index: 5,
+            durable: 6,
+            ..
+        })
+    ));
+}

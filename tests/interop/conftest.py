@@ -79,7 +79,10 @@ class Broker:
         return f"127.0.0.1:{self.admin_port}"
 
     def partition_dir(self, topic: str, partition: int) -> Path:
-        return self.data_dir / "partitions" / f"{topic}-{partition}"
+        """`partitions/{topic}-{partition}.{topic id}` of the topic's current incarnation (there is
+        one at most once a deletion is done); a path that does not exist if there is none."""
+        found = sorted((self.data_dir / "partitions").glob(f"{topic}-{partition}.*"))
+        return found[-1] if found else self.data_dir / "partitions" / f"{topic}-{partition}.absent"
 
     # --- lifecycle --------------------------------------------------------------------------------
     def command(self) -> list[str]:

@@ -69,6 +69,7 @@ PRODUCE = 0
 FETCH = 1
 LIST_OFFSETS = 2
 METADATA = 3
+OFFSET_FOR_LEADER_EPOCH = 23
 API_VERSIONS = 18
 
 ERR_NONE = 0
@@ -294,6 +295,28 @@ def parse_api_versions_v0(resp: bytes) -> tuple[int, int, dict[int, tuple[int, i
         k, lo, hi = r.i16(), r.i16(), r.i16()
         ranges[k] = (lo, hi)
     return corr, err, ranges
+
+
+def offset_for_leader_epoch_v2(correlation_id: int, topic: str, partition: int, current_leader_epoch: int, leader_epoch: int) -> bytes:
+    body = i32(1) + string(topic) + i32(1) + i32(partition) + i32(current_leader_epoch) + i32(leader_epoch)
+    return frame(request_header_v1(OFFSET_FOR_LEADER_EPOCH, 2, correlation_id) + body)
+
+
+def parse_offset_for_leader_epoch_v2(resp: bytes) -> tuple[int, list[tuple[str, int, int, int, int]]]:
+    """(correlation_id, [(topic, partition, error_code, leader_epoch, end_offset)])."""
+    r = Reader(resp)
+    corr = r.i32()
+    r.i32()  # throttle_time_ms
+    out = []
+    for _ in range(r.i32()):
+        topic = r.string()
+        for _ in range(r.i32()):
+            err = r.i16()
+            p = r.i32()
+            epoch = r.i32()
+            end = r.i64()
+            out.append((topic, p, err, epoch, end))
+    return corr, out
 
 
 def parse_produce_v3(resp: bytes) -> tuple[int, list[tuple[str, int, int, int]]]:

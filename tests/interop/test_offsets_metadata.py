@@ -5,6 +5,8 @@ polling (a fetch at the high watermark waits up to max_wait_ms, and wakes early 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,6 +25,7 @@ from kafka_wire import (
     metadata_request_v1,
     parse_batches,
     parse_fetch_v4,
+    parse_produce_v3,
     produce_request_v3,
 )
 
@@ -233,3 +236,37 @@ def test_pipelined_requests_are_answered_in_order(shared_broker):
         time.sleep(0.1)
     r = c.kcat("-C", "-t", topic, "-o", "beginning", "-e", "-q", "-f", r"%s\n", timeout_s=30)
     assert r.stdout.splitlines() == [f"p{i}" for i in range(60) if i % 4 in (0, 1)], r.stdout
+
+
+def test_pipelined_produces_land_in_request_order_under_cpu_contention(broker_factory):
+    """Kafka appends one connection's requests in the order they were sent. 2,000 acks=all
+    produces go back to back on one connection while two busy processes compete for the 2 CPUs:
+    replies and offsets must both follow the request order (a reorder once showed up as delivery
+    reports out of offset order)."""
+    broker = broker_factory()
+    topic = "pipeline-order"
+    Clients(broker).create_topic(topic, 1)
+    n = 2000
+    hogs = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 60\nwhile time.time() < end: pass"]) for _ in range(2)]
+    try:
+        with RawConn("127.0.0.1", broker.kafka_port, timeout_s=60) as conn:
+            def send_all():
+                for i in range(n):
+                    conn.send(produce_request_v3(i, topic, 0, build_batch([(None, f"r{i}".encode())]), acks=-1))
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            replies = []
+            for _ in range(n):
+                resp = conn.recv_frame()
+                assert resp is not None, f"connection closed after {len(replies)} replies"
+                corr, [(_, _, err, base)] = parse_produce_v3(resp)
+                replies.append((corr, err, base))
+            sender.join(timeout=60)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait(timeout=10)
+    assert [c for c, _, _ in replies] == list(range(n)), "replies out of request order"
+    assert all(e == 0 for _, e, _ in replies), [r for r in replies if r[1]][:5]
+    assert [b for _, _, b in replies] == list(range(n)), "offsets out of request order"

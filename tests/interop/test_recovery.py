@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import time
 
 import pytest
@@ -123,3 +124,39 @@ def test_torn_tail_is_cut_and_the_rest_served(broker_factory, damage):
     assert not [l for l in again.splitlines() if "WARN" in l and ".log" in l and "trunc" in l.lower()], f"seed {s}: second restart truncated again:\n{again[-2000:]}"
     got = consume_all(broker.bootstrap, TOPIC, 1, timeout_s=120)
     assert [r.value for r in got] == [m.value for m in out[:survivors]] + [m.value for m in more], f"seed {s}: log after second restart differs"
+
+
+def test_a_recreated_topic_never_meets_a_deleted_topics_files(broker_factory):
+    """A crash halfway through deleting a topic's files can leave its Raft state and segments
+    behind (here: everything but its `topic_id` file). A topic later created with the same name
+    must start empty, not adopt them."""
+    broker = broker_factory()
+    cli = Clients(broker)
+    name = "reborn"
+    cli.create_topic(name, 1)
+    assert_all_delivered(produce(broker.bootstrap, name, [Outbound(value=f"old-{i}".encode()) for i in range(10)]))
+    old_dir = broker.partition_dir(name, 0)
+    assert old_dir.exists(), old_dir
+    # --- keep a copy of the old topic's files, as a half-finished removal would leave them
+    broker.stop()
+    leftover = broker.workdir / "leftover"
+    shutil.copytree(old_dir, leftover)
+    (leftover / "topic_id").unlink()
+    broker.start()
+    r = cli.sluice("topics", "delete", name)
+    assert r.returncode == 0, r.stderr
+    wait_for_gone = time.monotonic() + 15
+    while name in cli.sluice("topics", "list").stdout.split() and time.monotonic() < wait_for_gone:
+        time.sleep(0.2)
+    cli.create_topic(name, 1)
+    wait_serving(broker.bootstrap, name, 1)
+    # --- the leftovers reappear where the old topic kept its partition; restart over them
+    broker.stop()
+    shutil.rmtree(old_dir, ignore_errors=True)
+    shutil.copytree(leftover, old_dir)
+    broker.start()
+    wait_serving(broker.bootstrap, name, 1)
+    assert watermarks(broker.bootstrap, name, 1)[0] == (0, 0), "the new topic holds the deleted topic's records"
+    assert_all_delivered(produce(broker.bootstrap, name, [Outbound(value=b"new-0")]))
+    assert [r.value for r in consume_all(broker.bootstrap, name, 1)] == [b"new-0"]
+    assert not old_dir.exists(), "the deleted topic's leftovers are removed"

@@ -5,6 +5,8 @@ acknowledges nothing, and leadership moves on request without failed writes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import threading
 import time
@@ -15,6 +17,7 @@ from confluent_kafka import Producer
 
 from conftest import Clients
 from helpers import consume_all
+from kafka_wire import RawConn, build_batch, offset_for_leader_epoch_v2, parse_offset_for_leader_epoch_v2, parse_produce_v3, produce_request_v3
 from test_cluster import get_json, metadata, start_all, start_fourth, wait_for
 
 INTERNAL_PRODUCER_ID = -0x511CE
@@ -384,3 +387,38 @@ def test_kafka_reassignment_api_moves_a_partition_and_its_leader(cluster):
         assert got.get((part, off)) == v, f"{v} acked at {part}/{off}, read {got.get((part, off))!r}"
     dropped = next(n for n in cluster if n.node_id in set(old) - set(target))
     wait_for("the dropped replica's data is removed", lambda: not dropped.partition_dir(topic, 0).exists())
+
+
+def test_offset_for_leader_epoch_answers_from_the_log_end(cluster):
+    """Kafka answers OffsetForLeaderEpoch from the log end offset. A leader whose high watermark
+    trails its log (here: an acks=1 write its frozen followers never acknowledged; on a new leader:
+    entries its predecessor committed, until one of its own term commits) must not report the
+    epoch ending at the high watermark, or clients conclude their log was truncated."""
+    start_all(cluster)
+    topic = "epoch-end"
+    create_led_topic(cluster, topic, 1, 3)
+    p = Producer({"bootstrap.servers": cluster[0].bootstrap, "acks": "all", "enable.idempotence": False})
+    for i in range(10):
+        p.produce(topic, value=f"v{i}".encode())
+    assert p.flush(30) == 0
+    leader_id = leaders(cluster[0], topic)[0]
+    leader = next(n for n in cluster if n.node_id == leader_id)
+    group = next(g for g in get_json(leader.admin, "/v1/raft")["groups"] if g["group"].startswith("p/") and g["role"] == "leader")
+    epoch = group["term"]
+    host, port = leader.bootstrap.split(":")
+    followers = [n for n in cluster if n is not leader]
+    with RawConn(host, int(port)) as c:
+        # --- freeze both followers: the leader still leads for about a second, but commits nothing
+        for f in followers:
+            os.kill(f.proc.pid, signal.SIGSTOP)
+        try:
+            c.send(produce_request_v3(1, topic, 0, build_batch([(None, b"only-on-the-leader")]), acks=1))
+            _, [(_, _, err, base)] = parse_produce_v3(c.recv_frame())
+            c.send(offset_for_leader_epoch_v2(2, topic, 0, epoch, epoch))
+            _, [(_, _, oerr, oepoch, end)] = parse_offset_for_leader_epoch_v2(c.recv_frame())
+        finally:
+            for f in followers:
+                os.kill(f.proc.pid, signal.SIGCONT)
+    assert (err, base) == (0, 10), (err, base)
+    assert oerr == 0 and oepoch == epoch, (oerr, oepoch)
+    assert end == 11, f"the current epoch ends at the log end (11), not the high watermark (10): got {end}"

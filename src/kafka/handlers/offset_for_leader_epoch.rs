@@ -88,18 +88,18 @@ pub async fn handle(
             }
             match g.epoch_starts().await {
                 Ok(history) => {
-                    // Only committed data is visible to clients, so the end is the high watermark.
+                    // From the log end, as Kafka does, never the high watermark: a new leader's
+                    // high watermark can lag what its predecessor had committed until an entry
+                    // of its own term commits, and a client whose position sits in that gap
+                    // would conclude its log was truncated when it was not.
                     let (e, off) = end_offset_for(
                         &history,
                         p.leader_epoch,
                         epoch,
-                        g.high_watermark(),
+                        g.log_end_offset(),
                         g.log_start_offset(),
                     );
-                    parts.push(
-                        base.with_leader_epoch(e)
-                            .with_end_offset(off.min(g.high_watermark())),
-                    );
+                    parts.push(base.with_leader_epoch(e).with_end_offset(off));
                 }
                 Err(e) => parts.push(err(raft_error_code(&e))),
             }
@@ -140,5 +140,16 @@ mod tests {
         assert_eq!(end_offset_for(&h, 6, 5, 40, 0), (-1, -1), "future epoch");
         assert_eq!(end_offset_for(&h, -1, 5, 40, 0), (-1, -1));
         assert_eq!(end_offset_for(&[], 2, 3, 7, 0), (2, 7));
+    }
+
+    #[test]
+    fn the_current_epoch_ends_at_the_log_end_not_the_high_watermark() {
+        // A new leader (epoch 6) holds offsets up to 40 from epoch 5, of which its high watermark
+        // covers only 30 until its first own entry commits. A consumer at 35 asking about epoch
+        // 5 must hear 40 (no truncation), as Kafka answers from the log end offset.
+        let h = [(1, 0), (5, 25), (6, 40)];
+        let (log_end, _high_watermark) = (41, 30);
+        assert_eq!(end_offset_for(&h, 5, 6, log_end, 0), (5, 40));
+        assert_eq!(end_offset_for(&h, 6, 6, log_end, 0), (6, 41));
     }
 }
