@@ -337,13 +337,11 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             let c = cluster.lock().await;
             c.nodes
                 .values()
-                .map(|n| {
-                    (
-                        n.id,
-                        n.data_dir.join("partitions").join(format!("{TOPIC}-{p}")),
-                    )
+                .flat_map(|n| {
+                    logcmp::partition_dirs(&n.data_dir.join("partitions"), TOPIC, p)
+                        .into_iter()
+                        .map(|d| (n.id, d))
                 })
-                .filter(|(_, d)| d.exists())
                 .collect()
         };
         if hw < 0 {
@@ -356,7 +354,17 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             });
             continue;
         }
-        comparisons.push(logcmp::compare(p, hw, &dirs));
+        let mut cmp = logcmp::compare(p, hw, &dirs);
+        // Every replica must be found: a comparison of fewer (or none) proves nothing.
+        let rf = cfg.nodes.min(3) as usize;
+        if dirs.len() != rf && cmp.problem.is_none() {
+            cmp.identical = false;
+            cmp.problem = Some(format!(
+                "expected {rf} replica directories, found {}: {dirs:?}",
+                dirs.len()
+            ));
+        }
+        comparisons.push(cmp);
     }
     cluster.lock().await.kill_all_processes();
 
