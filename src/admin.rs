@@ -1,5 +1,6 @@
 //! Admin HTTP (axum): JSON views of cluster, brokers, topics, partitions and Raft groups, a health
-//! check, and Prometheus metrics. Read-only for now.
+//! check, Prometheus metrics, leadership transfer, reassignment and decommission, and (chaos
+//! tests only, with `SLUICE_STORAGE_FAULTS=1`) the storage fault switch.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,10 @@ pub fn router(node: Arc<Node>) -> Router {
             post(reassign),
         )
         .route("/v1/reassignments", get(reassignments))
+        .route(
+            "/v1/debug/storage-faults",
+            get(storage_faults_get).post(storage_faults_set),
+        )
         .fallback(not_found)
         .with_state(node)
 }
@@ -537,6 +542,56 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
     }
 }
 
+/// Chaos tests only: `GET` shows the storage fault layer's rules and counters, `POST` with
+/// `{"rules": [{"op": "write"|"fsync"|"any", "error": "eio"|"enospc", "path_contains": "..."}]}`
+/// replaces the rules (`{"rules": []}` heals). Refused unless the node was started with
+/// `SLUICE_STORAGE_FAULTS=1`.
+async fn storage_faults_get() -> Response {
+    let (status, body) = storage_faults(sluice_storage::fault::layer(), None);
+    (status, Json(body)).into_response()
+}
+
+async fn storage_faults_set(body: axum::body::Bytes) -> Response {
+    let (status, body) = storage_faults(sluice_storage::fault::layer(), Some(&body));
+    (status, Json(body)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFaultsBody {
+    rules: Vec<sluice_storage::fault::FaultRule>,
+}
+
+fn storage_faults(
+    layer: Option<&sluice_storage::fault::FaultLayer>,
+    set: Option<&[u8]>,
+) -> (StatusCode, Value) {
+    let Some(layer) = layer else {
+        return (
+            StatusCode::FORBIDDEN,
+            json!({ "error": format!(
+                "storage faults are not enabled on this node: start it with {}=1 (chaos tests only)",
+                sluice_storage::fault::ENV
+            ) }),
+        );
+    };
+    if let Some(body) = set {
+        match serde_json::from_slice::<StorageFaultsBody>(body) {
+            Ok(b) => layer.set_rules(b.rules),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": format!("bad body: {e}; expected {{\"rules\": [{{\"op\": \"write|fsync|any\", \"error\": \"eio|enospc\"}}]}}") }),
+                )
+            }
+        }
+    }
+    (
+        StatusCode::OK,
+        serde_json::to_value(layer.status()).unwrap_or(Value::Null),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,6 +623,15 @@ mod tests {
             },
         );
         st
+    }
+
+    #[test]
+    fn storage_faults_are_refused_unless_enabled() {
+        let (status, body) = storage_faults(None, Some(br#"{"rules": []}"#));
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(msg.contains("SLUICE_STORAGE_FAULTS=1"), "{msg}");
+        assert_eq!(storage_faults(None, None).0, StatusCode::FORBIDDEN);
     }
 
     #[test]

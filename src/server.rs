@@ -17,6 +17,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let admin = TcpListener::bind(&cfg.admin_addr)
         .await
         .with_context(|| format!("cannot listen for admin HTTP on {}", cfg.admin_addr))?;
+    // Before anything opens storage, so every write and fsync of this process goes through it.
+    sluice_storage::fault::install_from_env(&cfg.data_dir)
+        .context("cannot start the storage fault layer")?;
     let node = Node::start(cfg.clone())
         .await
         .context("cannot start the node")?;

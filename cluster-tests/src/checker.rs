@@ -2,7 +2,8 @@
 //!
 //! Anomalies (each is a safety violation; any of them fails the run):
 //! * `lost` — an acknowledged write that no poll ever returned although polls of its partition
-//!   reached past its acknowledged offset.
+//!   reached past its acknowledged offset; or one that polls did return but the final drain,
+//!   which read the partition past its offset, did not (the log lost it later).
 //! * `unseen` — an acknowledged write never read at all, even by the final drain (which reads
 //!   every partition up to its high watermark after the cluster healed).
 //! * `inconsistent_offsets` — two different values at one offset (by reads or acks).
@@ -13,6 +14,15 @@
 //!   take none).
 //! * `failed_read` — a read of a write whose produce definitely failed.
 //! * `phantom` — a read of a value never written to that partition.
+//! * `pipeline_reordered` — produce requests one producer pipelined on one connection were
+//!   acknowledged at offsets out of request order (Kafka appends a connection's requests in the
+//!   order they were sent, whatever order the acknowledgements arrive in).
+//! * `log_start_moved` — a fetch reported a log start offset above 0. Chaos runs have no
+//!   retention, so nothing may ever have been deleted from the front of a log: a consumer must
+//!   always be able to read from 0. (With retention, the floor would be the start retention
+//!   reported instead of 0.)
+//!
+//! The metadata workload's anomalies are in [`crate::metacheck`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -34,6 +44,8 @@ pub const ANOMALIES: &[&str] = &[
     "skipped_poll",
     "failed_read",
     "phantom",
+    "pipeline_reordered",
+    "log_start_moved",
 ];
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -64,6 +76,9 @@ pub struct CheckResult {
     pub longest_ack_gap: Option<(f64, f64, f64)>,
     /// The same per partition.
     pub longest_ack_gap_by_partition: BTreeMap<i32, (f64, f64, f64)>,
+    /// Metadata workload operations by kind (create_topic, create_partitions, delete_topic,
+    /// list_topics, metadata_final) and outcome.
+    pub metadata_ops: BTreeMap<String, OpCounts>,
 }
 
 impl CheckResult {
@@ -87,7 +102,7 @@ struct Write {
     process: i64,
 }
 
-struct Anomalies {
+pub(crate) struct Anomalies {
     counts: BTreeMap<String, usize>,
     examples: BTreeMap<String, Vec<Value>>,
 }
@@ -95,11 +110,15 @@ struct Anomalies {
 impl Anomalies {
     fn new() -> Self {
         Anomalies {
-            counts: ANOMALIES.iter().map(|a| (a.to_string(), 0)).collect(),
+            counts: ANOMALIES
+                .iter()
+                .chain(crate::metacheck::ANOMALIES)
+                .map(|a| (a.to_string(), 0))
+                .collect(),
             examples: BTreeMap::new(),
         }
     }
-    fn add(&mut self, kind: &str, example: Value) {
+    pub(crate) fn add(&mut self, kind: &str, example: Value) {
         *self.counts.entry(kind.to_string()).or_default() += 1;
         let ex = self.examples.entry(kind.to_string()).or_default();
         if ex.len() < EXAMPLES_MAX {
@@ -253,6 +272,18 @@ pub fn check(ops: &[Op]) -> CheckResult {
             );
         }
     }
+    // What the final drain read: the log as it ended up, per partition.
+    let mut drained: HashMap<i32, (i64, BTreeSet<u64>)> = HashMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.f == F::Poll && o.kind == OpType::Ok && o.drain)
+    {
+        let d = drained.entry(op.partition).or_insert((-1, BTreeSet::new()));
+        for &(o, v) in op.msgs.as_deref().unwrap_or(&[]) {
+            d.0 = d.0.max(o);
+            d.1.insert(v);
+        }
+    }
     let mut info_read = 0;
     let mut info_unread = 0;
     for (v, w) in &writes {
@@ -274,6 +305,15 @@ pub fn check(ops: &[Op]) -> CheckResult {
                         json!({"partition": p, "value": v, "acked_offset": o, "read_offsets": offs}),
                     );
                 }
+                if let Some((hi, vals)) = drained.get(&p) {
+                    if *o < *hi && !vals.contains(v) {
+                        an.add(
+                            "lost",
+                            json!({"partition": p, "value": v, "acked_offset": o, "drained_up_to": hi,
+                                   "why": "read earlier, missing from the final drain"}),
+                        );
+                    }
+                }
             }
             None => {
                 let hi = max_read.get(&p).copied().unwrap_or(-1);
@@ -289,6 +329,79 @@ pub fn check(ops: &[Op]) -> CheckResult {
                     );
                 }
             }
+        }
+    }
+
+    // Pipelined requests: acknowledged offsets must follow request (= invocation) order.
+    let mut pipelines: BTreeMap<u64, (i32, Vec<u64>)> = BTreeMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.f == F::Send && o.kind == OpType::Invoke)
+    {
+        if let (Some(id), Some(v)) = (op.pipeline, op.value) {
+            pipelines
+                .entry(id)
+                .or_insert_with(|| (op.partition, Vec::new()))
+                .1
+                .push(v);
+        }
+    }
+    for (id, (p, values)) in &pipelines {
+        let acked: Vec<(u64, i64)> = values
+            .iter()
+            .filter_map(|v| match writes.get(v).map(|w| w.status) {
+                Some(WriteStatus::Ok(o)) => Some((*v, o)),
+                _ => None,
+            })
+            .collect();
+        if acked.windows(2).any(|w| w[1].1 <= w[0].1) {
+            an.add(
+                "pipeline_reordered",
+                json!({"pipeline": id, "partition": p, "request_order": values,
+                       "acked_value_offsets": acked}),
+            );
+        }
+    }
+
+    // No retention in chaos runs: the log must always start at 0.
+    let mut moved: BTreeSet<(i32, i64)> = BTreeSet::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.f == F::Poll && o.kind != OpType::Invoke)
+    {
+        if let Some(s) = op.log_start.filter(|s| *s > 0) {
+            if moved.insert((op.partition, s)) {
+                an.add(
+                    "log_start_moved",
+                    json!({"partition": op.partition, "log_start": s, "fetch_offset": op.offset,
+                           "process": op.process, "time": op.time, "error": op.error}),
+                );
+            }
+        }
+    }
+
+    crate::metacheck::check(ops, &mut an);
+    let mut metadata_ops: BTreeMap<String, OpCounts> = BTreeMap::new();
+    for op in ops.iter().filter(|o| {
+        matches!(
+            o.f,
+            F::CreateTopic
+                | F::CreatePartitions
+                | F::DeleteTopic
+                | F::ListTopics
+                | F::MetadataFinal
+        )
+    }) {
+        let name = serde_json::to_value(op.f)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let c = metadata_ops.entry(name).or_default();
+        match op.kind {
+            OpType::Invoke => {}
+            OpType::Ok => c.ok += 1,
+            OpType::Fail => c.fail += 1,
+            OpType::Info => c.info += 1,
         }
     }
 
@@ -313,6 +426,7 @@ pub fn check(ops: &[Op]) -> CheckResult {
 
     let total: usize = an.counts.values().sum();
     CheckResult {
+        metadata_ops,
         longest_ack_gap,
         longest_ack_gap_by_partition,
         valid: total == 0,
@@ -417,6 +531,33 @@ mod tests {
     }
 
     #[test]
+    fn detects_a_write_read_once_and_missing_from_the_final_drain() {
+        let mut h =
+            H::new()
+                .ack(0, 1, 0)
+                .ack(0, 2, 1)
+                .ack(0, 3, 2)
+                .poll(10, 0, 0, &[(0, 1), (1, 2)]);
+        // The drain reads past offset 1 and finds value 3 where 2 was: 2 is gone from the log.
+        h = h.poll(11, 0, 0, &[(0, 1), (1, 3), (2, 3)]);
+        let n = h.0.len();
+        h.0[n - 1].drain = true;
+        h.0[n - 2].drain = true;
+        let r = h.check();
+        assert!(!r.valid);
+        assert_eq!(r.anomaly_counts["lost"], 1, "{:?}", r.examples);
+        assert_eq!(r.examples["lost"][0]["value"], 2);
+        // The same reads outside the drain prove nothing about the final log.
+        let r = H::new()
+            .ack(0, 1, 0)
+            .ack(0, 2, 1)
+            .poll(10, 0, 0, &[(0, 1), (1, 2)])
+            .poll(11, 0, 0, &[(0, 1)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
+    }
+
+    #[test]
     fn detects_unseen_write() {
         let r = H::new()
             .ack(0, 1, 0)
@@ -518,6 +659,224 @@ mod tests {
             .poll(11, 1, 0, &[(0, 1)])
             .check();
         assert!(r.anomaly_counts["phantom"] > 0);
+    }
+
+    /// `k` requests pipelined by process 0 to partition 0: `(value, acked offset or None)`.
+    fn pipelined(mut h: H, id: u64, reqs: &[(u64, Option<i64>)]) -> H {
+        for (v, _) in reqs {
+            h.0.push(
+                Op::new(0, OpType::Invoke, F::Send, 0)
+                    .value(*v)
+                    .pipeline(id),
+            );
+        }
+        // Answers may be recorded in any order; only the offsets' order matters.
+        for (v, o) in reqs.iter().rev() {
+            let mut done = match o {
+                Some(o) => Op::new(0, OpType::Ok, F::Send, 0).value(*v).offset(*o),
+                None => Op::new(0, OpType::Info, F::Send, 0).value(*v),
+            };
+            done.pipeline = Some(id);
+            h.0.push(done);
+        }
+        h
+    }
+
+    #[test]
+    fn pipelined_acks_in_request_order_are_valid() {
+        let h = pipelined(H::new(), 1, &[(1, Some(0)), (2, None), (3, Some(2))]);
+        let h = pipelined(h, 2, &[(4, Some(3)), (5, Some(4))]);
+        let r = h
+            .poll(10, 0, 0, &[(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
+    }
+
+    #[test]
+    fn detects_pipelined_requests_appended_out_of_order() {
+        // Requests 1, 2, 3 on one connection; 3 landed before 2.
+        let r = pipelined(H::new(), 7, &[(1, Some(0)), (2, Some(2)), (3, Some(1))])
+            .poll(10, 0, 0, &[(0, 1), (1, 3), (2, 2)])
+            .check();
+        only(&r, "pipeline_reordered");
+        assert_eq!(r.examples["pipeline_reordered"][0]["pipeline"], 7);
+    }
+
+    #[test]
+    fn detects_a_log_start_that_moved_without_retention() {
+        let mut h = clean();
+        let ok = h.0.len();
+        h = h.poll(12, 0, 0, &[(0, 1), (1, 2)]);
+        h.0[ok + 1].log_start = Some(0);
+        assert!(h.check().valid, "a log start of 0 is fine");
+        h.0.push(
+            Op::new(13, OpType::Fail, F::Poll, 0)
+                .offset(0)
+                .error("OFFSET_OUT_OF_RANGE")
+                .log_start(Some(2)),
+        );
+        let r = h.check();
+        only(&r, "log_start_moved");
+        assert_eq!(r.examples["log_start_moved"][0]["log_start"], 2);
+    }
+
+    // ---------- metadata workload ----------
+
+    use crate::history::TopicView;
+
+    fn meta(f: F, kind: OpType, topic: &str, count: Option<i32>, t: u64) -> Op {
+        let mut o = Op::new(50, kind, f, -1).topic(topic).at(t);
+        o.count = count;
+        o
+    }
+
+    fn view(topics: &[(&str, i32)]) -> BTreeMap<String, TopicView> {
+        topics
+            .iter()
+            .map(|(n, p)| {
+                (
+                    n.to_string(),
+                    TopicView {
+                        partitions: *p,
+                        id: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn list(node: u32, inc: u32, t: u64, topics: &[(&str, i32)]) -> Op {
+        Op::new(50, OpType::Ok, F::ListTopics, -1)
+            .node(node, inc)
+            .topics(view(topics))
+            .at(t)
+    }
+
+    fn finals(topics: &[(&str, i32)], nodes: u32) -> Vec<Op> {
+        (1..=nodes)
+            .flat_map(|n| {
+                ["admin", "kafka"].map(|s| {
+                    let mut o = Op::new(-2, OpType::Ok, F::MetadataFinal, -1)
+                        .node(n, 1)
+                        .topics(view(topics));
+                    o.source = Some(s.to_string());
+                    o
+                })
+            })
+            .collect()
+    }
+
+    /// Create a (acked, 1 partition), grow it to 2 (acked), create b (unknown outcome), delete c
+    /// (acked, after it was created and listed).
+    fn meta_history() -> Vec<Op> {
+        vec![
+            meta(F::CreateTopic, OpType::Invoke, "a", Some(1), 1),
+            meta(F::CreateTopic, OpType::Ok, "a", Some(1), 2),
+            list(1, 1, 3, &[("a", 1)]),
+            meta(F::CreatePartitions, OpType::Invoke, "a", Some(2), 4),
+            meta(F::CreatePartitions, OpType::Ok, "a", Some(2), 5),
+            meta(F::CreateTopic, OpType::Invoke, "c", Some(1), 6),
+            meta(F::CreateTopic, OpType::Ok, "c", Some(1), 7),
+            list(2, 1, 8, &[("a", 2), ("c", 1)]),
+            meta(F::CreateTopic, OpType::Invoke, "b", Some(1), 9),
+            meta(F::CreateTopic, OpType::Info, "b", Some(1), 10),
+            meta(F::DeleteTopic, OpType::Invoke, "c", None, 11),
+            meta(F::DeleteTopic, OpType::Ok, "c", None, 12),
+            list(2, 1, 13, &[("a", 2)]),
+            // A lagging node that has not applied the second partition yet is not a finding.
+            list(3, 1, 14, &[("a", 1)]),
+        ]
+    }
+
+    #[test]
+    fn consistent_metadata_history_is_valid() {
+        let mut ops = meta_history();
+        ops.extend(finals(&[("a", 2)], 3));
+        let r = check(&ops);
+        assert!(r.valid, "{:?}", r.examples);
+        // b's create had an unknown outcome: present or not, both are fine.
+        let mut ops = meta_history();
+        ops.extend(finals(&[("a", 2), ("b", 1)], 3));
+        assert!(check(&ops).valid);
+    }
+
+    fn only_ops(ops: &[Op], kind: &str) -> CheckResult {
+        let r = check(ops);
+        only(&r, kind);
+        r
+    }
+
+    #[test]
+    fn detects_a_lost_create() {
+        let mut ops = meta_history();
+        ops.extend(finals(&[], 3));
+        let r = only_ops(&ops, "lost_create");
+        assert_eq!(r.examples["lost_create"][0]["topic"], "a");
+    }
+
+    #[test]
+    fn detects_a_topic_that_vanishes_from_a_node() {
+        let mut ops = meta_history();
+        // Node 2 listed a; the same incarnation stops listing it with no delete sent.
+        ops.push(list(2, 1, 15, &[]));
+        ops.extend(finals(&[("a", 2)], 3));
+        let r = only_ops(&ops, "topic_vanished");
+        assert_eq!(r.examples["topic_vanished"][0]["node"], 2);
+        // After a restart (new incarnation) an empty view is a lagging node, not a loss.
+        let mut ops = meta_history();
+        ops.push(list(2, 2, 15, &[]));
+        ops.extend(finals(&[("a", 2)], 3));
+        assert!(check(&ops).valid);
+        // A topic only ever seen in a list (its create's outcome unknown) must not vanish either.
+        let mut ops = meta_history();
+        ops.push(list(1, 1, 16, &[("a", 2), ("b", 1)]));
+        ops.extend(finals(&[("a", 2)], 3));
+        let r = check(&ops);
+        assert!(
+            r.anomaly_counts["topic_vanished"] > 0,
+            "{:?}",
+            r.anomaly_counts
+        );
+    }
+
+    #[test]
+    fn detects_shrinking_partition_counts() {
+        let mut ops = meta_history();
+        ops.push(list(2, 1, 15, &[("a", 1)]));
+        ops.extend(finals(&[("a", 2)], 3));
+        only_ops(&ops, "partitions_shrunk");
+        // The acknowledged CreatePartitions is missing from the final view.
+        let mut ops = meta_history();
+        ops.retain(|o| !(o.f == F::ListTopics && o.node == Some(2)));
+        ops.extend(finals(&[("a", 1)], 3));
+        let r = only_ops(&ops, "partitions_shrunk");
+        assert_eq!(r.examples["partitions_shrunk"][0]["acked_count"], 2);
+    }
+
+    #[test]
+    fn detects_a_deleted_topic_that_comes_back() {
+        let mut ops = meta_history();
+        ops.extend(finals(&[("a", 2), ("c", 1)], 3));
+        only_ops(&ops, "deleted_topic_returned");
+        let mut ops = meta_history();
+        ops.push(list(2, 1, 15, &[("a", 2), ("c", 1)]));
+        ops.extend(finals(&[("a", 2)], 3));
+        only_ops(&ops, "deleted_topic_returned");
+    }
+
+    #[test]
+    fn detects_nodes_that_do_not_converge() {
+        let mut ops = meta_history();
+        let mut f = finals(&[("a", 2)], 3);
+        f[5].topics = Some(view(&[("a", 2), ("zombie", 1)]));
+        ops.extend(f);
+        only_ops(&ops, "metadata_divergence");
+        let mut ops = meta_history();
+        let mut f = finals(&[("a", 2)], 3);
+        f[0].topics = None;
+        f[0].kind = OpType::Fail;
+        ops.extend(f);
+        only_ops(&ops, "metadata_divergence");
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::proxy::{Flow, LinkMode, Proxy};
 
 pub type NodeId = u32;
 
+/// Enables the storage fault layer in the nodes (see `storage/src/fault.rs`).
+pub const FAULTS_ENV: &str = "SLUICE_STORAGE_FAULTS";
+
 /// Where the `sluice` binary is: `$SLUICE_BIN`, else the workspace's release build.
 pub fn sluice_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SLUICE_BIN") {
@@ -84,6 +87,10 @@ impl Cluster {
             );
         }
         std::fs::create_dir_all(root)?;
+        // Absolute, because the storage fault journal names files by the paths the node was
+        // given, and the power-loss nemesis must find them whatever its own working directory.
+        let root = &std::fs::canonicalize(root)
+            .with_context(|| format!("resolving {}", root.display()))?;
         let mut nodes = BTreeMap::new();
         // A proxy once got a node's just-released Kafka port and the node could not start.
         let mut held = Vec::new();
@@ -188,6 +195,9 @@ impl Cluster {
                 std::env::var("CT_NODE_LOG").unwrap_or_else(|_| "info,openraft=off".into()),
             )
             .env("NO_COLOR", "1")
+            // The storage fault layer: the durability journal the power-loss nemesis reads, and
+            // the injected I/O errors of the disk-fault nemesis.
+            .env(FAULTS_ENV, "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -320,6 +330,37 @@ impl Cluster {
         http_get(self.nodes[&id].admin, path).await
     }
 
+    /// Replaces node `id`'s injected storage faults (`[]` heals); returns the layer's status.
+    pub async fn set_storage_faults(&self, id: NodeId, rules: Value) -> Result<Value> {
+        let body = serde_json::json!({ "rules": rules }).to_string();
+        let (status, v) = http_request(
+            self.nodes[&id].admin,
+            "POST",
+            "/v1/debug/storage-faults",
+            Some(&body),
+        )
+        .await?;
+        if status != 200 {
+            bail!("POST /v1/debug/storage-faults on n{id}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Raft groups on node `id` that stopped (role `shutdown`), e.g. after a storage error.
+    pub async fn stopped_groups(&self, id: NodeId) -> Result<Vec<String>> {
+        let (status, v) = self.admin_get(id, "/v1/raft").await?;
+        if status != 200 {
+            bail!("GET /v1/raft on n{id}: {status}");
+        }
+        Ok(v["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|g| g["role"] == "shutdown")
+            .filter_map(|g| g["group"].as_str().map(str::to_string))
+            .collect())
+    }
+
     pub async fn healthy(&self, id: NodeId) -> bool {
         matches!(self.admin_get(id, "/v1/health").await, Ok((200, _)))
     }
@@ -414,9 +455,24 @@ impl Drop for Cluster {
 
 /// Minimal HTTP/1.1 GET (the admin API is tiny; no client crate needed).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value)> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// Minimal HTTP/1.1 request with an optional JSON body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, Value)> {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
@@ -424,7 +480,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value)> {
     };
     tokio::time::timeout(Duration::from_secs(3), fut)
         .await
-        .map_err(|_| anyhow!("GET {path} on {addr} timed out"))?
+        .map_err(|_| anyhow!("{method} {path} on {addr} timed out"))?
 }
 
 fn parse_http(buf: &[u8]) -> Result<(u16, Value)> {

@@ -5,8 +5,10 @@
 //! and `offset` (on `ok`) the offset the broker acknowledged. For `poll`, `offset` is the fetch
 //! position and `msgs` the `[offset, value]` pairs read. `time` is nanoseconds since the run
 //! started. `info` means the outcome is unknown (timeout, disconnect); `fail` means the
-//! operation definitely did not happen.
+//! operation definitely did not happen. Sends carry `pipeline` (requests pipelined on one
+//! connection), polls `log_start`; the metadata workload's operations are described at [`F`].
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,30 @@ pub enum F {
     Send,
     Poll,
     Nemesis,
+    /// Metadata workload: CreateTopics (`topic`, `count` partitions), CreatePartitions (`topic`,
+    /// new `count`), DeleteTopics (`topic`), and one node's topic list (`node`, `incarnation`,
+    /// `topics`), from its admin API.
+    #[serde(rename = "create_topic")]
+    CreateTopic,
+    #[serde(rename = "create_partitions")]
+    CreatePartitions,
+    #[serde(rename = "delete_topic")]
+    DeleteTopic,
+    #[serde(rename = "list_topics")]
+    ListTopics,
+    /// After the final heal: one node's settled view of every topic (`node`, `source` = admin or
+    /// kafka, `topics`); all must agree.
+    #[serde(rename = "metadata_final")]
+    MetadataFinal,
+}
+
+/// One topic as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicView {
+    pub partitions: i32,
+    /// Hex topic id, where the source reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +80,30 @@ pub struct Op {
     /// Nemesis description (`isolate n2`, `heal`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
+    /// Sends: the produce requests one producer pipelined on one connection share this id;
+    /// their invocations are recorded in request order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<u64>,
+    /// Polls: the log start offset the broker reported (Fetch v5+), on success or error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_start: Option<i64>,
+    /// Polls of the final drain, which reads every partition from 0 once the faults are over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+    /// Metadata operations: the topic, the partition count asked for, the node asked, that
+    /// node's start count (its process incarnation), where a view came from, and the view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<BTreeMap<String, TopicView>>,
     /// Nanoseconds since the start of the run.
     pub time: u64,
 }
@@ -70,8 +120,46 @@ impl Op {
             msgs: None,
             error: None,
             fault: None,
+            pipeline: None,
+            log_start: None,
+            drain: false,
+            topic: None,
+            count: None,
+            node: None,
+            incarnation: None,
+            source: None,
+            topics: None,
             time: 0,
         }
+    }
+    pub fn pipeline(mut self, id: u64) -> Op {
+        self.pipeline = Some(id);
+        self
+    }
+    pub fn drain(mut self) -> Op {
+        self.drain = true;
+        self
+    }
+    pub fn log_start(mut self, o: Option<i64>) -> Op {
+        self.log_start = o;
+        self
+    }
+    pub fn topic(mut self, t: impl Into<String>) -> Op {
+        self.topic = Some(t.into());
+        self
+    }
+    pub fn count(mut self, n: i32) -> Op {
+        self.count = Some(n);
+        self
+    }
+    pub fn node(mut self, id: u32, incarnation: u32) -> Op {
+        self.node = Some(id);
+        self.incarnation = Some(incarnation);
+        self
+    }
+    pub fn topics(mut self, t: BTreeMap<String, TopicView>) -> Op {
+        self.topics = Some(t);
+        self
     }
     pub fn offset(mut self, o: i64) -> Op {
         self.offset = Some(o);

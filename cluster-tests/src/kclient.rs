@@ -56,6 +56,8 @@ pub struct KClient {
     client: Option<Client>,
     topic: Option<TopicInfo>,
     next_bootstrap: usize,
+    /// The log start offset in the last fetch answer for the partition (success or error).
+    pub last_log_start: Option<i64>,
 }
 
 impl KClient {
@@ -66,6 +68,7 @@ impl KClient {
             client: None,
             topic: None,
             next_bootstrap: start,
+            last_log_start: None,
         }
     }
 
@@ -217,6 +220,7 @@ impl KClient {
 
     /// One fetch at `offset`; Ok carries (offset, value) pairs and the next position.
     pub async fn poll(&mut self, partition: i32, offset: i64) -> Outcome<(Vec<(i64, u64)>, i64)> {
+        self.last_log_start = None;
         let topic_name = self.topic_name.clone();
         let (client, topic) = match self.ready().await {
             Ok(x) => x,
@@ -269,6 +273,8 @@ impl KClient {
         let Some(pd) = pd else {
             return Outcome::Fail(format!("leader {leader}: no data for the partition"));
         };
+        // -1 means the broker did not say.
+        self.last_log_start = Some(pd.log_start_offset).filter(|s| *s >= 0);
         if pd.error_code != errors::NONE {
             if errors::is_stale_metadata(pd.error_code) {
                 self.topic = None;

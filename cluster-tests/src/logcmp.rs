@@ -38,6 +38,28 @@ fn be_i32(b: &[u8], at: usize) -> i32 {
     i32::from_be_bytes(a)
 }
 
+/// The directories of `topic`'s partition `partition` under a node's `partitions/`:
+/// `{topic}-{partition}.{topic id}` (or `{topic}-{partition}` from builds before topic ids were
+/// part of the name).
+pub fn partition_dirs(partitions: &Path, topic: &str, partition: i32) -> Vec<PathBuf> {
+    let exact = format!("{topic}-{partition}");
+    let versioned = format!("{exact}.");
+    let Ok(rd) = std::fs::read_dir(partitions) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name == exact || name.starts_with(&versioned)
+        })
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Segment files of a partition directory, in offset order (names are zero-padded offsets).
 pub fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -170,6 +192,30 @@ mod tests {
         b[23..27].copy_from_slice(&(records - 1).to_be_bytes());
         b[43..51].copy_from_slice(&producer_id.to_be_bytes());
         b
+    }
+
+    #[test]
+    fn finds_partition_directories_with_and_without_topic_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "ct-0.00ff",
+            "ct-1",
+            "ct-10.00ff",
+            "ctx-0.00ff",
+            "ct-0.tmp-file",
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join("ct-1.log"), b"").unwrap();
+        let names = |p| -> Vec<String> {
+            partition_dirs(dir.path(), "ct", p)
+                .iter()
+                .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(0), ["ct-0.00ff", "ct-0.tmp-file"]);
+        assert_eq!(names(1), ["ct-1"]);
+        assert!(names(2).is_empty());
     }
 
     #[test]

@@ -37,7 +37,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         consumers: usize,
         /// Produce requests each producer pipelines (one record each).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 4)]
         inflight: usize,
         /// Healthy time between faults, seconds, as MIN-MAX.
         #[arg(long = "quiet-secs", default_value = "3-8", value_parser = parse_range)]
@@ -45,6 +45,9 @@ enum Cmd {
         /// How long each fault is held, seconds, as MIN-MAX.
         #[arg(long = "hold-secs", default_value = "4-10", value_parser = parse_range)]
         hold_secs: (u64, u64),
+        /// Do not run the metadata workload (topics created, grown and deleted).
+        #[arg(long = "no-metadata-workload")]
+        no_metadata_workload: bool,
     },
     /// Re-run the checker over a history file.
     Check { history: PathBuf },
@@ -109,6 +112,7 @@ fn main() -> std::process::ExitCode {
             inflight,
             quiet_secs,
             hold_secs,
+            no_metadata_workload,
         } => {
             let kinds = match nemesis::parse(&spec) {
                 Ok(k) => k,
@@ -129,6 +133,7 @@ fn main() -> std::process::ExitCode {
             cfg.inflight = inflight.clamp(1, 64);
             cfg.quiet_secs = quiet_secs;
             cfg.hold_secs = hold_secs;
+            cfg.metadata_workload = !no_metadata_workload;
             match rt.block_on(run::run(cfg)) {
                 Ok(o) => {
                     let report = out.join("report.txt");

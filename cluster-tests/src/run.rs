@@ -18,6 +18,7 @@ use crate::checker::{self, CheckResult};
 use crate::cluster::Cluster;
 use crate::history::History;
 use crate::logcmp::{self, Comparison};
+use crate::metaload;
 use crate::nemesis::{self, Kind, NemesisCfg, NemesisLog};
 use crate::workload::{self, Shared};
 
@@ -35,6 +36,8 @@ pub struct RunCfg {
     pub inflight: usize,
     pub quiet_secs: (u64, u64),
     pub hold_secs: (u64, u64),
+    /// Run the metadata workload (topics created, grown, deleted) beside the data workload.
+    pub metadata_workload: bool,
 }
 
 impl RunCfg {
@@ -48,9 +51,10 @@ impl RunCfg {
             partitions: 2,
             producers: 4,
             consumers: 2,
-            inflight: 1,
+            inflight: 4,
             quiet_secs: (3, 8),
             hold_secs: (4, 10),
+            metadata_workload: true,
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct RunOutcome {
     pub nemesis: NemesisLog,
     pub setup_error: Option<String>,
     pub notes: Vec<String>,
+    /// Whether every node's final metadata views agreed (None without the metadata workload).
+    pub metadata_converged: Option<bool>,
 }
 
 impl RunOutcome {
@@ -232,6 +238,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             nemesis: NemesisLog::default(),
             setup_error: Some(setup_error),
             notes,
+            metadata_converged: None,
         };
         write_outputs(&cfg, &outcome, &history, started.elapsed())?;
         cluster.lock().await.kill_all_processes();
@@ -248,6 +255,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         topic: TOPIC.to_string(),
         partitions: cfg.partitions,
         inflight: cfg.inflight,
+        next_pipeline: AtomicU64::new(0),
     });
     let mut workers = Vec::new();
     for w in 0..cfg.producers {
@@ -262,6 +270,14 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             shared.clone(),
             cfg.seed,
             w,
+        )));
+    }
+    if cfg.metadata_workload {
+        workers.push(tokio::spawn(metaload::worker(
+            shared.clone(),
+            cluster.clone(),
+            cfg.seed,
+            cfg.nodes,
         )));
     }
     let nemesis_stop = Arc::new(AtomicBool::new(false));
@@ -306,6 +322,13 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
     )
     .await;
 
+    let metadata_converged = if cfg.metadata_workload {
+        tracing::info!("--- final metadata: every node's topics, via admin and Kafka Metadata");
+        Some(metaload::final_views(&cluster, &history, Duration::from_secs(60)).await)
+    } else {
+        None
+    };
+
     tracing::info!("--- compare replica logs up to the high watermark");
     let mut comparisons = Vec::new();
     for p in 0..cfg.partitions {
@@ -314,13 +337,11 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             let c = cluster.lock().await;
             c.nodes
                 .values()
-                .map(|n| {
-                    (
-                        n.id,
-                        n.data_dir.join("partitions").join(format!("{TOPIC}-{p}")),
-                    )
+                .flat_map(|n| {
+                    logcmp::partition_dirs(&n.data_dir.join("partitions"), TOPIC, p)
+                        .into_iter()
+                        .map(|d| (n.id, d))
                 })
-                .filter(|(_, d)| d.exists())
                 .collect()
         };
         if hw < 0 {
@@ -333,7 +354,17 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             });
             continue;
         }
-        comparisons.push(logcmp::compare(p, hw, &dirs));
+        let mut cmp = logcmp::compare(p, hw, &dirs);
+        // Every replica must be found: a comparison of fewer (or none) proves nothing.
+        let rf = cfg.nodes.min(3) as usize;
+        if dirs.len() != rf && cmp.problem.is_none() {
+            cmp.identical = false;
+            cmp.problem = Some(format!(
+                "expected {rf} replica directories, found {}: {dirs:?}",
+                dirs.len()
+            ));
+        }
+        comparisons.push(cmp);
     }
     cluster.lock().await.kill_all_processes();
 
@@ -345,6 +376,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         nemesis: nemesis_log,
         setup_error: None,
         notes,
+        metadata_converged,
     };
     write_outputs(&cfg, &outcome, &history, started.elapsed())?;
     Ok(outcome)
@@ -365,7 +397,7 @@ pub fn replay_command(cfg: &RunCfg) -> String {
     };
     format!(
         "SEED={} cluster-tests run --duration-secs {} --nodes {} --nemesis {nemeses} \
-         --partitions {} --producers {} --consumers {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{} --out DIR",
+         --partitions {} --producers {} --consumers {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{}{} --out DIR",
         cfg.seed,
         cfg.duration.as_secs(),
         cfg.nodes,
@@ -376,7 +408,12 @@ pub fn replay_command(cfg: &RunCfg) -> String {
         cfg.quiet_secs.0,
         cfg.quiet_secs.1,
         cfg.hold_secs.0,
-        cfg.hold_secs.1
+        cfg.hold_secs.1,
+        if cfg.metadata_workload {
+            ""
+        } else {
+            " --no-metadata-workload"
+        }
     )
 }
 
@@ -398,6 +435,10 @@ pub fn summary_json(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> Value {
         "longest_ack_gap_secs": o.check.longest_ack_gap,
         "longest_ack_gap_by_partition": o.check.longest_ack_gap_by_partition,
         "faults_by_kind": o.nemesis.by_kind,
+        "power_loss": {"node_losses": o.nemesis.power_loss_nodes, "effects": o.nemesis.power_loss},
+        "disk_faults": o.nemesis.disk,
+        "metadata_ops": o.check.metadata_ops,
+        "metadata_converged": o.metadata_converged,
         "unexpected_exits": o.nemesis.unexpected_exits,
         "drain": o.drain.iter().map(|(p, hw, reached, err)| json!({
             "partition": p, "high_watermark": hw, "reached": reached, "error": err})).collect::<Vec<_>>(),
@@ -433,6 +474,23 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
     }
     for (id, st) in &o.nemesis.unexpected_exits {
         let _ = writeln!(s, "  !! node {id} exited on its own: {st}");
+    }
+    if o.nemesis.power_loss_nodes > 0 {
+        let _ = writeln!(
+            s,
+            "  power loss: {} node power losses; {}",
+            o.nemesis.power_loss_nodes,
+            o.nemesis.power_loss.summary()
+        );
+    }
+    let d = &o.nemesis.disk;
+    if o.nemesis.by_kind.contains_key("disk-fault") {
+        let _ = writeln!(
+            s,
+            "  disk faults: {} writes and {} fsyncs failed on purpose; {} heals needed a node RESTART \
+             (stopped Raft groups; a workaround until replicas recover from storage errors by themselves, issue 11 case 5)",
+            d.injected_writes, d.injected_fsyncs, d.restarts_after_heal
+        );
     }
     let _ = writeln!(s, "\n== timeline");
     for e in &o.nemesis.events {
@@ -472,6 +530,23 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
             "  partition {p}: {n} acked, highest offset read {}{gap}",
             c.max_read_offset.get(p).copied().unwrap_or(-1)
         );
+    }
+    if !c.metadata_ops.is_empty() {
+        let _ = writeln!(s, "\n== metadata workload");
+        for (k, n) in &c.metadata_ops {
+            let _ = writeln!(s, "  {k:<18} {} ok, {} fail, {} info", n.ok, n.fail, n.info);
+        }
+        if let Some(conv) = o.metadata_converged {
+            let _ = writeln!(
+                s,
+                "  final views (admin and Kafka Metadata, every node): {}",
+                if conv {
+                    "identical"
+                } else {
+                    "DIFFER (see metadata_divergence)"
+                }
+            );
+        }
     }
     let _ = writeln!(s, "\n== final drain");
     for (p, hw, reached, err) in &o.drain {

@@ -22,13 +22,15 @@ pub struct Shared {
     pub partitions: i32,
     /// Produce requests each producer pipelines on its connection (1 = one at a time).
     pub inflight: usize,
+    /// Next id for a group of pipelined produce requests.
+    pub next_pipeline: AtomicU64,
 }
 
 impl Shared {
-    fn fresh_process(&self) -> i64 {
+    pub(crate) fn fresh_process(&self) -> i64 {
         self.next_process.fetch_add(1, Ordering::Relaxed)
     }
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 }
@@ -54,10 +56,14 @@ pub async fn producer(shared: Arc<Shared>, seed: u64, worker: usize) {
         let values: Vec<u64> = (0..k)
             .map(|_| shared.next_value.fetch_add(1, Ordering::Relaxed))
             .collect();
+        let pipeline = shared.next_pipeline.fetch_add(1, Ordering::Relaxed);
+        // Recorded in request order, which is the order `send_many` writes them.
         for v in &values {
-            shared
-                .history
-                .record(Op::new(process, OpType::Invoke, F::Send, p).value(*v));
+            shared.history.record(
+                Op::new(process, OpType::Invoke, F::Send, p)
+                    .value(*v)
+                    .pipeline(pipeline),
+            );
         }
         let outcomes = kc.send_many(p, &values).await;
         let mut pause = PRODUCE_PAUSE;
@@ -66,12 +72,14 @@ pub async fn producer(shared: Arc<Shared>, seed: u64, worker: usize) {
             let op = match o {
                 Outcome::Ok(offset) => Op::new(process, OpType::Ok, F::Send, p)
                     .value(*v)
-                    .offset(offset),
+                    .offset(offset)
+                    .pipeline(pipeline),
                 Outcome::Fail(e) => {
                     pause = ERROR_PAUSE;
                     Op::new(process, OpType::Fail, F::Send, p)
                         .value(*v)
                         .error(e)
+                        .pipeline(pipeline)
                 }
                 Outcome::Info(e) => {
                     pause = ERROR_PAUSE;
@@ -79,6 +87,7 @@ pub async fn producer(shared: Arc<Shared>, seed: u64, worker: usize) {
                     Op::new(process, OpType::Info, F::Send, p)
                         .value(*v)
                         .error(e)
+                        .pipeline(pipeline)
                 }
             };
             shared.history.record(op);
@@ -111,13 +120,16 @@ pub async fn consumer(shared: Arc<Shared>, seed: u64, worker: usize) {
             shared
                 .history
                 .record(Op::new(process, OpType::Invoke, F::Poll, p).offset(position));
-            match kc.poll(p, position).await {
+            let res = kc.poll(p, position).await;
+            let log_start = kc.last_log_start;
+            match res {
                 Outcome::Ok((pairs, next)) => {
                     let empty = pairs.is_empty();
                     shared.history.record(
                         Op::new(process, OpType::Ok, F::Poll, p)
                             .offset(position)
-                            .msgs(pairs),
+                            .msgs(pairs)
+                            .log_start(log_start),
                     );
                     position = next.max(position);
                     if empty {
@@ -128,7 +140,8 @@ pub async fn consumer(shared: Arc<Shared>, seed: u64, worker: usize) {
                     shared.history.record(
                         Op::new(process, OpType::Fail, F::Poll, p)
                             .offset(position)
-                            .error(e),
+                            .error(e)
+                            .log_start(log_start),
                     );
                     tokio::time::sleep(ERROR_PAUSE).await;
                     break;
@@ -175,15 +188,21 @@ pub async fn final_drain(
         let mut position = 0i64;
         let mut err = None;
         while position < hw && tokio::time::Instant::now() < deadline {
-            shared
-                .history
-                .record(Op::new(process, OpType::Invoke, F::Poll, p).offset(position));
-            match kc.poll(p, position).await {
+            shared.history.record(
+                Op::new(process, OpType::Invoke, F::Poll, p)
+                    .offset(position)
+                    .drain(),
+            );
+            let res = kc.poll(p, position).await;
+            let log_start = kc.last_log_start;
+            match res {
                 Outcome::Ok((pairs, next)) => {
                     shared.history.record(
                         Op::new(process, OpType::Ok, F::Poll, p)
                             .offset(position)
-                            .msgs(pairs),
+                            .msgs(pairs)
+                            .log_start(log_start)
+                            .drain(),
                     );
                     position = next.max(position);
                     err = None;
@@ -192,7 +211,9 @@ pub async fn final_drain(
                     shared.history.record(
                         Op::new(process, OpType::Info, F::Poll, p)
                             .offset(position)
-                            .error(e.clone()),
+                            .error(e.clone())
+                            .log_start(log_start)
+                            .drain(),
                     );
                     err = Some(e);
                     process = shared.fresh_process();

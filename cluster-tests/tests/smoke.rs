@@ -1,4 +1,6 @@
-//! A short chaos run against a real 3-node cluster: ~90 s with a couple of nemeses.
+//! A short chaos run against a real 3-node cluster: ~90 s with a couple of nemeses, among them a
+//! power loss (unsynced data thrown away), 4 produce requests in flight per producer, and the
+//! metadata workload beside the data workload.
 //!
 //! Skipped (passes immediately) unless `CT_SMOKE=1`, so plain `cargo test` stays fast. Needs
 //! `target/release/sluice` (or `SLUICE_BIN`). `SEED=...` replays a schedule; output goes to
@@ -31,7 +33,14 @@ fn smoke_three_nodes_under_faults() {
     let mut cfg = RunCfg::new(out.clone(), seed);
     cfg.duration = Duration::from_secs(70);
     cfg.nodes = 3;
-    cfg.nemeses = vec![Kind::KillLeader, Kind::IsolateLeader, Kind::PauseLeader];
+    cfg.nemeses = vec![
+        Kind::KillLeader,
+        Kind::IsolateLeader,
+        Kind::PauseLeader,
+        Kind::PowerLoss,
+    ];
+    cfg.inflight = 4;
+    cfg.metadata_workload = true;
     cfg.quiet_secs = (3, 6);
     cfg.hold_secs = (4, 8);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

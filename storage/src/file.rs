@@ -1,8 +1,10 @@
 //! Crash-safe helpers for small files.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::fault;
 
 fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path
@@ -15,7 +17,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 
 /// Fsyncs a directory so that creations, renames and deletions inside it survive a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    fault::sync_dir(dir)
 }
 
 /// Replaces `path` with `bytes` so that after a crash either the old or the new content is seen:
@@ -24,9 +26,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_path(path);
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        fault::write_all(&mut f, bytes, &tmp)?;
+        fault::sync_all_tmp(&f, &tmp)?;
     }
+    // Journaled before the rename: from here on `path` holds either whole version after a
+    // crash, never a cut one.
+    fault::replaced_atomically(path);
     fs::rename(&tmp, path)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

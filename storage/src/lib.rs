@@ -5,11 +5,14 @@
 //!   Kafka RecordBatch v2 per Raft entry, plus sparse offset/time indexes and crash recovery);
 //! - [`meta`]: the sled-backed log and state store of the metadata Raft group (the only user of sled);
 //! - [`batch`]: RecordBatch v2 header helpers (parse, validate, patch, internal control batches);
-//! - [`file`]: small crash-safe file helpers.
+//! - [`file`]: small crash-safe file helpers;
+//! - [`fault`]: the storage fault layer for chaos tests (a durability journal and injected I/O
+//!   errors), inert unless `SLUICE_STORAGE_FAULTS=1`.
 //!
 //! It knows nothing of tokio or openraft; callers share a [`PartitionLog`] behind a lock.
 
 pub mod batch;
+pub mod fault;
 pub mod file;
 pub mod log;
 pub mod meta;

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::batch::{self, BATCH_HEADER_LEN};
+use crate::fault;
 use crate::file::{read_optional, sync_dir, write_atomic};
 use crate::{IoContext, StorageError};
 
@@ -80,7 +81,14 @@ pub struct PendingSync {
 impl PendingSync {
     /// fdatasync: the batches are in place, and their length is all the metadata that matters.
     pub fn sync(self) -> Result<(), StorageError> {
-        self.file.sync_data().ctx(&self.path)
+        // DELIBERATELY BROKEN with `--features chaos-bugs` and SLUICE_CHAOS_BUG=skip-fsync: the
+        // appends are reported durable without an fdatasync (and so never journaled as durable),
+        // which a simulated power loss must expose as lost acknowledged writes.
+        #[cfg(feature = "chaos-bugs")]
+        if fault::chaos_bug("skip-fsync") {
+            return Ok(());
+        }
+        fault::sync_data(&self.file, &self.path).ctx(&self.path)
     }
 }
 
@@ -228,7 +236,7 @@ impl Segment {
             };
             if !agrees {
                 tracing::debug!(file = %path.display(), "rewriting index that disagrees with the log");
-                fs::write(&path, &want).ctx(&path)?;
+                fault::write_unsynced(&path, &want).ctx(&path)?;
             }
         }
         Ok(())
@@ -248,6 +256,7 @@ impl Segment {
                 .truncate(false)
                 .open(&path)
                 .ctx(&path)?;
+            fault::opened_unsynced(&path);
             *slot = Some(f);
         }
         match slot {
@@ -286,7 +295,7 @@ impl Segment {
         let path = self.path(ext);
         let res = self
             .open_sidefile(ext)
-            .and_then(|f| f.write_all_at(rec, at).ctx(&path));
+            .and_then(|f| fault::write_all_at(f, rec, at, &path).ctx(&path));
         if let Err(e) = res {
             tracing::error!(file = %path.display(), "cannot extend index (rebuilt on next open): {e}");
         }
@@ -439,8 +448,12 @@ fn parse_segment_name(name: &str) -> Option<(i64, &str)> {
 
 fn remove_if_exists(path: &Path) -> Result<(), StorageError> {
     match fs::remove_file(path) {
+        Ok(()) => {
+            fault::removed(path);
+            Ok(())
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).ctx(path),
-        _ => Ok(()),
+        Err(_) => Ok(()),
     }
 }
 
@@ -689,7 +702,7 @@ impl PartitionLog {
                 "truncating torn or corrupt tail of the active segment: {problem}"
             );
             file.set_len(walk.valid_len).ctx(log_path)?;
-            file.sync_all().ctx(log_path)?;
+            fault::sync_all(file, log_path).ctx(log_path)?;
         } else if let (Some(problem), Some((log_path, file, walk))) = (&torn_tail, walked.last()) {
             tracing::warn!(
                 file = %log_path.display(),
@@ -697,7 +710,7 @@ impl PartitionLog {
                 "truncating torn or corrupt tail of the active segment: {problem}"
             );
             file.set_len(walk.valid_len).ctx(log_path)?;
-            file.sync_all().ctx(log_path)?;
+            fault::sync_all(file, log_path).ctx(log_path)?;
         }
 
         let mut segments: Vec<Segment> = Vec::with_capacity(n);
@@ -923,10 +936,9 @@ impl PartitionLog {
             .last_mut()
             .ok_or_else(|| StorageError::Corrupt("no active segment".into()))?;
         let pos = seg.size;
-        let written = seg
-            .file
-            .write_all_at(head, pos)
-            .and_then(|()| seg.file.write_all_at(tail, pos + head.len() as u64));
+        let written = fault::write_all_at(&seg.file, head, pos, &seg.log_path).and_then(|()| {
+            fault::write_all_at(&seg.file, tail, pos + head.len() as u64, &seg.log_path)
+        });
         if let Err(e) = written {
             // Best effort: drop a partial write now rather than leave it to recovery.
             let _ = seg.file.set_len(pos);
@@ -953,7 +965,7 @@ impl PartitionLog {
     /// active segment is fsynced first, so that only the last segment can ever have a torn tail.
     fn new_segment(&mut self, base: i64, first_index: u64) -> Result<(), StorageError> {
         if let Some(prev) = self.segments.last_mut() {
-            prev.file.sync_data().ctx(&prev.log_path)?;
+            fault::sync_data(&prev.file, &prev.log_path).ctx(&prev.log_path)?;
             prev.index_file = None;
             prev.time_file = None;
         }
@@ -978,6 +990,7 @@ impl PartitionLog {
             .open(&log_path)
             .ctx(&log_path)?;
         sync_dir(&self.dir).ctx(&self.dir)?;
+        fault::created_durable(&log_path);
         self.segments.push(Segment {
             base_offset: base,
             first_index,
@@ -1152,7 +1165,7 @@ impl PartitionLog {
             if keep < seg.entries.len() {
                 let size = seg.entries[keep].pos;
                 seg.file.set_len(size).ctx(&seg.log_path)?;
-                seg.file.sync_all().ctx(&seg.log_path)?;
+                fault::sync_all(&seg.file, &seg.log_path).ctx(&seg.log_path)?;
                 seg.size = size;
                 seg.entries.truncate(keep);
                 seg.rebuild_indexes(interval);
