@@ -284,7 +284,11 @@ impl Node {
         topic: &str,
         partition: i32,
     ) -> Option<(u64, i32)> {
-        if let Some(g) = self.partition(topic, partition) {
+        // A replica stopped on a storage error knows no leader; the controller's record does.
+        if let Some(g) = self
+            .partition(topic, partition)
+            .filter(|g| g.failure().is_none())
+        {
             // Our replica may still believe in a leader the controller has fenced; sending
             // clients there only makes them wait.
             return g

@@ -1213,12 +1213,18 @@ impl PartitionGroup {
         let m = m.borrow();
         m.state == ServerState::Leader
             && m.current_leader == Some(self.node_id)
+            && core_failure(&m).is_none()
             && !self.leadership_in_doubt(&m)
     }
 
     pub fn leader(&self) -> Option<u64> {
         let m = self.raft.metrics();
         let m = m.borrow();
+        // A core stopped on a storage error keeps its last metrics, leader included; it knows
+        // nothing current, and must not send clients to itself.
+        if core_failure(&m).is_some() {
+            return None;
+        }
         if m.current_leader == Some(self.node_id) && self.leadership_in_doubt(&m) {
             return None;
         }

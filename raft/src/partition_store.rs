@@ -816,6 +816,12 @@ impl PartitionShared {
             self.publish_offsets(&log);
             res.map_err(|e| StorageIOError::write_logs(&e))?;
         }
+        // What the failed incarnation confirmed stays known as durable: the state file may lag
+        // behind it, and a second failure before the next fsync must not cut below it.
+        if let Some(last) = log.last_index() {
+            drop(log);
+            self.note_durable(durable.min(last));
+        }
         Ok(())
     }
 
@@ -1296,6 +1302,39 @@ mod tests {
         let mut sm = PartitionStateMachine::open(shared, Arc::new(hw_tx)).await?;
         assert_eq!(sm.applied_state().await?.0, Some(log_id(2, 20)));
         assert_eq!(*hw_rx.borrow(), 40);
+        Ok(())
+    }
+
+    #[test]
+    fn a_reopened_replica_keeps_what_the_failed_one_confirmed_durable() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let unplaced = |i: u64| {
+            let mut b = crate::test_util::data_batch(0, &[b"x"]);
+            batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+            Entry {
+                log_id: log_id(1, i),
+                payload: EntryPayload::Normal(Bytes::from(b)),
+            }
+        };
+        let confirmed = {
+            let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+            shared.flush_state()?; // the file's durable point: nothing yet
+            append_blocking(&shared, (0..6).map(unplaced).collect())?;
+            // The state file is written lazily; the failure came before the next write.
+            shared.durable_in_memory()
+        };
+        assert_eq!(confirmed, Some(5));
+        // First reopen: nothing to cut, and the fsynced entries stay known as durable although
+        // the file still says otherwise.
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        shared.cut_unconfirmed_tail(confirmed)?;
+        assert_eq!(shared.durable_in_memory(), Some(5));
+        drop(shared);
+        // A second failure before any fsync reopens with what the first reopen knew: no entry
+        // that was fsynced is cut.
+        let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
+        shared.cut_unconfirmed_tail(Some(5))?;
+        assert_eq!(shared.read_log()?.last_index(), Some(5));
         Ok(())
     }
 
