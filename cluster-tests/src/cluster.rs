@@ -346,7 +346,7 @@ impl Cluster {
         Ok(v)
     }
 
-    /// Raft groups on node `id` that stopped (role `shutdown`), e.g. after a storage error.
+    /// Raft groups on node `id` that stopped (role `shutdown`) or report a storage error.
     pub async fn stopped_groups(&self, id: NodeId) -> Result<Vec<String>> {
         let (status, v) = self.admin_get(id, "/v1/raft").await?;
         if status != 200 {
@@ -356,7 +356,7 @@ impl Cluster {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|g| g["role"] == "shutdown")
+            .filter(|g| g["role"] == "shutdown" || !g["storage_error"].is_null())
             .filter_map(|g| g["group"].as_str().map(str::to_string))
             .collect())
     }

@@ -75,11 +75,13 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// No safety anomaly: history valid and replicas identical.
+    /// No safety anomaly (history valid, replicas identical), and every replica stopped by a
+    /// disk fault came back by itself once the disk was healed.
     pub fn safe(&self) -> bool {
         self.setup_error.is_none()
             && self.check.valid
             && self.comparisons.iter().all(|c| c.identical)
+            && self.nemesis.disk.unrecovered_heals == 0
     }
 }
 
@@ -487,9 +489,9 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
     if o.nemesis.by_kind.contains_key("disk-fault") {
         let _ = writeln!(
             s,
-            "  disk faults: {} writes and {} fsyncs failed on purpose; {} heals needed a node RESTART \
-             (stopped Raft groups; a workaround until replicas recover from storage errors by themselves, issue 11 case 5)",
-            d.injected_writes, d.injected_fsyncs, d.restarts_after_heal
+            "  disk faults: {} writes and {} fsyncs failed on purpose; {} stopped replicas reopened by their node; \
+             {} heals left a replica stopped (a failure); {} nodes restarted at a heal",
+            d.injected_writes, d.injected_fsyncs, d.recovered_replicas, d.unrecovered_heals, d.restarts_after_heal
         );
     }
     let _ = writeln!(s, "\n== timeline");
