@@ -73,6 +73,9 @@ pub struct LossStats {
     pub files: usize,
     /// Files that had unsynced bytes.
     pub unsynced_files: usize,
+    /// Of those, partition-log segments (`.log`): the ones recovery has to cut. Most unsynced
+    /// files are index files, which are never fsynced and are rebuilt from the segments.
+    pub unsynced_segments: usize,
     /// Of those: tail dropped whole / torn (prefix kept) / garbled (prefix kept, bytes overwritten).
     pub cut: usize,
     pub torn: usize,
@@ -87,6 +90,7 @@ impl LossStats {
     pub fn add(&mut self, o: &LossStats) {
         self.files += o.files;
         self.unsynced_files += o.unsynced_files;
+        self.unsynced_segments += o.unsynced_segments;
         self.cut += o.cut;
         self.torn += o.torn;
         self.garbled += o.garbled;
@@ -97,9 +101,10 @@ impl LossStats {
 
     pub fn summary(&self) -> String {
         format!(
-            "{} files covered, {} with unsynced bytes: {} cut, {} torn, {} garbled ({} bytes dropped, {} overwritten), {} undurable creations deleted",
+            "{} files covered, {} with unsynced bytes ({} segments): {} cut, {} torn, {} garbled ({} bytes dropped, {} overwritten), {} undurable creations deleted",
             self.files,
             self.unsynced_files,
+            self.unsynced_segments,
             self.cut,
             self.torn,
             self.garbled,
@@ -173,6 +178,9 @@ fn lose_tail(
 ) -> Result<()> {
     let unsynced = len - durable;
     stats.unsynced_files += 1;
+    if path.extension().is_some_and(|e| e == "log") {
+        stats.unsynced_segments += 1;
+    }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
