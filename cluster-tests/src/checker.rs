@@ -3,7 +3,8 @@
 //! Anomalies (each is a safety violation; any of them fails the run):
 //! * `lost` — an acknowledged write that no poll ever returned although polls of its partition
 //!   reached past its acknowledged offset; or one that polls did return but the final drain,
-//!   which read the partition past its offset, did not (the log lost it later).
+//!   which read the partition past its offset, did not (the log lost it later); or, on a
+//!   partition the final drain could not read at all, one past the end of every replica's log.
 //! * `unseen` — an acknowledged write never read at all, even by the final drain (which reads
 //!   every partition up to its high watermark after the cluster healed).
 //! * `inconsistent_offsets` — two different values at one offset (by reads or acks).
@@ -128,6 +129,14 @@ impl Anomalies {
 }
 
 pub fn check(ops: &[Op]) -> CheckResult {
+    check_with(ops, &BTreeMap::new())
+}
+
+/// [`check`], knowing which partitions the final drain could not read (no leader after the
+/// heal, e.g. when every replica lost acknowledged entries and none may vote): for each, the
+/// highest end offset any replica's log holds on disk. An acknowledged write at or past it is
+/// on no replica any more: `lost`, even if polls read it earlier.
+pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
     let mut an = Anomalies::new();
     let mut send = OpCounts::default();
     let mut poll = OpCounts::default();
@@ -297,6 +306,14 @@ pub fn check(ops: &[Op]) -> CheckResult {
     }
     for (v, w, o) in &acked {
         let p = w.partition;
+        if let Some(end) = undrained.get(&p).filter(|end| *o >= **end) {
+            an.add(
+                "lost",
+                json!({"partition": p, "value": v, "acked_offset": o, "replicas_end": end,
+                       "why": "no replica's log reaches its offset (the final drain could not read the partition)"}),
+            );
+            continue;
+        }
         match read_offsets.get(v) {
             Some(offs) => {
                 if !offs.contains(o) {
@@ -555,6 +572,25 @@ mod tests {
             .poll(11, 0, 0, &[(0, 1)])
             .check();
         assert!(r.valid, "{:?}", r.examples);
+    }
+
+    #[test]
+    fn a_write_past_every_replicas_end_is_lost_when_the_drain_cannot_read() {
+        let h = H::new().ack(0, 1, 0).ack(0, 2, 1).ack(0, 3, 2).poll(
+            10,
+            0,
+            0,
+            &[(0, 1), (1, 2), (2, 3)],
+        );
+        // Every value was read during the run; the partition then lost offsets 1.. on every
+        // replica, and the drain got no leader.
+        let r = check_with(&h.0, &BTreeMap::from([(0, 1)]));
+        assert!(!r.valid);
+        assert_eq!(r.anomaly_counts["lost"], 2, "{:?}", r.examples);
+        // Without that knowledge the same history passes: the drain proved nothing.
+        assert!(h.check().valid);
+        // A replica that still holds every acknowledged offset loses nothing.
+        assert!(check_with(&h.0, &BTreeMap::from([(0, 3)])).valid);
     }
 
     #[test]
