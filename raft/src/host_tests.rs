@@ -387,19 +387,39 @@ async fn three_hosts_replicate_a_partition_over_tcp() -> anyhow::Result<()> {
             .any(|p| p.is_leader() && p.leader_epoch() > old_epoch)
     })
     .await?;
-    let new_leader = parts
-        .values()
-        .find(|p| p.is_leader())
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    // As a client would: a leader that doubts its quorum right after the election (liveness
+    // pings starved by a loaded 2-core machine) answers Timeout, outcome unknown; retry.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (at, new_leader) = loop {
+        let Some(p) = parts.values().find(|p| p.is_leader()).cloned() else {
+            anyhow::ensure!(Instant::now() < deadline, "no leader after the failover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        match append_values(&p, &[b"after failover"]).await {
+            Ok(off) => break (off, p),
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "append after failover failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // Offsets go on where the old leader stopped; an attempt that timed out but committed sits
+    // right before, as a one-record batch of its own.
+    assert_eq!(at.0, at.1);
+    assert!(at.0 >= next, "offsets went backwards: {at:?} after {next}");
+    let since = batches(&new_leader.read(next, 1 << 20).await?)?;
+    let want: Vec<(i64, i64)> = (next..=at.0).map(|o| (o, o)).collect();
     assert_eq!(
-        append_values(&new_leader, &[b"after failover"]).await?,
-        (next, next)
+        since, want,
+        "only the retried append lies between {next} and {at:?}"
     );
+    let end = at.0 + 1;
     wait_for(
         "survivors at the new high watermark",
         Duration::from_secs(10),
-        || parts.values().all(|p| p.high_watermark() == next + 1),
+        || parts.values().all(|p| p.high_watermark() == end),
     )
     .await?;
 
