@@ -33,12 +33,22 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _LIVE: dict[int, subprocess.Popen] = {}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A port the kernel just handed out on 127.0.0.1; the tiny race until the broker binds it is
-    acceptable on a test machine, and cheaper than teaching the broker to report its ports."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    acceptable on a test machine, and cheaper than teaching the broker to report its ports. The
+    kernel may hand the same free port out again before the first broker binds it (one node got
+    the same port for Kafka and Raft), so a port is never given twice in one session."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def _die_with_parent() -> None:
