@@ -1242,6 +1242,16 @@ mod tests {
         Ok(())
     }
 
+    /// A leader's own data entry at `index` (term 1): not yet placed at an offset.
+    fn leader_entry(index: u64, values: &[&[u8]]) -> Entry {
+        let mut b = crate::test_util::data_batch(0, values);
+        batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
+        Entry {
+            log_id: log_id(1, index),
+            payload: EntryPayload::Normal(Bytes::from(b)),
+        }
+    }
+
     fn snapshot_at(index: u64, term: u64, hw: i64) -> SnapshotFile {
         let last = Some(log_id(term, index));
         SnapshotFile {
@@ -1277,17 +1287,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         {
             let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
-            let entries = (0..5)
-                .map(|i| {
-                    let mut b = crate::test_util::data_batch(0, &[b"x"]);
-                    batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
-                    Entry {
-                        log_id: log_id(1, i),
-                        payload: EntryPayload::Normal(Bytes::from(b)),
-                    }
-                })
-                .collect();
-            append_blocking(&shared, entries)?;
+            append_blocking(&shared, (0..5).map(|i| leader_entry(i, &[b"x"])).collect())?;
             // The install wrote the leader's snapshot at index 20, then the node died before
             // the log restarted after it.
             assert!(shared.save_snapshot(&snapshot_at(20, 2, 40))?);
@@ -1308,18 +1308,10 @@ mod tests {
     #[test]
     fn a_reopened_replica_keeps_what_the_failed_one_confirmed_durable() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let unplaced = |i: u64| {
-            let mut b = crate::test_util::data_batch(0, &[b"x"]);
-            batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
-            Entry {
-                log_id: log_id(1, i),
-                payload: EntryPayload::Normal(Bytes::from(b)),
-            }
-        };
         let confirmed = {
             let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
             shared.flush_state()?; // the file's durable point: nothing yet
-            append_blocking(&shared, (0..6).map(unplaced).collect())?;
+            append_blocking(&shared, (0..6).map(|i| leader_entry(i, &[b"x"])).collect())?;
             // The state file is written lazily; the failure came before the next write.
             shared.durable_in_memory()
         };
@@ -1345,17 +1337,10 @@ mod tests {
         let hw_tx = Arc::new(hw_tx);
         {
             let shared = PartitionShared::open(dir.path(), LogConfig::default())?;
-            let entries: Vec<Entry> = (0..3)
-                .map(|i| {
-                    let mut b = crate::test_util::data_batch(0, &[b"x", b"y"]);
-                    batch::set_base_offset(&mut b, batch::UNPLACED_BASE_OFFSET);
-                    Entry {
-                        log_id: log_id(1, i),
-                        payload: EntryPayload::Normal(Bytes::from(b)),
-                    }
-                })
-                .collect();
-            append_blocking(&shared, entries)?;
+            append_blocking(
+                &shared,
+                (0..3).map(|i| leader_entry(i, &[b"x", b"y"])).collect(),
+            )?;
             let mut sm = PartitionStateMachine::open(shared.clone(), hw_tx.clone()).await?;
             let mut store = PartitionLogStore::new(shared.clone());
             sm.apply(store.try_get_log_entries(0..3).await?).await?;
