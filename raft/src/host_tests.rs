@@ -495,8 +495,22 @@ async fn open_on_all(
     sub: &str,
 ) -> anyhow::Result<BTreeMap<u64, Arc<PartitionGroup>>> {
     let voters: BTreeSet<u64> = hosts.keys().copied().collect();
+    open_on(hosts, &voters, dir, group, sub).await
+}
+
+/// Opens `group` on the hosts in `voters` (in `n{id}/{sub}` under `dir`), with them as voters.
+async fn open_on(
+    hosts: &BTreeMap<u64, Arc<RaftHost>>,
+    voters: &BTreeSet<u64>,
+    dir: &Path,
+    group: &str,
+    sub: &str,
+) -> anyhow::Result<BTreeMap<u64, Arc<PartitionGroup>>> {
     let mut parts = BTreeMap::new();
-    for (id, h) in hosts {
+    for id in voters {
+        let h = hosts
+            .get(id)
+            .ok_or_else(|| anyhow::anyhow!("no host {id}"))?;
         let p = h
             .open_partition(
                 group.to_string(),
@@ -1599,18 +1613,7 @@ async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> an
     let group = "p/t/9".to_string();
     let pdir = |id: u64| dir.path().join(format!("n{id}")).join("t-9");
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
-    let mut parts = BTreeMap::new();
-    for id in [1u64, 2, 3] {
-        let p = hosts[&id]
-            .open_partition(
-                group.clone(),
-                pdir(id),
-                LogConfig::default(),
-                voters.clone(),
-            )
-            .await?;
-        parts.insert(id, p);
-    }
+    let mut parts = open_on(&hosts, &voters, dir.path(), &group, "t-9").await?;
     let leader = partition_leader(&parts).await?;
 
     tracing::info!("--- 3,000 entries: fewer than openraft's learner lag threshold (5,000)");
@@ -1676,18 +1679,7 @@ async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_it_has_the
     let group = "p/lost/0".to_string();
     let pdir = |id: u64| dir.path().join(format!("n{id}")).join("lost-0");
     let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
-    let mut parts = BTreeMap::new();
-    for id in [1u64, 2, 3] {
-        let p = hosts[&id]
-            .open_partition(
-                group.clone(),
-                pdir(id),
-                LogConfig::default(),
-                voters.clone(),
-            )
-            .await?;
-        parts.insert(id, p);
-    }
+    let mut parts = open_on(&hosts, &voters, dir.path(), &group, "lost-0").await?;
     let leader = partition_leader(&parts).await?;
     let others: Vec<u64> = voters.iter().copied().filter(|&v| v != leader).collect();
     let (keeper, stale) = (others[0], others[1]);
