@@ -12,9 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::node::Node;
+use crate::broker::Broker;
 
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/cluster", get(cluster))
@@ -38,7 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(storage_faults_get).post(storage_faults_set),
         )
         .fallback(not_found)
-        .with_state(node)
+        .with_state(broker)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -49,14 +49,14 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-async fn health(State(node): State<Arc<Node>>) -> Response {
-    let ready = node.is_ready();
+async fn health(State(broker): State<Arc<Broker>>) -> Response {
+    let ready = broker.is_ready();
     let body = json!({
         "ready": ready,
-        "node_id": node.cfg.node_id,
-        "controller_id": node.controller_id(),
-        "partitions": node.partition_count(),
-        "storage_fence": node.storage_fence(),
+        "node_id": broker.cfg.node_id,
+        "controller_id": broker.controller_id(),
+        "partitions": broker.partitions.len(),
+        "storage_fence": broker.health.storage_fence(),
     });
     let status = if ready {
         StatusCode::OK
@@ -66,8 +66,8 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn brokers_json(node: &Node) -> Vec<Value> {
-    let st = node.state();
+fn brokers_json(broker: &Broker) -> Vec<Value> {
+    let st = broker.state();
     st.brokers
         .values()
         .map(|b| {
@@ -83,24 +83,24 @@ fn brokers_json(node: &Node) -> Vec<Value> {
         .collect()
 }
 
-async fn cluster(State(node): State<Arc<Node>>) -> Json<Value> {
-    let meta = node.raft.meta().status();
+async fn cluster(State(broker): State<Arc<Broker>>) -> Json<Value> {
+    let meta = broker.raft.meta().status();
     Json(json!({
-        "cluster_id": node.state().cluster_id,
-        "node_id": node.cfg.node_id,
-        "controller_id": node.controller_id(),
+        "cluster_id": broker.state().cluster_id,
+        "node_id": broker.cfg.node_id,
+        "controller_id": broker.controller_id(),
         "metadata_term": meta.term,
         "metadata_commit_index": meta.commit_index,
-        "brokers": brokers_json(&node),
+        "brokers": brokers_json(&broker),
     }))
 }
 
-async fn brokers(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(Value::Array(brokers_json(&node)))
+async fn brokers(State(broker): State<Arc<Broker>>) -> Json<Value> {
+    Json(Value::Array(brokers_json(&broker)))
 }
 
-async fn topics(State(node): State<Arc<Node>>) -> Json<Value> {
-    let st = node.state();
+async fn topics(State(broker): State<Arc<Broker>>) -> Json<Value> {
+    let st = broker.state();
     Json(Value::Array(
         st.topics
             .values()
@@ -117,8 +117,8 @@ async fn topics(State(node): State<Arc<Node>>) -> Json<Value> {
     ))
 }
 
-async fn topic(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
-    let Some(t) = node.state().topics.get(&name).cloned() else {
+async fn topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
+    let Some(t) = broker.state().topics.get(&name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             format!("topic '{name}' does not exist"),
@@ -129,10 +129,10 @@ async fn topic(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Respo
         .iter()
         .enumerate()
         .map(|(p, replicas)| {
-            let g = node.partition(&name, p as i32);
+            let g = broker.partition(&name, p as i32);
             // This node's replica knows best; a node without one answers from what leaders
             // reported to the controller, as Metadata does.
-            let leader = node.partition_leader_in(&node.state(), &name, p as i32);
+            let leader = broker.partition_leader_in(&broker.state(), &name, p as i32);
             json!({
                 "partition": p,
                 "replicas": replicas,
@@ -155,8 +155,8 @@ async fn topic(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Respo
     .into_response()
 }
 
-async fn raft(State(node): State<Arc<Node>>) -> Json<Value> {
-    let groups: Vec<Value> = node
+async fn raft(State(broker): State<Arc<Broker>>) -> Json<Value> {
+    let groups: Vec<Value> = broker
         .raft
         .status()
         .into_iter()
@@ -175,23 +175,23 @@ async fn raft(State(node): State<Arc<Node>>) -> Json<Value> {
                 "purged_index": s.purged_index,
                 "storage_error": s.storage_error,
                 // Partition groups only: where this replica's Kafka log starts and ends.
-                "log_start_offset": node.raft.partition(&s.group).map(|g| g.log_start_offset()),
-                "log_end_offset": node.raft.partition(&s.group).map(|g| g.log_end_offset()),
+                "log_start_offset": broker.raft.partition(&s.group).map(|g| g.log_start_offset()),
+                "log_end_offset": broker.raft.partition(&s.group).map(|g| g.log_end_offset()),
             })
         })
         .collect();
-    Json(json!({ "node_id": node.cfg.node_id, "groups": groups }))
+    Json(json!({ "node_id": broker.cfg.node_id, "groups": groups }))
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     let mut out = String::new();
-    node.metrics.render(&mut out);
+    broker.metrics.render(&mut out);
     use std::fmt::Write;
     let _ = writeln!(out, "# TYPE sluice_partitions gauge");
-    let _ = writeln!(out, "sluice_partitions {}", node.partition_count());
+    let _ = writeln!(out, "sluice_partitions {}", broker.partitions.len());
     // A term bump is an election, so the term is the election counter per group.
     let _ = writeln!(out, "# TYPE sluice_raft_term counter");
-    for s in node.raft.status() {
+    for s in broker.raft.status() {
         let _ = writeln!(out, "sluice_raft_term{{group=\"{}\"}} {}", s.group, s.term);
     }
     for name in [
@@ -209,7 +209,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     }
     // 1 while this replica's Raft core is stopped on a storage error (it is being reopened).
     let _ = writeln!(out, "# TYPE sluice_partition_storage_failed gauge");
-    let topics: Vec<(String, usize)> = node
+    let topics: Vec<(String, usize)> = broker
         .state()
         .topics
         .values()
@@ -217,7 +217,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .collect();
     for (t, n) in topics {
         for p in 0..n as i32 {
-            let Some(g) = node.partition(&t, p) else {
+            let Some(g) = broker.partition(&t, p) else {
                 continue;
             };
             let l = format!("topic=\"{t}\",partition=\"{p}\"");
@@ -270,12 +270,12 @@ struct TransferBody {
 }
 
 async fn transfer_leadership(
-    State(node): State<Arc<Node>>,
+    State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, i32)>,
     body: Option<Json<TransferBody>>,
 ) -> Response {
     let (replicas, gid) = {
-        let st = node.state();
+        let st = broker.state();
         let Some(t) = st.topics.get(&topic) else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -292,7 +292,7 @@ async fn transfer_leadership(
                 format!("topic '{topic}' has no partition {partition}"),
             );
         };
-        (r.clone(), crate::node::group_id(t, partition))
+        (r.clone(), crate::controller::group_id(t, partition))
     };
     let target = body
         .and_then(|Json(b)| b.target)
@@ -309,8 +309,8 @@ async fn transfer_leadership(
         );
     }
     let leader_now = || {
-        let st = node.state();
-        node.partition_leader_in(&st, &topic, partition)
+        let st = broker.state();
+        broker.partition_leader_in(&st, &topic, partition)
     };
     if leader_now().map(|(l, _)| l) == Some(target) {
         return Json(json!({ "leader": target, "changed": false })).into_response();
@@ -322,9 +322,16 @@ async fn transfer_leadership(
         );
     };
     // The leader runs the transfer: it pauses new writes until the target has its whole log.
-    let req = crate::cluster::AppRequest::Transfer { group: gid, target };
-    match crate::cluster::call(&node, leader, &req, std::time::Duration::from_secs(40)).await {
-        Ok(crate::cluster::AppResponse::Ok) => {}
+    let req = crate::rpc::AppRequest::Transfer { group: gid, target };
+    match crate::rpc::call(
+        &broker.raft,
+        leader,
+        &req,
+        std::time::Duration::from_secs(40),
+    )
+    .await
+    {
+        Ok(crate::rpc::AppResponse::Ok) => {}
         Ok(other) => {
             return error(
                 StatusCode::BAD_GATEWAY,
@@ -355,7 +362,7 @@ type PartitionMove = (u32, Vec<u64>);
 /// Per topic, the moves that take every replica off broker `id` (partitions already moving are
 /// left alone). Pure over the metadata, so it is easy to test.
 fn decommission_moves(
-    st: &crate::metadata::MetaState,
+    st: &crate::controller::MetaState,
     id: u64,
 ) -> Result<Vec<(String, Vec<PartitionMove>)>, String> {
     let mut load: BTreeMap<u64, usize> = st
@@ -411,7 +418,7 @@ struct ReassignBody {
 /// Starts moving a partition to a new replica set (preferred leader first), like Kafka's
 /// AlterPartitionReassignments; `GET /v1/reassignments` shows the moves still in progress.
 async fn reassign(
-    State(node): State<Arc<Node>>,
+    State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, u32)>,
     body: Option<Json<ReassignBody>>,
 ) -> Response {
@@ -421,17 +428,17 @@ async fn reassign(
             "expected a JSON body {\"replicas\": [broker ids]}",
         );
     };
-    let cmd = crate::metadata::Command::ReassignPartitions {
+    let cmd = crate::controller::Command::ReassignPartitions {
         topic: topic.clone(),
         moves: vec![(partition, body.replicas.clone())],
     };
-    match node.propose(&cmd).await {
-        Ok(crate::metadata::Reply::Ok) => (
+    match broker.propose(&cmd).await {
+        Ok(crate::controller::Reply::Ok) => (
             StatusCode::ACCEPTED,
             Json(json!({ "topic": topic, "partition": partition, "target": body.replicas })),
         )
             .into_response(),
-        Ok(crate::metadata::Reply::Err { code, message }) => {
+        Ok(crate::controller::Reply::Err { code, message }) => {
             let status = if code == crate::errors::ErrorCode::UnknownTopicOrPartition.code() {
                 StatusCode::NOT_FOUND
             } else {
@@ -443,8 +450,8 @@ async fn reassign(
     }
 }
 
-async fn reassignments(State(node): State<Arc<Node>>) -> Response {
-    let st = node.state();
+async fn reassignments(State(broker): State<Arc<Broker>>) -> Response {
+    let st = broker.state();
     let list: Vec<serde_json::Value> = st
         .topics
         .values()
@@ -462,10 +469,10 @@ async fn reassignments(State(node): State<Arc<Node>>) -> Response {
     Json(json!({ "reassignments": list })).into_response()
 }
 
-async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Response {
+async fn decommission(State(broker): State<Arc<Broker>>, Path(id): Path<u64>) -> Response {
     let hosted: Vec<String> = {
-        let st = node.state();
-        if !st.brokers.contains_key(&id) && !node.raft.meta().voters().contains_key(&id) {
+        let st = broker.state();
+        if !st.brokers.contains_key(&id) && !broker.raft.meta().voters().contains_key(&id) {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("broker {id} is not registered"),
@@ -480,7 +487,7 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
     // until the broker is empty and is then removed.
     if !hosted.is_empty() {
         let plan = {
-            let st = node.state();
+            let st = broker.state();
             decommission_moves(&st, id)
         };
         let plan = match plan {
@@ -493,12 +500,12 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
                 continue;
             }
             started += moves.len();
-            match node
-                .propose(&crate::metadata::Command::ReassignPartitions { topic, moves })
+            match broker
+                .propose(&crate::controller::Command::ReassignPartitions { topic, moves })
                 .await
             {
-                Ok(crate::metadata::Reply::Ok) => {}
-                Ok(crate::metadata::Reply::Err { message, .. }) => {
+                Ok(crate::controller::Reply::Ok) => {}
+                Ok(crate::controller::Reply::Err { message, .. }) => {
                     return error(StatusCode::CONFLICT, message)
                 }
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -518,23 +525,23 @@ async fn decommission(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> Res
         )
             .into_response();
     }
-    if !node.raft.meta().is_leader() {
+    if !broker.raft.meta().is_leader() {
         return error(
             StatusCode::MISDIRECTED_REQUEST,
             format!(
                 "send this to the controller (node {:?})",
-                node.controller_id()
+                broker.controller_id()
             ),
         );
     }
-    if let Err(e) = node.raft.meta().remove_voter(id).await {
+    if let Err(e) = broker.raft.meta().remove_voter(id).await {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("membership change failed: {e}"),
         );
     }
-    match node
-        .propose(&crate::metadata::Command::UnregisterBroker { id })
+    match broker
+        .propose(&crate::controller::Command::UnregisterBroker { id })
         .await
     {
         Ok(_) => Json(json!({ "decommissioned": id })).into_response(),
@@ -595,7 +602,7 @@ fn storage_faults(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::{BrokerInfo, MetaState, TopicMeta};
+    use crate::controller::{BrokerInfo, MetaState, TopicMeta};
 
     fn state(brokers: &[u64], parts: Vec<Vec<u64>>) -> MetaState {
         let mut st = MetaState::default();

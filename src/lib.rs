@@ -1,21 +1,32 @@
-//! Sluice: a Kafka-compatible streaming log coordinated by Raft. This crate is the node — Kafka
-//! listener and per-API handlers, the replicated metadata state (the controller), the partition
-//! manager, admin HTTP, configuration — and the `sluice` CLI's client verbs.
+//! Sluice: a Kafka-compatible streaming log coordinated by Raft. This crate is the broker and the
+//! `sluice` CLI's client verbs; ARCHITECTURE.md has the code map and the rules between modules.
+//! From the bottom up: `config`, `errors`, `clock`, `metrics`, `identity` · `controller` (the
+//! replicated metadata) · `rpc` (node-to-node messages) · `broker` (what handlers and loops
+//! share) · `membership`, `partition`, `kafka`, `admin` · `node` (the composition root) ·
+//! `server`, `testkit`. `cli` stands apart: it speaks only the Kafka protocol.
 
 pub mod admin;
 pub mod alloc_guard;
+pub mod broker;
 #[cfg(feature = "chaos-bugs")]
 pub mod chaos_bugs;
 pub mod cli;
-pub mod cluster;
+pub mod clock;
 pub mod config;
+pub mod controller;
 pub mod errors;
+pub mod identity;
 pub mod kafka;
-pub mod metadata;
+pub mod membership;
 pub mod metrics;
 pub mod node;
-pub mod retention;
+pub mod partition;
+pub mod rpc;
 pub mod server;
+pub mod testkit;
 
+// The binary installs the guarded allocator (src/main.rs); this crate's own tests drive hostile
+// frames against in-process nodes, so they need it too. Dependents choose for themselves.
+#[cfg(test)]
 #[global_allocator]
 static GLOBAL: alloc_guard::GuardedAlloc = alloc_guard::GuardedAlloc;

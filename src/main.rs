@@ -6,6 +6,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice::config::{parse_peers, ServerConfig};
 
+// Hostile length prefixes must not abort the process; see sluice::alloc_guard.
+#[global_allocator]
+static GLOBAL: sluice::alloc_guard::GuardedAlloc = sluice::alloc_guard::GuardedAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

@@ -26,9 +26,11 @@ use kafka_protocol::protocol::Decodable;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::node::Node;
+use crate::broker::Broker;
 
 /// What a handler produces: an encoded response body, or nothing (acks=0 produce).
 pub type HandlerResult = Option<Response>;
@@ -88,18 +90,16 @@ impl Activity {
     }
 }
 
-/// Accepts connections until `shutdown` resolves. Takes an already-bound listener so tests can bind
+/// Accepts connections until `shutdown` is cancelled, then waits (bounded) for open connections to
+/// end. Takes an already-bound listener so tests can bind
 /// port 0.
-pub async fn serve(
-    listener: TcpListener,
-    node: Arc<Node>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let limit = Arc::new(Semaphore::new(node.cfg.max_connections));
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(broker.cfg.max_connections));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.changed() => break,
+            () = shutdown.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -113,16 +113,16 @@ pub async fn serve(
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                warn!(%peer, max = node.cfg.max_connections, "connection limit reached, closing new connection");
+                warn!(%peer, max = broker.cfg.max_connections, "connection limit reached, closing new connection");
                 drop(stream);
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
+        let broker = broker.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(reason) = handle_connection(stream, node, shutdown).await {
+        connections.spawn(async move {
+            if let Err(reason) = handle_connection(stream, broker, shutdown).await {
                 info!(%peer, %reason, "closed connection");
             } else {
                 debug!(%peer, "connection ended");
@@ -130,26 +130,30 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // Each connection stops reading on cancellation and ends once its in-flight requests are
+    // answered; a long poll or a stuck commit must not hold the node's shutdown for long.
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
 }
 
 type Pending = BoxFuture<'static, Option<(i32, ApiKey, i16, HandlerResult)>>;
 
 async fn handle_connection(
     stream: TcpStream,
-    node: Arc<Node>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
 ) -> Result<(), String> {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Pending>(node.cfg.max_in_flight_requests_per_connection);
+    let (tx, mut rx) = mpsc::channel::<Pending>(broker.cfg.max_in_flight_requests_per_connection);
     let activity = Arc::new(Activity::new());
     let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
     // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
     let (writer_alive, writer_gone) = tokio::sync::watch::channel(());
 
     // The writer awaits responses strictly in request order.
-    let metrics_node = node.clone();
+    let metrics_node = broker.clone();
     let writer_activity = activity.clone();
-    let stall = Duration::from_millis(node.cfg.socket_write_timeout_ms);
+    let stall = Duration::from_millis(broker.cfg.socket_write_timeout_ms);
     let writer = tokio::spawn(async move {
         let metrics = &metrics_node.metrics;
         let activity = writer_activity;
@@ -189,7 +193,7 @@ async fn handle_connection(
         fetch_turn,
         writer_gone,
     };
-    let read = read_loop(&mut rd, &node, &conn, &tx, &mut shutdown).await;
+    let read = read_loop(&mut rd, &broker, &conn, &tx, &shutdown).await;
     drop(tx);
     let written = writer
         .await
@@ -208,13 +212,16 @@ struct Conn {
 
 async fn read_loop(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
-    node: &Arc<Node>,
+    broker: &Arc<Broker>,
     conn: &Conn,
     tx: &mpsc::Sender<Pending>,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let max = node.cfg.socket_request_max_bytes;
-    let idle = node.cfg.connections_max_idle_ms.map(Duration::from_millis);
+    let max = broker.cfg.socket_request_max_bytes;
+    let idle = broker
+        .cfg
+        .connections_max_idle_ms
+        .map(Duration::from_millis);
     let mut head = [0u8; 4];
     let mut got = 0usize;
     loop {
@@ -227,7 +234,7 @@ async fn read_loop(
                 Ok(n) => got += n,
                 Err(e) => return Err(format!("read failed: {e}")),
             },
-            _ = shutdown.changed() => return Ok(()),
+            () = shutdown.cancelled() => return Ok(()),
             // The writer gave up (a stalled or failed write): nothing more can be answered.
             _ = tx.closed() => return Err("response writer stopped".into()),
             _ = sleep_until(idle_at) => {
@@ -259,7 +266,7 @@ async fn read_loop(
             .map_err(|e| format!("truncated request frame: {e}"))?;
         let frame = frame.freeze();
         conn.activity.touch();
-        let pending = decode_and_start(node, conn, frame)?;
+        let pending = decode_and_start(broker, conn, frame)?;
         conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         if tx.send(pending).await.is_err() {
             return Err("response writer stopped".into());
@@ -304,7 +311,7 @@ fn one_fetch_at_a_time(
 
 /// Decodes one frame and starts its handler. Errors close the connection, as Kafka does for
 /// requests it cannot parse.
-fn decode_and_start(node: &Arc<Node>, conn: &Conn, frame: Bytes) -> Result<Pending, String> {
+fn decode_and_start(broker: &Arc<Broker>, conn: &Conn, frame: Bytes) -> Result<Pending, String> {
     let mut peek = frame.clone();
     let api_key_raw = peek.get_i16();
     let version = peek.get_i16();
@@ -332,7 +339,8 @@ fn decode_and_start(node: &Arc<Node>, conn: &Conn, frame: Bytes) -> Result<Pendi
     }
     let mut body = frame;
     // Old versions the codec crate dropped are decoded by hand inside their handlers.
-    if let Some(pending) = handlers::start_legacy(node, api_key, version, correlation_id, &body)? {
+    if let Some(pending) = handlers::start_legacy(broker, api_key, version, correlation_id, &body)?
+    {
         return Ok(pending);
     }
     let header_version = api_key.request_header_version(version);
@@ -340,7 +348,7 @@ fn decode_and_start(node: &Arc<Node>, conn: &Conn, frame: Bytes) -> Result<Pendi
         .map_err(|e| format!("malformed {api_key:?} v{version} request header: {e}"))?;
     let request = RequestKind::decode(api_key, &mut body, version)
         .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
-    let mut fut = handlers::dispatch(node.clone(), header, request);
+    let mut fut = handlers::dispatch(broker.clone(), header, request);
     if api_key == ApiKey::Fetch {
         fut = one_fetch_at_a_time(conn.fetch_turn.clone(), conn.writer_gone.clone(), fut);
     }

@@ -5,9 +5,9 @@ use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiVersionsRequest, ApiVersionsResponse};
 
 use super::SUPPORTED;
+use crate::broker::Broker;
 use crate::errors::ErrorCode;
 use crate::kafka::wire::Writer;
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 0;
 /// v4 only adds a tagged field we do not need; librdkafka 2.0.2 tops out at v3.
@@ -25,7 +25,7 @@ fn api_keys() -> Vec<ApiVersion> {
         .collect()
 }
 
-pub fn handle(_node: &Node, _version: i16, _req: ApiVersionsRequest) -> ApiVersionsResponse {
+pub fn handle(_node: &Broker, _version: i16, _req: ApiVersionsRequest) -> ApiVersionsResponse {
     ApiVersionsResponse::default()
         .with_error_code(0)
         .with_api_keys(api_keys())

@@ -5,21 +5,21 @@ use kafka_protocol::messages::{CreatePartitionsRequest, CreatePartitionsResponse
 use kafka_protocol::protocol::StrBytes;
 
 use super::create_topics::{code_from, PARTITIONS_MAX};
+use crate::broker::Broker;
+use crate::controller::{Command, MetaState, Reply};
 use crate::errors::ErrorCode;
-use crate::metadata::{Command, MetaState, Reply};
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 0;
 pub const MAX_VERSION: i16 = 3;
 
 async fn grow(
-    node: &Node,
+    broker: &Broker,
     name: &str,
     count: i32,
     validate_only: bool,
 ) -> Result<(), (ErrorCode, String)> {
     let (current, rf) = {
-        let st = node.state();
+        let st = broker.state();
         let t = st.topics.get(name).ok_or_else(|| {
             (
                 ErrorCode::UnknownTopicOrPartition,
@@ -40,7 +40,7 @@ async fn grow(
             format!("at most {PARTITIONS_MAX} partitions per topic"),
         ));
     }
-    let brokers = node.live_brokers();
+    let brokers = broker.live_brokers();
     if rf > brokers.len() {
         return Err((
             ErrorCode::InvalidReplicationFactor,
@@ -55,7 +55,7 @@ async fn grow(
     }
     let new_partitions =
         MetaState::place_replicas(&brokers, current as usize, (count - current) as usize, rf);
-    match node
+    match broker
         .propose(&Command::CreatePartitions {
             name: name.to_string(),
             new_partitions,
@@ -66,13 +66,14 @@ async fn grow(
         Ok(Reply::Err { code, message }) => return Err((code_from(code), message)),
         Err(e) => return Err((ErrorCode::RequestTimedOut, e.to_string())),
     }
-    node.wait_for_partitions(name, std::time::Duration::from_secs(30))
+    broker
+        .wait_for_partitions(name, std::time::Duration::from_secs(30))
         .await;
     Ok(())
 }
 
 pub async fn handle(
-    node: &Node,
+    broker: &Broker,
     _version: i16,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
@@ -85,7 +86,7 @@ pub async fn handle(
                 "manual replica assignment is not supported".to_string(),
             ))
         } else {
-            grow(node, &name, t.count, req.validate_only).await
+            grow(broker, &name, t.count, req.validate_only).await
         };
         let mut r = CreatePartitionsTopicResult::default().with_name(t.name);
         if let Err((code, msg)) = outcome {

@@ -10,10 +10,10 @@ use kafka_protocol::messages::create_topics_response::{
 use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use kafka_protocol::protocol::StrBytes;
 
-use super::describe_configs::{topic_config_value, validate_topic_config};
+use crate::broker::Broker;
+use crate::controller::topic_config::{self, TopicConfig, TOPIC_CONFIG_KEYS};
+use crate::controller::{validate_topic_name, Command, MetaState, Reply, TopicMeta};
 use crate::errors::ErrorCode;
-use crate::metadata::{validate_topic_name, Command, MetaState, Reply, TopicMeta};
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 2;
 pub const MAX_VERSION: i16 = 7;
@@ -24,7 +24,7 @@ pub const PARTITIONS_MAX: i32 = 10_000;
 pub type CreateError = (ErrorCode, String);
 
 pub async fn create_topic(
-    node: &Node,
+    broker: &Broker,
     name: &str,
     partitions: i32,
     replication_factor: i16,
@@ -33,7 +33,7 @@ pub async fn create_topic(
 ) -> Result<(), CreateError> {
     validate_topic_name(name).map_err(|m| (ErrorCode::InvalidTopicException, m))?;
     let partitions = if partitions == -1 {
-        node.cfg.num_partitions
+        broker.cfg.num_partitions
     } else {
         partitions
     };
@@ -46,11 +46,11 @@ pub async fn create_topic(
         ));
     }
     let rf = if replication_factor == -1 {
-        node.cfg.default_replication_factor
+        broker.cfg.default_replication_factor
     } else {
         replication_factor
     };
-    let brokers = node.live_brokers();
+    let brokers = broker.live_brokers();
     if rf < 1 || rf as usize > brokers.len() {
         return Err((
             ErrorCode::InvalidReplicationFactor,
@@ -61,9 +61,9 @@ pub async fn create_topic(
         ));
     }
     for (k, v) in &configs {
-        validate_topic_config(k, v).map_err(|m| (ErrorCode::InvalidConfig, m))?;
+        topic_config::validate(k, v).map_err(|m| (ErrorCode::InvalidConfig, m))?;
     }
-    if node.state().topics.contains_key(name) {
+    if broker.state().topics.contains_key(name) {
         return Err((
             ErrorCode::TopicAlreadyExists,
             format!("topic '{name}' already exists"),
@@ -80,7 +80,7 @@ pub async fn create_topic(
         leaders: Default::default(),
         reassigning: Default::default(),
     };
-    match node.propose(&Command::CreateTopic { topic }).await {
+    match broker.propose(&Command::CreateTopic { topic }).await {
         Ok(Reply::Ok) => {}
         Ok(Reply::Err { code, message }) => return Err((code_from(code), message)),
         Err(e) => {
@@ -93,7 +93,10 @@ pub async fn create_topic(
     // Like Kafka, the topic exists once its metadata commits; waiting a little for leaders lets an
     // immediate produce succeed, but a replica set that includes a broker that just died must
     // not hold the answer hostage.
-    if !node.wait_for_partitions(name, Duration::from_secs(5)).await {
+    if !broker
+        .wait_for_partitions(name, Duration::from_secs(5))
+        .await
+    {
         tracing::warn!(topic = %name, "topic created but not all partitions have leaders yet");
     }
     Ok(())
@@ -111,7 +114,11 @@ pub fn code_from(code: i16) -> ErrorCode {
     }
 }
 
-pub async fn handle(node: &Node, version: i16, req: CreateTopicsRequest) -> CreateTopicsResponse {
+pub async fn handle(
+    broker: &Broker,
+    version: i16,
+    req: CreateTopicsRequest,
+) -> CreateTopicsResponse {
     let mut results = Vec::new();
     for t in req.topics {
         let name = t.name.0.to_string();
@@ -133,7 +140,7 @@ pub async fn handle(node: &Node, version: i16, req: CreateTopicsRequest) -> Crea
             ))
         } else {
             create_topic(
-                node,
+                broker,
                 &name,
                 t.num_partitions,
                 t.replication_factor,
@@ -145,7 +152,7 @@ pub async fn handle(node: &Node, version: i16, req: CreateTopicsRequest) -> Crea
         let mut r = CreatableTopicResult::default().with_name(t.name.clone());
         match outcome {
             Ok(()) => {
-                let st = node.state();
+                let st = broker.state();
                 if let Some(meta) = st.topics.get(&name) {
                     r = r
                         .with_topic_id(uuid::Uuid::from_bytes(meta.id))
@@ -157,10 +164,11 @@ pub async fn handle(node: &Node, version: i16, req: CreateTopicsRequest) -> Crea
                         .with_replication_factor(t.replication_factor);
                 }
                 if version >= 5 {
-                    let cfgs = super::describe_configs::TOPIC_CONFIG_KEYS
+                    let effective = TopicConfig::resolve(Some(&configs), &broker.cfg);
+                    let cfgs = TOPIC_CONFIG_KEYS
                         .iter()
                         .map(|k| {
-                            let v = topic_config_value(node, &configs, k);
+                            let v = effective.value(k);
                             CreatableTopicConfigs::default()
                                 .with_name(StrBytes::from_static_str(k))
                                 .with_value(Some(StrBytes::from_string(v)))

@@ -4,14 +4,18 @@ use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::{DeleteTopicsRequest, DeleteTopicsResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
+use crate::broker::Broker;
+use crate::controller::{Command, Reply};
 use crate::errors::ErrorCode;
-use crate::metadata::{Command, Reply};
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 1;
 pub const MAX_VERSION: i16 = 6;
 
-pub async fn handle(node: &Node, version: i16, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub async fn handle(
+    broker: &Broker,
+    version: i16,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
     let mut targets: Vec<(Option<String>, uuid::Uuid)> = Vec::new();
     if version >= 6 {
         for t in req.topics {
@@ -25,7 +29,8 @@ pub async fn handle(node: &Node, version: i16, req: DeleteTopicsRequest) -> Dele
     let mut responses = Vec::new();
     for (name, id) in targets {
         let name = name.or_else(|| {
-            node.state()
+            broker
+                .state()
                 .topics
                 .values()
                 .find(|t| uuid::Uuid::from_bytes(t.id) == id)
@@ -39,7 +44,7 @@ pub async fn handle(node: &Node, version: i16, req: DeleteTopicsRequest) -> Dele
                 ErrorCode::UnknownTopicOrPartition,
                 "unknown topic id".to_string(),
             )),
-            Some(n) => match node
+            Some(n) => match broker
                 .propose(&Command::DeleteTopic { name: n.clone() })
                 .await
             {

@@ -5,13 +5,17 @@ use kafka_protocol::messages::{BrokerId, DescribeClusterRequest, DescribeCluster
 use kafka_protocol::protocol::StrBytes;
 
 use super::split_host_port;
-use crate::node::Node;
+use crate::broker::Broker;
 
 pub const MIN_VERSION: i16 = 0;
 pub const MAX_VERSION: i16 = 1;
 
-pub fn handle(node: &Node, _version: i16, _req: DescribeClusterRequest) -> DescribeClusterResponse {
-    let st = node.state();
+pub fn handle(
+    broker: &Broker,
+    _version: i16,
+    _req: DescribeClusterRequest,
+) -> DescribeClusterResponse {
+    let st = broker.state();
     let brokers = st
         .brokers
         .values()
@@ -28,7 +32,7 @@ pub fn handle(node: &Node, _version: i16, _req: DescribeClusterRequest) -> Descr
             st.cluster_id.clone().unwrap_or_default(),
         ))
         .with_controller_id(BrokerId(
-            node.controller_id().map(|c| c as i32).unwrap_or(-1),
+            broker.controller_id().map(|c| c as i32).unwrap_or(-1),
         ))
         .with_brokers(brokers)
 }

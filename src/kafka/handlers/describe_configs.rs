@@ -1,7 +1,4 @@
 //! DescribeConfigs (key 32): topic configs (explicit values and broker defaults) and broker configs.
-//! Also owns the list of topic config keys Sluice accepts and how each is validated.
-
-use std::collections::BTreeMap;
 
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
@@ -9,8 +6,9 @@ use kafka_protocol::messages::describe_configs_response::{
 use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::protocol::StrBytes;
 
+use crate::broker::Broker;
+use crate::controller::topic_config::{TopicConfig, TOPIC_CONFIG_KEYS};
 use crate::errors::ErrorCode;
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 1;
 pub const MAX_VERSION: i16 = 4;
@@ -22,64 +20,8 @@ const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
 
-pub const TOPIC_CONFIG_KEYS: &[&str] = &[
-    "cleanup.policy",
-    "max.message.bytes",
-    "message.timestamp.type",
-    "retention.bytes",
-    "retention.ms",
-    "segment.bytes",
-];
-
-pub fn validate_topic_config(key: &str, value: &str) -> Result<(), String> {
-    let num = |min: i64| -> Result<(), String> {
-        match value.parse::<i64>() {
-            Ok(n) if n >= min => Ok(()),
-            _ => Err(format!(
-                "invalid value '{value}' for {key}: must be an integer >= {min}"
-            )),
-        }
-    };
-    match key {
-        "cleanup.policy" => match value {
-            "delete" => Ok(()),
-            "compact" | "compact,delete" | "delete,compact" => {
-                Err("cleanup.policy=compact is not supported by Sluice; use delete".to_string())
-            }
-            _ => Err(format!("invalid value '{value}' for cleanup.policy")),
-        },
-        "max.message.bytes" => num(0),
-        "message.timestamp.type" => match value {
-            "CreateTime" => Ok(()),
-            _ => Err(format!(
-                "message.timestamp.type={value} is not supported; only CreateTime"
-            )),
-        },
-        "retention.bytes" | "retention.ms" => num(-1),
-        "segment.bytes" => num(1024),
-        _ => Err(format!("unknown topic config '{key}'")),
-    }
-}
-
-/// The effective value of a topic config: explicit, else the broker default.
-pub fn topic_config_value(node: &Node, explicit: &BTreeMap<String, String>, key: &str) -> String {
-    if let Some(v) = explicit.get(key) {
-        return v.clone();
-    }
-    let c = &node.cfg;
-    match key {
-        "cleanup.policy" => "delete".into(),
-        "max.message.bytes" => c.message_max_bytes.to_string(),
-        "message.timestamp.type" => "CreateTime".into(),
-        "retention.bytes" => c.log_retention_bytes.to_string(),
-        "retention.ms" => c.log_retention_ms.to_string(),
-        "segment.bytes" => c.log_segment_bytes.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn broker_configs(node: &Node) -> Vec<(&'static str, String)> {
-    let c = &node.cfg;
+fn broker_configs(broker: &Broker) -> Vec<(&'static str, String)> {
+    let c = &broker.cfg;
     vec![
         ("node.id", c.node_id.to_string()),
         ("broker.id", c.node_id.to_string()),
@@ -128,7 +70,11 @@ fn entry(name: &str, value: String, source: i8, read_only: bool) -> DescribeConf
         .with_config_source(source)
 }
 
-pub fn handle(node: &Node, _version: i16, req: DescribeConfigsRequest) -> DescribeConfigsResponse {
+pub fn handle(
+    broker: &Broker,
+    _version: i16,
+    req: DescribeConfigsRequest,
+) -> DescribeConfigsResponse {
     let results = req
         .resources
         .into_iter()
@@ -145,7 +91,7 @@ pub fn handle(node: &Node, _version: i16, req: DescribeConfigsRequest) -> Descri
                 .with_resource_name(res.resource_name.clone());
             match res.resource_type {
                 RESOURCE_TOPIC => {
-                    let st = node.state();
+                    let st = broker.state();
                     let Some(t) = st.topics.get(&name) else {
                         return base
                             .with_error_code(ErrorCode::UnknownTopicOrPartition.code())
@@ -153,6 +99,7 @@ pub fn handle(node: &Node, _version: i16, req: DescribeConfigsRequest) -> Descri
                                 "topic '{name}' does not exist"
                             ))));
                     };
+                    let effective = TopicConfig::resolve(Some(&t.configs), &broker.cfg);
                     let configs = TOPIC_CONFIG_KEYS
                         .iter()
                         .filter(|k| wanted(k))
@@ -162,21 +109,21 @@ pub fn handle(node: &Node, _version: i16, req: DescribeConfigsRequest) -> Descri
                             } else {
                                 SOURCE_DEFAULT
                             };
-                            entry(k, topic_config_value(node, &t.configs, k), source, false)
+                            entry(k, effective.value(k), source, false)
                         })
                         .collect();
                     base.with_configs(configs)
                 }
                 RESOURCE_BROKER => {
-                    if name != node.cfg.node_id.to_string() && !name.is_empty() {
+                    if name != broker.cfg.node_id.to_string() && !name.is_empty() {
                         return base
                             .with_error_code(ErrorCode::InvalidRequest.code())
                             .with_error_message(Some(StrBytes::from_string(format!(
                                 "this is broker {}, not {name}",
-                                node.cfg.node_id
+                                broker.cfg.node_id
                             ))));
                     }
-                    let configs = broker_configs(node)
+                    let configs = broker_configs(broker)
                         .into_iter()
                         .filter(|(k, _)| wanted(k))
                         .map(|(k, v)| entry(k, v, SOURCE_STATIC_BROKER, true))
@@ -192,24 +139,4 @@ pub fn handle(node: &Node, _version: i16, req: DescribeConfigsRequest) -> Descri
         })
         .collect();
     DescribeConfigsResponse::default().with_results(results)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topic_config_validation() {
-        assert!(validate_topic_config("retention.ms", "-1").is_ok());
-        assert!(validate_topic_config("retention.ms", "abc").is_err());
-        assert!(validate_topic_config("segment.bytes", "10").is_err());
-        assert!(validate_topic_config("cleanup.policy", "compact").is_err());
-        assert!(validate_topic_config("no.such.key", "1").is_err());
-        for k in TOPIC_CONFIG_KEYS {
-            assert!(
-                validate_topic_config(k, "x").is_err() || *k == "cleanup.policy",
-                "{k} accepts garbage"
-            );
-        }
-    }
 }

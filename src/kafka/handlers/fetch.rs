@@ -24,8 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::produce::raft_error_code;
+use crate::broker::Broker;
 use crate::errors::ErrorCode;
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 4;
 /// v13 replaces topic names with topic ids; v12 is the last name-based version.
@@ -112,7 +112,7 @@ impl Budget {
 
 /// The response and the budget it holds, which the connection releases once it is written.
 pub async fn handle(
-    node: &Node,
+    broker: &Broker,
     _version: i16,
     req: FetchRequest,
 ) -> (FetchResponse, Option<OwnedSemaphorePermit>) {
@@ -136,15 +136,15 @@ pub async fn handle(
             });
         }
     }
-    let cap = response_cap(req.max_bytes, node.cfg.fetch_max_bytes);
+    let cap = response_cap(req.max_bytes, broker.cfg.fetch_max_bytes);
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0);
     let deadline =
         started + Duration::from_millis(req.max_wait_ms.clamp(0, MAX_WAIT_MS_CAP) as u64);
 
     loop {
         let mut budget = Budget {
-            sem: node.fetch_budget.clone(),
-            size: node.cfg.fetch_memory_bytes,
+            sem: broker.fetch_budget.clone(),
+            size: broker.cfg.fetch_memory_bytes,
             held: None,
             deadline,
         };
@@ -160,7 +160,7 @@ pub async fn handle(
             let (pd, watch) = if w.duplicate {
                 (error(w.partition, ErrorCode::InvalidRequest), None)
             } else {
-                fetch_partition(node, w, limit, total == 0, &mut budget).await
+                fetch_partition(broker, w, limit, total == 0, &mut budget).await
             };
             if pd.error_code != 0 {
                 any_error = true;
@@ -175,11 +175,13 @@ pub async fn handle(
         let now = Instant::now();
         // min_bytes <= 0 answers at once, as in Kafka, even with nothing to return.
         if total >= min_bytes || any_error || now >= deadline || watches.is_empty() {
-            node.metrics
+            broker
+                .metrics
                 .bytes_out
                 .fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
-            node.metrics.count_request("Fetch", worst);
-            node.metrics
+            broker.metrics.count_request("Fetch", worst);
+            broker
+                .metrics
                 .fetch_latency
                 .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
             return (build(results), budget.held);
@@ -222,7 +224,7 @@ fn error(partition: i32, code: ErrorCode) -> PartitionData {
 /// One partition's answer, reading at most `limit` bytes (or, with `min_one`, at least its first
 /// batch), and what to wait on if the response goes back to sleep.
 async fn fetch_partition(
-    node: &Node,
+    broker: &Broker,
     w: &Want,
     limit: usize,
     min_one: bool,
@@ -230,17 +232,17 @@ async fn fetch_partition(
 ) -> (PartitionData, Option<PartitionChanges>) {
     let topic = w.topic.0.as_str();
     let max_batch = {
-        let st = node.state();
+        let st = broker.state();
         match st.topics.get(topic) {
             Some(t) if w.partition >= 0 && (w.partition as usize) < t.partitions.len() => t
                 .configs
                 .get("max.message.bytes")
                 .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(node.cfg.message_max_bytes.max(0) as usize),
+                .unwrap_or(broker.cfg.message_max_bytes.max(0) as usize),
             _ => return (error(w.partition, ErrorCode::UnknownTopicOrPartition), None),
         }
     };
-    let Some(group) = node.partition(topic, w.partition) else {
+    let Some(group) = broker.partition(topic, w.partition) else {
         return (error(w.partition, ErrorCode::NotLeaderOrFollower), None);
     };
     if !group.is_leader() {

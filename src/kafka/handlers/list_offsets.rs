@@ -8,9 +8,9 @@ use kafka_protocol::messages::list_offsets_response::{
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use super::produce::raft_error_code;
+use crate::broker::Broker;
 use crate::errors::ErrorCode;
 use crate::kafka::wire::{Reader, Writer};
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 0;
 /// v7 adds MAX_TIMESTAMP (-3) lookups, which the log does not index yet.
@@ -21,13 +21,13 @@ const EARLIEST: i64 = -2;
 
 /// (error, timestamp, offset, leader epoch)
 async fn lookup(
-    node: &Node,
+    broker: &Broker,
     topic: &str,
     partition: i32,
     ts: i64,
     leader_epoch: i32,
 ) -> (ErrorCode, i64, i64, i32) {
-    let known = node
+    let known = broker
         .state()
         .topics
         .get(topic)
@@ -36,7 +36,7 @@ async fn lookup(
     if !known {
         return (ErrorCode::UnknownTopicOrPartition, -1, -1, -1);
     }
-    let Some(g) = node.partition(topic, partition) else {
+    let Some(g) = broker.partition(topic, partition) else {
         return (ErrorCode::NotLeaderOrFollower, -1, -1, -1);
     };
     if !g.is_leader() {
@@ -74,13 +74,13 @@ async fn lookup(
     }
 }
 
-pub async fn handle(node: &Node, version: i16, req: ListOffsetsRequest) -> ListOffsetsResponse {
+pub async fn handle(broker: &Broker, version: i16, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let mut topics = Vec::new();
     for t in req.topics {
         let mut parts = Vec::new();
         for p in &t.partitions {
             let (err, ts, off, epoch) = lookup(
-                node,
+                broker,
                 t.name.0.as_str(),
                 p.partition_index,
                 p.timestamp,
@@ -108,7 +108,7 @@ pub async fn handle(node: &Node, version: i16, req: ListOffsetsRequest) -> ListO
 
 /// v0: replica_id, [topic, [partition, timestamp, max_num_offsets]] ->
 /// [topic, [partition, error_code, [offset]]].
-pub async fn legacy_v0(node: &Node, frame: &Bytes) -> Result<Bytes, String> {
+pub async fn legacy_v0(broker: &Broker, frame: &Bytes) -> Result<Bytes, String> {
     let mut r = Reader::new(frame.clone());
     r.i16()?;
     r.i16()?;
@@ -132,7 +132,7 @@ pub async fn legacy_v0(node: &Node, frame: &Bytes) -> Result<Bytes, String> {
     for (name, parts) in topics {
         w.string(&name).i32(parts.len() as i32);
         for (p, ts, max) in parts {
-            let (err, _ts, off, _e) = lookup(node, &name, p, ts, -1).await;
+            let (err, _ts, off, _e) = lookup(broker, &name, p, ts, -1).await;
             w.i32(p).i16(err.code());
             if err == ErrorCode::None && off >= 0 && max > 0 {
                 w.i32(1).i64(off);

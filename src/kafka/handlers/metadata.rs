@@ -8,15 +8,15 @@ use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse, Topi
 use kafka_protocol::protocol::StrBytes;
 
 use super::{create_topics, split_host_port};
+use crate::broker::Broker;
+use crate::controller::validate_topic_name;
 use crate::errors::ErrorCode;
-use crate::metadata::validate_topic_name;
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 0;
 /// v13 adds top-level error codes for KRaft controllers only; v12 is what current clients use.
 pub const MAX_VERSION: i16 = 12;
 
-pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> MetadataResponse {
+pub async fn handle(broker: &Broker, version: i16, req: MetadataRequest) -> MetadataResponse {
     // v0 sends an empty list to mean "all topics"; later versions send null.
     let requested: Option<Vec<String>> = match req.topics {
         None => None,
@@ -29,20 +29,20 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
     };
     // v4+ lets the client refuse auto-creation; before v4 it was implied.
     let allow_auto =
-        node.cfg.auto_create_topics_enable && (version < 4 || req.allow_auto_topic_creation);
+        broker.cfg.auto_create_topics_enable && (version < 4 || req.allow_auto_topic_creation);
 
     let mut auto_create_errors = std::collections::BTreeMap::new();
     if let Some(names) = &requested {
         if allow_auto {
             for name in names {
-                if node.state().topics.contains_key(name) || validate_topic_name(name).is_err() {
+                if broker.state().topics.contains_key(name) || validate_topic_name(name).is_err() {
                     continue;
                 }
                 if let Err((code, msg)) = create_topics::create_topic(
-                    node,
+                    broker,
                     name,
-                    node.cfg.num_partitions,
-                    node.cfg.default_replication_factor,
+                    broker.cfg.num_partitions,
+                    broker.cfg.default_replication_factor,
                     Default::default(),
                     false,
                 )
@@ -57,7 +57,7 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
         }
     }
 
-    let st = node.state();
+    let st = broker.state();
     let brokers = st
         .brokers
         .values()
@@ -97,20 +97,20 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
                 .map(|(p, replicas)| {
                     let replica_ids: Vec<BrokerId> =
                         replicas.iter().map(|r| BrokerId(*r as i32)).collect();
-                    let (leader, epoch, isr) = match node.partition_leader_in(&st, &name, p as i32)
-                    {
-                        // Replicas on fenced brokers are certainly not in sync.
-                        Some((l, e)) => (
-                            l as i32,
-                            e,
-                            replicas
-                                .iter()
-                                .filter(|r| !st.fenced.contains(r))
-                                .map(|r| BrokerId(*r as i32))
-                                .collect(),
-                        ),
-                        None => (-1, -1, Vec::new()),
-                    };
+                    let (leader, epoch, isr) =
+                        match broker.partition_leader_in(&st, &name, p as i32) {
+                            // Replicas on fenced brokers are certainly not in sync.
+                            Some((l, e)) => (
+                                l as i32,
+                                e,
+                                replicas
+                                    .iter()
+                                    .filter(|r| !st.fenced.contains(r))
+                                    .map(|r| BrokerId(*r as i32))
+                                    .collect(),
+                            ),
+                            None => (-1, -1, Vec::new()),
+                        };
                     let error = if leader < 0 {
                         ErrorCode::LeaderNotAvailable.code()
                     } else {
@@ -134,7 +134,7 @@ pub async fn handle(node: &Node, version: i16, req: MetadataRequest) -> Metadata
         .with_brokers(brokers)
         .with_cluster_id(st.cluster_id.clone().map(StrBytes::from_string))
         .with_controller_id(BrokerId(
-            node.controller_id().map(|c| c as i32).unwrap_or(-1),
+            broker.controller_id().map(|c| c as i32).unwrap_or(-1),
         ))
         .with_topics(topics)
 }

@@ -22,7 +22,7 @@ use futures::FutureExt;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
 
 use super::{Pending, Response};
-use crate::node::Node;
+use crate::broker::Broker;
 
 /// (API, min version, max version). Ranges stop where the next version changes semantics we do not
 /// implement (e.g. Fetch v13 switches to topic ids).
@@ -95,19 +95,19 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
 
 /// Versions the codec crate no longer decodes: handled by hand in their modules.
 pub fn start_legacy(
-    node: &Arc<Node>,
+    broker: &Arc<Broker>,
     key: ApiKey,
     version: i16,
     correlation_id: i32,
     frame: &Bytes,
 ) -> Result<Option<Pending>, String> {
     let result = match key {
-        ApiKey::Produce if version < 3 => produce::legacy(node, version, frame)?,
+        ApiKey::Produce if version < 3 => produce::legacy(broker, version, frame)?,
         ApiKey::ListOffsets if version < 1 => {
-            let node = node.clone();
+            let broker = broker.clone();
             let frame = frame.clone();
             return Ok(Some(Box::pin(async move {
-                let r = list_offsets::legacy_v0(&node, &frame).await;
+                let r = list_offsets::legacy_v0(&broker, &frame).await;
                 match r {
                     Ok(body) => Some((correlation_id, key, version, Some(Response::Raw(body)))),
                     Err(e) => {
@@ -123,25 +123,25 @@ pub fn start_legacy(
 }
 
 pub fn dispatch(
-    node: Arc<Node>,
+    broker: Arc<Broker>,
     header: RequestHeader,
     request: RequestKind,
 ) -> BoxFuture<'static, Option<Response>> {
     let v = header.request_api_version;
     match request {
         RequestKind::ApiVersions(r) => {
-            let resp = api_versions::handle(&node, v, r);
+            let resp = api_versions::handle(&broker, v, r);
             async move { Some(Response::Kind(Box::new(ResponseKind::ApiVersions(resp)))) }.boxed()
         }
         RequestKind::Metadata(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::Metadata(
-                metadata::handle(&node, v, r).await,
+                metadata::handle(&broker, v, r).await,
             ))))
         }
         .boxed(),
-        RequestKind::Produce(r) => produce::handle(node, v, r),
+        RequestKind::Produce(r) => produce::handle(broker, v, r),
         RequestKind::Fetch(r) => async move {
-            let (resp, held) = fetch::handle(&node, v, r).await;
+            let (resp, held) = fetch::handle(&broker, v, r).await;
             let resp = Response::Kind(Box::new(ResponseKind::Fetch(resp)));
             // The fetch budget goes back once the connection has written the records out.
             Some(match held {
@@ -152,57 +152,59 @@ pub fn dispatch(
         .boxed(),
         RequestKind::ListOffsets(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::ListOffsets(
-                list_offsets::handle(&node, v, r).await,
+                list_offsets::handle(&broker, v, r).await,
             ))))
         }
         .boxed(),
         RequestKind::CreateTopics(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::CreateTopics(
-                create_topics::handle(&node, v, r).await,
+                create_topics::handle(&broker, v, r).await,
             ))))
         }
         .boxed(),
         RequestKind::DeleteTopics(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::DeleteTopics(
-                delete_topics::handle(&node, v, r).await,
+                delete_topics::handle(&broker, v, r).await,
             ))))
         }
         .boxed(),
         RequestKind::CreatePartitions(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::CreatePartitions(
-                create_partitions::handle(&node, v, r).await,
+                create_partitions::handle(&broker, v, r).await,
             ))))
         }
         .boxed(),
         RequestKind::OffsetForLeaderEpoch(r) => async move {
             Some(Response::Kind(Box::new(
                 ResponseKind::OffsetForLeaderEpoch(
-                    offset_for_leader_epoch::handle(&node, v, r).await,
+                    offset_for_leader_epoch::handle(&broker, v, r).await,
                 ),
             )))
         }
         .boxed(),
         RequestKind::DescribeConfigs(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::DescribeConfigs(
-                describe_configs::handle(&node, v, r),
+                describe_configs::handle(&broker, v, r),
             ))))
         }
         .boxed(),
         RequestKind::DescribeCluster(r) => async move {
             Some(Response::Kind(Box::new(ResponseKind::DescribeCluster(
-                describe_cluster::handle(&node, v, r),
+                describe_cluster::handle(&broker, v, r),
             ))))
         }
         .boxed(),
         RequestKind::AlterPartitionReassignments(r) => async move {
             Some(Response::Kind(Box::new(
-                ResponseKind::AlterPartitionReassignments(reassignments::alter(&node, v, r).await),
+                ResponseKind::AlterPartitionReassignments(
+                    reassignments::alter(&broker, v, r).await,
+                ),
             )))
         }
         .boxed(),
         RequestKind::ListPartitionReassignments(r) => async move {
             Some(Response::Kind(Box::new(
-                ResponseKind::ListPartitionReassignments(reassignments::list(&node, v, r)),
+                ResponseKind::ListPartitionReassignments(reassignments::list(&broker, v, r)),
             )))
         }
         .boxed(),

@@ -8,8 +8,8 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
 use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse};
 
 use super::produce::raft_error_code;
+use crate::broker::Broker;
 use crate::errors::ErrorCode;
-use crate::node::Node;
 
 pub const MIN_VERSION: i16 = 2;
 pub const MAX_VERSION: i16 = 4;
@@ -45,7 +45,7 @@ pub fn end_offset_for(
 }
 
 pub async fn handle(
-    node: &Node,
+    broker: &Broker,
     _version: i16,
     req: OffsetForLeaderEpochRequest,
 ) -> OffsetForLeaderEpochResponse {
@@ -60,7 +60,7 @@ pub async fn handle(
                     .with_end_offset(-1)
                     .with_leader_epoch(-1)
             };
-            let known = node
+            let known = broker
                 .state()
                 .topics
                 .get(t.topic.0.as_str())
@@ -70,7 +70,7 @@ pub async fn handle(
                 parts.push(err(ErrorCode::UnknownTopicOrPartition));
                 continue;
             }
-            let Some(g) = node
+            let Some(g) = broker
                 .partition(t.topic.0.as_str(), p.partition)
                 .filter(|g| g.is_leader())
             else {

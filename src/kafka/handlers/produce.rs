@@ -15,11 +15,12 @@ use kafka_protocol::protocol::StrBytes;
 use sluice_raft::RaftError;
 use sluice_storage::batch::{self, BatchError};
 
+use crate::broker::Broker;
+use crate::controller::TopicConfig;
 use crate::errors::ErrorCode;
 use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
 use crate::kafka::Response;
-use crate::node::Node;
 
 /// v0-v2 carry message formats 0/1, which we reject, but the range starts at 0 because some
 /// librdkafka versions refuse a broker whose Produce range does not.
@@ -66,7 +67,7 @@ fn batch_error_code(e: &BatchError) -> ErrorCode {
 /// awaits, so the first poll hands every batch to Raft (see `PartitionGroup::append`): the
 /// connection polls each request once on arrival, which keeps pipelined requests in order.
 async fn produce_partition(
-    node: Arc<Node>,
+    broker: Arc<Broker>,
     topic: String,
     partition: i32,
     records: Option<Bytes>,
@@ -74,7 +75,7 @@ async fn produce_partition(
     acks: i16,
 ) -> PartitionOutcome {
     let max_message_bytes = {
-        let st = node.state();
+        let st = broker.state();
         let Some(t) = st.topics.get(&topic) else {
             return PartitionOutcome::err(
                 ErrorCode::UnknownTopicOrPartition,
@@ -87,12 +88,9 @@ async fn produce_partition(
                 format!("topic '{topic}' has no partition {partition}"),
             );
         }
-        t.configs
-            .get("max.message.bytes")
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(node.cfg.message_max_bytes as usize)
+        TopicConfig::resolve(Some(&t.configs), &broker.cfg).max_message_bytes
     };
-    let Some(group) = node.partition(&topic, partition) else {
+    let Some(group) = broker.partition(&topic, partition) else {
         return PartitionOutcome::err(
             ErrorCode::NotLeaderOrFollower,
             "this broker does not host the partition",
@@ -181,7 +179,7 @@ async fn produce_partition(
 }
 
 pub fn handle(
-    node: Arc<Node>,
+    broker: Arc<Broker>,
     version: i16,
     req: ProduceRequest,
 ) -> BoxFuture<'static, Option<Response>> {
@@ -211,13 +209,13 @@ pub fn handle(
                     .boxed(),
                 );
             } else {
-                node.metrics.bytes_in.fetch_add(
+                broker.metrics.bytes_in.fetch_add(
                     p.records.as_ref().map(|r| r.len() as u64).unwrap_or(0),
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 futs.push(
                     produce_partition(
-                        node.clone(),
+                        broker.clone(),
                         topic.clone(),
                         p.index,
                         p.records,
@@ -259,8 +257,8 @@ pub fn handle(
                 ),
             }
         }
-        node.metrics.count_request("Produce", worst);
-        node.metrics
+        broker.metrics.count_request("Produce", worst);
+        broker.metrics
             .produce_latency
             .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
         if acks == 0 {
@@ -275,7 +273,7 @@ pub fn handle(
 
 /// Produce v0-v2: decoded by hand (the codec crate dropped them) and answered with
 /// UNSUPPORTED_VERSION for every partition, because these versions carry message formats 0/1.
-pub fn legacy(_node: &Node, version: i16, frame: &Bytes) -> Result<Option<Response>, String> {
+pub fn legacy(_node: &Broker, version: i16, frame: &Bytes) -> Result<Option<Response>, String> {
     let mut r = Reader::new(frame.clone());
     r.i16()?; // api key
     r.i16()?; // version

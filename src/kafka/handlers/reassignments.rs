@@ -17,9 +17,9 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 
 use super::create_topics::code_from;
+use crate::broker::Broker;
+use crate::controller::{Command, Reply};
 use crate::errors::ErrorCode;
-use crate::metadata::{Command, Reply};
-use crate::node::Node;
 
 pub const ALTER_MIN_VERSION: i16 = 0;
 pub const ALTER_MAX_VERSION: i16 = 1;
@@ -27,7 +27,7 @@ pub const LIST_MIN_VERSION: i16 = 0;
 pub const LIST_MAX_VERSION: i16 = 0;
 
 async fn alter_one(
-    node: &Node,
+    broker: &Broker,
     topic: &str,
     partition: i32,
     replicas: Option<Vec<BrokerId>>,
@@ -59,7 +59,7 @@ async fn alter_one(
         target.push(id);
     }
     if !allow_rf_change {
-        let st = node.state();
+        let st = broker.state();
         let current = st
             .topics
             .get(topic)
@@ -72,7 +72,7 @@ async fn alter_one(
             ));
         }
     }
-    match node
+    match broker
         .propose(&Command::ReassignPartitions {
             topic: topic.to_string(),
             moves: vec![(partition, target)],
@@ -93,7 +93,7 @@ async fn alter_one(
 }
 
 pub async fn alter(
-    node: &Node,
+    broker: &Broker,
     _version: i16,
     req: AlterPartitionReassignmentsRequest,
 ) -> AlterPartitionReassignmentsResponse {
@@ -106,7 +106,7 @@ pub async fn alter(
                 .with_partition_index(p.partition_index)
                 .with_error_message(None);
             if let Err((code, msg)) = alter_one(
-                node,
+                broker,
                 &name,
                 p.partition_index,
                 p.replicas,
@@ -137,11 +137,11 @@ fn ids(set: impl IntoIterator<Item = u64>) -> Vec<BrokerId> {
 }
 
 pub fn list(
-    node: &Node,
+    broker: &Broker,
     _version: i16,
     req: ListPartitionReassignmentsRequest,
 ) -> ListPartitionReassignmentsResponse {
-    let st = node.state();
+    let st = broker.state();
     // None = every topic; otherwise only the named partitions.
     let wanted: Option<Vec<(String, BTreeSet<i32>)>> = req.topics.map(|ts| {
         ts.into_iter()

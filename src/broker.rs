@@ -1,0 +1,352 @@
+//! The broker: what request handlers and the node's loops share — configuration, the Raft host,
+//! the applied controller state, the one map of this node's partition replicas, health and
+//! metrics. It starts and owns no tasks (that is `node`), so handlers and loops can depend on it
+//! without depending on each other.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use sluice_raft::{PartitionGroup, RaftError, RaftHost};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::config::ServerConfig;
+use crate::controller::{Command, MetaMachine, MetaState, Reply};
+use crate::metrics::Metrics;
+use crate::rpc::{self, AppRequest, AppResponse};
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("raft: {0}")]
+    Raft(#[from] RaftError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A partition replica's key on this node: (topic name, partition index).
+pub type PartitionKey = (String, i32);
+
+/// This node's partition replicas, the one map of them in the broker crate.
+#[derive(Default)]
+pub struct PartitionRegistry {
+    groups: RwLock<HashMap<PartitionKey, Arc<PartitionGroup>>>,
+    /// Bumped whenever the set changes or a reconcile pass ends, so CreateTopics can wait for
+    /// its partitions.
+    changed: watch::Sender<u64>,
+}
+
+impl PartitionRegistry {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PartitionKey, Arc<PartitionGroup>>> {
+        // The map is only ever replaced entry by entry: a poisoned lock holds a consistent map.
+        self.groups.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PartitionKey, Arc<PartitionGroup>>> {
+        self.groups.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<PartitionGroup>> {
+        self.read().get(&(topic.to_string(), partition)).cloned()
+    }
+
+    pub fn contains(&self, key: &PartitionKey) -> bool {
+        self.read().contains_key(key)
+    }
+
+    /// Every replica, copied out so no lock is held while the caller works.
+    pub fn all(&self) -> Vec<(PartitionKey, Arc<PartitionGroup>)> {
+        self.read()
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Adds or replaces (after a reopen) a replica.
+    pub fn insert(&self, key: PartitionKey, group: Arc<PartitionGroup>) {
+        self.write().insert(key, group);
+        self.bump();
+    }
+
+    pub fn remove(&self, key: &PartitionKey) -> Option<Arc<PartitionGroup>> {
+        let g = self.write().remove(key);
+        self.bump();
+        g
+    }
+
+    pub fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// What the node knows of its own standing in the cluster.
+#[derive(Default)]
+pub struct Health {
+    /// When this node last had a heartbeat answered by the controller (or was the controller).
+    controller_contact: Mutex<Option<Instant>>,
+    /// Why this node fenced itself over its storage (a replica it could not reopen for a while):
+    /// it stops heartbeating the controller, which fences it, so leadership moves away and no
+    /// new replicas are placed here.
+    storage_fence: Mutex<Option<String>>,
+    /// Controller side: when each broker last sent a heartbeat.
+    heartbeats: Mutex<HashMap<u64, Instant>>,
+}
+
+impl Health {
+    pub fn touch_controller_contact(&self) {
+        *self
+            .controller_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether the controller answered us within `within`.
+    pub fn in_controller_contact(&self, within: Duration) -> bool {
+        self.controller_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
+    pub fn storage_fence(&self) -> Option<String> {
+        self.storage_fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets or clears the fence; true if that changed it.
+    pub fn set_storage_fence(&self, why: Option<String>) -> bool {
+        let mut f = self.storage_fence.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = f.is_some() != why.is_some();
+        *f = why;
+        changed
+    }
+
+    pub fn record_heartbeat(&self, from: u64) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from, Instant::now());
+    }
+
+    pub fn heartbeats(&self) -> HashMap<u64, Instant> {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+pub struct Broker {
+    pub cfg: ServerConfig,
+    pub raft: Arc<RaftHost>,
+    meta: Arc<MetaMachine>,
+    pub partitions: PartitionRegistry,
+    pub health: Health,
+    pub metrics: Metrics,
+    pub started_at: Instant,
+    /// Set when the node must stop (e.g. a foreign data directory); the node watches it.
+    fatal: watch::Sender<Option<String>>,
+    /// Bytes of record data that unwritten Fetch responses may hold (`sluice.fetch.memory.bytes`).
+    pub fetch_budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl Broker {
+    pub fn new(cfg: ServerConfig, raft: Arc<RaftHost>, meta: Arc<MetaMachine>) -> Broker {
+        let fetch_budget = Arc::new(tokio::sync::Semaphore::new(cfg.fetch_memory_bytes));
+        Broker {
+            cfg,
+            raft,
+            meta,
+            partitions: PartitionRegistry::default(),
+            health: Health::default(),
+            metrics: Metrics::default(),
+            started_at: Instant::now(),
+            fatal: watch::channel(None).0,
+            fetch_budget,
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// The applied controller state. Held briefly: every metadata apply waits for readers.
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
+        self.meta.read()
+    }
+
+    /// Changes whenever the applied controller state does.
+    pub fn subscribe_state(&self) -> watch::Receiver<u64> {
+        self.meta.subscribe()
+    }
+
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<Arc<PartitionGroup>> {
+        self.partitions.get(topic, partition)
+    }
+
+    /// Proposes a metadata command and returns its applied reply.
+    pub async fn propose(&self, cmd: &Command) -> Result<Reply, BrokerError> {
+        let bytes = serde_json::to_vec(cmd).map_err(|e| BrokerError::Other(e.to_string()))?;
+        // A freshly started single node may not have elected itself yet; wait briefly for that
+        // instead of failing the first client request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match rpc::propose_anywhere(&self.raft, self.cfg.node_id, bytes.clone()).await {
+                Ok(reply) => {
+                    return serde_json::from_slice(&reply)
+                        .map_err(|e| BrokerError::Other(format!("bad metadata reply: {e}")))
+                }
+                Err(RaftError::NotLeader { leader: None })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub fn live_brokers(&self) -> BTreeSet<u64> {
+        self.state().live_brokers()
+    }
+
+    pub fn controller_id(&self) -> Option<u64> {
+        self.raft.meta().leader()
+    }
+
+    /// Waits (bounded) until every partition of `topic` has a local group with a leader.
+    pub async fn wait_for_partitions(&self, topic: &str, timeout: Duration) -> bool {
+        let mut rx = self.partitions.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ready = {
+                let st = self.state();
+                match st.topics.get(topic) {
+                    None => false,
+                    Some(t) => (0..t.partitions.len())
+                        .all(|p| self.partition_leader_in(&st, topic, p as i32).is_some()),
+                }
+            };
+            if ready {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // Leadership can change without a reconcile pass, so poll as well as listen.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(20)), rx.changed()).await;
+        }
+    }
+
+    /// The partition's leader and epoch: from the local replica when we host one (freshest), else
+    /// as last reported to the metadata group.
+    pub fn partition_leader_in(
+        &self,
+        st: &MetaState,
+        topic: &str,
+        partition: i32,
+    ) -> Option<(u64, i32)> {
+        // A replica stopped on a storage error knows no leader; the controller's record does.
+        if let Some(g) = self
+            .partition(topic, partition)
+            .filter(|g| g.failure().is_none())
+        {
+            // Our replica may still believe in a leader the controller has fenced; sending
+            // clients there only makes them wait.
+            return g
+                .leader()
+                .filter(|l| !st.fenced.contains(l))
+                .map(|l| (l, g.leader_epoch()));
+        }
+        let t = st.topics.get(topic)?;
+        let l = t.leaders.get(&(partition as u32))?;
+        // A leader on a broker that left the cluster cannot serve; say so instead of misrouting.
+        (st.brokers.contains_key(&l.leader) && !st.fenced.contains(&l.leader))
+            .then_some((l.leader, l.epoch))
+    }
+
+    /// Ready = we know a controller, are registered, and every local partition has a leader.
+    pub fn is_ready(&self) -> bool {
+        if self.controller_id().is_none() || self.health.storage_fence().is_some() {
+            return false;
+        }
+        let assigned = {
+            let st = self.state();
+            if !st.brokers.contains_key(&self.cfg.node_id) {
+                return false;
+            }
+            st.partitions_on(self.cfg.node_id).count()
+        };
+        let parts = self.partitions.all();
+        parts.len() >= assigned && parts.iter().all(|(_, g)| g.leader().is_some())
+    }
+
+    /// Starts an election for `group` on this node (the receiving half of leadership transfer).
+    pub async fn trigger_elect(&self, group: &str) -> Result<(), String> {
+        if group == sluice_raft::META_GROUP {
+            return self
+                .raft
+                .meta()
+                .trigger_elect()
+                .await
+                .map_err(|e| e.to_string());
+        }
+        match self.raft.partition(group) {
+            Some(g) => g.trigger_elect().await.map_err(|e| e.to_string()),
+            None => Err(format!("no group {group} on node {}", self.cfg.node_id)),
+        }
+    }
+
+    /// On the partition leader: hand leadership of `group` to replica `target`.
+    pub async fn transfer_partition_leadership(
+        &self,
+        group: &str,
+        target: u64,
+    ) -> Result<(), RaftError> {
+        let g = self.raft.partition(group).ok_or_else(|| {
+            RaftError::Other(format!("no group {group} on node {}", self.cfg.node_id))
+        })?;
+        let elect = async {
+            let req = AppRequest::Elect {
+                group: group.to_string(),
+            };
+            match rpc::call(&self.raft, target, &req, Duration::from_secs(20)).await {
+                Ok(AppResponse::Ok) => Ok(()),
+                Ok(other) => Err(RaftError::Other(format!(
+                    "node {target} answered {other:?}"
+                ))),
+                Err(e) => Err(RaftError::Other(e)),
+            }
+        };
+        g.transfer_leadership(target, elect).await
+    }
+
+    /// Stops the node: the reason is logged and the node's runner shuts it down.
+    pub fn fail(&self, reason: String) {
+        error!(%reason, "fatal");
+        self.fatal.send_replace(Some(reason));
+    }
+
+    /// Resolves to `Some(reason)` once [`Broker::fail`] was called.
+    pub fn subscribe_fatal(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
+    }
+}

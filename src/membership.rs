@@ -1,0 +1,368 @@
+//! Cluster membership as each node takes part in it: registering this broker, heartbeating the
+//! controller (and, on the controller, fencing brokers whose heartbeats stop), joining the
+//! metadata group late, guarding the data directory's cluster identity, and answering peers'
+//! node-to-node requests ([`Inbound`]).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use sluice_raft::RaftError;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::clock::now_ms;
+use crate::controller::{BrokerInfo, Command};
+use crate::identity::{new_cluster_id, DirIdentity};
+use crate::rpc::{self, AppRequest, AppResponse};
+
+/// A broker the controller has not heard from for this long is fenced: six missed heartbeats,
+/// short enough that a crashed broker stops receiving new replicas within seconds.
+pub const BROKER_SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+/// A new controller judges nobody before this: every live broker heartbeats it well within it.
+const NEW_CONTROLLER_GRACE: Duration = Duration::from_millis(1500);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Answers peers' requests. Holds the broker weakly: the broker owns the Raft host, which owns
+/// this.
+pub struct Inbound(pub Weak<Broker>);
+
+impl rpc::Service for Inbound {
+    fn serve(&self, from: u64, req: AppRequest) -> BoxFuture<'static, AppResponse> {
+        let Some(broker) = self.0.upgrade() else {
+            return async {
+                AppResponse::Err {
+                    message: "node is stopping".into(),
+                }
+            }
+            .boxed();
+        };
+        // Recorded on arrival, not when the future runs: liveness is about the peer, not us.
+        if let AppRequest::Heartbeat { node_id } = &req {
+            broker.health.record_heartbeat(*node_id);
+        }
+        async move { answer(&broker, from, req).await }.boxed()
+    }
+}
+
+async fn answer(broker: &Broker, from: u64, req: AppRequest) -> AppResponse {
+    let not_leader_or = |r: Result<(), RaftError>| match r {
+        Ok(()) => AppResponse::Ok,
+        Err(RaftError::NotLeader { leader }) => AppResponse::NotLeader { leader },
+        Err(e) => AppResponse::Err {
+            message: e.to_string(),
+        },
+    };
+    match req {
+        AppRequest::Propose { command } => match broker.raft.meta().propose(command).await {
+            Ok(reply) => AppResponse::Proposed { reply },
+            Err(RaftError::NotLeader { leader }) => AppResponse::NotLeader { leader },
+            Err(e) => AppResponse::Err {
+                message: e.to_string(),
+            },
+        },
+        AppRequest::Heartbeat { .. } => {
+            if broker.raft.meta().is_leader() {
+                AppResponse::Ok
+            } else {
+                AppResponse::NotLeader {
+                    leader: broker.controller_id(),
+                }
+            }
+        }
+        AppRequest::Hello { cluster_id } => {
+            let mine = broker.state().cluster_id.clone();
+            if let (Some(a), Some(b)) = (&mine, &cluster_id) {
+                if a != b {
+                    warn!(peer = from, peer_cluster = %b, cluster = %a, "peer belongs to another cluster");
+                }
+            }
+            AppResponse::Hello { cluster_id: mine }
+        }
+        AppRequest::Join { node_id, raft_addr } => {
+            if !broker.raft.meta().is_leader() {
+                return AppResponse::NotLeader {
+                    leader: broker.controller_id(),
+                };
+            }
+            broker.raft.set_peer_addr(node_id, raft_addr.clone());
+            not_leader_or(broker.raft.meta().add_voter(node_id, raft_addr).await)
+        }
+        AppRequest::Transfer { group, target } => {
+            not_leader_or(broker.transfer_partition_leadership(&group, target).await)
+        }
+        AppRequest::Elect { group } => match broker.trigger_elect(&group).await {
+            Ok(()) => AppResponse::Ok,
+            Err(message) => AppResponse::Err { message },
+        },
+    }
+}
+
+/// Every node heartbeats the controller; the controller fences brokers whose heartbeats stop and
+/// unfences them when they resume.
+pub async fn heartbeat_loop(broker: Arc<Broker>) {
+    let me = broker.node_id();
+    loop {
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        let Some(controller) = broker.controller_id() else {
+            continue;
+        };
+        // Silence is how a node fences itself: the controller fences a broker it does not hear
+        // from, and leadership moves to replicas on working disks.
+        if broker.health.storage_fence().is_some() {
+            continue;
+        }
+        if controller == me {
+            broker.health.record_heartbeat(me);
+            if broker.raft.meta().leads_with_quorum(Duration::from_secs(1)) {
+                broker.health.touch_controller_contact();
+            }
+            continue;
+        }
+        let answered = rpc::call(
+            &broker.raft,
+            controller,
+            &AppRequest::Heartbeat { node_id: me },
+            Duration::from_secs(2),
+        )
+        .await;
+        if matches!(answered, Ok(AppResponse::Ok)) {
+            broker.health.touch_controller_contact();
+        }
+    }
+}
+
+/// Which registered brokers (other than the controller itself) a controller that has led since
+/// `leading_for` ago should fence, given when each last heartbeated.
+fn brokers_to_fence(
+    registered: impl IntoIterator<Item = u64>,
+    me: u64,
+    seen: &std::collections::HashMap<u64, Instant>,
+    leading_for: Duration,
+) -> BTreeSet<u64> {
+    registered
+        .into_iter()
+        .filter(|id| *id != me)
+        .filter(|id| {
+            // Never seen by this controller: give it the session timeout from our start.
+            seen.get(id)
+                .map(|t| t.elapsed() > BROKER_SESSION_TIMEOUT)
+                .unwrap_or(leading_for > BROKER_SESSION_TIMEOUT)
+        })
+        .collect()
+}
+
+/// On the controller: fences brokers whose heartbeats stopped, unfences them when they resume.
+pub async fn liveness_loop(broker: Arc<Broker>) {
+    let mut leader_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        if !broker.raft.meta().is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        // A new controller has not had time to hear from anyone: judge nobody yet.
+        if since.elapsed() < NEW_CONTROLLER_GRACE {
+            continue;
+        }
+        let (registered, fenced_now) = {
+            let st = broker.state();
+            (
+                st.brokers.keys().copied().collect::<Vec<_>>(),
+                st.fenced.clone(),
+            )
+        };
+        let seen = broker.health.heartbeats();
+        let fenced = brokers_to_fence(registered, broker.node_id(), &seen, since.elapsed());
+        if fenced != fenced_now {
+            info!(?fenced, "broker liveness changed");
+            if let Err(e) = broker.propose(&Command::SetFenced { fenced }).await {
+                warn!(error = %e, "could not record broker liveness");
+            }
+        }
+    }
+}
+
+/// Before taking part, compare our recorded cluster id with the peers'. A node whose directory
+/// belongs to another cluster must not vote or replicate here.
+pub async fn check_cluster_identity(
+    broker: &Broker,
+    recorded: Option<String>,
+) -> Result<(), String> {
+    let Some(mine) = recorded else {
+        return Ok(());
+    };
+    let me = broker.node_id();
+    let peers: Vec<u64> = broker
+        .cfg
+        .peers
+        .keys()
+        .copied()
+        .filter(|p| *p != me)
+        .collect();
+    for p in peers {
+        let hello = AppRequest::Hello {
+            cluster_id: Some(mine.clone()),
+        };
+        if let Ok(AppResponse::Hello {
+            cluster_id: Some(theirs),
+        }) = rpc::call(&broker.raft, p, &hello, Duration::from_secs(2)).await
+        {
+            if theirs != mine {
+                return Err(format!(
+                    "data directory {} belongs to cluster {mine}, but peer {p} is in cluster {theirs}; \
+                     refusing to start with a foreign data directory",
+                    broker.cfg.data_dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A node that is not a voter of the metadata group (started later with the peer list plus
+/// itself) asks the cluster to add it. Nodes of a forming cluster are voters from the first
+/// membership entry and never get here.
+pub async fn join_loop(broker: Arc<Broker>) {
+    let me = broker.node_id();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    loop {
+        if broker.raft.meta().voters().contains_key(&me) {
+            return;
+        }
+        let mut targets: Vec<u64> = broker.controller_id().into_iter().collect();
+        targets.extend(broker.cfg.peers.keys().copied().filter(|p| *p != me));
+        let req = AppRequest::Join {
+            node_id: me,
+            raft_addr: broker.cfg.raft_addr.clone(),
+        };
+        for t in targets {
+            let joined_via = match rpc::call(&broker.raft, t, &req, Duration::from_secs(30)).await {
+                Ok(AppResponse::Ok) => Some(t),
+                Ok(AppResponse::NotLeader { leader: Some(l) }) if l != t => {
+                    let r = rpc::call(&broker.raft, l, &req, Duration::from_secs(30)).await;
+                    matches!(r, Ok(AppResponse::Ok)).then_some(l)
+                }
+                _ => None,
+            };
+            if let Some(via) = joined_via {
+                info!(via, "joined the metadata group");
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Records the cluster id in `meta.properties` once known, and stops the node if the replicated
+/// cluster id is not the one this directory was created for.
+pub async fn identity_loop(broker: Arc<Broker>) {
+    let dir = broker.cfg.data_dir.clone();
+    let mut known = DirIdentity::load(&dir).ok().and_then(|i| i.cluster_id);
+    let mut rx = broker.subscribe_state();
+    loop {
+        let current = broker.state().cluster_id.clone();
+        match (&known, current) {
+            (Some(k), Some(c)) if *k != c => {
+                broker.fail(format!(
+                    "data directory {} belongs to cluster {k}, but this cluster is {c}; \
+                     refusing to run with a foreign data directory",
+                    dir.display()
+                ));
+                return;
+            }
+            (None, Some(c)) => {
+                if let Err(e) = DirIdentity::store(&dir, broker.node_id(), Some(&c)) {
+                    warn!(error = %e, "could not record the cluster id in meta.properties");
+                } else {
+                    info!(cluster_id = %c, "cluster id recorded");
+                    known = Some(c);
+                }
+            }
+            _ => {}
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Registers this broker (and, on a fresh cluster, the cluster id) once a controller exists, and
+/// again whenever our registration is missing or stale.
+pub async fn register_loop(broker: Arc<Broker>) {
+    let cfg = &broker.cfg;
+    let me = BrokerInfo {
+        id: cfg.node_id,
+        kafka_addr: cfg.advertised_kafka_addr(),
+        admin_addr: cfg.admin_addr.clone(),
+        raft_addr: cfg.raft_addr.clone(),
+        registered_at_ms: 0,
+    };
+    loop {
+        let (need_cluster, need_register) = {
+            let st = broker.state();
+            let stale = st.brokers.get(&me.id).is_none_or(|b| {
+                b.kafka_addr != me.kafka_addr
+                    || b.admin_addr != me.admin_addr
+                    || b.raft_addr != me.raft_addr
+            });
+            (st.cluster_id.is_none(), stale)
+        };
+        if !need_cluster && !need_register {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        if broker.controller_id().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let voters = broker.raft.meta().voters();
+        if !voters.is_empty() && !voters.contains_key(&me.id) {
+            // Not (or no longer) a member: decommissioned, or still joining.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        if need_cluster && broker.raft.meta().is_leader() {
+            let cluster_id = new_cluster_id();
+            if let Err(e) = broker.propose(&Command::InitCluster { cluster_id }).await {
+                warn!(error = %e, "could not initialize cluster id, will retry");
+            }
+        }
+        if need_register {
+            let mut b = me.clone();
+            b.registered_at_ms = now_ms();
+            match broker.propose(&Command::RegisterBroker { broker: b }).await {
+                Ok(_) => info!(node_id = me.id, addr = %me.kafka_addr, "broker registered"),
+                Err(e) => warn!(error = %e, "broker registration failed, will retry"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn silent_brokers_are_fenced_after_the_session_timeout() {
+        let now = Instant::now();
+        let old = now - BROKER_SESSION_TIMEOUT - Duration::from_millis(10);
+        let seen: HashMap<u64, Instant> = [(2, now), (3, old)].into_iter().collect();
+        let long = BROKER_SESSION_TIMEOUT * 2;
+        // 1 is the controller itself; 4 was never seen.
+        assert_eq!(
+            brokers_to_fence([1, 2, 3, 4], 1, &seen, long),
+            [3, 4].into_iter().collect()
+        );
+        // A controller that just took over gives the unseen the session timeout.
+        assert_eq!(
+            brokers_to_fence([1, 2, 3, 4], 1, &seen, Duration::from_secs(1)),
+            [3].into_iter().collect()
+        );
+    }
+}
