@@ -76,6 +76,12 @@ impl Metrics {
         }
     }
 
+    /// How many `api` requests were answered with `error_code` (their worst partition's).
+    pub fn requests_answered(&self, api: &str, error_code: i16) -> u64 {
+        let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(api.to_string(), error_code)).copied().unwrap_or(0)
+    }
+
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let _ = writeln!(out, "# TYPE sluice_requests_total counter");

@@ -86,6 +86,9 @@ pub struct Client {
     /// Ask the broker to create topics we look up (producers do, like kafka-console-producer;
     /// describe and consume must not invent topics).
     pub auto_create_topics: bool,
+    /// Highest version per API on every connection (tests that play an older client).
+    #[cfg(test)]
+    version_caps: Vec<(kafka_protocol::messages::ApiKey, i16)>,
 }
 
 impl Client {
@@ -101,6 +104,8 @@ impl Client {
                         controller_id: -1,
                         conns: HashMap::new(),
                         auto_create_topics: false,
+                        #[cfg(test)]
+                        version_caps: Vec::new(),
                     })
                 }
                 Err(e) => {
@@ -110,6 +115,18 @@ impl Client {
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow!("no bootstrap server")))
+    }
+
+    /// From now on, speak at most version `max` of each listed API, as an older client would.
+    #[cfg(test)]
+    pub fn cap_versions(&mut self, caps: &[(kafka_protocol::messages::ApiKey, i16)]) {
+        self.version_caps = caps.to_vec();
+        for (k, max) in caps {
+            self.bootstrap.cap_version(*k, *max);
+            for c in self.conns.values_mut() {
+                c.cap_version(*k, *max);
+            }
+        }
     }
 
     pub fn bootstrap_conn(&mut self) -> &mut BrokerConn {
@@ -206,9 +223,14 @@ impl Client {
                 .get(&node_id)
                 .cloned()
                 .ok_or_else(|| anyhow!("broker {node_id} is not in the cluster metadata"))?;
-            let conn = BrokerConn::connect(&addr)
+            #[allow(unused_mut)]
+            let mut conn = BrokerConn::connect(&addr)
                 .await
                 .with_context(|| format!("connecting to broker {node_id}"))?;
+            #[cfg(test)]
+            for (k, max) in &self.version_caps {
+                conn.cap_version(*k, *max);
+            }
             self.conns.insert(node_id, conn);
         }
         self.conns

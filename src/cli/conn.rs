@@ -167,6 +167,15 @@ impl BrokerConn {
         bail!("broker kept rejecting ApiVersions")
     }
 
+    /// Speaks as an older client would: at most `max` for `key` (tests drive the broker's older
+    /// versions through the CLI's own encoders this way).
+    #[cfg(test)]
+    pub fn cap_version(&mut self, key: ApiKey, max: i16) {
+        if let Some(v) = self.broker_versions.get_mut(&(key as i16)) {
+            v.max = v.max.min(max);
+        }
+    }
+
     /// Whether the broker implements `key` at a version we speak.
     pub fn supports(&self, key: ApiKey) -> bool {
         self.version_for(key).is_ok()

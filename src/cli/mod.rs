@@ -14,9 +14,6 @@ pub mod produce;
 pub mod records;
 pub mod topics;
 
-#[cfg(test)]
-mod fake_broker;
-
 /// Where to find the cluster; shared by every verb.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
