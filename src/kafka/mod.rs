@@ -10,6 +10,8 @@
 //! A connection with no request and nothing in flight for `connections.max.idle.ms` is closed, and
 //! so is one whose response writes make no progress for `sluice.socket.write.timeout.ms`.
 
+#[cfg(test)]
+mod handler_tests;
 pub mod handlers;
 pub mod records;
 pub mod respond;

@@ -1,0 +1,388 @@
+//! One test (at least) per Kafka API handler, each against a real in-process node
+//! (`crate::testkit`) over TCP, with the requests a client sends and the error codes Kafka
+//! answers. The interop suite drives the same handlers through third-party clients.
+
+use std::time::Duration;
+
+use kafka_protocol::messages::alter_partition_reassignments_request::{
+    ReassignablePartition, ReassignableTopic,
+};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_for_leader_epoch_request::{
+    OffsetForLeaderPartition, OffsetForLeaderTopic,
+};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::Compression;
+
+use crate::cli::conn::BrokerConn;
+use crate::cli::records::{decode_fetched, encode_batch, Message};
+use crate::errors::ErrorCode;
+use crate::testkit::TestCluster;
+
+async fn node() -> (TestCluster, BrokerConn) {
+    let c = TestCluster::single().await.unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    (c, conn)
+}
+
+fn name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+async fn create_topic(conn: &mut BrokerConn, topic: &str, partitions: i32) -> CreateTopicsResponse {
+    let req = CreateTopicsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(name(topic))
+            .with_num_partitions(partitions)
+            .with_replication_factor(1)]);
+    let v = conn.version_for(ApiKey::CreateTopics).unwrap();
+    conn.call(&req, v).await.unwrap()
+}
+
+fn batch(values: &[&str]) -> bytes::Bytes {
+    let msgs: Vec<Message> = values
+        .iter()
+        .map(|v| Message {
+            key: None,
+            value: bytes::Bytes::copy_from_slice(v.as_bytes()),
+        })
+        .collect();
+    encode_batch(&msgs, Compression::None, 1_000).unwrap()
+}
+
+async fn produce(
+    conn: &mut BrokerConn,
+    topic: &str,
+    partition: i32,
+    records: bytes::Bytes,
+) -> (i16, i64) {
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(name(topic))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(partition)
+                .with_records(Some(records))])]);
+    let v = conn.version_for_max(ApiKey::Produce, 9).unwrap();
+    let resp: ProduceResponse = conn.call(&req, v).await.unwrap();
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_versions_advertises_exactly_what_is_dispatched() {
+    let (c, conn) = node().await;
+    // The client asked at a version above ours and fell back, as Kafka clients do.
+    for (key, min, max) in super::handlers::SUPPORTED {
+        let v = conn.version_for(*key).unwrap();
+        assert!(v >= *min && v <= *max, "{key:?} negotiated v{v}");
+    }
+    // Nothing unlisted is advertised.
+    assert!(!conn.supports(ApiKey::SaslHandshake));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_topics_creates_once_and_refuses_bad_configs() {
+    let (c, mut conn) = node().await;
+    let r = create_topic(&mut conn, "t", 2).await;
+    assert_eq!(r.topics[0].error_code, 0);
+    let r = create_topic(&mut conn, "t", 2).await;
+    assert_eq!(r.topics[0].error_code, ErrorCode::TopicAlreadyExists.code());
+    let req = CreateTopicsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(name("u"))
+            .with_num_partitions(1)
+            .with_replication_factor(1)
+            .with_configs(vec![CreatableTopicConfig::default()
+                .with_name(StrBytes::from_static_str("retention.ms"))
+                .with_value(Some(StrBytes::from_static_str("soon")))])]);
+    let v = conn.version_for(ApiKey::CreateTopics).unwrap();
+    let r: CreateTopicsResponse = conn.call(&req, v).await.unwrap();
+    assert_eq!(r.topics[0].error_code, ErrorCode::InvalidConfig.code());
+    let r = create_topic(&mut conn, "bad/name", 1).await;
+    assert_eq!(
+        r.topics[0].error_code,
+        ErrorCode::InvalidTopicException.code()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_lists_topics_with_leaders_and_unknown_topics_as_errors() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "m", 3).await;
+    let req = MetadataRequest::default()
+        .with_allow_auto_topic_creation(false)
+        .with_topics(Some(vec![
+            MetadataRequestTopic::default().with_name(Some(name("m"))),
+            MetadataRequestTopic::default().with_name(Some(name("missing"))),
+        ]));
+    let v = conn.version_for(ApiKey::Metadata).unwrap();
+    let r: MetadataResponse = conn.call(&req, v).await.unwrap();
+    assert_eq!(r.brokers.len(), 1);
+    let m = r.topics.iter().find(|t| t.name == Some(name("m"))).unwrap();
+    assert_eq!(m.error_code, 0);
+    assert_eq!(m.partitions.len(), 3);
+    assert!(m.partitions.iter().all(|p| p.leader_id.0 == 1));
+    let missing = r
+        .topics
+        .iter()
+        .find(|t| t.name == Some(name("missing")))
+        .unwrap();
+    assert_eq!(
+        missing.error_code,
+        ErrorCode::UnknownTopicOrPartition.code()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_fetch_and_list_offsets_agree_on_offsets() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "p", 1).await;
+    assert_eq!(produce(&mut conn, "p", 0, batch(&["a", "b"])).await, (0, 0));
+    assert_eq!(produce(&mut conn, "p", 0, batch(&["c"])).await, (0, 2));
+    // A partition that does not exist, and a batch whose CRC does not match.
+    let (code, _) = produce(&mut conn, "p", 7, batch(&["x"])).await;
+    assert_eq!(code, ErrorCode::UnknownTopicOrPartition.code());
+    let mut bad = bytes::BytesMut::from(&batch(&["x"])[..]);
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    let (code, _) = produce(&mut conn, "p", 0, bad.freeze()).await;
+    assert_eq!(code, ErrorCode::CorruptMessage.code());
+
+    let fetch = |offset: i64| {
+        FetchRequest::default()
+            .with_max_wait_ms(100)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name("p"))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(1 << 20)])])
+    };
+    let v = conn.version_for_max(ApiKey::Fetch, 12).unwrap();
+    let r: FetchResponse = conn.call(&fetch(1), v).await.unwrap();
+    let p = &r.responses[0].partitions[0];
+    assert_eq!((p.error_code, p.high_watermark), (0, 3));
+    let (recs, next) = decode_fetched(p.records.clone().unwrap_or_default(), 1).unwrap();
+    let got: Vec<_> = recs.iter().map(|r| r.value.clone().unwrap()).collect();
+    assert_eq!(got, vec!["b", "c"]);
+    assert_eq!(next, 3);
+    let r: FetchResponse = conn.call(&fetch(99), v).await.unwrap();
+    assert_eq!(
+        r.responses[0].partitions[0].error_code,
+        ErrorCode::OffsetOutOfRange.code()
+    );
+
+    let list = |ts: i64| {
+        ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(name("p"))
+                .with_partitions(vec![ListOffsetsPartition::default()
+                    .with_partition_index(0)
+                    .with_timestamp(ts)])])
+    };
+    let v = conn.version_for(ApiKey::ListOffsets).unwrap();
+    let mut offsets = Vec::new();
+    for ts in [-2, -1, 1_000] {
+        let r: ListOffsetsResponse = conn.call(&list(ts), v).await.unwrap();
+        offsets.push(r.topics[0].partitions[0].offset);
+    }
+    // Earliest, latest, and the first record at or after timestamp 1,000.
+    assert_eq!(offsets, vec![0, 3, 0]);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_for_leader_epoch_answers_the_log_end_for_the_current_epoch() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "e", 1).await;
+    produce(&mut conn, "e", 0, batch(&["a", "b", "c"])).await;
+    let epoch = {
+        let b = c.broker(0);
+        let st = b.state();
+        b.partition_leader_in(&st, "e", 0).unwrap().1
+    };
+    let req = |leader_epoch: i32| {
+        OffsetForLeaderEpochRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![OffsetForLeaderTopic::default()
+                .with_topic(name("e"))
+                .with_partitions(vec![OffsetForLeaderPartition::default()
+                    .with_partition(0)
+                    .with_current_leader_epoch(epoch)
+                    .with_leader_epoch(leader_epoch)])])
+    };
+    let v = conn.version_for(ApiKey::OffsetForLeaderEpoch).unwrap();
+    let r: OffsetForLeaderEpochResponse = conn.call(&req(epoch), v).await.unwrap();
+    let p = &r.topics[0].partitions[0];
+    assert_eq!((p.error_code, p.leader_epoch, p.end_offset), (0, epoch, 3));
+    // A client that believes in a newer epoch than the leader's is told it is ahead.
+    let future = OffsetForLeaderEpochRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![OffsetForLeaderTopic::default()
+            .with_topic(name("e"))
+            .with_partitions(vec![OffsetForLeaderPartition::default()
+                .with_partition(0)
+                .with_current_leader_epoch(epoch + 5)
+                .with_leader_epoch(epoch)])]);
+    let r: OffsetForLeaderEpochResponse = conn.call(&future, v).await.unwrap();
+    assert_eq!(
+        r.topics[0].partitions[0].error_code,
+        ErrorCode::UnknownLeaderEpoch.code()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_partitions_grows_and_delete_topics_removes() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "g", 1).await;
+    let grow = |count: i32| {
+        CreatePartitionsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatePartitionsTopic::default()
+                .with_name(name("g"))
+                .with_count(count)])
+    };
+    let v = conn.version_for(ApiKey::CreatePartitions).unwrap();
+    let r: CreatePartitionsResponse = conn.call(&grow(3), v).await.unwrap();
+    assert_eq!(r.results[0].error_code, 0);
+    let r: CreatePartitionsResponse = conn.call(&grow(2), v).await.unwrap();
+    assert_eq!(r.results[0].error_code, ErrorCode::InvalidPartitions.code());
+    assert!(
+        c.broker(0)
+            .wait_for_partitions("g", Duration::from_secs(10))
+            .await
+    );
+
+    let delete = |t: &str| {
+        DeleteTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topic_names(vec![name(t)])
+            .with_topics(vec![DeleteTopicState::default().with_name(Some(name(t)))])
+    };
+    let v = conn.version_for(ApiKey::DeleteTopics).unwrap();
+    let r: DeleteTopicsResponse = conn.call(&delete("g"), v).await.unwrap();
+    assert_eq!(r.responses[0].error_code, 0);
+    assert!(!c.broker(0).state().topics.contains_key("g"));
+    let r: DeleteTopicsResponse = conn.call(&delete("g"), v).await.unwrap();
+    assert_eq!(
+        r.responses[0].error_code,
+        ErrorCode::UnknownTopicOrPartition.code()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_configs_and_describe_cluster_show_this_node() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "d", 1).await;
+    let req = DescribeConfigsRequest::default().with_resources(vec![
+        DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_static_str("d"))
+            .with_configuration_keys(None),
+        DescribeConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(StrBytes::from_static_str("1"))
+            .with_configuration_keys(None),
+    ]);
+    let v = conn.version_for(ApiKey::DescribeConfigs).unwrap();
+    let r: DescribeConfigsResponse = conn.call(&req, v).await.unwrap();
+    let topic = &r.results[0];
+    assert_eq!(topic.error_code, 0);
+    let retention = topic
+        .configs
+        .iter()
+        .find(|e| e.name.as_str() == "retention.ms")
+        .and_then(|e| e.value.clone());
+    assert_eq!(retention.as_deref(), Some("604800000"));
+    assert_eq!(r.results[1].error_code, 0);
+    assert!(r.results[1]
+        .configs
+        .iter()
+        .any(|e| e.name.as_str() == "node.id"));
+
+    let v = conn.version_for(ApiKey::DescribeCluster).unwrap();
+    let r: DescribeClusterResponse = conn
+        .call(&DescribeClusterRequest::default(), v)
+        .await
+        .unwrap();
+    assert_eq!(r.controller_id.0, 1);
+    assert_eq!(r.brokers.len(), 1);
+    assert_eq!(
+        Some(r.cluster_id.to_string()),
+        c.broker(0).state().cluster_id.clone()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassignments_are_listed_and_impossible_targets_refused() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "r", 1).await;
+    let v = conn
+        .version_for(ApiKey::ListPartitionReassignments)
+        .unwrap();
+    let r: ListPartitionReassignmentsResponse = conn
+        .call(&ListPartitionReassignmentsRequest::default(), v)
+        .await
+        .unwrap();
+    assert_eq!((r.error_code, r.topics.len()), (0, 0));
+    let req = AlterPartitionReassignmentsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_topics(vec![ReassignableTopic::default()
+            .with_name(name("r"))
+            .with_partitions(vec![ReassignablePartition::default()
+                .with_partition_index(0)
+                .with_replicas(Some(vec![BrokerId(9)]))])]);
+    let v = conn
+        .version_for(ApiKey::AlterPartitionReassignments)
+        .unwrap();
+    let r: AlterPartitionReassignmentsResponse = conn.call(&req, v).await.unwrap();
+    let p = &r.responses[0].partitions[0];
+    assert_ne!(p.error_code, 0, "{:?}", p.error_message);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_closes_only_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (c, mut conn) = node().await;
+    let mut raw = tokio::net::TcpStream::connect(c.bootstrap()).await.unwrap();
+    // A frame that claims a request but carries garbage for its header.
+    raw.write_all(&[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf))
+        .await
+        .expect("the broker answers or closes, it does not hang");
+    assert!(matches!(n, Ok(0) | Err(_)), "garbage was answered: {n:?}");
+    // Everyone else is still served.
+    assert_eq!(
+        create_topic(&mut conn, "still", 1).await.topics[0].error_code,
+        0
+    );
+    c.shutdown().await;
+}
