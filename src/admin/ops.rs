@@ -1,6 +1,4 @@
-//! Admin HTTP (axum): JSON views of cluster, brokers, topics, partitions and Raft groups, a health
-//! check, Prometheus metrics, leadership transfer, reassignment and decommission, and (chaos
-//! tests only, with `SLUICE_STORAGE_FAULTS=1`) the storage fault switch.
+//! Operations: leadership transfer, reassignment, decommission, and the storage fault switch.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,268 +6,19 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::{json, Value};
 
+use super::error;
 use crate::broker::Broker;
 
-pub fn router(broker: Arc<Broker>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/brokers", get(brokers))
-        .route("/v1/topics", get(topics))
-        .route("/v1/topics/{topic}", get(topic))
-        .route("/v1/raft", get(raft))
-        .route("/metrics", get(metrics))
-        .route(
-            "/v1/partitions/{topic}/{partition}/transfer-leadership",
-            post(transfer_leadership),
-        )
-        .route("/v1/brokers/{id}/decommission", post(decommission))
-        .route(
-            "/v1/partitions/{topic}/{partition}/reassign",
-            post(reassign),
-        )
-        .route("/v1/reassignments", get(reassignments))
-        .route(
-            "/v1/debug/storage-faults",
-            get(storage_faults_get).post(storage_faults_set),
-        )
-        .fallback(not_found)
-        .with_state(broker)
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "no such endpoint")
-}
-
-async fn health(State(broker): State<Arc<Broker>>) -> Response {
-    let ready = broker.is_ready();
-    let body = json!({
-        "ready": ready,
-        "node_id": broker.cfg.node_id,
-        "controller_id": broker.controller_id(),
-        "partitions": broker.partitions.len(),
-        "storage_fence": broker.health.storage_fence(),
-    });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
-}
-
-fn brokers_json(broker: &Broker) -> Vec<Value> {
-    let st = broker.state();
-    st.brokers
-        .values()
-        .map(|b| {
-            json!({
-                "id": b.id,
-                "kafka_addr": b.kafka_addr,
-                "admin_addr": b.admin_addr,
-                "raft_addr": b.raft_addr,
-                "registered_at_ms": b.registered_at_ms,
-                "live": !st.fenced.contains(&b.id),
-            })
-        })
-        .collect()
-}
-
-async fn cluster(State(broker): State<Arc<Broker>>) -> Json<Value> {
-    let meta = broker.raft.meta().status();
-    Json(json!({
-        "cluster_id": broker.state().cluster_id,
-        "node_id": broker.cfg.node_id,
-        "controller_id": broker.controller_id(),
-        "metadata_term": meta.term,
-        "metadata_commit_index": meta.commit_index,
-        "brokers": brokers_json(&broker),
-    }))
-}
-
-async fn brokers(State(broker): State<Arc<Broker>>) -> Json<Value> {
-    Json(Value::Array(brokers_json(&broker)))
-}
-
-async fn topics(State(broker): State<Arc<Broker>>) -> Json<Value> {
-    let st = broker.state();
-    Json(Value::Array(
-        st.topics
-            .values()
-            .map(|t| {
-                json!({
-                    "name": t.name,
-                    "id": t.id_hex(),
-                    "partitions": t.partitions.len(),
-                    "replication_factor": t.replication_factor(),
-                    "configs": t.configs,
-                })
-            })
-            .collect(),
-    ))
-}
-
-async fn topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
-    let Some(t) = broker.state().topics.get(&name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("topic '{name}' does not exist"),
-        );
-    };
-    let partitions: Vec<Value> = t
-        .partitions
-        .iter()
-        .enumerate()
-        .map(|(p, replicas)| {
-            let g = broker.partition(&name, p as i32);
-            // This node's replica knows best; a node without one answers from what leaders
-            // reported to the controller, as Metadata does.
-            let leader = broker.partition_leader_in(&broker.state(), &name, p as i32);
-            json!({
-                "partition": p,
-                "replicas": replicas,
-                "reassigning_to": t.reassigning.get(&(p as u32)),
-                "leader": leader.map(|(l, _)| l),
-                "leader_epoch": leader.map(|(_, e)| e),
-                "in_sync_replicas": g.as_ref().map(|g| g.status().voters),
-                "log_start_offset": g.as_ref().map(|g| g.log_start_offset()),
-                "log_end_offset": g.as_ref().map(|g| g.log_end_offset()),
-                "high_watermark": g.as_ref().map(|g| g.high_watermark()),
-            })
-        })
-        .collect();
-    Json(json!({
-        "name": t.name,
-        "id": t.id_hex(),
-        "configs": t.configs,
-        "partitions": partitions,
-    }))
-    .into_response()
-}
-
-async fn raft(State(broker): State<Arc<Broker>>) -> Json<Value> {
-    let groups: Vec<Value> = broker
-        .raft
-        .status()
-        .into_iter()
-        .map(|s| {
-            json!({
-                "group": s.group,
-                "role": s.role,
-                "term": s.term,
-                "leader": s.leader,
-                "last_log_index": s.last_log_index,
-                "commit_index": s.commit_index,
-                "applied_index": s.applied_index,
-                "voters": s.voters,
-                "match_index": s.match_index,
-                "snapshot_index": s.snapshot_index,
-                "purged_index": s.purged_index,
-                "storage_error": s.storage_error,
-                // Partition groups only: where this replica's Kafka log starts and ends.
-                "log_start_offset": broker.raft.partition(&s.group).map(|g| g.log_start_offset()),
-                "log_end_offset": broker.raft.partition(&s.group).map(|g| g.log_end_offset()),
-            })
-        })
-        .collect();
-    Json(json!({ "node_id": broker.cfg.node_id, "groups": groups }))
-}
-
-async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
-    let mut out = String::new();
-    broker.metrics.render(&mut out);
-    use std::fmt::Write;
-    let _ = writeln!(out, "# TYPE sluice_partitions gauge");
-    let _ = writeln!(out, "sluice_partitions {}", broker.partitions.len());
-    // A term bump is an election, so the term is the election counter per group.
-    let _ = writeln!(out, "# TYPE sluice_raft_term counter");
-    for s in broker.raft.status() {
-        let _ = writeln!(out, "sluice_raft_term{{group=\"{}\"}} {}", s.group, s.term);
-    }
-    for name in [
-        "high_watermark",
-        "log_end_offset",
-        "log_start_offset",
-        "is_leader",
-    ] {
-        let _ = writeln!(out, "# TYPE sluice_partition_{name} gauge");
-    }
-    // Their ratio is the batches one fsync carried on this replica (group commit); both count
-    // from when the partition last opened on this node.
-    for name in ["log_fsyncs_total", "log_appended_batches_total"] {
-        let _ = writeln!(out, "# TYPE sluice_partition_{name} counter");
-    }
-    // 1 while this replica's Raft core is stopped on a storage error (it is being reopened).
-    let _ = writeln!(out, "# TYPE sluice_partition_storage_failed gauge");
-    let topics: Vec<(String, usize)> = broker
-        .state()
-        .topics
-        .values()
-        .map(|t| (t.name.clone(), t.partitions.len()))
-        .collect();
-    for (t, n) in topics {
-        for p in 0..n as i32 {
-            let Some(g) = broker.partition(&t, p) else {
-                continue;
-            };
-            let l = format!("topic=\"{t}\",partition=\"{p}\"");
-            let _ = writeln!(
-                out,
-                "sluice_partition_high_watermark{{{l}}} {}",
-                g.high_watermark()
-            );
-            let _ = writeln!(
-                out,
-                "sluice_partition_log_end_offset{{{l}}} {}",
-                g.log_end_offset()
-            );
-            let _ = writeln!(
-                out,
-                "sluice_partition_log_start_offset{{{l}}} {}",
-                g.log_start_offset()
-            );
-            let _ = writeln!(
-                out,
-                "sluice_partition_is_leader{{{l}}} {}",
-                u8::from(g.is_leader())
-            );
-            let _ = writeln!(
-                out,
-                "sluice_partition_storage_failed{{{l}}} {}",
-                u8::from(g.failure().is_some())
-            );
-            let (fsyncs, batches) = g.io_counters();
-            let _ = writeln!(out, "sluice_partition_log_fsyncs_total{{{l}}} {fsyncs}");
-            let _ = writeln!(
-                out,
-                "sluice_partition_log_appended_batches_total{{{l}}} {batches}"
-            );
-        }
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-}
-
 #[derive(serde::Deserialize, Default)]
-struct TransferBody {
+pub(super) struct TransferBody {
     /// Node to move leadership to; default: the preferred leader (first replica).
     target: Option<u64>,
 }
 
-async fn transfer_leadership(
+pub(super) async fn transfer_leadership(
     State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, i32)>,
     body: Option<Json<TransferBody>>,
@@ -361,7 +110,7 @@ type PartitionMove = (u32, Vec<u64>);
 
 /// Per topic, the moves that take every replica off broker `id` (partitions already moving are
 /// left alone). Pure over the metadata, so it is easy to test.
-fn decommission_moves(
+pub(super) fn decommission_moves(
     st: &crate::controller::MetaState,
     id: u64,
 ) -> Result<Vec<(String, Vec<PartitionMove>)>, String> {
@@ -411,13 +160,13 @@ fn decommission_moves(
 }
 
 #[derive(Debug, serde::Deserialize)]
-struct ReassignBody {
+pub(super) struct ReassignBody {
     replicas: Vec<u64>,
 }
 
 /// Starts moving a partition to a new replica set (preferred leader first), like Kafka's
 /// AlterPartitionReassignments; `GET /v1/reassignments` shows the moves still in progress.
-async fn reassign(
+pub(super) async fn reassign(
     State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, u32)>,
     body: Option<Json<ReassignBody>>,
@@ -450,7 +199,7 @@ async fn reassign(
     }
 }
 
-async fn reassignments(State(broker): State<Arc<Broker>>) -> Response {
+pub(super) async fn reassignments(State(broker): State<Arc<Broker>>) -> Response {
     let st = broker.state();
     let list: Vec<serde_json::Value> = st
         .topics
@@ -469,7 +218,10 @@ async fn reassignments(State(broker): State<Arc<Broker>>) -> Response {
     Json(json!({ "reassignments": list })).into_response()
 }
 
-async fn decommission(State(broker): State<Arc<Broker>>, Path(id): Path<u64>) -> Response {
+pub(super) async fn decommission(
+    State(broker): State<Arc<Broker>>,
+    Path(id): Path<u64>,
+) -> Response {
     let hosted: Vec<String> = {
         let st = broker.state();
         if !st.brokers.contains_key(&id) && !broker.raft.meta().voters().contains_key(&id) {
@@ -553,23 +305,23 @@ async fn decommission(State(broker): State<Arc<Broker>>, Path(id): Path<u64>) ->
 /// `{"rules": [{"op": "write"|"fsync"|"any", "error": "eio"|"enospc", "path_contains": "..."}]}`
 /// replaces the rules (`{"rules": []}` heals). Refused unless the node was started with
 /// `SLUICE_STORAGE_FAULTS=1`.
-async fn storage_faults_get() -> Response {
+pub(super) async fn storage_faults_get() -> Response {
     let (status, body) = storage_faults(sluice_storage::fault::layer(), None);
     (status, Json(body)).into_response()
 }
 
-async fn storage_faults_set(body: axum::body::Bytes) -> Response {
+pub(super) async fn storage_faults_set(body: axum::body::Bytes) -> Response {
     let (status, body) = storage_faults(sluice_storage::fault::layer(), Some(&body));
     (status, Json(body)).into_response()
 }
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StorageFaultsBody {
+pub(super) struct StorageFaultsBody {
     rules: Vec<sluice_storage::fault::FaultRule>,
 }
 
-fn storage_faults(
+pub(super) fn storage_faults(
     layer: Option<&sluice_storage::fault::FaultLayer>,
     set: Option<&[u8]>,
 ) -> (StatusCode, Value) {
