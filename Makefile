@@ -10,7 +10,8 @@ VENV_STAMP := $(VENV)/.stamp
 # the compression tests use the same three to build batches by hand.
 PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=2.3,<3' python-snappy lz4 zstandard
 
-.PHONY: all venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv
+
+.PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv
 
 all: build
 
@@ -41,6 +42,9 @@ deps:
 build:
 	cargo build --release --workspace
 
+# The one gate CI runs (.ci/run): formatting and lints first (cheap, read-only), then every test.
+verify: lint test
+
 test: deps venv build
 	cargo test --workspace
 	$(VENV)/bin/pytest -q tests/interop
@@ -63,7 +67,7 @@ run:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all
