@@ -2,7 +2,7 @@
 //! `sluice` CLI's client verbs; ARCHITECTURE.md has the code map and the rules between modules.
 //! From the bottom up: `config`, `errors`, `clock`, `metrics`, `identity` · `controller` (the
 //! replicated metadata) · `rpc` (node-to-node messages) · `broker` (what handlers and loops
-//! share) · `membership`, `partition`, `kafka`, `admin` · `node` (the composition root) ·
+//! share), `session` · `membership`, `partition`, `kafka`, `admin` · `net` · `node` (the composition root) ·
 //! `server`, `testkit`. `cli` stands apart: it speaks only the Kafka protocol.
 
 pub mod admin;
@@ -19,10 +19,12 @@ pub mod identity;
 pub mod kafka;
 pub mod membership;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod partition;
 pub mod rpc;
 pub mod server;
+pub mod session;
 pub mod testkit;
 
 // The binary installs the guarded allocator (src/main.rs); this crate's own tests drive hostile

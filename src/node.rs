@@ -163,7 +163,7 @@ impl Node {
 
         // The servers stop accepting on cancellation themselves (they drain, not drop).
         node.tasks
-            .spawn(crate::kafka::serve(kafka, b.clone(), node.cancel.clone()));
+            .spawn(crate::net::serve(kafka, b.clone(), node.cancel.clone()));
         let admin_app = crate::admin::router(b.clone());
         let stop = node.cancel.clone();
         node.tasks.spawn(async move {

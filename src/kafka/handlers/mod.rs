@@ -23,6 +23,7 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind}
 
 use super::{Pending, Response};
 use crate::broker::Broker;
+use crate::session::Session;
 
 /// (API, min version, max version). Ranges stop where the next version changes semantics we do not
 /// implement (e.g. Fetch v13 switches to topic ids).
@@ -122,8 +123,11 @@ pub fn start_legacy(
     Ok(Some(super::ready(correlation_id, key, version, result)))
 }
 
+/// Starts the handler of one decoded request. `session` is the connection's: who asks (for
+/// authorization) and the SASL exchange will read it.
 pub fn dispatch(
     broker: Arc<Broker>,
+    _session: Arc<Session>,
     header: RequestHeader,
     request: RequestKind,
 ) -> BoxFuture<'static, Option<Response>> {

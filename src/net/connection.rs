@@ -1,0 +1,201 @@
+//! One client connection: size-prefixed frames in (the size is checked before the frame is
+//! allocated), responses out strictly in request order.
+//!
+//! Requests on one connection are started in arrival order and may complete concurrently (pipelined
+//! produce requests share one fsync), but responses go out in order, as the protocol requires.
+//!
+//! A connection with no request and nothing in flight for `connections.max.idle.ms` is closed, and
+//! so is one whose response writes make no progress for `sluice.socket.write.timeout.ms`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use kafka_protocol::messages::ApiKey;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::kafka::{self, respond, Pending, RequestContext, Response};
+use crate::session::Session;
+
+/// When a connection last did something, and how many of its requests are not yet answered.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection counts as idle if nothing happens before: never while a request is
+    /// in flight (a long poll is not idleness), so then one full period from now.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Instant::now() + idle;
+        }
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
+/// Serves one connection until the client leaves, it breaks a limit, or the node shuts down.
+pub(super) async fn run(
+    stream: TcpStream,
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Pending>(broker.cfg.max_in_flight_requests_per_connection);
+    let activity = Arc::new(Activity::new());
+    let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
+    // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
+    let (writer_alive, writer_gone) = tokio::sync::watch::channel(());
+
+    // The writer awaits responses strictly in request order.
+    let metrics_node = broker.clone();
+    let writer_activity = activity.clone();
+    let stall = Duration::from_millis(broker.cfg.socket_write_timeout_ms);
+    let writer = tokio::spawn(async move {
+        let metrics = &metrics_node.metrics;
+        let activity = writer_activity;
+        let _alive = writer_alive;
+        while let Some(pending) = rx.recv().await {
+            let Some((correlation_id, api_key, version, result)) = pending.await else {
+                return Err("handler task failed".to_string());
+            };
+            let (resp, held) = match result {
+                Some(r) => {
+                    let (r, held) = r.unheld();
+                    (Some(r), held)
+                }
+                None => (None, Vec::new()),
+            };
+            if !matches!(api_key, ApiKey::Produce | ApiKey::Fetch) {
+                // Produce and Fetch count themselves, with their partitions' error codes.
+                let code = match &resp {
+                    Some(Response::Kind(k)) => kafka::top_level_error(k),
+                    _ => 0,
+                };
+                metrics.count_request(&format!("{api_key:?}"), code);
+            }
+            if let Some(resp) = resp {
+                let chunks = respond::encode(correlation_id, api_key, version, resp)?;
+                respond::write_all(&mut wr, chunks, stall).await?;
+            }
+            drop(held);
+            activity.touch();
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    });
+
+    let conn = Conn {
+        activity,
+        requests: RequestContext {
+            session,
+            fetch_turn,
+            writer_gone,
+        },
+    };
+    let read = read_loop(&mut rd, &broker, &conn, &tx, &shutdown).await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| format!("writer task failed: {e}"))?;
+    // A failed writer stops the reader too; its reason is the one worth reporting.
+    written.and(read)
+}
+
+/// What the reader shares with the requests it starts.
+struct Conn {
+    activity: Arc<Activity>,
+    requests: RequestContext,
+}
+
+async fn read_loop(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    broker: &Arc<Broker>,
+    conn: &Conn,
+    tx: &mpsc::Sender<Pending>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let max = broker.cfg.socket_request_max_bytes;
+    let idle = broker
+        .cfg
+        .connections_max_idle_ms
+        .map(Duration::from_millis);
+    let mut head = [0u8; 4];
+    let mut got = 0usize;
+    loop {
+        let idle_at = idle.map(|d| conn.activity.idle_at(d));
+        // One read() per turn, which is cancel-safe: an idle check in between loses no bytes.
+        tokio::select! {
+            r = rd.read(&mut head[got..]) => match r {
+                Ok(0) if got == 0 => return Ok(()),
+                Ok(0) => return Err("connection closed inside a request size".into()),
+                Ok(n) => got += n,
+                Err(e) => return Err(format!("read failed: {e}")),
+            },
+            () = shutdown.cancelled() => return Ok(()),
+            // The writer gave up (a stalled or failed write): nothing more can be answered.
+            _ = tx.closed() => return Err("response writer stopped".into()),
+            _ = sleep_until(idle_at) => {
+                let due = idle_at.is_some_and(|at| idle.map(|d| conn.activity.idle_at(d)) <= Some(at));
+                if due {
+                    return Err(format!(
+                        "idle for {} ms (connections.max.idle.ms)",
+                        idle.map_or(0, |d| d.as_millis())
+                    ));
+                }
+                continue;
+            }
+        }
+        if got < head.len() {
+            continue;
+        }
+        got = 0;
+        let size = i32::from_be_bytes(head);
+        // Checked before allocating: a hostile length must not make us reserve memory.
+        if size < 8 || size as usize > max {
+            return Err(format!(
+                "invalid request size {size} (must be 8..={max}, socket.request.max.bytes)"
+            ));
+        }
+        let mut frame = BytesMut::zeroed(size as usize);
+        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut frame))
+            .await
+            .map_err(|_| format!("timed out reading a {size}-byte request"))?
+            .map_err(|e| format!("truncated request frame: {e}"))?;
+        let frame = frame.freeze();
+        conn.activity.touch();
+        let pending = kafka::decode_and_start(broker, &conn.requests, frame)?;
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        if tx.send(pending).await.is_err() {
+            return Err("response writer stopped".into());
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
