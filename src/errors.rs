@@ -1,9 +1,11 @@
-//! The Kafka error codes Sluice answers with. Numbers are the wire values from the Kafka protocol
-//! reference; names follow Kafka's so logs and client messages line up.
+//! The one table of Kafka error codes, for the broker (what it answers) and the CLI (what it
+//! explains). Numbers are the wire values from the Kafka protocol reference; names follow Kafka's
+//! so logs and client messages line up.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i16)]
 pub enum ErrorCode {
+    UnknownServerError = -1,
     None = 0,
     OffsetOutOfRange = 1,
     CorruptMessage = 2,
@@ -12,11 +14,15 @@ pub enum ErrorCode {
     LeaderNotAvailable = 5,
     NotLeaderOrFollower = 6,
     RequestTimedOut = 7,
+    ReplicaNotAvailable = 9,
     MessageTooLarge = 10,
+    NetworkException = 13,
     InvalidTopicException = 17,
     RecordListTooLarge = 18,
     NotEnoughReplicas = 19,
+    NotEnoughReplicasAfterAppend = 20,
     InvalidRequiredAcks = 21,
+    TopicAuthorizationFailed = 29,
     UnsupportedVersion = 35,
     TopicAlreadyExists = 36,
     InvalidPartitions = 37,
@@ -28,14 +34,111 @@ pub enum ErrorCode {
     UnsupportedForMessageFormat = 43,
     PolicyViolation = 44,
     KafkaStorageError = 56,
+    TopicDeletionDisabled = 73,
     FencedLeaderEpoch = 74,
     UnknownLeaderEpoch = 75,
     NoReassignmentInProgress = 85,
     InvalidRecord = 87,
+    UnknownTopicId = 100,
 }
+
+const ALL: &[ErrorCode] = &[
+    ErrorCode::UnknownServerError,
+    ErrorCode::None,
+    ErrorCode::OffsetOutOfRange,
+    ErrorCode::CorruptMessage,
+    ErrorCode::UnknownTopicOrPartition,
+    ErrorCode::InvalidFetchSize,
+    ErrorCode::LeaderNotAvailable,
+    ErrorCode::NotLeaderOrFollower,
+    ErrorCode::RequestTimedOut,
+    ErrorCode::ReplicaNotAvailable,
+    ErrorCode::MessageTooLarge,
+    ErrorCode::NetworkException,
+    ErrorCode::InvalidTopicException,
+    ErrorCode::RecordListTooLarge,
+    ErrorCode::NotEnoughReplicas,
+    ErrorCode::NotEnoughReplicasAfterAppend,
+    ErrorCode::InvalidRequiredAcks,
+    ErrorCode::TopicAuthorizationFailed,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::TopicAlreadyExists,
+    ErrorCode::InvalidPartitions,
+    ErrorCode::InvalidReplicationFactor,
+    ErrorCode::InvalidReplicaAssignment,
+    ErrorCode::InvalidConfig,
+    ErrorCode::NotController,
+    ErrorCode::InvalidRequest,
+    ErrorCode::UnsupportedForMessageFormat,
+    ErrorCode::PolicyViolation,
+    ErrorCode::KafkaStorageError,
+    ErrorCode::TopicDeletionDisabled,
+    ErrorCode::FencedLeaderEpoch,
+    ErrorCode::UnknownLeaderEpoch,
+    ErrorCode::NoReassignmentInProgress,
+    ErrorCode::InvalidRecord,
+    ErrorCode::UnknownTopicId,
+];
 
 impl ErrorCode {
     pub fn code(self) -> i16 {
         self as i16
+    }
+
+    /// The variant for a code this table knows.
+    pub fn from_code(code: i16) -> Option<ErrorCode> {
+        ALL.iter().copied().find(|e| e.code() == code)
+    }
+}
+
+/// Kafka's constant name for any error code, e.g. 36 -> `TOPIC_ALREADY_EXISTS`, including codes
+/// this table does not list (from `kafka-protocol`'s full list).
+pub fn name(code: i16) -> String {
+    use kafka_protocol::error::ResponseError;
+    // kafka-protocol exposes CamelCase variant names through `Display`, none with acronyms, so
+    // the mechanical conversion is exact.
+    match ResponseError::try_from_code(code) {
+        None => "NONE".to_string(),
+        Some(ResponseError::Unknown(c)) => format!("UNKNOWN_ERROR_CODE_{c}"),
+        Some(e) => {
+            let camel = e.to_string();
+            let mut out = String::with_capacity(camel.len() + 8);
+            for (i, ch) in camel.chars().enumerate() {
+                if ch.is_ascii_uppercase() && i > 0 {
+                    out.push('_');
+                }
+                out.push(ch.to_ascii_uppercase());
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_is_found_by_its_code_and_named_as_kafka_does() {
+        for e in ALL {
+            assert_eq!(ErrorCode::from_code(e.code()), Some(*e));
+            // Our variant names are Kafka's, so the table cannot drift from the wire names.
+            let ours = format!("{e:?}");
+            let kafka: String = name(e.code())
+                .split('_')
+                .map(|w| {
+                    let mut c = w.chars();
+                    c.next()
+                        .map(|f| f.to_string() + &c.as_str().to_lowercase())
+                        .unwrap_or_default()
+                })
+                .collect();
+            assert!(ours == kafka || e.code() == 0, "{ours} vs {kafka}");
+        }
+        assert_eq!(ErrorCode::from_code(9999), None);
+        assert_eq!(name(36), "TOPIC_ALREADY_EXISTS");
+        assert_eq!(name(-1), "UNKNOWN_SERVER_ERROR");
+        assert_eq!(name(0), "NONE");
+        assert_eq!(name(9999), "UNKNOWN_ERROR_CODE_9999");
     }
 }

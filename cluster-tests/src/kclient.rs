@@ -13,6 +13,7 @@ use kafka_protocol::records::Compression;
 use sluice::cli::client::{Client, TopicInfo};
 use sluice::cli::errors::{self, error_name};
 use sluice::cli::records::{decode_fetched, encode_batch, Message};
+use sluice::errors::ErrorCode;
 
 const TOPIC_ID_VERSION: i16 = 13;
 /// Broker-side wait for replication; the client gives up a little later.
@@ -35,17 +36,21 @@ pub enum Outcome<T> {
 /// Leadership errors count as definite here because the broker says it is not the leader;
 /// if such a write is read later the checker reports it (`failed_read`) and that is a finding.
 fn definite_produce_error(code: i16) -> bool {
+    use ErrorCode as E;
     matches!(
-        code,
-        errors::UNKNOWN_TOPIC_OR_PARTITION
-            | errors::LEADER_NOT_AVAILABLE
-            | errors::NOT_LEADER_OR_FOLLOWER
-            | 2   // CORRUPT_MESSAGE
-            | 10  // MESSAGE_TOO_LARGE
-            | 17  // INVALID_TOPIC_EXCEPTION
-            | 18  // RECORD_LIST_TOO_LARGE
-            | 19  // NOT_ENOUGH_REPLICAS (checked before append in Kafka)
-            | 87 // INVALID_RECORD
+        E::from_code(code),
+        Some(
+            E::UnknownTopicOrPartition
+                | E::LeaderNotAvailable
+                | E::NotLeaderOrFollower
+                | E::CorruptMessage
+                | E::MessageTooLarge
+                | E::InvalidTopicException
+                | E::RecordListTooLarge
+                // Checked before the append in Kafka.
+                | E::NotEnoughReplicas
+                | E::InvalidRecord
+        )
     )
 }
 
@@ -261,7 +266,7 @@ impl KClient {
                 return Outcome::Info(format!("leader {leader}: fetch timed out"));
             }
         };
-        if resp.error_code != errors::NONE {
+        if resp.error_code != ErrorCode::None.code() {
             return Outcome::Fail(format!("fetch: {}", error_name(resp.error_code)));
         }
         let pd = resp
@@ -275,7 +280,7 @@ impl KClient {
         };
         // -1 means the broker did not say.
         self.last_log_start = Some(pd.log_start_offset).filter(|s| *s >= 0);
-        if pd.error_code != errors::NONE {
+        if pd.error_code != ErrorCode::None.code() {
             if errors::is_stale_metadata(pd.error_code) {
                 self.topic = None;
             }
@@ -347,7 +352,7 @@ impl KClient {
             .flat_map(|t| t.partitions.into_iter())
             .find(|p| p.partition_index == partition)
             .ok_or_else(|| anyhow!("no answer for partition {partition}"))?;
-        if pd.error_code != errors::NONE {
+        if pd.error_code != ErrorCode::None.code() {
             self.topic = None;
             return Err(anyhow!("{}", error_name(pd.error_code)));
         }
@@ -409,7 +414,7 @@ fn produce_outcome(
     let Some(pr) = pr else {
         return Outcome::Info(format!("leader {leader}: no answer for the partition"));
     };
-    if pr.error_code == errors::NONE {
+    if pr.error_code == ErrorCode::None.code() {
         return Outcome::Ok(pr.base_offset);
     }
     let msg = format!(

@@ -23,7 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use sluice::cli::client::Client;
-use sluice::cli::errors::{self, error_name};
+use sluice::cli::errors::error_name;
+use sluice::errors::ErrorCode;
 use tokio::sync::Mutex;
 
 use crate::cluster::{http_get, Cluster, NodeId};
@@ -49,17 +50,20 @@ enum AdminReq {
 
 /// Errors after which the request certainly changed nothing.
 fn definite(code: i16) -> bool {
+    use ErrorCode as E;
     matches!(
-        code,
-        errors::UNKNOWN_TOPIC_OR_PARTITION
-            | errors::TOPIC_ALREADY_EXISTS
-            | errors::NOT_CONTROLLER
-            | 17  // INVALID_TOPIC_EXCEPTION
-            | 37  // INVALID_PARTITIONS
-            | 38  // INVALID_REPLICATION_FACTOR
-            | 39  // INVALID_REPLICA_ASSIGNMENT
-            | 40  // INVALID_CONFIG
-            | 42 // INVALID_REQUEST
+        E::from_code(code),
+        Some(
+            E::UnknownTopicOrPartition
+                | E::TopicAlreadyExists
+                | E::NotController
+                | E::InvalidTopicException
+                | E::InvalidPartitions
+                | E::InvalidReplicationFactor
+                | E::InvalidReplicaAssignment
+                | E::InvalidConfig
+                | E::InvalidRequest
+        )
     )
 }
 
@@ -135,7 +139,7 @@ async fn admin(addr: &str, topic: &str, req: &AdminReq) -> Outcome<()> {
     };
     // From here on the request may have reached the controller.
     match tokio::time::timeout(OP_TIMEOUT, call).await {
-        Ok(Ok(errors::NONE)) => Outcome::Ok(()),
+        Ok(Ok(0)) => Outcome::Ok(()),
         Ok(Ok(code)) if definite(code) => Outcome::Fail(error_name(code).to_string()),
         Ok(Ok(code)) => Outcome::Info(error_name(code).to_string()),
         Ok(Err(e)) => Outcome::Info(format!("{e:#}")),
@@ -190,7 +194,7 @@ async fn kafka_view(addr: SocketAddr) -> Result<BTreeMap<String, TopicView>> {
         let mut out = BTreeMap::new();
         for t in resp.topics {
             let Some(n) = t.name else { continue };
-            if t.error_code != errors::NONE {
+            if t.error_code != ErrorCode::None.code() {
                 continue;
             }
             let id = (!t.topic_id.is_nil()).then(|| t.topic_id.as_simple().to_string());

@@ -11,6 +11,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::conn::BrokerConn;
 use super::errors::{self, KafkaError};
+use crate::errors::ErrorCode;
 
 /// How many times a request is retried after a metadata refresh before the
 /// error is reported. Small: a CLI should fail fast and clearly.
@@ -185,7 +186,7 @@ impl Client {
                 .find(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some(name));
             let code = topic
                 .as_ref()
-                .map_or(errors::UNKNOWN_TOPIC_OR_PARTITION, |t| t.error_code);
+                .map_or(ErrorCode::UnknownTopicOrPartition.code(), |t| t.error_code);
             match (topic, errors::check(code, &format!("topic '{name}'"), None)) {
                 (Some(mut raw), Ok(())) => {
                     let leaderless = raw.partitions.iter().any(|p| p.leader_id.0 < 0);
@@ -198,7 +199,7 @@ impl Client {
                     // A missing topic is retried briefly only, in case it was
                     // created a moment ago; other stale-metadata errors
                     // (no leader yet) get the full retry budget.
-                    let retry = if e.code == errors::UNKNOWN_TOPIC_OR_PARTITION {
+                    let retry = if e.code == ErrorCode::UnknownTopicOrPartition.code() {
                         attempt < 2
                     } else {
                         e.is_stale_metadata() && attempt < MAX_RETRIES

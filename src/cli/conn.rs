@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::errors;
+use crate::errors::ErrorCode;
 
 /// Largest frame we accept. Checked before allocating so that a corrupt or
 /// hostile size prefix cannot make us reserve gigabytes.
@@ -126,7 +127,7 @@ impl BrokerConn {
                 .first_chunk::<2>()
                 .map(|b| i16::from_be_bytes(*b))
                 .ok_or_else(|| anyhow!("empty ApiVersions response"))?;
-            if code == errors::UNSUPPORTED_VERSION {
+            if code == ErrorCode::UnsupportedVersion.code() {
                 let mut b = body.clone();
                 let resp = ApiVersionsResponse::decode(&mut b, 0)
                     .context("decoding ApiVersions v0 fallback response")?;

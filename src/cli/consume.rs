@@ -15,6 +15,7 @@ use super::client::{backoff, Client, TopicInfo, MAX_RETRIES};
 use super::errors::{self, KafkaError};
 use super::records::{decode_fetched, Consumed};
 use super::{ConsumeArgs, StartOffset};
+use crate::errors::ErrorCode;
 
 /// ListOffsets special timestamps.
 const LATEST: i64 = -1;
@@ -183,20 +184,21 @@ async fn consume_loop<W: Write>(
                         continue;
                     };
                     let subject = format!("topic '{}' partition {p}", args.topic);
-                    match pd.error_code {
-                        errors::NONE => {}
-                        errors::OFFSET_OUT_OF_RANGE => {
+                    match ErrorCode::from_code(pd.error_code) {
+                        Some(ErrorCode::None) => {}
+                        Some(ErrorCode::OffsetOutOfRange) => {
                             // Resolved after this round: other connections
                             // may still owe us a fetch response, so no new
                             // requests may be interleaved now.
                             out_of_range.push(p);
                             continue;
                         }
-                        code if errors::is_stale_metadata(code) => {
-                            stale = Some(KafkaError::new(code, &subject, None).to_string());
+                        _ if errors::is_stale_metadata(pd.error_code) => {
+                            let e = KafkaError::new(pd.error_code, &subject, None);
+                            stale = Some(e.to_string());
                             continue;
                         }
-                        code => return Err(KafkaError::new(code, &subject, None).into()),
+                        _ => return Err(KafkaError::new(pd.error_code, &subject, None).into()),
                     }
                     let Some(data) = pd.records.filter(|d| !d.is_empty()) else {
                         continue;

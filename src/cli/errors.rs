@@ -6,22 +6,7 @@
 
 use std::fmt;
 
-use kafka_protocol::error::ResponseError;
-
-pub const NONE: i16 = 0;
-pub const OFFSET_OUT_OF_RANGE: i16 = 1;
-pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-pub const LEADER_NOT_AVAILABLE: i16 = 5;
-pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
-pub const REQUEST_TIMED_OUT: i16 = 7;
-pub const REPLICA_NOT_AVAILABLE: i16 = 9;
-pub const NETWORK_EXCEPTION: i16 = 13;
-pub const UNSUPPORTED_VERSION: i16 = 35;
-pub const TOPIC_ALREADY_EXISTS: i16 = 36;
-pub const NOT_CONTROLLER: i16 = 41;
-pub const FENCED_LEADER_EPOCH: i16 = 74;
-pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
-pub const UNKNOWN_TOPIC_ID: i16 = 100;
+use crate::errors::ErrorCode as E;
 
 /// An error code returned by a broker, with the context it applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +33,8 @@ impl KafkaError {
         // For these our sentence already says everything; brokers' texts
         // ("Topic 'x' already exists.") would only repeat it.
         let self_explanatory = matches!(
-            code,
-            TOPIC_ALREADY_EXISTS | UNKNOWN_TOPIC_OR_PARTITION | UNKNOWN_TOPIC_ID
+            E::from_code(code),
+            Some(E::TopicAlreadyExists | E::UnknownTopicOrPartition | E::UnknownTopicId)
         );
         let extra = broker_message
             .map(str::trim)
@@ -71,21 +56,23 @@ impl KafkaError {
 /// Error codes after which the client should refresh metadata and retry.
 pub fn is_stale_metadata(code: i16) -> bool {
     matches!(
-        code,
-        UNKNOWN_TOPIC_OR_PARTITION
-            | LEADER_NOT_AVAILABLE
-            | NOT_LEADER_OR_FOLLOWER
-            | REPLICA_NOT_AVAILABLE
-            | FENCED_LEADER_EPOCH
-            | UNKNOWN_LEADER_EPOCH
-            | UNKNOWN_TOPIC_ID
-            | NOT_CONTROLLER
+        E::from_code(code),
+        Some(
+            E::UnknownTopicOrPartition
+                | E::LeaderNotAvailable
+                | E::NotLeaderOrFollower
+                | E::ReplicaNotAvailable
+                | E::FencedLeaderEpoch
+                | E::UnknownLeaderEpoch
+                | E::UnknownTopicId
+                | E::NotController
+        )
     )
 }
 
 /// Returns `Ok(())` for code 0 and a [`KafkaError`] otherwise.
 pub fn check(code: i16, subject: &str, broker_message: Option<&str>) -> Result<(), KafkaError> {
-    if code == NONE {
+    if code == E::None.code() {
         Ok(())
     } else {
         Err(KafkaError::new(code, subject, broker_message))
@@ -93,55 +80,42 @@ pub fn check(code: i16, subject: &str, broker_message: Option<&str>) -> Result<(
 }
 
 /// The Java constant name for an error code, e.g. 36 -> `TOPIC_ALREADY_EXISTS`.
-///
-/// kafka-protocol only exposes CamelCase variant names through `Display`,
-/// and none of them contain acronyms, so a mechanical conversion is exact.
 pub fn error_name(code: i16) -> String {
-    match ResponseError::try_from_code(code) {
-        None => "NONE".to_string(),
-        Some(ResponseError::Unknown(c)) => format!("UNKNOWN_ERROR_CODE_{c}"),
-        Some(e) => camel_to_screaming_snake(&e.to_string()),
-    }
-}
-
-fn camel_to_screaming_snake(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 8);
-    for (i, ch) in s.chars().enumerate() {
-        if ch.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-    }
-    out
+    crate::errors::name(code)
 }
 
 /// A short, subject-first phrase for the errors users actually hit.
 fn explain(code: i16, subject: &str) -> String {
-    let phrase = match code {
-        TOPIC_ALREADY_EXISTS => return format!("{subject} already exists"),
-        UNKNOWN_TOPIC_OR_PARTITION | UNKNOWN_TOPIC_ID => {
+    let Some(e) = E::from_code(code) else {
+        return format!("{subject}: request failed");
+    };
+    let phrase = match e {
+        E::TopicAlreadyExists => return format!("{subject} already exists"),
+        E::UnknownTopicOrPartition | E::UnknownTopicId => {
             return format!("{subject} does not exist")
         }
-        OFFSET_OUT_OF_RANGE => "offset is out of range",
-        LEADER_NOT_AVAILABLE => "partition has no leader (election in progress?)",
-        NOT_LEADER_OR_FOLLOWER => "broker is not the leader for the partition",
-        REQUEST_TIMED_OUT => "request timed out on the broker",
-        10 => "message is larger than the broker accepts",
-        17 => "invalid topic name",
-        18 => "record list is larger than the broker accepts",
-        19 | 20 => "not enough in-sync replicas for the requested acks",
-        21 => "invalid acks value",
-        29 => "not authorized to access the topic",
-        UNSUPPORTED_VERSION => "broker does not support the request version",
-        37 => "invalid number of partitions",
-        38 => "invalid replication factor",
-        39 => "invalid replica assignment",
-        40 => "invalid topic configuration",
-        NOT_CONTROLLER => "broker is not the controller",
-        42 => "invalid request",
-        44 => "policy violation",
-        73 => "topic deletion is disabled on the broker",
-        87 => "record rejected by the broker",
+        E::OffsetOutOfRange => "offset is out of range",
+        E::LeaderNotAvailable => "partition has no leader (election in progress?)",
+        E::NotLeaderOrFollower => "broker is not the leader for the partition",
+        E::RequestTimedOut => "request timed out on the broker",
+        E::MessageTooLarge => "message is larger than the broker accepts",
+        E::InvalidTopicException => "invalid topic name",
+        E::RecordListTooLarge => "record list is larger than the broker accepts",
+        E::NotEnoughReplicas | E::NotEnoughReplicasAfterAppend => {
+            "not enough in-sync replicas for the requested acks"
+        }
+        E::InvalidRequiredAcks => "invalid acks value",
+        E::TopicAuthorizationFailed => "not authorized to access the topic",
+        E::UnsupportedVersion => "broker does not support the request version",
+        E::InvalidPartitions => "invalid number of partitions",
+        E::InvalidReplicationFactor => "invalid replication factor",
+        E::InvalidReplicaAssignment => "invalid replica assignment",
+        E::InvalidConfig => "invalid topic configuration",
+        E::NotController => "broker is not the controller",
+        E::InvalidRequest => "invalid request",
+        E::PolicyViolation => "policy violation",
+        E::TopicDeletionDisabled => "topic deletion is disabled on the broker",
+        E::InvalidRecord => "record rejected by the broker",
         _ => "request failed",
     };
     format!("{subject}: {phrase}")

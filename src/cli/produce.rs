@@ -22,6 +22,7 @@ use super::client::{backoff, Client, TopicInfo, MAX_RETRIES};
 use super::errors::{self, KafkaError};
 use super::records::{encode_batch, partition_for_key, Message};
 use super::ProduceArgs;
+use crate::errors::ErrorCode;
 
 /// Flush a batch once its payload reaches this size, whatever the line
 /// count, to stay well below brokers' default 1 MiB message.max.bytes.
@@ -447,14 +448,19 @@ impl Producer<'_> {
 
 fn is_transient(code: i16) -> bool {
     matches!(
-        code,
-        errors::REQUEST_TIMED_OUT | errors::NETWORK_EXCEPTION | 19 | 20
+        ErrorCode::from_code(code),
+        Some(
+            ErrorCode::RequestTimedOut
+                | ErrorCode::NetworkException
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::NotEnoughReplicasAfterAppend
+        )
     )
 }
 
 fn is_unknown_topic(e: &anyhow::Error) -> bool {
     e.downcast_ref::<KafkaError>()
-        .is_some_and(|k| k.code == errors::UNKNOWN_TOPIC_OR_PARTITION)
+        .is_some_and(|k| k.code == ErrorCode::UnknownTopicOrPartition.code())
 }
 
 #[cfg(test)]

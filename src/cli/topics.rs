@@ -16,6 +16,7 @@ use kafka_protocol::protocol::StrBytes;
 use super::client::{backoff, join_ids, kafka_err, Client, TopicInfo, MAX_RETRIES};
 use super::errors;
 use super::{TopicsAlterArgs, TopicsCommand, TopicsCreateArgs};
+use crate::errors::ErrorCode;
 
 /// Broker-side timeout for admin operations.
 const ADMIN_TIMEOUT_MS: i32 = 30_000;
@@ -135,10 +136,10 @@ async fn admin(c: &mut Client, op: AdminOp, name: &str) -> Result<()> {
     let mut tries = 0;
     loop {
         let (code, msg) = admin_once(c, &op, name).await?;
-        if code == errors::NONE {
+        if code == ErrorCode::None.code() {
             return Ok(());
         }
-        if code == errors::NOT_CONTROLLER && tries < MAX_RETRIES {
+        if code == ErrorCode::NotController.code() && tries < MAX_RETRIES {
             tries += 1;
             tokio::time::sleep(backoff(tries)).await;
             c.metadata(Some(&[])).await?;
