@@ -5,6 +5,7 @@
 
 pub mod leadership;
 pub mod manager;
+pub mod producers;
 pub mod reassignment;
 pub mod retention;
 pub mod storage_health;
