@@ -54,7 +54,7 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        if name.ends_with("_tests.rs") || name == "test_util.rs" {
+        if name.ends_with("_tests.rs") || name == "tests.rs" || name == "test_util.rs" {
             continue;
         }
         let from = module_of(src, f);

@@ -1,13 +1,18 @@
 use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::index::SparseIndexes;
 use super::*;
+use crate::batch;
 use crate::batch::testutil::data_batch;
 use crate::batch::{internal_batch, set_base_offset, set_partition_leader_epoch};
+use crate::file::read_optional;
 
 // ---------- warning capture ----------
 
