@@ -165,7 +165,12 @@ pub struct Broker {
     fatal: watch::Sender<Option<String>>,
     /// Bytes of record data that unwritten Fetch responses may hold (`sluice.fetch.memory.bytes`).
     pub fetch_budget: Arc<tokio::sync::Semaphore>,
+    /// Producer ids this node may hand out, a block from the controller at a time.
+    producer_ids: tokio::sync::Mutex<std::ops::Range<i64>>,
 }
+
+/// Producer ids a node takes from the controller at once, as Kafka's brokers do.
+const PRODUCER_ID_BLOCK: i64 = 1000;
 
 impl Broker {
     pub fn new(cfg: ServerConfig, raft: Arc<RaftHost>, meta: Arc<MetaMachine>) -> Broker {
@@ -180,6 +185,7 @@ impl Broker {
             started_at: Instant::now(),
             fatal: watch::channel(None).0,
             fetch_budget,
+            producer_ids: tokio::sync::Mutex::new(0..0),
         }
     }
 
@@ -221,6 +227,26 @@ impl Broker {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// A producer id no node has handed out before, from this node's block; a new block comes
+    /// from the controller when it runs out.
+    pub async fn new_producer_id(&self) -> Result<i64, BrokerError> {
+        let mut block = self.producer_ids.lock().await;
+        if block.is_empty() {
+            let cmd = Command::AllocateProducerIds {
+                broker: self.cfg.node_id,
+                count: PRODUCER_ID_BLOCK,
+            };
+            *block = match self.propose(&cmd).await? {
+                Reply::ProducerIds { first, count } => first..first + count,
+                Reply::Err { message, .. } => return Err(BrokerError::Other(message)),
+                Reply::Ok => return Err(BrokerError::Other("no producer ids in the reply".into())),
+            };
+        }
+        let id = block.start;
+        block.start += 1;
+        Ok(id)
     }
 
     pub fn live_brokers(&self) -> BTreeSet<u64> {

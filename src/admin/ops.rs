@@ -182,7 +182,7 @@ pub(super) async fn reassign(
         moves: vec![(partition, body.replicas.clone())],
     };
     match broker.propose(&cmd).await {
-        Ok(crate::controller::Reply::Ok) => (
+        Ok(crate::controller::Reply::Ok | crate::controller::Reply::ProducerIds { .. }) => (
             StatusCode::ACCEPTED,
             Json(json!({ "topic": topic, "partition": partition, "target": body.replicas })),
         )
@@ -256,7 +256,8 @@ pub(super) async fn decommission(
                 .propose(&crate::controller::Command::ReassignPartitions { topic, moves })
                 .await
             {
-                Ok(crate::controller::Reply::Ok) => {}
+                Ok(crate::controller::Reply::Ok | crate::controller::Reply::ProducerIds { .. }) => {
+                }
                 Ok(crate::controller::Reply::Err { message, .. }) => {
                     return error(StatusCode::CONFLICT, message)
                 }

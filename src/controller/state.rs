@@ -104,6 +104,12 @@ pub enum Command {
         topic: String,
         moves: Vec<(u32, Vec<u64>)>,
     },
+    /// Hands `count` producer ids to a broker for its InitProducerId answers. Ids come from one
+    /// replicated counter, so no id is ever given out twice, whichever node is controller.
+    AllocateProducerIds {
+        broker: u64,
+        count: i64,
+    },
     /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
     CompleteReassignment {
         topic: String,
@@ -117,7 +123,15 @@ pub enum Command {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Reply {
     Ok,
-    Err { code: i16, message: String },
+    Err {
+        code: i16,
+        message: String,
+    },
+    /// Producer ids `first..first + count`, for [`Command::AllocateProducerIds`].
+    ProducerIds {
+        first: i64,
+        count: i64,
+    },
 }
 
 impl Reply {
@@ -138,6 +152,9 @@ pub struct MetaState {
     /// come back with their data) but not offered to clients or used for new replicas.
     #[serde(default)]
     pub fenced: BTreeSet<u64>,
+    /// The first producer id not yet handed out.
+    #[serde(default)]
+    pub next_producer_id: i64,
     /// Bumped on every applied command so watchers can tell that something changed.
     pub version: u64,
 }
@@ -197,6 +214,23 @@ impl MetaState {
                     self.cluster_id = Some(cluster_id.clone());
                 }
                 Reply::Ok
+            }
+            Command::AllocateProducerIds { broker, count } => {
+                if !self.brokers.contains_key(broker) {
+                    return Reply::err(
+                        ErrorCode::InvalidRequest,
+                        format!("broker {broker} is not registered"),
+                    );
+                }
+                // Bounded so one request cannot exhaust the id space; ids stop short of i64::MAX
+                // because clients treat negative ids as "none".
+                let count = (*count).clamp(1, 1 << 20);
+                let Some(end) = self.next_producer_id.checked_add(count) else {
+                    return Reply::err(ErrorCode::InvalidRequest, "producer ids are exhausted");
+                };
+                let first = self.next_producer_id;
+                self.next_producer_id = end;
+                Reply::ProducerIds { first, count }
             }
             Command::RegisterBroker { broker } => {
                 self.brokers.insert(broker.id, broker.clone());

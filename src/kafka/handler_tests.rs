@@ -386,3 +386,39 @@ async fn a_malformed_frame_closes_only_its_connection() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_producer_id_hands_out_fresh_ids_and_bumps_epochs() {
+    let (c, mut conn) = node().await;
+    let v = conn.version_for(ApiKey::InitProducerId).unwrap();
+    let init = |id: i64, epoch: i16| {
+        InitProducerIdRequest::default()
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(id))
+            .with_producer_epoch(epoch)
+    };
+    let a: InitProducerIdResponse = conn.call(&init(-1, -1), v).await.unwrap();
+    let b: InitProducerIdResponse = conn.call(&init(-1, -1), v).await.unwrap();
+    assert_eq!((a.error_code, a.producer_epoch), (0, 0));
+    assert!(a.producer_id.0 >= 0 && b.producer_id.0 > a.producer_id.0);
+    // KIP-360: the same producer re-initialising gets its next epoch.
+    let again: InitProducerIdResponse = conn.call(&init(a.producer_id.0, 0), v).await.unwrap();
+    assert_eq!(
+        (again.producer_id, again.producer_epoch),
+        (a.producer_id, 1)
+    );
+    // Transactions are not built: a transactional id is refused, clearly and at once.
+    let txn =
+        init(-1, -1).with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("t"))));
+    let r: InitProducerIdResponse = conn.call(&txn, v).await.unwrap();
+    assert_eq!(r.error_code, ErrorCode::InvalidRequest.code());
+    // Ids come from the replicated counter: a restarted node never hands one out again.
+    let mut c = c;
+    c.kill(0).await;
+    c.restart(0).await.unwrap();
+    assert!(c.wait_ready(Duration::from_secs(30)).await);
+    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    let after: InitProducerIdResponse = conn.call(&init(-1, -1), v).await.unwrap();
+    assert!(after.producer_id.0 > b.producer_id.0, "{after:?}");
+    c.shutdown().await;
+}

@@ -100,7 +100,7 @@ async fn move_replicas(
         })
         .await?;
     match reply {
-        Reply::Ok => {
+        Reply::Ok | Reply::ProducerIds { .. } => {
             info!(%topic, partition, replicas = ?target, "reassignment complete");
             Ok(())
         }

@@ -8,6 +8,7 @@ pub mod delete_topics;
 pub mod describe_cluster;
 pub mod describe_configs;
 pub mod fetch;
+pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod offset_for_leader_epoch;
@@ -30,6 +31,11 @@ use crate::session::Session;
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, produce::MIN_VERSION, produce::MAX_VERSION),
     (ApiKey::Fetch, fetch::MIN_VERSION, fetch::MAX_VERSION),
+    (
+        ApiKey::InitProducerId,
+        init_producer_id::MIN_VERSION,
+        init_producer_id::MAX_VERSION,
+    ),
     (
         ApiKey::ListOffsets,
         list_offsets::MIN_VERSION,
@@ -152,6 +158,12 @@ pub fn dispatch(
                 Some(permit) => Response::Held(Box::new(resp), Box::new(permit)),
                 None => resp,
             })
+        }
+        .boxed(),
+        RequestKind::InitProducerId(r) => async move {
+            Some(Response::Kind(Box::new(ResponseKind::InitProducerId(
+                init_producer_id::handle(&broker, v, r).await,
+            ))))
         }
         .boxed(),
         RequestKind::ListOffsets(r) => async move {
