@@ -23,7 +23,8 @@ use crate::partition_store::{
     decode_offsets, LocalWaiter, PartitionLogStore, PartitionShared, PartitionStateMachine,
 };
 use crate::transport::TransportError;
-use crate::transport::{self, GroupNetworkFactory, Registry, Transport};
+use crate::registry::Registry;
+use crate::transport::{self, GroupNetworkFactory, Transport};
 use crate::{AppHandler, GroupId, MetaApp, NodeId, Raft, RaftError, META_GROUP};
 
 /// How long a proposal may wait for commit. On expiry the outcome is unknown (the entry may still

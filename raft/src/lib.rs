@@ -22,6 +22,8 @@ mod liveness;
 mod meta_store;
 mod partition_store;
 mod peer_input;
+mod ping;
+mod registry;
 mod transport;
 
 use std::io::Cursor;
