@@ -16,23 +16,26 @@
 #![allow(clippy::result_large_err)]
 
 mod codec;
+mod config;
 mod error;
+mod group;
 mod host;
 mod liveness;
+mod membership;
 mod meta_store;
 mod partition_store;
 mod peer_input;
 mod ping;
 mod registry;
+mod supervisor;
 mod transport;
 
 use std::io::Cursor;
 
+pub use config::RaftHostConfig;
 pub use error::RaftError;
-pub use host::{
-    GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RaftHost, RaftHostConfig,
-    RetentionOutcome,
-};
+pub use group::{GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome};
+pub use host::RaftHost;
 pub use sluice_storage::LogConfig;
 
 /// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.
