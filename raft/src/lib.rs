@@ -3,8 +3,9 @@
 //! - the metadata group's log store and state machine over the sled-backed
 //!   [`sluice_storage::MetaStore`], delegating application state to the node's [`MetaApp`];
 //! - the partition groups' log store over [`sluice_storage::PartitionLog`] (the partition log IS
-//!   the Raft log: one stored Kafka batch per Raft entry) and their tiny state machine whose only
-//!   product is the high watermark;
+//!   the Raft log: one stored Kafka batch per Raft entry) and their state machine, which runs
+//!   the partition's named machines ([`PartitionStm`]): the high watermark and whatever the
+//!   broker registers;
 //! - [`RaftHost`], the registry of all groups in one process, and the node-to-node transport that
 //!   multiplexes every group's RPCs over ONE TCP connection per peer node.
 //!
@@ -27,6 +28,7 @@ mod partition_store;
 mod peer_input;
 mod ping;
 mod registry;
+mod stm;
 mod supervisor;
 mod transport;
 
@@ -37,6 +39,10 @@ pub use error::RaftError;
 pub use group::{GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome};
 pub use host::RaftHost;
 pub use sluice_storage::LogConfig;
+pub use stm::{
+    CommittedBatch, HighWatermark, PartitionStm, PartitionStmFactory, ProposedBatch, StmError,
+    HIGH_WATERMARK,
+};
 
 /// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.
 pub type GroupId = String;

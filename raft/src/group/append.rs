@@ -82,9 +82,15 @@ impl PartitionGroup {
             // `client_write_ff` sends to the Raft core before its first await, so polling it once
             // proposes the entry; not being ready means the core has stopped.
             if let Some(admitted) = self.gate.admit(|| {
-                batch
-                    .take()
-                    .and_then(|b| poll_once(self.raft.client_write_ff(b)))
+                let b = batch.take()?;
+                if let Err(e) = self.propose_to_machines(&b) {
+                    return Some(Err(e));
+                }
+                Some(match poll_once(self.raft.client_write_ff(b)) {
+                    Some(Ok(rx)) => Ok(rx),
+                    Some(Err(fatal)) => Err(fatal.into()),
+                    None => Err(RaftError::Shutdown),
+                })
             }) {
                 break admitted;
             }
@@ -96,11 +102,7 @@ impl PartitionGroup {
                 return Err(RaftError::Timeout);
             }
         };
-        let committed = match submitted {
-            Some(Ok(rx)) => rx,
-            Some(Err(fatal)) => return Err(fatal.into()),
-            None => return Err(RaftError::Shutdown),
-        };
+        let committed = submitted.unwrap_or(Err(RaftError::Shutdown))?;
         let committed = tokio::time::timeout(PROPOSE_TIMEOUT, committed);
         tokio::pin!(committed);
         let lost = self.leadership_lost();
@@ -123,6 +125,22 @@ impl PartitionGroup {
             // commit), which is what Timeout says.
             () = &mut lost => Err(RaftError::Timeout),
         }
+    }
+
+    /// The machines' in-flight step for a batch about to be proposed (on the leader only: a
+    /// follower's proposal fails in the core anyway). Runs under the gate, in log order.
+    fn propose_to_machines(&self, batch: &[u8]) -> Result<(), RaftError> {
+        let (leading, term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader, m.current_term)
+        };
+        if !leading {
+            return Ok(());
+        }
+        self.machines
+            .propose(batch, term)
+            .map_err(|e| RaftError::Other(e.to_string()))
     }
 
     /// Resolves once this node, having led, no longer claims leadership (it stepped down, or

@@ -13,6 +13,7 @@ use super::{core_failure, status_from, AppendGate, GroupStatus};
 use crate::liveness::Liveness;
 use crate::membership::elect_until_leader;
 use crate::partition_store::PartitionShared;
+use crate::stm::{PartitionMachines, PartitionStm};
 use crate::transport::Transport;
 use crate::{GroupId, NodeId, Raft, RaftError};
 
@@ -51,6 +52,8 @@ pub struct PartitionGroup {
     pub(crate) meta: Raft,
     pub(crate) shared: Arc<PartitionShared>,
     pub(crate) hw_rx: watch::Receiver<i64>,
+    /// The partition's state machines, the high watermark first ([`crate::stm`]).
+    pub(crate) machines: Arc<PartitionMachines>,
     pub(crate) liveness: Arc<Liveness>,
     /// Closed by a leadership transfer so the target can catch up to a log that has stopped
     /// growing.
@@ -63,6 +66,24 @@ impl PartitionGroup {
     /// The first offset not committed.
     pub fn high_watermark(&self) -> i64 {
         *self.hw_rx.borrow()
+    }
+
+    /// The partition's state machine called `name` (the high watermark is
+    /// [`crate::HIGH_WATERMARK`]); see [`PartitionGroup::with_machine`] for typed access.
+    pub fn machine(&self, name: &str) -> Option<Arc<dyn PartitionStm>> {
+        self.machines.get(name)
+    }
+
+    /// Runs `f` on the machine called `name` if it is a `T`: typed access to a machine the
+    /// broker registered. `None` if there is no such machine or it is of another type.
+    pub fn with_machine<T: PartitionStm, R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&T) -> R,
+    ) -> Option<R> {
+        let m = self.machines.get(name)?;
+        let typed = m.as_any().downcast_ref::<T>()?;
+        Some(f(typed))
     }
 
     /// Lock-free: safe to call from async handlers while an append is being written.

@@ -26,6 +26,7 @@ use crate::membership::{elect_if_sole_voter, resolve_addr};
 use crate::meta_store::{MetaLogStore, MetaStateMachine};
 use crate::partition_store::{PartitionLogStore, PartitionShared, PartitionStateMachine};
 use crate::registry::Registry;
+use crate::stm::{PartitionMachines, PartitionStmFactory};
 use crate::supervisor::{announce_to, election_watchdog};
 use crate::transport::{self, GroupNetworkFactory, Transport, TransportError};
 use crate::{AppHandler, GroupId, MetaApp, NodeId, Raft, RaftError, META_GROUP};
@@ -45,6 +46,8 @@ pub struct RaftHost {
     liveness: Arc<Liveness>,
     meta: MetaGroup,
     partitions: RwLock<HashMap<GroupId, Arc<PartitionGroup>>>,
+    /// Makes the extra state machines of each partition group that opens.
+    partition_machines: RwLock<Option<Arc<dyn PartitionStmFactory>>>,
     /// Serializes open/close so that two concurrent opens of one group cannot both create it.
     open_lock: tokio::sync::Mutex<()>,
     shutdown_tx: watch::Sender<bool>,
@@ -139,6 +142,7 @@ impl RaftHost {
             transport,
             liveness,
             partitions: RwLock::new(HashMap::new()),
+            partition_machines: RwLock::new(None),
             open_lock: tokio::sync::Mutex::new(()),
             shutdown_tx,
             server: Mutex::new(Some(server)),
@@ -194,6 +198,15 @@ impl RaftHost {
     /// it is set such requests get an error reply. May be called again to replace it.
     pub fn set_app_handler(&self, handler: Arc<dyn AppHandler>) {
         self.registry.set_app(handler);
+    }
+
+    /// Sets the factory of the extra state machines every partition group opened from now on
+    /// carries ([`crate::PartitionStm`]); set it before opening partitions. Groups already open
+    /// keep the machines they have.
+    pub fn set_partition_machines(&self, factory: Arc<dyn PartitionStmFactory>) {
+        if let Ok(mut f) = self.partition_machines.write() {
+            *f = Some(factory);
+        }
     }
 
     /// Teaches the transport the raft address of node `id` (a node that joined after start, or
@@ -382,10 +395,12 @@ impl RaftHost {
         let has_state = shared
             .has_state()
             .map_err(|e| RaftError::Storage(e.to_string()))?;
-        let (hw_tx, hw_rx) = watch::channel(0i64);
-        let sm = PartitionStateMachine::open(shared.clone(), Arc::new(hw_tx))
+        let factory = self.partition_machines.read().ok().and_then(|f| f.clone());
+        let machines = Arc::new(PartitionMachines::new(group.clone(), factory));
+        let sm = PartitionStateMachine::open(shared.clone(), machines.clone())
             .await
             .map_err(|e| RaftError::Storage(e.to_string()))?;
+        let hw_rx = machines.hw.subscribe();
         let network = GroupNetworkFactory {
             transport: self.transport.clone(),
             group: group.clone(),
@@ -400,6 +415,10 @@ impl RaftHost {
         .await?;
         self.registry.insert(group.clone(), raft.clone());
         self.registry.insert_store(group.clone(), shared.clone());
+        tokio::spawn(drop_in_flight_on_step_down(
+            raft.metrics(),
+            machines.clone(),
+        ));
         let pg = Arc::new(PartitionGroup {
             group: group.clone(),
             node_id: self.cfg.node_id,
@@ -409,6 +428,7 @@ impl RaftHost {
             meta: self.meta.raft.clone(),
             shared,
             hw_rx,
+            machines: machines.clone(),
             liveness: self.liveness.clone(),
             gate: AppendGate::default(),
             log_cfg,
@@ -516,5 +536,22 @@ impl RaftHost {
             let _ = server.await;
         }
         tracing::info!(node_id = self.cfg.node_id, "raft host stopped");
+    }
+}
+
+/// Drops the machines' in-flight views when this node stops leading the group; a node that leads
+/// again does so in a new term, which resets them before its first proposal. Ends when the
+/// group's Raft core stops.
+async fn drop_in_flight_on_step_down(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    machines: Arc<PartitionMachines>,
+) {
+    let mut leading = false;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+        if leading && !now {
+            machines.leadership_lost();
+        }
+        leading = now;
     }
 }

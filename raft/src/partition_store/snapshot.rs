@@ -1,6 +1,7 @@
 //! The partition snapshot file (`raft-snapshot.json`): what it holds, writing it without ever
 //! replacing a later one, and finishing an install that a crash cut short.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use sluice_storage::{file, PartitionLog};
 
 use super::{PartitionShared, RaftStateFile, SNAPSHOT_FILE, STATE_FILE};
 use crate::meta_store::{blocking, snapshot_id};
+use crate::stm::{restore_all, snapshot_all, CommittedBatch, PartitionMachines};
 use crate::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 /// The whole partition state machine, and the content of its snapshots.
@@ -25,6 +27,15 @@ pub(super) struct PartitionSnapshotData {
     /// of its own point. Empty in snapshots.
     #[serde(default)]
     pub(super) earlier_memberships: Vec<StoredMembership>,
+    /// The extra partition machines' committed state by name ([`crate::stm`]). Files written
+    /// before machines existed lack it (every machine then starts empty), and it is left out
+    /// while a partition has none, so such a partition's files keep the old format.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "crate::stm::hex_map"
+    )]
+    pub(super) machines: BTreeMap<String, Vec<u8>>,
 }
 
 impl PartitionSnapshotData {
@@ -167,8 +178,10 @@ pub(crate) struct PartitionSnapshotBuilder {
     /// The state to snapshot, already cut at its point (see [`PartitionStateMachine::cut_at`]),
     /// except for the high watermark when `hw_at` is set.
     pub(super) data: PartitionSnapshotData,
-    /// Read the high watermark after this entry from the log (a cut before last applied).
+    /// Read the high watermark after this entry from the log, and replay the extra machines up
+    /// to it (a cut before last applied).
     pub(super) hw_at: Option<u64>,
+    pub(super) machines: Arc<PartitionMachines>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
@@ -182,6 +195,12 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
                     openraft::AnyError::error("snapshot point is not in the log"),
                 )
             })?;
+            if !self.machines.extra().is_empty() {
+                let shared = self.shared.clone();
+                let machines = self.machines.clone();
+                self.data.machines =
+                    blocking(move || extra_machines_at(&shared, &machines, index)).await?;
+            }
         }
         let meta = SnapshotMeta {
             last_log_id: self.data.last_applied,
@@ -201,4 +220,63 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
             snapshot: Box::new(Cursor::new(bytes)),
         })
     }
+}
+
+/// How many log entries one replay step reads at a time.
+const REPLAY_CHUNK: u64 = 256;
+
+/// The extra machines' state after entry `index`, which is before the last applied one (a
+/// retention cut): fresh machines restored from the current snapshot file and replayed through
+/// the log up to `index`. The live machines are ahead of the cut and have no memory of earlier
+/// states, and a snapshot must be cut exactly at the purge point (see the module doc of
+/// `partition_store`). The entries after the previous snapshot are still in the log: purges
+/// never pass a snapshot.
+fn extra_machines_at(
+    shared: &PartitionShared,
+    machines: &PartitionMachines,
+    index: u64,
+) -> Result<BTreeMap<String, Vec<u8>>, StorageError> {
+    let fresh = machines.fresh_extra();
+    let prev = load_snapshot(&shared.dir)?;
+    let empty = BTreeMap::new();
+    let (from, prev_state) = match &prev {
+        Some(p) => (
+            p.meta.last_log_id.map_or(0, |l| l.index + 1),
+            &p.data.machines,
+        ),
+        None => (0, &empty),
+    };
+    let fail = |e: &dyn std::fmt::Display| {
+        StorageIOError::read_log_at_index(index, openraft::AnyError::error(e.to_string()))
+    };
+    restore_all(&fresh, prev_state).map_err(|e| fail(&e))?;
+    let mut next = from;
+    while next <= index {
+        let end = (next + REPLAY_CHUNK).min(index + 1);
+        let entries = shared
+            .read_log()?
+            .entries(next, end)
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        for e in &entries {
+            if let sluice_storage::EntryKind::Data {
+                base_offset,
+                last_offset,
+            } = e.kind
+            {
+                let batch = CommittedBatch {
+                    batch: &e.bytes,
+                    base_offset,
+                    last_offset,
+                    raft_index: e.raft_index,
+                    term: e.term,
+                };
+                fresh
+                    .iter()
+                    .try_for_each(|m| m.apply(&batch))
+                    .map_err(|e| fail(&e))?;
+            }
+        }
+        next = end;
+    }
+    Ok(snapshot_all(&fresh))
 }

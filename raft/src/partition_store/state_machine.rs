@@ -2,27 +2,34 @@
 //! make (today only the high watermark), starting after a restart from the applied checkpoint or
 //! the snapshot.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, Snapshot, StorageIOError};
 use sluice_storage::batch;
-use tokio::sync::watch;
 
 use super::snapshot::{
     load_snapshot, PartitionSnapshotBuilder, PartitionSnapshotData, SnapshotFile,
 };
-use super::PartitionShared;
+use super::{PartitionShared, COMMITTED_WRITE_INTERVAL};
 use crate::meta_store::blocking;
+use crate::stm::{CommittedBatch, PartitionMachines};
 use crate::{log_id, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
-/// Tracks last applied, membership and the high watermark, which it publishes.
+/// Tracks last applied and membership, and runs the partition's machines ([`crate::stm`]), the
+/// high watermark first, which it publishes.
 pub(crate) struct PartitionStateMachine {
     shared: Arc<PartitionShared>,
+    /// Last applied, membership and the high watermark are always current; `machines` only as
+    /// of the last checkpoint or cut (see [`PartitionStateMachine::checkpoint`]).
     data: PartitionSnapshotData,
-    hw_tx: Arc<watch::Sender<i64>>,
+    machines: Arc<PartitionMachines>,
+    /// When the extra machines were last serialized into the applied checkpoint.
+    checkpointed_at: Option<Instant>,
 }
 
 impl PartitionStateMachine {
@@ -31,7 +38,7 @@ impl PartitionStateMachine {
     /// start of the log.
     pub(crate) async fn open(
         shared: Arc<PartitionShared>,
-        hw_tx: Arc<watch::Sender<i64>>,
+        machines: Arc<PartitionMachines>,
     ) -> Result<Self, StorageError> {
         let s = shared.clone();
         let (snap, log_start) =
@@ -55,7 +62,10 @@ impl PartitionStateMachine {
                 false
             }
             _ => true,
-        });
+        })
+        // A machine registered after the checkpoint was written has no state in it; the
+        // snapshot (or the log's start) lets openraft re-apply what the machine needs.
+        .filter(|c| machines.covered_by(&c.machines));
         let snap = snap.map(|f| f.data);
         let data = match (checkpoint, snap) {
             (Some(c), Some(s)) if c.last_applied >= s.last_applied => c,
@@ -66,13 +76,18 @@ impl PartitionStateMachine {
                 membership: StoredMembership::default(),
                 high_watermark: log_start,
                 earlier_memberships: Vec::new(),
+                machines: BTreeMap::new(),
             },
         };
-        hw_tx.send_replace(data.high_watermark);
+        machines
+            .restore(data.high_watermark, &data.machines)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        machines.hw.publish_replace();
         Ok(PartitionStateMachine {
             shared,
             data,
-            hw_tx,
+            machines,
+            checkpointed_at: None,
         })
     }
 }
@@ -105,6 +120,7 @@ impl PartitionStateMachine {
                 }
                 let mut d = self.data.clone();
                 d.earlier_memberships.clear();
+                d.machines = self.machines.snapshot_extra();
                 return (d, None);
             }
         };
@@ -120,8 +136,31 @@ impl PartitionStateMachine {
             membership,
             high_watermark: -1,
             earlier_memberships: Vec::new(),
+            // Replayed by the builder.
+            machines: BTreeMap::new(),
         };
         (d, Some(index))
+    }
+}
+
+impl PartitionStateMachine {
+    /// Records the applied state as the checkpoint a restart starts from. Without extra
+    /// machines that is after every apply, as it costs nothing. Extra machines are serialized
+    /// at most once per [`COMMITTED_WRITE_INTERVAL`] (the checkpoint is written no more often
+    /// anyway); in between the previous checkpoint stays, whole: its machines and its last
+    /// applied must describe the same point, and a restart re-applies the entries after it.
+    fn checkpoint(&mut self) {
+        if !self.machines.extra().is_empty() {
+            if self
+                .checkpointed_at
+                .is_some_and(|t| t.elapsed() < COMMITTED_WRITE_INTERVAL)
+            {
+                return;
+            }
+            self.data.machines = self.machines.snapshot_extra();
+            self.checkpointed_at = Some(Instant::now());
+        }
+        self.shared.note_applied(&self.data);
     }
 }
 
@@ -147,7 +186,16 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     let h = batch::parse_header(&stored)
                         .map_err(|err| StorageIOError::apply(e.log_id, &err))?;
                     let last = h.base_offset + i64::from(h.last_offset_delta);
-                    self.data.high_watermark = last + 1;
+                    let committed = CommittedBatch {
+                        batch: &stored,
+                        base_offset: h.base_offset,
+                        last_offset: last,
+                        raft_index: e.log_id.index,
+                        term: e.log_id.leader_id.term,
+                    };
+                    self.machines
+                        .apply(&committed)
+                        .map_err(|err| StorageIOError::apply(e.log_id, &err))?;
                     replies.push(encode_offsets(h.base_offset, last));
                 }
                 EntryPayload::Blank => replies.push(Bytes::new()),
@@ -161,12 +209,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
             }
         }
-        self.shared.note_applied(&self.data);
-        self.hw_tx.send_if_modified(|hw| {
-            let changed = *hw != self.data.high_watermark;
-            *hw = self.data.high_watermark;
-            changed
-        });
+        self.data.high_watermark = self.machines.hw.get();
+        self.checkpoint();
+        self.machines.hw.publish();
         Ok(replies)
     }
 
@@ -176,6 +221,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             shared: self.shared.clone(),
             data,
             hw_at,
+            machines: self.machines.clone(),
         }
     }
 
@@ -233,9 +279,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             Ok(())
         })
         .await?;
+        self.machines
+            .restore(data.high_watermark, &data.machines)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.data = data;
         self.shared.note_applied(&self.data);
-        self.hw_tx.send_replace(self.data.high_watermark);
+        self.checkpointed_at = Some(Instant::now());
+        self.machines.hw.publish_replace();
         Ok(())
     }
 
