@@ -36,7 +36,9 @@ use std::io::Cursor;
 
 pub use config::RaftHostConfig;
 pub use error::RaftError;
-pub use group::{GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome};
+pub use group::{
+    Acks, Committed, GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome,
+};
 pub use host::RaftHost;
 pub use sluice_storage::LogConfig;
 pub use stm::{

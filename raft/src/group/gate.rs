@@ -1,10 +1,13 @@
 //! [`AppendGate`]: admission of appends to a partition group, which a leadership transfer or a
 //! voter change closes so that the log stops growing while a replica catches up.
 
+use std::sync::Arc;
+
 /// Admission of appends to a partition group, without any await between the check and the
-/// proposal: a caller's batch reaches Raft on the caller's first poll, so the batches of one
-/// connection's pipelined requests enter the log in arrival order whatever the runtime's
-/// cooperative budget or task scheduling does.
+/// proposal: while the gate is open a batch reaches Raft on the first poll of
+/// [`crate::PartitionGroup::enqueue`], and batches enter the log in the order their enqueue calls
+/// return. Callers that finish the enqueue of one request before starting the next therefore
+/// keep their requests in order by construction, whatever the runtime's scheduling does.
 #[derive(Default)]
 pub(crate) struct AppendGate {
     state: std::sync::Mutex<GateState>,
@@ -19,10 +22,11 @@ struct GateState {
     in_flight: usize,
 }
 
-/// Counts one admitted append until it is dropped.
-pub(crate) struct InFlight<'a>(&'a AppendGate);
+/// Counts one admitted append until it is dropped; owned, so that it can travel with the
+/// append's [`super::append::Committed`].
+pub(crate) struct InFlight(Arc<AppendGate>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
         st.in_flight = st.in_flight.saturating_sub(1);
@@ -45,7 +49,7 @@ impl Drop for Closed<'_> {
 
 impl AppendGate {
     /// Runs `submit` and counts the append in flight if the gate is open; `None` if it is closed.
-    pub(crate) fn admit<T>(&self, submit: impl FnOnce() -> T) -> Option<(InFlight<'_>, T)> {
+    pub(crate) fn admit<T>(self: &Arc<Self>, submit: impl FnOnce() -> T) -> Option<(InFlight, T)> {
         // Poisoning cannot leave the two plain fields inconsistent, so it is ignored.
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.closed {
@@ -53,7 +57,7 @@ impl AppendGate {
         }
         st.in_flight += 1;
         let out = submit();
-        Some((InFlight(self), out))
+        Some((InFlight(self.clone()), out))
     }
 
     pub(crate) fn close(&self) -> Closed<'_> {

@@ -18,6 +18,7 @@ use openraft::{BasicNode, RaftMetrics, ServerState};
 use crate::config::PROPOSE_TIMEOUT;
 use crate::{GroupId, NodeId, Raft, RaftError};
 
+pub use append::{Acks, Committed};
 pub(crate) use gate::AppendGate;
 pub use meta::MetaGroup;
 pub use partition::{PartitionChanges, PartitionGroup};

@@ -57,7 +57,7 @@ pub struct PartitionGroup {
     pub(crate) liveness: Arc<Liveness>,
     /// Closed by a leadership transfer so the target can catch up to a log that has stopped
     /// growing.
-    pub(crate) gate: AppendGate,
+    pub(crate) gate: Arc<AppendGate>,
     /// How the log was opened, to open it again after a storage failure.
     pub(crate) log_cfg: LogConfig,
 }
@@ -204,12 +204,16 @@ impl PartitionGroup {
     /// may already have been replaced (their supervisors elect soon after), so it stops claiming
     /// leadership, and clients look elsewhere instead of waiting on writes that cannot commit.
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        m.state == ServerState::Leader
-            && m.current_leader == Some(self.node_id)
-            && core_failure(&m).is_none()
-            && !self.leadership_in_doubt(&m)
+        self.leader_check().is_leader()
+    }
+
+    /// What [`PartitionGroup::is_leader`] needs, owned, for futures that outlive `&self`.
+    pub(crate) fn leader_check(&self) -> LeaderCheck {
+        LeaderCheck {
+            raft: self.raft.clone(),
+            node_id: self.node_id,
+            liveness: self.liveness.clone(),
+        }
     }
 
     pub fn leader(&self) -> Option<u64> {
@@ -227,8 +231,7 @@ impl PartitionGroup {
     }
 
     fn leadership_in_doubt(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        !self.liveness.quorum_reachable(self.node_id, &voters)
+        leadership_in_doubt(&self.liveness, self.node_id, m)
     }
 
     pub fn status(&self) -> GroupStatus {
@@ -259,4 +262,31 @@ impl PartitionGroup {
             tracing::warn!(group = %self.group, result = ?res, "could not persist the committed log id on close");
         }
     }
+}
+
+/// Whether this node leads the group and is not cut off (see [`PartitionGroup::is_leader`]).
+pub(crate) struct LeaderCheck {
+    raft: Raft,
+    node_id: NodeId,
+    liveness: Arc<Liveness>,
+}
+
+impl LeaderCheck {
+    pub(crate) fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader
+            && m.current_leader == Some(self.node_id)
+            && core_failure(&m).is_none()
+            && !leadership_in_doubt(&self.liveness, self.node_id, &m)
+    }
+}
+
+fn leadership_in_doubt(
+    liveness: &Liveness,
+    node_id: NodeId,
+    m: &RaftMetrics<NodeId, BasicNode>,
+) -> bool {
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    !liveness.quorum_reachable(node_id, &voters)
 }

@@ -430,7 +430,7 @@ impl RaftHost {
             hw_rx,
             machines: machines.clone(),
             liveness: self.liveness.clone(),
-            gate: AppendGate::default(),
+            gate: Arc::new(AppendGate::default()),
             log_cfg,
         });
         if let Ok(mut parts) = self.partitions.write() {
