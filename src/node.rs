@@ -349,9 +349,10 @@ impl Node {
         group: &str,
         target: u64,
     ) -> Result<(), RaftError> {
-        let g = self.raft.partition(group).ok_or_else(|| {
-            RaftError::Other(format!("no group {group} on node {}", self.cfg.node_id))
-        })?;
+        let g = self
+            .raft
+            .partition(group)
+            .ok_or_else(|| RaftError::GroupNotFound(group.to_string()))?;
         let elect = async {
             let req = crate::cluster::AppRequest::Elect {
                 group: group.to_string(),

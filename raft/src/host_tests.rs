@@ -151,7 +151,7 @@ async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> 
     assert!(
         matches!(
             p.append(Bytes::from(corrupt)).await,
-            Err(RaftError::Other(_))
+            Err(RaftError::InvalidBatch(_))
         ),
         "a batch with a bad CRC is refused before it reaches the log"
     );
@@ -1190,7 +1190,7 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
     assert!(st.snapshot_index >= Some(out.purged_upto_index));
     assert!(matches!(
         leader.read(out.log_start_offset - 1, 1 << 20).await,
-        Err(RaftError::Storage(_))
+        Err(RaftError::OffsetOutOfRange { .. })
     ));
     // The other follower purges its own log on its own.
     let other = *voters

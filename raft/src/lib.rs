@@ -35,7 +35,7 @@ mod transport;
 use std::io::Cursor;
 
 pub use config::RaftHostConfig;
-pub use error::RaftError;
+pub use error::{RaftError, StorageFailure};
 pub use group::{
     Acks, Committed, GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome,
 };

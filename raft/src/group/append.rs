@@ -101,12 +101,9 @@ impl PartitionGroup {
         // Every replica's log refuses a batch that fails validation, and a log store error is
         // fatal to the Raft group, so a bad batch must never become a log entry — whatever the
         // caller checked already.
-        let h = batch::validate(&batch)
-            .map_err(|e| RaftError::Other(format!("invalid record batch: {e}")))?;
+        let h = batch::validate(&batch).map_err(RaftError::InvalidBatch)?;
         if batch::is_internal(&h) {
-            return Err(RaftError::Other(
-                "record batch uses the producer id reserved for Raft-internal entries".into(),
-            ));
+            return Err(RaftError::ReservedProducerId);
         }
         // Marked as not yet placed, so every log appending it assigns offsets only here, on the
         // leader; a replica that receives it later checks the leader's placement instead.
@@ -192,7 +189,7 @@ impl PartitionGroup {
         }
         self.machines
             .propose(batch, term)
-            .map_err(|e| RaftError::Other(e.to_string()))
+            .map_err(RaftError::Refused)
     }
 }
 

@@ -146,9 +146,7 @@ impl PartitionGroup {
         let shared = self.shared.clone();
         let hw = self.high_watermark();
         tokio::task::spawn_blocking(move || {
-            let log = shared
-                .read_log()
-                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            let log = shared.read_log().map_err(RaftError::from)?;
             Ok(log.read_within(offset, max_bytes, hw, min_one)?)
         })
         .await
@@ -158,9 +156,7 @@ impl PartitionGroup {
     pub async fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(i64, i64)>, RaftError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let log = shared
-                .read_log()
-                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            let log = shared.read_log().map_err(RaftError::from)?;
             Ok(log.offset_for_timestamp(ts)?)
         })
         .await
@@ -171,9 +167,7 @@ impl PartitionGroup {
     pub async fn epoch_starts(&self) -> Result<Vec<(u64, i64)>, RaftError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let log = shared
-                .read_log()
-                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            let log = shared.read_log().map_err(RaftError::from)?;
             Ok(log.epoch_starts())
         })
         .await

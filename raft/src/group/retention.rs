@@ -43,9 +43,7 @@ impl PartitionGroup {
         };
         let shared = self.shared.clone();
         let plan = tokio::task::spawn_blocking(move || {
-            let log = shared
-                .read_log()
-                .map_err(|e| RaftError::Storage(e.to_string()))?;
+            let log = shared.read_log().map_err(RaftError::from)?;
             Ok::<_, RaftError>(log.retention_plan(now_ms, retention_ms, retention_bytes, applied))
         })
         .await

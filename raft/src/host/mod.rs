@@ -86,19 +86,16 @@ impl RaftHost {
 
         let meta_dir = cfg.data_dir.join("meta");
         let store = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&meta_dir)
-                .map_err(|e| RaftError::Storage(format!("{}: {e}", meta_dir.display())))?;
+            std::fs::create_dir_all(&meta_dir).map_err(|e| RaftError::io(&meta_dir, e))?;
             Ok::<_, RaftError>(MetaStore::open(&meta_dir)?)
         })
         .await
         .map_err(|e| RaftError::Other(e.to_string()))??;
         let log_store = MetaLogStore::new(store.clone());
-        let has_state = log_store
-            .has_state()
-            .map_err(|e| RaftError::Storage(e.to_string()))?;
+        let has_state = log_store.has_state().map_err(RaftError::from)?;
         let sm = MetaStateMachine::open(store, meta_app)
             .await
-            .map_err(|e| RaftError::Storage(e.to_string()))?;
+            .map_err(RaftError::from)?;
         let network = GroupNetworkFactory {
             transport: transport.clone(),
             group: META_GROUP.to_string(),
@@ -347,11 +344,7 @@ impl RaftHost {
                 how
             }
             (None, Some(how)) => how,
-            (None, None) => {
-                return Err(RaftError::Other(format!(
-                    "partition group {group} is not open"
-                )))
-            }
+            (None, None) => return Err(RaftError::GroupNotFound(group.clone())),
         };
         if let Ok(mut p) = self.reopen_pending.lock() {
             p.insert(group.clone(), (dir.clone(), log_cfg, durable));
@@ -391,15 +384,13 @@ impl RaftHost {
         })
         .await
         .map_err(|e| RaftError::Other(e.to_string()))?
-        .map_err(|e| RaftError::Storage(e.to_string()))?;
-        let has_state = shared
-            .has_state()
-            .map_err(|e| RaftError::Storage(e.to_string()))?;
+        .map_err(RaftError::from)?;
+        let has_state = shared.has_state().map_err(RaftError::from)?;
         let factory = self.partition_machines.read().ok().and_then(|f| f.clone());
         let machines = Arc::new(PartitionMachines::new(group.clone(), factory));
         let sm = PartitionStateMachine::open(shared.clone(), machines.clone())
             .await
-            .map_err(|e| RaftError::Storage(e.to_string()))?;
+            .map_err(RaftError::from)?;
         let hw_rx = machines.hw.subscribe();
         let network = GroupNetworkFactory {
             transport: self.transport.clone(),
@@ -482,10 +473,7 @@ impl RaftHost {
             tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(RaftError::Storage(format!(
-                    "removing {}: {e}",
-                    dir.display()
-                ))),
+                Err(e) => Err(RaftError::io(&dir, e)),
             })
             .await
             .map_err(|e| RaftError::Other(e.to_string()))??;
