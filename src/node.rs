@@ -352,7 +352,7 @@ impl Node {
         let g = self
             .raft
             .partition(group)
-            .ok_or_else(|| RaftError::GroupNotFound(group.to_string()))?;
+            .ok_or_else(|| RaftError::GroupNotFound(group.into()))?;
         let elect = async {
             let req = crate::cluster::AppRequest::Elect {
                 group: group.to_string(),
@@ -400,7 +400,12 @@ impl Node {
             parts
                 .values()
                 .filter(|g| g.is_leader())
-                .map(|g| (g.status().group, g.voters().into_iter().collect()))
+                .map(|g| {
+                    (
+                        g.status().group.to_string(),
+                        g.voters().into_iter().collect(),
+                    )
+                })
                 .collect()
         };
         let mut moves = Vec::new();
@@ -674,7 +679,7 @@ async fn fenced_leader_loop(node: Arc<Node>) {
                 .collect()
         };
         for g in todo {
-            let gid = g.status().group;
+            let gid = g.status().group.to_string();
             if last_try
                 .get(&gid)
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(5))

@@ -1777,7 +1777,7 @@ async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> an
             let v = format!("v{i}");
             append_values(&p, &[v.as_bytes()]).await?;
         }
-        host.close_partition(&"p/t/0".to_string(), false).await?;
+        host.close_partition("p/t/0", false).await?;
         host.shutdown().await;
     }
     damage_middle_of_log(&part_dir)?;
@@ -1860,7 +1860,7 @@ async fn enqueue_order_is_log_order_and_registered_machines_see_it() -> anyhow::
     }));
     let p = host
         .open_partition(
-            "p/t/0".into(),
+            "p/t/0",
             dir.path().join("partitions").join("t-0"),
             LogConfig::default(),
             [1u64],

@@ -20,6 +20,7 @@ mod codec;
 mod config;
 mod error;
 mod group;
+mod group_id;
 mod host;
 mod liveness;
 mod membership;
@@ -39,15 +40,13 @@ pub use error::{RaftError, StorageFailure};
 pub use group::{
     Acks, Committed, GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome,
 };
+pub use group_id::GroupId;
 pub use host::RaftHost;
 pub use sluice_storage::LogConfig;
 pub use stm::{
     CommittedBatch, HighWatermark, PartitionStm, PartitionStmFactory, ProposedBatch, StmError,
     HIGH_WATERMARK,
 };
-
-/// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.
-pub type GroupId = String;
 
 /// The id of the metadata group, which every node belongs to.
 pub const META_GROUP: &str = "meta";

@@ -205,7 +205,7 @@ mod tests {
     fn reply(boot: u64, leads: &[&str]) -> PingReply {
         PingReply {
             boot,
-            leads: leads.iter().map(|s| s.to_string()).collect(),
+            leads: leads.iter().map(|s| GroupId::from(*s)).collect(),
             leaderless_logs: Vec::new(),
         }
     }

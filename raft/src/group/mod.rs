@@ -58,7 +58,7 @@ pub(crate) fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> Gr
     };
     let applied = m.last_applied.map(|l| l.index);
     GroupStatus {
-        group: group.to_string(),
+        group: GroupId::from(group),
         role: role.to_string(),
         term: m.current_term,
         leader: m.current_leader,

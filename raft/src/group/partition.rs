@@ -174,6 +174,11 @@ impl PartitionGroup {
         .map_err(|e| RaftError::Other(e.to_string()))?
     }
 
+    /// The group's id; [`PartitionGroup::group_id`] is the same as a `&str`.
+    pub fn id(&self) -> &GroupId {
+        &self.group
+    }
+
     pub fn group_id(&self) -> &str {
         &self.group
     }

@@ -98,10 +98,10 @@ impl RaftHost {
             .map_err(RaftError::from)?;
         let network = GroupNetworkFactory {
             transport: transport.clone(),
-            group: META_GROUP.to_string(),
+            group: GroupId::from(META_GROUP),
         };
         let raft = Raft::new(cfg.node_id, meta_config()?, network, log_store, sm).await?;
-        registry.insert(META_GROUP.to_string(), raft.clone());
+        registry.insert(GroupId::from(META_GROUP), raft.clone());
 
         let server = tokio::spawn(transport::serve(
             listener,
@@ -297,13 +297,13 @@ impl RaftHost {
     /// [`RaftHost::join_partition`] instead (its initial membership would differ).
     pub async fn open_partition(
         &self,
-        group: GroupId,
+        group: impl Into<GroupId>,
         dir: PathBuf,
         log_cfg: LogConfig,
         replicas: impl IntoIterator<Item = u64>,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
         let replicas: Vec<u64> = replicas.into_iter().collect();
-        self.open_partition_inner(group, dir, log_cfg, Some(replicas), None)
+        self.open_partition_inner(group.into(), dir, log_cfg, Some(replicas), None)
             .await
     }
 
@@ -313,11 +313,11 @@ impl RaftHost {
     /// like [`RaftHost::open_partition`].
     pub async fn join_partition(
         &self,
-        group: GroupId,
+        group: impl Into<GroupId>,
         dir: PathBuf,
         log_cfg: LogConfig,
     ) -> Result<Arc<PartitionGroup>, RaftError> {
-        self.open_partition_inner(group, dir, log_cfg, None, None)
+        self.open_partition_inner(group.into(), dir, log_cfg, None, None)
             .await
     }
 
@@ -326,10 +326,9 @@ impl RaftHost {
     /// after a failed fsync the kernel may report them written while the disk lacks them, and
     /// they were never acknowledged by this replica; the leader sends them again. Errors (the
     /// disk still failing) leave the group closed; call again later.
-    pub async fn reopen_partition(
-        &self,
-        group: &GroupId,
-    ) -> Result<Arc<PartitionGroup>, RaftError> {
+    pub async fn reopen_partition(&self, group: &str) -> Result<Arc<PartitionGroup>, RaftError> {
+        let group = GroupId::from(group);
+        let group = &group;
         let pending = self
             .reopen_pending
             .lock()
@@ -454,11 +453,7 @@ impl RaftHost {
     }
 
     /// Stops the group; with `delete_data`, also removes its directory.
-    pub async fn close_partition(
-        &self,
-        group: &GroupId,
-        delete_data: bool,
-    ) -> Result<(), RaftError> {
+    pub async fn close_partition(&self, group: &str, delete_data: bool) -> Result<(), RaftError> {
         let _guard = self.open_lock.lock().await;
         let pg = self
             .partitions
