@@ -58,7 +58,7 @@ pub(crate) fn meta_config() -> Result<Arc<Config>, RaftError> {
 }
 
 /// Partitions are many and mostly idle, so they are quiet groups (DESIGN.md 4a): openraft's
-/// heartbeats and election timer are off, and the group supervisor ([`election_watchdog`]) drives
+/// heartbeats and election timer are off, and the group supervisor ([`crate::supervisor`]) drives
 /// elections and re-announcements from one node-to-node ping ([`crate::liveness`]). openraft
 /// still sends the commit index to followers whenever it advances.
 pub(crate) fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {

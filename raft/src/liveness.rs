@@ -3,7 +3,7 @@
 //! Partition groups run with openraft's heartbeats and election timer off (DESIGN.md 4a: nearly
 //! all of an idle group's cost is heartbeats). Instead every node pings each peer it shares a
 //! group with, one small RPC per peer however many groups there are, and the reply ([`crate::ping`]) names the
-//! partition groups the peer leads. The group supervisor ([`crate::host`]) turns that into the
+//! partition groups the peer leads. The group supervisor ([`crate::supervisor`]) turns that into the
 //! decisions openraft's timers used to make per group: a follower elects when its leader's node
 //! is silent or no longer claims the group; a leader stops claiming a group when it cannot reach
 //! a majority of its voters; and a leader re-announces itself to a peer that comes back.

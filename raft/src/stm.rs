@@ -16,7 +16,7 @@
 //!
 //! The broker registers extra machines for every partition group with a
 //! [`PartitionStmFactory`] ([`crate::RaftHost::set_partition_machines`]) and finds them again
-//! with [`crate::PartitionGroup::machine`] / [`crate::PartitionGroup::machine_as`].
+//! with [`crate::PartitionGroup::machine`] / [`crate::PartitionGroup::with_machine`].
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -98,7 +98,7 @@ pub trait PartitionStm: Send + Sync + 'static {
     /// stopped leading. Drops the in-flight view.
     fn reset_in_flight(&self, _leader_term: Option<u64>) {}
 
-    /// For typed access from [`crate::PartitionGroup::machine_as`].
+    /// For typed access from [`crate::PartitionGroup::with_machine`].
     fn as_any(&self) -> &dyn Any;
 }
 

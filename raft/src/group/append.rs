@@ -95,7 +95,7 @@ impl PartitionGroup {
     /// N before it starts request N+1 gets them in that order.
     ///
     /// While a leadership transfer or a voter change holds the gate closed, this waits for it to
-    /// reopen, at most [`PROPOSE_TIMEOUT`] ([`RaftError::Timeout`]). While it is open nothing
+    /// reopen, at most the proposal timeout of 10 s ([`RaftError::Timeout`]). While it is open nothing
     /// awaits before the hand-over, so the first poll enqueues.
     pub async fn enqueue(&self, batch: Bytes, acks: Acks) -> Result<Committed, RaftError> {
         // Every replica's log refuses a batch that fails validation, and a log store error is

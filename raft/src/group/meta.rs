@@ -21,7 +21,7 @@ pub struct MetaGroup {
 }
 
 impl MetaGroup {
-    /// Proposes a command; returns the [`MetaApp::apply`] reply once it is committed and applied
+    /// Proposes a command; returns the [`crate::MetaApp::apply`] reply once it is committed and applied
     /// on this node.
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         Ok(propose(&self.raft, Bytes::from(command)).await?.to_vec())
@@ -111,7 +111,7 @@ impl MetaGroup {
         .await
     }
 
-    /// Makes this node the leader if it can: see [`PartitionGroup::trigger_elect`].
+    /// Makes this node the leader if it can: see [`crate::PartitionGroup::trigger_elect`].
     pub async fn trigger_elect(&self) -> Result<(), RaftError> {
         elect_until_leader(&self.raft, self.node_id).await
     }

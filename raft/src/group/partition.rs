@@ -184,7 +184,7 @@ impl PartitionGroup {
     }
 
     /// Why this replica's Raft core stopped, if a write or fsync failed: the replica serves
-    /// nothing until [`RaftHost::reopen_partition`] opens it again.
+    /// nothing until [`crate::RaftHost::reopen_partition`] opens it again.
     pub fn failure(&self) -> Option<String> {
         core_failure(&self.raft.metrics().borrow())
     }

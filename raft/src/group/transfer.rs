@@ -95,7 +95,7 @@ impl PartitionGroup {
     }
 
     /// Makes `new` the voter set. Each added node must have the group open (with
-    /// [`RaftHost::join_partition`]) and a known address ([`RaftHost::set_peer_addr`], the
+    /// [`crate::RaftHost::join_partition`]) and a known address ([`crate::RaftHost::set_peer_addr`], the
     /// configured peers, or the metadata membership); it is added as a learner, must catch up
     /// (bounded, else [`RaftError::Timeout`]), and then becomes a voter by a joint change.
     /// Removed voters leave the membership. Call on the leader, else [`RaftError::NotLeader`].
