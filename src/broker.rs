@@ -347,9 +347,10 @@ impl Broker {
         group: &str,
         target: u64,
     ) -> Result<(), RaftError> {
-        let g = self.raft.partition(group).ok_or_else(|| {
-            RaftError::Other(format!("no group {group} on node {}", self.cfg.node_id))
-        })?;
+        let g = self
+            .raft
+            .partition(group)
+            .ok_or_else(|| RaftError::GroupNotFound(group.into()))?;
         let elect = async {
             let req = AppRequest::Elect {
                 group: group.to_string(),

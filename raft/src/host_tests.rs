@@ -151,7 +151,7 @@ async fn single_node_meta_and_partition_survive_restart() -> anyhow::Result<()> 
     assert!(
         matches!(
             p.append(Bytes::from(corrupt)).await,
-            Err(RaftError::Other(_))
+            Err(RaftError::InvalidBatch(_))
         ),
         "a batch with a bad CRC is refused before it reaches the log"
     );
@@ -1190,7 +1190,7 @@ async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snap
     assert!(st.snapshot_index >= Some(out.purged_upto_index));
     assert!(matches!(
         leader.read(out.log_start_offset - 1, 1 << 20).await,
-        Err(RaftError::Storage(_))
+        Err(RaftError::OffsetOutOfRange { .. })
     ));
     // The other follower purges its own log on its own.
     let other = *voters
@@ -1777,7 +1777,7 @@ async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> an
             let v = format!("v{i}");
             append_values(&p, &[v.as_bytes()]).await?;
         }
-        host.close_partition(&"p/t/0".to_string(), false).await?;
+        host.close_partition("p/t/0", false).await?;
         host.shutdown().await;
     }
     damage_middle_of_log(&part_dir)?;
@@ -1805,6 +1805,90 @@ async fn a_single_replica_with_damaged_acknowledged_data_refuses_to_open() -> an
         .err()
         .ok_or_else(|| anyhow::anyhow!("the damaged partition opened"))?;
     assert!(err.to_string().contains("durable point"), "{err}");
+    host.shutdown().await;
+    Ok(())
+}
+
+/// Remembers the base offset of every committed batch, in apply order.
+#[derive(Default)]
+struct BaseOffsets(std::sync::Mutex<Vec<i64>>);
+
+impl crate::PartitionStm for BaseOffsets {
+    fn name(&self) -> &str {
+        "base_offsets"
+    }
+    fn apply(&self, e: &crate::CommittedBatch<'_>) -> Result<(), crate::StmError> {
+        self.0.lock().expect("lock").push(e.base_offset);
+        Ok(())
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.0.lock().expect("lock")).unwrap_or_default()
+    }
+    fn restore(&self, snapshot: Option<&[u8]>) -> Result<(), crate::StmError> {
+        let v = match snapshot {
+            None => Vec::new(),
+            Some(b) => serde_json::from_slice(b)
+                .map_err(|e| crate::StmError::new("base_offsets", e.to_string()))?,
+        };
+        *self.0.lock().expect("lock") = v;
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_order_is_log_order_and_registered_machines_see_it() -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let peers: BTreeMap<u64, String> = [(1, listener.local_addr()?.to_string())]
+        .into_iter()
+        .collect();
+    let host = start_host(
+        1,
+        dir.path(),
+        listener,
+        peers,
+        Arc::new(RecordingApp::default()),
+    )
+    .await?;
+    host.set_partition_machines(Arc::new(|_: &crate::GroupId| {
+        vec![Arc::new(BaseOffsets::default()) as Arc<dyn crate::PartitionStm>]
+    }));
+    let p = host
+        .open_partition(
+            "p/t/0",
+            dir.path().join("partitions").join("t-0"),
+            LogConfig::default(),
+            [1u64],
+        )
+        .await?;
+    wait_for("partition leader", Duration::from_secs(5), || p.is_leader()).await?;
+
+    // Only the enqueue step is awaited before the next request starts; the commits are awaited
+    // afterwards, all at once.
+    let mut pending = Vec::new();
+    for i in 0..20u8 {
+        let b = Bytes::from(data_batch(1_700_000_000_000, &[&[i], &[i]]));
+        pending.push(p.enqueue(b, crate::Acks::All).await?);
+    }
+    let mut offsets = Vec::new();
+    for c in pending {
+        offsets.push(c.await?);
+    }
+    let expected: Vec<(i64, i64)> = (0..20).map(|i| (2 * i, 2 * i + 1)).collect();
+    assert_eq!(offsets, expected, "log order is enqueue order");
+    let seen = p
+        .with_machine::<BaseOffsets, _>("base_offsets", |m| m.0.lock().expect("lock").clone())
+        .expect("the registered machine");
+    assert_eq!(seen, (0..20).map(|i| 2 * i).collect::<Vec<i64>>());
+    assert!(p
+        .with_machine::<BaseOffsets, _>(crate::HIGH_WATERMARK, |_| ())
+        .is_none());
+    assert!(p.machine(crate::HIGH_WATERMARK).is_some());
     host.shutdown().await;
     Ok(())
 }

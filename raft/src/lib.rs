@@ -3,8 +3,9 @@
 //! - the metadata group's log store and state machine over the sled-backed
 //!   [`sluice_storage::MetaStore`], delegating application state to the node's [`MetaApp`];
 //! - the partition groups' log store over [`sluice_storage::PartitionLog`] (the partition log IS
-//!   the Raft log: one stored Kafka batch per Raft entry) and their tiny state machine whose only
-//!   product is the high watermark;
+//!   the Raft log: one stored Kafka batch per Raft entry) and their state machine, which runs
+//!   the partition's named machines ([`PartitionStm`]): the high watermark and whatever the
+//!   broker registers;
 //! - [`RaftHost`], the registry of all groups in one process, and the node-to-node transport that
 //!   multiplexes every group's RPCs over ONE TCP connection per peer node.
 //!
@@ -16,25 +17,36 @@
 #![allow(clippy::result_large_err)]
 
 mod codec;
+mod config;
 mod error;
+mod group;
+mod group_id;
 mod host;
 mod liveness;
+mod membership;
 mod meta_store;
 mod partition_store;
 mod peer_input;
+mod ping;
+mod registry;
+mod stm;
+mod supervisor;
 mod transport;
 
 use std::io::Cursor;
 
-pub use error::RaftError;
-pub use host::{
-    GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RaftHost, RaftHostConfig,
-    RetentionOutcome,
+pub use config::RaftHostConfig;
+pub use error::{RaftError, StorageFailure};
+pub use group::{
+    Acks, Committed, GroupStatus, MetaGroup, PartitionChanges, PartitionGroup, RetentionOutcome,
 };
+pub use group_id::GroupId;
+pub use host::RaftHost;
 pub use sluice_storage::LogConfig;
-
-/// Identifies a Raft group inside a process: `"meta"` or `"p/{topic_id}/{partition}"`.
-pub type GroupId = String;
+pub use stm::{
+    CommittedBatch, HighWatermark, PartitionStm, PartitionStmFactory, ProposedBatch, StmError,
+    HIGH_WATERMARK,
+};
 
 /// The id of the metadata group, which every node belongs to.
 pub const META_GROUP: &str = "meta";

@@ -2,8 +2,8 @@
 //!
 //! Partition groups run with openraft's heartbeats and election timer off (DESIGN.md 4a: nearly
 //! all of an idle group's cost is heartbeats). Instead every node pings each peer it shares a
-//! group with, one small RPC per peer however many groups there are, and the reply names the
-//! partition groups the peer leads. The group supervisor ([`crate::host`]) turns that into the
+//! group with, one small RPC per peer however many groups there are, and the reply ([`crate::ping`]) names the
+//! partition groups the peer leads. The group supervisor ([`crate::supervisor`]) turns that into the
 //! decisions openraft's timers used to make per group: a follower elects when its leader's node
 //! is silent or no longer claims the group; a leader stops claiming a group when it cannot reach
 //! a majority of its voters; and a leader re-announces itself to a peer that comes back.
@@ -12,13 +12,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use openraft::ServerState;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::codec::{ResponseStatus, RpcKind};
-use crate::transport::{Registry, Transport};
+use crate::ping::PingReply;
+use crate::registry::Registry;
+use crate::transport::Transport;
 use crate::{GroupId, NodeId, META_GROUP};
 
 /// How often each peer is pinged.
@@ -27,22 +26,6 @@ pub(crate) const PING_EVERY: Duration = Duration::from_millis(250);
 /// A peer whose last ping answer is older than this counts as down. Four ping rounds, so a single
 /// slow answer does not start elections.
 pub(crate) const ALIVE_WITHIN: Duration = Duration::from_millis(1000);
-
-/// What a node answers to a ping.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub(crate) struct PingReply {
-    /// Random per process start: a changed value means the peer restarted and lost its view of
-    /// who leads what.
-    pub(crate) boot: u64,
-    /// The partition groups this node leads.
-    pub(crate) leads: Vec<GroupId>,
-    /// For each group this node votes in but has no (working) leader: its last log id as
-    /// (term, index).
-    /// A voter whose log is behind a peer's leaves the election to that peer: its own attempts
-    /// cannot win, and each one raises its term, which makes the peer's attempts fail too.
-    #[serde(default)]
-    pub(crate) leaderless_logs: Vec<(GroupId, u64, u64)>,
-}
 
 #[derive(Debug)]
 struct PeerView {
@@ -215,39 +198,6 @@ pub(crate) async fn ping_loop(
     }
 }
 
-/// The answer to a ping.
-pub(crate) fn answer_ping(registry: &Registry, boot: u64) -> Bytes {
-    let mut leads = Vec::new();
-    let mut leaderless = Vec::new();
-    for (g, raft) in registry.all() {
-        if g == META_GROUP {
-            continue;
-        }
-        let m = raft.metrics();
-        let m = m.borrow();
-        if m.state == ServerState::Leader {
-            leads.push(g);
-        } else if matches!(m.state, ServerState::Follower | ServerState::Candidate)
-            && (m.current_leader.is_none() || registry.is_stalled(&g))
-        {
-            leaderless.push(g);
-        }
-    }
-    let leaderless_logs = leaderless
-        .into_iter()
-        .filter_map(|g| {
-            let (term, index) = registry.last_log_id(&g)?;
-            Some((g, term, index))
-        })
-        .collect();
-    let reply = PingReply {
-        boot,
-        leads,
-        leaderless_logs,
-    };
-    Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,7 +205,7 @@ mod tests {
     fn reply(boot: u64, leads: &[&str]) -> PingReply {
         PingReply {
             boot,
-            leads: leads.iter().map(|s| s.to_string()).collect(),
+            leads: leads.iter().map(|s| GroupId::from(*s)).collect(),
             leaderless_logs: Vec::new(),
         }
     }

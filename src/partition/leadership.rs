@@ -57,7 +57,8 @@ pub async fn leader_report_loop(broker: Arc<Broker>) {
 /// cut off), the lowest-id live voter starts an election right away instead of waiting out the
 /// old leader's lease: broker liveness drives partition failover.
 pub async fn fenced_leader_loop(broker: Arc<Broker>) {
-    let mut last_try: std::collections::HashMap<String, std::time::Instant> = Default::default();
+    let mut last_try: std::collections::HashMap<sluice_raft::GroupId, std::time::Instant> =
+        Default::default();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let me = broker.node_id();
@@ -178,7 +179,12 @@ pub async fn hand_off_leadership(broker: &Broker) {
             .into_iter()
             .map(|(_, g)| g)
             .filter(|g| g.is_leader())
-            .map(|g| (g.status().group, g.voters().into_iter().collect()))
+            .map(|g| {
+                (
+                    g.status().group.to_string(),
+                    g.voters().into_iter().collect(),
+                )
+            })
             .collect()
     };
     let mut moves = Vec::new();

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
-use sluice_raft::PartitionChanges;
+use sluice_raft::{PartitionChanges, RaftError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -283,7 +283,10 @@ async fn fetch_partition(
                     records = b;
                 }
                 // Retention deleted the segment between the range check above and the read.
-                Err(_) if w.offset < group.log_start_offset() => {
+                Err(e)
+                    if matches!(e, RaftError::OffsetOutOfRange { .. })
+                        || w.offset < group.log_start_offset() =>
+                {
                     let pd = error(w.partition, ErrorCode::OffsetOutOfRange)
                         .with_high_watermark(hw)
                         .with_last_stable_offset(hw)

@@ -48,9 +48,14 @@ impl PartitionOutcome {
 
 pub fn raft_error_code(e: &RaftError) -> ErrorCode {
     match e {
-        RaftError::NotLeader { .. } | RaftError::Shutdown => ErrorCode::NotLeaderOrFollower,
+        RaftError::NotLeader { .. } | RaftError::Shutdown | RaftError::GroupNotFound(_) => {
+            ErrorCode::NotLeaderOrFollower
+        }
         RaftError::Timeout => ErrorCode::RequestTimedOut,
         RaftError::Storage(_) => ErrorCode::KafkaStorageError,
+        RaftError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        RaftError::InvalidBatch(b) => batch_error_code(b),
+        RaftError::ReservedProducerId => ErrorCode::InvalidRecord,
         // Never UNKNOWN_SERVER_ERROR: clients may retry it into duplicates; a timeout is honest.
         _ => ErrorCode::RequestTimedOut,
     }

@@ -1,0 +1,60 @@
+//! What a node answers to a liveness ping: the partition groups it leads, and the last log id of
+//! each group it votes in but has no working leader for. The transport server answers pings
+//! with [`answer`]; [`crate::liveness`] sends them and reads the replies. Kept apart from both so
+//! that the transport does not depend on the module that depends on it.
+
+use bytes::Bytes;
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+
+use crate::registry::Registry;
+use crate::{GroupId, META_GROUP};
+
+/// What a node answers to a ping.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct PingReply {
+    /// Random per process start: a changed value means the peer restarted and lost its view of
+    /// who leads what.
+    pub(crate) boot: u64,
+    /// The partition groups this node leads.
+    pub(crate) leads: Vec<GroupId>,
+    /// For each group this node votes in but has no (working) leader: its last log id as
+    /// (term, index).
+    /// A voter whose log is behind a peer's leaves the election to that peer: its own attempts
+    /// cannot win, and each one raises its term, which makes the peer's attempts fail too.
+    #[serde(default)]
+    pub(crate) leaderless_logs: Vec<(GroupId, u64, u64)>,
+}
+
+/// The answer to a ping.
+pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
+    let mut leads = Vec::new();
+    let mut leaderless = Vec::new();
+    for (g, raft) in registry.all() {
+        if g == META_GROUP {
+            continue;
+        }
+        let m = raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            leads.push(g);
+        } else if matches!(m.state, ServerState::Follower | ServerState::Candidate)
+            && (m.current_leader.is_none() || registry.is_stalled(&g))
+        {
+            leaderless.push(g);
+        }
+    }
+    let leaderless_logs = leaderless
+        .into_iter()
+        .filter_map(|g| {
+            let (term, index) = registry.last_log_id(&g)?;
+            Some((g, term, index))
+        })
+        .collect();
+    let reply = PingReply {
+        boot,
+        leads,
+        leaderless_logs,
+    };
+    Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
+}

@@ -1,0 +1,99 @@
+//! The routing table of one process's Raft groups: the transport server finds a group's core
+//! here, and the supervisor and the ping answer read what they need of each group (its last log
+//! id, whether it may vote) without knowing the group handles.
+//!
+//! It sits below the transport, the liveness pings and the host so that none of them has to
+//! import another just to look a group up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::{AppHandler, GroupId, Raft};
+
+/// The groups of this process, by id; the transport server routes incoming RPCs through it.
+#[derive(Default)]
+pub(crate) struct Registry {
+    groups: RwLock<HashMap<GroupId, Raft>>,
+    /// The node's handler of [`RpcKind::App`] requests; until it is set they get an error reply.
+    app: RwLock<Option<Arc<dyn AppHandler>>>,
+    /// This process's boot id for ping answers, drawn on first use.
+    boot: std::sync::OnceLock<u64>,
+    /// The partition groups' stores, for their last log id in ping answers.
+    stores: RwLock<HashMap<GroupId, Arc<crate::partition_store::PartitionShared>>>,
+    /// Partition groups this node's supervisor wants an election for (its leader is gone or
+    /// silent); ping answers carry their last log ids.
+    stalled: RwLock<std::collections::HashSet<GroupId>>,
+}
+
+impl Registry {
+    pub(crate) fn boot(&self) -> u64 {
+        *self.boot.get_or_init(rand::random)
+    }
+
+    pub(crate) fn set_app(&self, handler: Arc<dyn AppHandler>) {
+        if let Ok(mut a) = self.app.write() {
+            *a = Some(handler);
+        }
+    }
+
+    pub(crate) fn app(&self) -> Option<Arc<dyn AppHandler>> {
+        self.app.read().ok()?.clone()
+    }
+
+    pub(crate) fn get(&self, group: &str) -> Option<Raft> {
+        self.groups.read().ok()?.get(group).cloned()
+    }
+
+    pub(crate) fn insert(&self, group: GroupId, raft: Raft) {
+        if let Ok(mut g) = self.groups.write() {
+            g.insert(group, raft);
+        }
+    }
+
+    pub(crate) fn remove(&self, group: &str) -> Option<Raft> {
+        if let Ok(mut st) = self.stores.write() {
+            st.remove(group);
+        }
+        self.groups.write().ok()?.remove(group)
+    }
+
+    pub(crate) fn insert_store(
+        &self,
+        group: GroupId,
+        store: Arc<crate::partition_store::PartitionShared>,
+    ) {
+        if let Ok(mut st) = self.stores.write() {
+            st.insert(group, store);
+        }
+    }
+
+    pub(crate) fn set_stalled(&self, groups: std::collections::HashSet<GroupId>) {
+        if let Ok(mut s) = self.stalled.write() {
+            *s = groups;
+        }
+    }
+
+    pub(crate) fn is_stalled(&self, group: &str) -> bool {
+        self.stalled.read().is_ok_and(|s| s.contains(group))
+    }
+
+    /// Whether the group's replica may vote and stand for election: false while it is getting
+    /// back acknowledged entries it lost (see `PartitionShared::may_vote`).
+    pub(crate) fn may_vote(&self, group: &str) -> bool {
+        let store = self.stores.read().ok().and_then(|s| s.get(group).cloned());
+        store.is_none_or(|s| s.may_vote())
+    }
+
+    /// The (term, index) of the group's last log entry; `None` when unknown or the log is busy.
+    pub(crate) fn last_log_id(&self, group: &str) -> Option<(u64, u64)> {
+        let store = self.stores.read().ok()?.get(group).cloned()?;
+        store.last_log_id_if_idle()
+    }
+
+    pub(crate) fn all(&self) -> Vec<(GroupId, Raft)> {
+        match self.groups.read() {
+            Ok(g) => g.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
