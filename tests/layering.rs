@@ -186,7 +186,11 @@ fn the_reader_sees_a_planted_cycle() {
     std::fs::write(dir.join("b/mod.rs"), "pub mod x;").unwrap();
     std::fs::write(dir.join("b/x.rs"), "use crate::{c, d::y};").unwrap();
     std::fs::write(dir.join("c.rs"), "fn f() {}\n#[cfg(test)]\nuse crate::a;").unwrap();
-    std::fs::write(dir.join("d.rs"), "//! See [`crate::c::z`].\nfn g() { crate::a::h() }").unwrap();
+    std::fs::write(
+        dir.join("d.rs"),
+        "//! See [`crate::c::z`].\nfn g() { crate::a::h() }",
+    )
+    .unwrap();
     let g = graph(&dir);
     let c = find_cycle(&g);
     let _ = std::fs::remove_dir_all(&dir);

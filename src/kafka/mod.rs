@@ -47,43 +47,85 @@ impl Response {
     }
 }
 
+/// What answers a request once its ordering step has run.
+pub type Answer = BoxFuture<'static, HandlerResult>;
+
+/// A request's handler in two steps. The connection awaits the first (the ordering step) before
+/// it reads its next request: whatever must happen in arrival order happens there (a produce
+/// hands its batches to Raft, a fetch takes its turn). The answer it yields then runs on its own.
+/// Ordering is thus a property of the types, not of how often a future was polled.
+pub type Handler = BoxFuture<'static, Answer>;
+
+/// A handler whose ordering step has nothing to do.
+pub fn answer_only(answer: Answer) -> Handler {
+    Box::pin(futures::future::ready(answer))
+}
+
 /// What the requests of one connection share.
 pub struct RequestContext {
     pub session: Arc<Session>,
-    /// Fetches take turns (see [`one_fetch_at_a_time`]).
-    pub fetch_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Fetches take turns (see [`FetchTurns`]).
+    pub fetch_turns: FetchTurns,
     /// Resolves `changed()` (with an error) once the connection's writer has stopped.
     pub writer_gone: tokio::sync::watch::Receiver<()>,
+}
+
+/// A decoded request with its handler; `net` runs the ordering step and queues the answer.
+pub struct Started {
+    pub correlation_id: i32,
+    pub api_key: ApiKey,
+    pub version: i16,
+    pub handler: Handler,
 }
 
 /// A started request: resolves to (correlation id, API, version, response) once answered.
 pub type Pending = BoxFuture<'static, Option<(i32, ApiKey, i16, HandlerResult)>>;
 
-/// Runs a fetch once the connection's previous fetch has been written out, and holds the turn
-/// until this one's response is too (Kafka serves a connection one request at a time; here only
-/// fetches wait, so pipelined produces still share fsyncs). Without this, a client pipelining
-/// fetches could make the connection hold one full response per request.
-///
-/// Once the writer has stopped (the client left, or stalled and was dropped), fetches still queued
-/// give up instead of reading data nobody will receive.
-fn one_fetch_at_a_time(
-    turn: Arc<tokio::sync::Mutex<()>>,
-    mut writer_gone: tokio::sync::watch::Receiver<()>,
-    fut: BoxFuture<'static, HandlerResult>,
-) -> BoxFuture<'static, HandlerResult> {
-    Box::pin(async move {
+/// The connection's fetches run one at a time, in arrival order: each waits until the previous
+/// one's response has been written, and holds its turn until its own is (Kafka serves a
+/// connection one request at a time; here only fetches wait, so pipelined produces still share
+/// fsyncs). Without this, a client pipelining fetches could make the connection hold one full
+/// response per request. The turns form a chain handed out in the ordering step, so their order
+/// is the order the requests arrived in.
+#[derive(Default)]
+pub struct FetchTurns {
+    /// Resolves (or fails, once dropped) when the latest fetch's turn ends.
+    last: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl FetchTurns {
+    /// The end of the previous turn to wait for, and this turn, which ends when dropped.
+    fn next(
+        &self,
+    ) -> (
+        Option<tokio::sync::oneshot::Receiver<()>>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (mine, ends) = tokio::sync::oneshot::channel();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        (last.replace(ends), mine)
+    }
+}
+
+/// Runs `fetch` in its turn. Once the writer has stopped (the client left, or stalled and was
+/// dropped), fetches still waiting give up instead of reading data nobody will receive.
+fn in_turn(conn: &RequestContext, fetch: Answer) -> Handler {
+    let (previous, mine) = conn.fetch_turns.next();
+    let mut writer_gone = conn.writer_gone.clone();
+    answer_only(Box::pin(async move {
         let run = async move {
-            let guard = turn.lock_owned().await;
-            let resp = fut.await?;
-            Some(Response::Held(Box::new(resp), Box::new(guard)))
+            if let Some(previous) = previous {
+                // Ok or Err alike: the previous turn is over.
+                let _ = previous.await;
+            }
+            let resp = fetch.await?;
+            Some(Response::Held(Box::new(resp), Box::new(mine)))
         };
         tokio::select! {
-            // The first poll must reach the turn's queue, so requests queue in arrival order.
-            biased;
             r = run => r,
             _ = writer_gone.changed() => None,
         }
-    })
+    }))
 }
 
 /// Decodes one frame and starts its handler. Errors close the connection, as Kafka does for
@@ -92,7 +134,7 @@ pub(crate) fn decode_and_start(
     broker: &Arc<Broker>,
     conn: &RequestContext,
     frame: Bytes,
-) -> Result<Pending, String> {
+) -> Result<Started, String> {
     let mut peek = frame.clone();
     let api_key_raw = peek.get_i16();
     let version = peek.get_i16();
@@ -112,7 +154,12 @@ pub(crate) fn decode_and_start(
         if api_key == ApiKey::ApiVersions {
             // KIP-511: answer with UNSUPPORTED_VERSION and a v0 body so the client can retry lower.
             let body = handlers::api_versions::unsupported_version_body();
-            return Ok(ready(correlation_id, api_key, 0, Some(Response::Raw(body))));
+            return Ok(Started {
+                correlation_id,
+                api_key,
+                version: 0,
+                handler: answer_only(Box::pin(async move { Some(Response::Raw(body)) })),
+            });
         }
         return Err(format!(
             "unsupported version {version} of {api_key:?} (supported {min}..={max})"
@@ -120,9 +167,14 @@ pub(crate) fn decode_and_start(
     }
     let mut body = frame;
     // Old versions the codec crate dropped are decoded by hand inside their handlers.
-    if let Some(pending) = handlers::start_legacy(broker, api_key, version, correlation_id, &body)?
-    {
-        return Ok(pending);
+    let started = |handler| Started {
+        correlation_id,
+        api_key,
+        version,
+        handler,
+    };
+    if let Some(handler) = handlers::start_legacy(broker, api_key, version, &body)? {
+        return Ok(started(handler));
     }
     let header_version = api_key.request_header_version(version);
     let header = RequestHeader::decode(&mut body, header_version)
@@ -131,11 +183,15 @@ pub(crate) fn decode_and_start(
         .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
     conn.session
         .note_client_id(header.client_id.as_ref().map(|c| c.as_str()));
-    let mut fut = handlers::dispatch(broker.clone(), conn.session.clone(), header, request);
-    if api_key == ApiKey::Fetch {
-        fut = one_fetch_at_a_time(conn.fetch_turn.clone(), conn.writer_gone.clone(), fut);
-    }
-    Ok(start(correlation_id, api_key, version, fut))
+    let handler = handlers::dispatch(broker.clone(), conn.session.clone(), header, request);
+    Ok(started(if api_key == ApiKey::Fetch {
+        // A fetch's ordering step is only its place in the turn chain; `dispatch` gives it
+        // nothing to order.
+        let fetch = handler;
+        in_turn(conn, Box::pin(async move { fetch.await.await }))
+    } else {
+        handler
+    }))
 }
 
 /// The error code of responses that carry one at the top level; per-item codes count as 0 here.
@@ -148,35 +204,26 @@ pub(crate) fn top_level_error(k: &ResponseKind) -> i16 {
     }
 }
 
-fn ready(correlation_id: i32, api_key: ApiKey, version: i16, result: HandlerResult) -> Pending {
-    Box::pin(async move { Some((correlation_id, api_key, version, result)) })
-}
-
-/// Starts the handler right away so that requests reach Raft in arrival order (a produce handler
-/// proposes its batches on its first poll, with no await before them, whatever the task's
-/// cooperative budget), then lets it finish on its own task.
-fn start(
-    correlation_id: i32,
-    api_key: ApiKey,
-    version: i16,
-    fut: BoxFuture<'static, HandlerResult>,
-) -> Pending {
-    let mut fut = fut;
-    let waker = futures::task::noop_waker();
-    let mut cx = std::task::Context::from_waker(&waker);
-    match fut.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(r) => ready(correlation_id, api_key, version, r),
-        std::task::Poll::Pending => {
-            let handle = tokio::spawn(fut);
-            Box::pin(async move {
-                match handle.await {
-                    Ok(r) => Some((correlation_id, api_key, version, r)),
-                    Err(e) => {
-                        warn!(?api_key, error = %e, "request handler panicked");
-                        None
-                    }
+impl Started {
+    /// Runs the ordering step, then the answer on its own task; what the connection's writer
+    /// awaits, in request order.
+    pub async fn order(self) -> Pending {
+        let Started {
+            correlation_id,
+            api_key,
+            version,
+            handler,
+        } = self;
+        let answer = handler.await;
+        let task = tokio::spawn(answer);
+        Box::pin(async move {
+            match task.await {
+                Ok(r) => Some((correlation_id, api_key, version, r)),
+                Err(e) => {
+                    warn!(?api_key, error = %e, "request handler panicked");
+                    None
                 }
-            })
-        }
+            }
+        })
     }
 }

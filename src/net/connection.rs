@@ -63,7 +63,6 @@ pub(super) async fn run(
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Pending>(broker.cfg.max_in_flight_requests_per_connection);
     let activity = Arc::new(Activity::new());
-    let fetch_turn = Arc::new(tokio::sync::Mutex::new(()));
     // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
     let (writer_alive, writer_gone) = tokio::sync::watch::channel(());
 
@@ -109,7 +108,7 @@ pub(super) async fn run(
         activity,
         requests: RequestContext {
             session,
-            fetch_turn,
+            fetch_turns: Default::default(),
             writer_gone,
         },
     };
@@ -184,7 +183,10 @@ async fn read_loop(
             .map_err(|e| format!("truncated request frame: {e}"))?;
         let frame = frame.freeze();
         conn.activity.touch();
-        let pending = kafka::decode_and_start(broker, &conn.requests, frame)?;
+        // The ordering step runs here, before the next request is read (see `kafka::Handler`).
+        let pending = kafka::decode_and_start(broker, &conn.requests, frame)?
+            .order()
+            .await;
         conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         if tx.send(pending).await.is_err() {
             return Err("response writer stopped".into());

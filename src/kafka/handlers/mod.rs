@@ -18,11 +18,10 @@ pub mod reassignments;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
 
-use super::{Pending, Response};
+use super::{answer_only, Answer, Handler, Response};
 use crate::broker::Broker;
 use crate::session::Session;
 
@@ -105,28 +104,26 @@ pub fn start_legacy(
     broker: &Arc<Broker>,
     key: ApiKey,
     version: i16,
-    correlation_id: i32,
     frame: &Bytes,
-) -> Result<Option<Pending>, String> {
+) -> Result<Option<Handler>, String> {
     let result = match key {
         ApiKey::Produce if version < 3 => produce::legacy(broker, version, frame)?,
         ApiKey::ListOffsets if version < 1 => {
             let broker = broker.clone();
             let frame = frame.clone();
-            return Ok(Some(Box::pin(async move {
-                let r = list_offsets::legacy_v0(&broker, &frame).await;
-                match r {
-                    Ok(body) => Some((correlation_id, key, version, Some(Response::Raw(body)))),
+            return Ok(Some(answer_only(Box::pin(async move {
+                match list_offsets::legacy_v0(&broker, &frame).await {
+                    Ok(body) => Some(Response::Raw(body)),
                     Err(e) => {
                         tracing::info!(error = %e, "malformed ListOffsets v0 request");
                         None
                     }
                 }
-            })));
+            }))));
         }
         _ => return Ok(None),
     };
-    Ok(Some(super::ready(correlation_id, key, version, result)))
+    Ok(Some(answer_only(Box::pin(async move { result }))))
 }
 
 /// Starts the handler of one decoded request. `session` is the connection's: who asks (for
@@ -136,9 +133,9 @@ pub fn dispatch(
     _session: Arc<Session>,
     header: RequestHeader,
     request: RequestKind,
-) -> BoxFuture<'static, Option<Response>> {
+) -> Handler {
     let v = header.request_api_version;
-    match request {
+    let answer: Answer = match request {
         RequestKind::ApiVersions(r) => {
             let resp = api_versions::handle(&broker, v, r);
             async move { Some(Response::Kind(Box::new(ResponseKind::ApiVersions(resp)))) }.boxed()
@@ -149,7 +146,8 @@ pub fn dispatch(
             ))))
         }
         .boxed(),
-        RequestKind::Produce(r) => produce::handle(broker, v, r),
+        // The one handler with an ordering step of its own.
+        RequestKind::Produce(r) => return produce::handle(broker, v, r),
         RequestKind::Fetch(r) => async move {
             let (resp, held) = fetch::handle(&broker, v, r).await;
             let resp = Response::Kind(Box::new(ResponseKind::Fetch(resp)));
@@ -229,7 +227,8 @@ pub fn dispatch(
             tracing::warn!(request = ?std::mem::discriminant(&other), "request without handler");
             async { None }.boxed()
         }
-    }
+    };
+    answer_only(answer)
 }
 
 /// Kafka's `host:port` split for advertised addresses.

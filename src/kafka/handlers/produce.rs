@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
 use kafka_protocol::protocol::StrBytes;
-use sluice_raft::RaftError;
+use sluice_raft::{Acks, Committed, PartitionGroup, RaftError};
 use sluice_storage::batch::{self, BatchError};
 
 use crate::broker::Broker;
@@ -20,7 +19,7 @@ use crate::controller::TopicConfig;
 use crate::errors::ErrorCode;
 use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
-use crate::kafka::Response;
+use crate::kafka::{Answer, Handler, Response};
 
 /// v0-v2 carry message formats 0/1, which we reject, but the range starts at 0 because some
 /// librdkafka versions refuse a broker whose Produce range does not.
@@ -68,60 +67,155 @@ fn batch_error_code(e: &BatchError) -> ErrorCode {
     }
 }
 
-/// Validates and appends the record batches for one partition. Nothing before the proposal
-/// awaits, so the first poll hands every batch to Raft (see `PartitionGroup::append`): the
-/// connection polls each request once on arrival, which keeps pipelined requests in order.
-async fn produce_partition(
-    broker: Arc<Broker>,
-    topic: String,
+/// Two steps (see `kafka::Handler`): the ordering step enqueues every partition's batches in
+/// request order, so pipelined requests enter the log in the order they arrived; the answer
+/// waits for the commits.
+// The ordering step's output is the answer, a future awaited later on its own task.
+#[allow(clippy::async_yields_async)]
+pub fn handle(broker: Arc<Broker>, version: i16, req: ProduceRequest) -> Handler {
+    async move {
+        let started = Instant::now();
+        let acks = req.acks;
+        let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 300_000) as u64);
+        let mut parts = Vec::new();
+        for t in req.topic_data {
+            let topic = t.name.0.to_string();
+            for p in t.partition_data {
+                let start = if req.transactional_id.is_some() {
+                    Started::Answered(PartitionOutcome::err(
+                        ErrorCode::InvalidRequest,
+                        "transactions are not supported",
+                    ))
+                } else if !(-1..=1).contains(&acks) {
+                    Started::Answered(PartitionOutcome::err(
+                        ErrorCode::InvalidRequiredAcks,
+                        format!("acks must be -1, 0 or 1, got {acks}"),
+                    ))
+                } else {
+                    broker.metrics.bytes_in.fetch_add(
+                        p.records.as_ref().map(|r| r.len() as u64).unwrap_or(0),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    enqueue_partition(&broker, &topic, p.index, p.records, acks).await
+                };
+                parts.push(((t.name.clone(), p.index), start));
+            }
+        }
+        let answer: Answer = async move {
+            let (keys, starts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+            let waits = starts.into_iter().map(|s| await_partition(s, timeout));
+            let outcomes = futures::future::join_all(waits).await;
+            let mut worst = 0;
+            let mut topics: Vec<TopicProduceResponse> = Vec::new();
+            for ((name, index), o) in keys.into_iter().zip(outcomes) {
+                if o.error != ErrorCode::None {
+                    tracing::debug!(topic = %name.0, partition = index, error = ?o.error, msg = ?o.message, "produce failed");
+                    worst = o.error.code();
+                }
+                let pr = PartitionProduceResponse::default()
+                    .with_index(index)
+                    .with_error_code(o.error.code())
+                    .with_base_offset(o.base_offset)
+                    .with_log_append_time_ms(-1)
+                    .with_log_start_offset(o.log_start_offset)
+                    .with_error_message(if version >= 8 {
+                        o.message.map(StrBytes::from_string)
+                    } else {
+                        None
+                    });
+                match topics.iter_mut().find(|t| t.name == name) {
+                    Some(t) => t.partition_responses.push(pr),
+                    None => topics.push(
+                        TopicProduceResponse::default()
+                            .with_name(name)
+                            .with_partition_responses(vec![pr]),
+                    ),
+                }
+            }
+            broker.metrics.count_request("Produce", worst);
+            broker
+                .metrics
+                .produce_latency
+                .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
+            if acks == 0 {
+                return None;
+            }
+            Some(Response::Kind(Box::new(ResponseKind::Produce(
+                ProduceResponse::default().with_responses(topics),
+            ))))
+        }
+        .boxed();
+        answer
+    }
+    .boxed()
+}
+
+/// One partition of a request after its ordering step: answered already, or enqueued and
+/// waiting for its batches to commit.
+enum Started {
+    Answered(PartitionOutcome),
+    Enqueued {
+        commits: Vec<Committed>,
+        group: Arc<PartitionGroup>,
+    },
+}
+
+/// Validates a partition's record batches, then hands every one to the partition's Raft group
+/// in request order. Nothing is enqueued unless every batch is valid, so a bad request leaves no
+/// partial write.
+async fn enqueue_partition(
+    broker: &Broker,
+    topic: &str,
     partition: i32,
     records: Option<Bytes>,
-    timeout: Duration,
     acks: i16,
-) -> PartitionOutcome {
+) -> Started {
+    let answered = |e: ErrorCode, m: String| Started::Answered(PartitionOutcome::err(e, m));
     let max_message_bytes = {
         let st = broker.state();
-        let Some(t) = st.topics.get(&topic) else {
-            return PartitionOutcome::err(
+        let Some(t) = st.topics.get(topic) else {
+            return answered(
                 ErrorCode::UnknownTopicOrPartition,
                 format!("topic '{topic}' does not exist"),
             );
         };
         if partition < 0 || partition as usize >= t.partitions.len() {
-            return PartitionOutcome::err(
+            return answered(
                 ErrorCode::UnknownTopicOrPartition,
                 format!("topic '{topic}' has no partition {partition}"),
             );
         }
         TopicConfig::resolve(Some(&t.configs), &broker.cfg).max_message_bytes
     };
-    let Some(group) = broker.partition(&topic, partition) else {
-        return PartitionOutcome::err(
+    let Some(group) = broker.partition(topic, partition) else {
+        return answered(
             ErrorCode::NotLeaderOrFollower,
-            "this broker does not host the partition",
+            "this broker does not host the partition".into(),
         );
     };
     if !group.is_leader() {
-        return PartitionOutcome::err(ErrorCode::NotLeaderOrFollower, "not the partition leader");
+        return answered(
+            ErrorCode::NotLeaderOrFollower,
+            "not the partition leader".into(),
+        );
     }
     let Some(records) = records.filter(|r| !r.is_empty()) else {
-        return PartitionOutcome::err(ErrorCode::CorruptMessage, "empty record set");
+        return answered(ErrorCode::CorruptMessage, "empty record set".into());
     };
-    // Validate every batch before appending any, so a bad request leaves no partial write.
     let mut batches = Vec::new();
     let mut pos = 0usize;
     for b in batch::split(&records) {
         let b = match b {
             Ok(b) => b,
-            Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
+            Err(e) => return answered(batch_error_code(&e), e.to_string()),
         };
         let len = b.len();
         let header = match batch::validate(b) {
             Ok(h) => h,
-            Err(e) => return PartitionOutcome::err(batch_error_code(&e), e.to_string()),
+            Err(e) => return answered(batch_error_code(&e), e.to_string()),
         };
         if len > max_message_bytes {
-            return PartitionOutcome::err(
+            return answered(
                 ErrorCode::MessageTooLarge,
                 format!(
                     "record batch of {len} bytes exceeds max.message.bytes {max_message_bytes}"
@@ -132,7 +226,7 @@ async fn produce_partition(
         if let Err(e) =
             record_walk::validate(b, &header, record_walk::decompressed_cap(max_message_bytes))
         {
-            return PartitionOutcome::err(ErrorCode::CorruptMessage, e.to_string());
+            return answered(ErrorCode::CorruptMessage, e.to_string());
         }
         batches.push(records.slice(pos..pos + len));
         pos += len;
@@ -145,19 +239,41 @@ async fn produce_partition(
     } else {
         acks
     };
-    // Every batch is proposed on the first poll of join_all, in order, before any waits (see
-    // PartitionGroup::append), so a request's batches and pipelined requests keep their order
-    // and share fsyncs.
-    let appends = batches.into_iter().map(|b| {
-        // acks=1: the leader's disk is enough, as in Kafka; acks=all (and acks=0, whose outcome
-        // nobody reads) wait for a majority.
-        if acks == 1 {
-            futures::future::Either::Left(group.append_leader_ack(b))
-        } else {
-            futures::future::Either::Right(group.append(b))
+    // acks=1: the leader's disk is enough, as in Kafka; acks=all (and acks=0, whose outcome
+    // nobody reads) wait for a majority.
+    let mode = if acks == 1 { Acks::Leader } else { Acks::All };
+    let mut commits = Vec::with_capacity(batches.len());
+    for b in batches {
+        match group.enqueue(b, mode).await {
+            Ok(c) => commits.push(c),
+            // Refused before it reached the log: a definite answer, which clients may retry.
+            Err(e) if commits.is_empty() => {
+                return answered(raft_error_code(&e), e.to_string());
+            }
+            // An earlier batch of this request is already on its way: the request as a whole
+            // has an unknown outcome.
+            Err(e) => {
+                return answered(
+                    ErrorCode::RequestTimedOut,
+                    format!("part of the request was not enqueued: {e}"),
+                )
+            }
         }
-    });
-    let Ok(results) = tokio::time::timeout(timeout, futures::future::join_all(appends)).await
+    }
+    Started::Enqueued { commits, group }
+}
+
+/// Waits for a partition's enqueued batches to commit. Once a batch has reached the Raft core
+/// every failure is an unknown outcome (it may still commit under a new leader), so it is
+/// answered REQUEST_TIMED_OUT, never a code that tells the client the write did not happen:
+/// a client that trusts NOT_LEADER_OR_FOLLOWER resends, and a write that did commit is then
+/// stored twice.
+async fn await_partition(started: Started, timeout: Duration) -> PartitionOutcome {
+    let (commits, group) = match started {
+        Started::Answered(o) => return o,
+        Started::Enqueued { commits, group } => (commits, group),
+    };
+    let Ok(results) = tokio::time::timeout(timeout, futures::future::join_all(commits)).await
     else {
         return PartitionOutcome::err(
             ErrorCode::RequestTimedOut,
@@ -172,7 +288,12 @@ async fn produce_partition(
                     first_base = base;
                 }
             }
-            Err(e) => return PartitionOutcome::err(raft_error_code(&e), e.to_string()),
+            Err(e) => {
+                return PartitionOutcome::err(
+                    ErrorCode::RequestTimedOut,
+                    format!("the write's outcome is unknown: {e}"),
+                )
+            }
         }
     }
     PartitionOutcome {
@@ -181,99 +302,6 @@ async fn produce_partition(
         base_offset: first_base,
         log_start_offset: group.log_start_offset(),
     }
-}
-
-pub fn handle(
-    broker: Arc<Broker>,
-    version: i16,
-    req: ProduceRequest,
-) -> BoxFuture<'static, Option<Response>> {
-    let started = Instant::now();
-    let acks = req.acks;
-    let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 300_000) as u64);
-    let mut futs = Vec::new();
-    let mut keys = Vec::new();
-    for t in req.topic_data {
-        let topic = t.name.0.to_string();
-        for p in t.partition_data {
-            keys.push((t.name.clone(), p.index));
-            if req.transactional_id.is_some() {
-                futs.push(
-                    futures::future::ready(PartitionOutcome::err(
-                        ErrorCode::InvalidRequest,
-                        "transactions are not supported",
-                    ))
-                    .boxed(),
-                );
-            } else if !(-1..=1).contains(&acks) {
-                futs.push(
-                    futures::future::ready(PartitionOutcome::err(
-                        ErrorCode::InvalidRequiredAcks,
-                        format!("acks must be -1, 0 or 1, got {acks}"),
-                    ))
-                    .boxed(),
-                );
-            } else {
-                broker.metrics.bytes_in.fetch_add(
-                    p.records.as_ref().map(|r| r.len() as u64).unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                futs.push(
-                    produce_partition(
-                        broker.clone(),
-                        topic.clone(),
-                        p.index,
-                        p.records,
-                        timeout,
-                        acks,
-                    )
-                    .boxed(),
-                );
-            }
-        }
-    }
-    async move {
-        // join_all polls every partition future once on its first poll, in order.
-        let outcomes = futures::future::join_all(futs).await;
-        let mut worst = 0;
-        let mut topics: Vec<TopicProduceResponse> = Vec::new();
-        for ((name, index), o) in keys.into_iter().zip(outcomes) {
-            if o.error != ErrorCode::None {
-                tracing::debug!(topic = %name.0, partition = index, error = ?o.error, msg = ?o.message, "produce failed");
-                worst = o.error.code();
-            }
-            let pr = PartitionProduceResponse::default()
-                .with_index(index)
-                .with_error_code(o.error.code())
-                .with_base_offset(o.base_offset)
-                .with_log_append_time_ms(-1)
-                .with_log_start_offset(o.log_start_offset)
-                .with_error_message(if version >= 8 {
-                    o.message.map(StrBytes::from_string)
-                } else {
-                    None
-                });
-            match topics.iter_mut().find(|t| t.name == name) {
-                Some(t) => t.partition_responses.push(pr),
-                None => topics.push(
-                    TopicProduceResponse::default()
-                        .with_name(name)
-                        .with_partition_responses(vec![pr]),
-                ),
-            }
-        }
-        broker.metrics.count_request("Produce", worst);
-        broker.metrics
-            .produce_latency
-            .observe_ms(started.elapsed().as_secs_f64() * 1000.0);
-        if acks == 0 {
-            return None;
-        }
-        Some(Response::Kind(Box::new(ResponseKind::Produce(
-            ProduceResponse::default().with_responses(topics),
-        ))))
-    }
-    .boxed()
 }
 
 /// Produce v0-v2: decoded by hand (the codec crate dropped them) and answered with
