@@ -66,6 +66,12 @@ pub struct ServerConfig {
     /// A response write that makes no progress for this long closes the connection
     /// (`sluice.socket.write.timeout.ms`): a client that stops reading cannot pin its responses.
     pub socket_write_timeout_ms: u64,
+    /// An idempotent producer idle for this long (on the partition's clock, the largest batch
+    /// timestamp written) is forgotten (`producer.id.expiration.ms`).
+    pub producer_id_expiration_ms: i64,
+    /// A batch whose timestamp is further ahead of this broker's clock is refused with
+    /// INVALID_TIMESTAMP (`message.timestamp.after.max.ms`, Kafka 3.6's default of one hour).
+    pub message_timestamp_after_max_ms: i64,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +99,8 @@ impl Default for ServerConfig {
             fetch_memory_bytes: 256 << 20,
             connections_max_idle_ms: Some(600_000),
             socket_write_timeout_ms: 30_000,
+            producer_id_expiration_ms: 86_400_000,
+            message_timestamp_after_max_ms: 3_600_000,
         }
     }
 }
@@ -245,6 +253,12 @@ impl ServerConfig {
                 self.log_retention_check_interval_ms = ms;
             }
             "socket.request.max.bytes" => self.socket_request_max_bytes = parse_num(key, v)?,
+            "producer.id.expiration.ms" => {
+                self.producer_id_expiration_ms = parse_in(key, v, 1, i64::MAX)?;
+            }
+            "message.timestamp.after.max.ms" => {
+                self.message_timestamp_after_max_ms = parse_in(key, v, 0, i64::MAX)?;
+            }
             "max.connections" => self.max_connections = parse_num(key, v)?,
             // Kafka's own lower bound; i32 because the protocol's max_bytes fields are.
             "fetch.max.bytes" => {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_raft::{MetaApp, RaftError, RaftHost, RaftHostConfig};
+use sluice_raft::{GroupId, MetaApp, PartitionStm, RaftError, RaftHost, RaftHostConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use crate::broker::Broker;
 use crate::config::ServerConfig;
 use crate::controller::{Command, MetaMachine};
 use crate::identity::DirIdentity;
+use crate::partition::producers::ProducerMachine;
 use crate::{membership, partition};
 
 #[derive(Debug, Error)]
@@ -125,6 +126,12 @@ impl Node {
             meta.clone() as Arc<dyn MetaApp>,
         )
         .await?;
+        // Before any partition opens: every partition group carries the producer state of its
+        // idempotent producers, replicated with its log.
+        let expiration_ms = cfg.producer_id_expiration_ms;
+        raft_host.set_partition_machines(Arc::new(move |_: &GroupId| {
+            vec![Arc::new(ProducerMachine::new(expiration_ms)) as Arc<dyn PartitionStm>]
+        }));
         let broker = Arc::new(Broker::new(cfg, raft_host.clone(), meta));
         raft_host.set_app_handler(Arc::new(crate::rpc::Server(membership::Inbound(
             Arc::downgrade(&broker),

@@ -47,12 +47,14 @@ pub struct ProposedBatch<'a> {
     pub term: u64,
 }
 
-/// A machine's refusal or failure, with its own words.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A machine's refusal or failure, with its own words, and (for a refusal the caller must act
+/// on) a typed reason the broker gets back with [`StmError::reason`].
+#[derive(Clone, thiserror::Error)]
 #[error("partition state machine {machine}: {message}")]
 pub struct StmError {
     pub machine: String,
     pub message: String,
+    reason: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl StmError {
@@ -60,9 +62,46 @@ impl StmError {
         StmError {
             machine: machine.into(),
             message: message.into(),
+            reason: None,
         }
     }
+
+    /// A refusal carrying `reason`, e.g. a machine's verdict on a proposed batch.
+    pub fn refused<R: Any + Send + Sync>(
+        machine: impl Into<String>,
+        message: impl Into<String>,
+        reason: R,
+    ) -> Self {
+        StmError {
+            reason: Some(Arc::new(reason)),
+            ..StmError::new(machine, message)
+        }
+    }
+
+    /// The typed reason, if the machine gave one of type `R`.
+    pub fn reason<R: Any>(&self) -> Option<&R> {
+        self.reason.as_deref().and_then(|r| r.downcast_ref())
+    }
 }
+
+impl std::fmt::Debug for StmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StmError")
+            .field("machine", &self.machine)
+            .field("message", &self.message)
+            .field("has_reason", &self.reason.is_some())
+            .finish()
+    }
+}
+
+/// Equal when machine and message are: the reason is for the caller, not for comparisons.
+impl PartialEq for StmError {
+    fn eq(&self, other: &Self) -> bool {
+        self.machine == other.machine && self.message == other.message
+    }
+}
+
+impl Eq for StmError {}
 
 /// A state machine of one partition. Methods take `&self` because the machine is shared by the
 /// group's Raft core (which applies) and the broker (which reads it); use interior mutability.

@@ -422,3 +422,175 @@ async fn init_producer_id_hands_out_fresh_ids_and_bumps_epochs() {
     assert!(after.producer_id.0 > b.producer_id.0, "{after:?}");
     c.shutdown().await;
 }
+
+/// One batch of `n` records from producer `pid` at `epoch`, starting at sequence `seq`.
+fn idempotent_batch(pid: i64, epoch: i16, seq: i32, n: i32) -> bytes::Bytes {
+    use kafka_protocol::records::{Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: pid,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: i64::from(i),
+            sequence: seq + i,
+            timestamp: 1_000,
+            key: None,
+            value: Some(bytes::Bytes::from(format!("{pid}-{epoch}-{}", seq + i))),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    buf.freeze()
+}
+
+async fn producer_id(conn: &mut BrokerConn) -> i64 {
+    let v = conn.version_for(ApiKey::InitProducerId).unwrap();
+    let req = InitProducerIdRequest::default()
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    let r: InitProducerIdResponse = conn.call(&req, v).await.unwrap();
+    assert_eq!(r.error_code, 0);
+    r.producer_id.0
+}
+
+fn high_watermark(c: &TestCluster, node: usize, topic: &str) -> i64 {
+    c.broker(node).partition(topic, 0).unwrap().high_watermark()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_resend_returns_the_original_offset_and_appends_nothing() {
+    let (mut c, mut conn) = node().await;
+    create_topic(&mut conn, "i", 1).await;
+    let pid = producer_id(&mut conn).await;
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 0, 0, 3)).await,
+        (0, 0)
+    );
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 0, 3, 2)).await,
+        (0, 3)
+    );
+    // The same batch again: its original offset, and the log does not grow.
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 0, 0, 3)).await,
+        (0, 0)
+    );
+    assert_eq!(high_watermark(&c, 0, "i"), 5);
+    // A gap, a stale epoch, an unknown producer.
+    let (code, _) = produce(&mut conn, "i", 0, idempotent_batch(pid, 0, 9, 1)).await;
+    assert_eq!(code, ErrorCode::OutOfOrderSequenceNumber.code());
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 1, 0, 1)).await,
+        (0, 5)
+    );
+    let (code, _) = produce(&mut conn, "i", 0, idempotent_batch(pid, 0, 5, 1)).await;
+    assert_eq!(code, ErrorCode::InvalidProducerEpoch.code());
+    let (code, _) = produce(
+        &mut conn,
+        "i",
+        0,
+        idempotent_batch(pid + 1_000_000, 0, 4, 1),
+    )
+    .await;
+    assert_eq!(code, ErrorCode::UnknownProducerId.code());
+    assert_eq!(high_watermark(&c, 0, "i"), 6);
+
+    // After a restart the producer state comes back from the log and the snapshot.
+    c.kill(0).await;
+    c.restart(0).await.unwrap();
+    assert!(c.wait_ready(Duration::from_secs(30)).await);
+    assert!(
+        c.broker(0)
+            .wait_for_partitions("i", Duration::from_secs(30))
+            .await
+    );
+    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 1, 0, 1)).await,
+        (0, 5)
+    );
+    assert_eq!(
+        produce(&mut conn, "i", 0, idempotent_batch(pid, 1, 1, 1)).await,
+        (0, 6)
+    );
+    assert_eq!(high_watermark(&c, 0, "i"), 7);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_knows_the_producers_of_the_old_one() {
+    let c = TestCluster::start(3).await.unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(60)).await,
+        "cluster not ready"
+    );
+    let mut conn = BrokerConn::connect(&c.kafka_addr(0)).await.unwrap();
+    let req = CreateTopicsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(name("l"))
+            .with_num_partitions(1)
+            .with_replication_factor(3)]);
+    let v = conn.version_for(ApiKey::CreateTopics).unwrap();
+    let r: CreateTopicsResponse = conn.call(&req, v).await.unwrap();
+    assert_eq!(r.topics[0].error_code, 0);
+    let pid = producer_id(&mut conn).await;
+    let leader_conn = |c: &TestCluster| {
+        let b = c.broker(0);
+        let st = b.state();
+        let (leader, _) = b.partition_leader_in(&st, "l", 0).expect("a leader");
+        c.kafka_addr(leader as usize - 1)
+    };
+    let mut lc = BrokerConn::connect(&leader_conn(&c)).await.unwrap();
+    assert_eq!(
+        produce(&mut lc, "l", 0, idempotent_batch(pid, 0, 0, 4)).await,
+        (0, 0)
+    );
+    // Leadership moves; the resend reaches the new leader.
+    let (leader, _) = {
+        let b = c.broker(0);
+        let st = b.state();
+        b.partition_leader_in(&st, "l", 0).unwrap()
+    };
+    let old = c.broker(leader as usize - 1);
+    let target = (1..=3u64).find(|n| *n != leader).unwrap();
+    let gid = old.partition("l", 0).unwrap().group_id().to_string();
+    old.transfer_partition_leadership(&gid, target)
+        .await
+        .unwrap();
+    let new_addr = c.kafka_addr(target as usize - 1);
+    let mut nc = BrokerConn::connect(&new_addr).await.unwrap();
+    let mut answer = (-1, -1);
+    for _ in 0..100 {
+        answer = produce(&mut nc, "l", 0, idempotent_batch(pid, 0, 0, 4)).await;
+        if answer.0 != ErrorCode::NotLeaderOrFollower.code() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer, (0, 0));
+    assert_eq!(
+        produce(&mut nc, "l", 0, idempotent_batch(pid, 0, 4, 1)).await,
+        (0, 4)
+    );
+    let hw = c
+        .broker(target as usize - 1)
+        .partition("l", 0)
+        .unwrap()
+        .high_watermark();
+    assert_eq!(hw, 5);
+    c.shutdown().await;
+}

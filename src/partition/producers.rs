@@ -10,8 +10,11 @@
 //! can move that clock.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use sluice_raft::{CommittedBatch, PartitionStm, ProposedBatch, StmError};
+use tokio::sync::watch;
 
 /// Kafka keeps this many batches per producer to answer duplicates.
 pub const BATCHES_KEPT: usize = 5;
@@ -268,6 +271,135 @@ impl LeaderView {
     /// Leadership changed: what this node proposed may never commit.
     pub fn clear(&mut self) {
         self.in_flight.clear();
+    }
+}
+
+/// The name the producer machine has in every partition (and in its snapshots).
+pub const MACHINE: &str = "producers";
+
+/// The producer state as a partition state machine: the committed table, applied in log order
+/// on every replica and carried in the snapshot, and the leader's in-flight view, consulted and
+/// extended under the partition's append gate, so a check and its proposal are one step.
+pub struct ProducerMachine {
+    expiration_ms: i64,
+    committed: Mutex<ProducerTable>,
+    leader: Mutex<LeaderView>,
+    /// Bumped after every applied batch, for answers that wait for a batch to commit.
+    applied: watch::Sender<u64>,
+}
+
+impl ProducerMachine {
+    pub fn new(expiration_ms: i64) -> ProducerMachine {
+        ProducerMachine {
+            expiration_ms,
+            committed: Mutex::new(ProducerTable::default()),
+            leader: Mutex::new(LeaderView::default()),
+            applied: watch::channel(0).0,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, ProducerTable> {
+        // Each update finishes before the lock is released; a poisoned table is still whole.
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, LeaderView> {
+        self.leader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the committed table (for DescribeProducers and the admin view).
+    pub fn snapshot_table(&self) -> ProducerTable {
+        self.table().clone()
+    }
+
+    /// The committed batch of `b`'s producer, epoch and sequence range, if there is one.
+    pub fn committed_batch(&self, b: &ProducerBatch) -> Option<BatchMeta> {
+        let t = self.table();
+        let e = t.get(b.producer_id).filter(|e| e.epoch == b.epoch)?;
+        e.batches
+            .iter()
+            .find(|d| d.first_seq == b.first_seq && d.last_seq == b.last_seq)
+            .copied()
+    }
+
+    /// Changes after every applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+}
+
+/// The producer fields of a stored or proposed batch; `None` without a producer id.
+pub fn producer_batch(batch: &[u8]) -> Option<ProducerBatch> {
+    let h = sluice_storage::batch::parse_header(batch).ok()?;
+    ProducerBatch::from_header(
+        h.producer_id,
+        h.producer_epoch,
+        h.base_sequence,
+        h.last_offset_delta,
+        h.max_timestamp,
+    )
+}
+
+impl PartitionStm for ProducerMachine {
+    fn name(&self) -> &str {
+        MACHINE
+    }
+
+    fn apply(&self, entry: &CommittedBatch<'_>) -> Result<(), StmError> {
+        let Some(b) = producer_batch(entry.batch) else {
+            return Ok(());
+        };
+        self.table()
+            .apply(&b, entry.base_offset, entry.last_offset, self.expiration_ms);
+        self.view().committed(&b);
+        self.applied.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.table()).unwrap_or_default()
+    }
+
+    fn restore(&self, snapshot: Option<&[u8]>) -> Result<(), StmError> {
+        let table = match snapshot {
+            None => ProducerTable::default(),
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| StmError::new(MACHINE, format!("bad producer snapshot: {e}")))?,
+        };
+        *self.table() = table;
+        self.view().clear();
+        self.applied.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    fn propose(&self, batch: &ProposedBatch<'_>) -> Result<(), StmError> {
+        let Some(b) = producer_batch(batch.batch) else {
+            return Ok(());
+        };
+        let verdict = {
+            let table = self.table();
+            self.view().check(&table, &b)
+        };
+        if verdict == Verdict::Append {
+            self.view().proposed(&b);
+            return Ok(());
+        }
+        Err(StmError::refused(
+            MACHINE,
+            format!(
+                "producer {} epoch {} sequence {}..={}: {verdict:?}",
+                b.producer_id, b.epoch, b.first_seq, b.last_seq
+            ),
+            verdict,
+        ))
+    }
+
+    fn reset_in_flight(&self, _leader_term: Option<u64>) {
+        self.view().clear();
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

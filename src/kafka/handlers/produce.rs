@@ -15,11 +15,13 @@ use sluice_raft::{Acks, Committed, PartitionGroup, RaftError};
 use sluice_storage::batch::{self, BatchError};
 
 use crate::broker::Broker;
+use crate::clock::now_ms;
 use crate::controller::TopicConfig;
 use crate::errors::ErrorCode;
 use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
 use crate::kafka::{Answer, Handler, Response};
+use crate::partition::producers::{self, ProducerBatch, ProducerMachine, Verdict};
 
 /// v0-v2 carry message formats 0/1, which we reject, but the range starts at 0 because some
 /// librdkafka versions refuse a broker whose Produce range does not.
@@ -155,9 +157,62 @@ pub fn handle(broker: Arc<Broker>, version: i16, req: ProduceRequest) -> Handler
 enum Started {
     Answered(PartitionOutcome),
     Enqueued {
-        commits: Vec<Committed>,
+        batches: Vec<BatchWait>,
         group: Arc<PartitionGroup>,
     },
+}
+
+/// How one batch of a request gets its offsets.
+enum BatchWait {
+    /// Enqueued: from its commit.
+    Commit(Committed),
+    /// An idempotent producer's resend of a batch already in the log: its original offsets.
+    Known(i64, i64),
+    /// A resend of a batch still on its way: the original's offsets once it commits.
+    Original(ProducerBatch),
+}
+
+impl BatchWait {
+    async fn offsets(self, group: &PartitionGroup) -> Result<(i64, i64), String> {
+        match self {
+            BatchWait::Commit(c) => c.await.map_err(|e| e.to_string()),
+            BatchWait::Known(base, last) => Ok((base, last)),
+            BatchWait::Original(b) => {
+                let Some(mut applied) =
+                    group.with_machine(producers::MACHINE, |m: &ProducerMachine| m.subscribe())
+                else {
+                    return Err("the partition has no producer state".into());
+                };
+                loop {
+                    let found = group
+                        .with_machine(producers::MACHINE, |m: &ProducerMachine| {
+                            m.committed_batch(&b)
+                        })
+                        .flatten();
+                    if let Some(d) = found {
+                        return Ok((d.base_offset, d.last_offset));
+                    }
+                    // The request's timeout bounds this; a lost original never commits.
+                    if applied.changed().await.is_err() {
+                        return Err("the partition closed".into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Kafka's answer to an idempotent producer's batch the producer state refused.
+fn verdict_code(v: &Verdict) -> ErrorCode {
+    match v {
+        Verdict::OutOfOrder { .. } => ErrorCode::OutOfOrderSequenceNumber,
+        Verdict::StaleEpoch { .. } => ErrorCode::InvalidProducerEpoch,
+        Verdict::UnknownProducer => ErrorCode::UnknownProducerId,
+        // Duplicates are answered with offsets, not refused; appends are not refused at all.
+        Verdict::Append | Verdict::Duplicate(_) | Verdict::DuplicateInFlight => {
+            ErrorCode::RequestTimedOut
+        }
+    }
 }
 
 /// Validates a partition's record batches, then hands every one to the partition's Raft group
@@ -228,6 +283,20 @@ async fn enqueue_partition(
         {
             return answered(ErrorCode::CorruptMessage, e.to_string());
         }
+        // Kafka 3.6's check: a clock far ahead would also move the partition's producer-expiry
+        // clock, which runs on batch timestamps.
+        let create_time = header.attributes & 0x08 == 0;
+        let ahead = header.max_timestamp.saturating_sub(now_ms());
+        if create_time && ahead > broker.cfg.message_timestamp_after_max_ms {
+            return answered(
+                ErrorCode::InvalidTimestamp,
+                format!(
+                    "batch timestamp {} is {ahead} ms ahead of the broker's clock \
+                     (message.timestamp.after.max.ms is {})",
+                    header.max_timestamp, broker.cfg.message_timestamp_after_max_ms
+                ),
+            );
+        }
         batches.push(records.slice(pos..pos + len));
         pos += len;
     }
@@ -242,12 +311,32 @@ async fn enqueue_partition(
     // acks=1: the leader's disk is enough, as in Kafka; acks=all (and acks=0, whose outcome
     // nobody reads) wait for a majority.
     let mode = if acks == 1 { Acks::Leader } else { Acks::All };
-    let mut commits = Vec::with_capacity(batches.len());
+    let mut waits = Vec::with_capacity(batches.len());
     for b in batches {
+        let resend = producers::producer_batch(&b);
         match group.enqueue(b, mode).await {
-            Ok(c) => commits.push(c),
+            Ok(c) => waits.push(BatchWait::Commit(c)),
+            Err(RaftError::Refused(r)) if r.reason::<Verdict>().is_some() => {
+                match (r.reason::<Verdict>(), resend) {
+                    (Some(Verdict::Duplicate(d)), _) => {
+                        waits.push(BatchWait::Known(d.base_offset, d.last_offset))
+                    }
+                    (Some(Verdict::DuplicateInFlight), Some(b)) => {
+                        waits.push(BatchWait::Original(b))
+                    }
+                    (Some(v), _) if waits.is_empty() => {
+                        return answered(verdict_code(v), r.message.clone())
+                    }
+                    _ => {
+                        return answered(
+                            ErrorCode::RequestTimedOut,
+                            format!("part of the request was not enqueued: {}", r.message),
+                        )
+                    }
+                }
+            }
             // Refused before it reached the log: a definite answer, which clients may retry.
-            Err(e) if commits.is_empty() => {
+            Err(e) if waits.is_empty() => {
                 return answered(raft_error_code(&e), e.to_string());
             }
             // An earlier batch of this request is already on its way: the request as a whole
@@ -260,7 +349,10 @@ async fn enqueue_partition(
             }
         }
     }
-    Started::Enqueued { commits, group }
+    Started::Enqueued {
+        batches: waits,
+        group,
+    }
 }
 
 /// Waits for a partition's enqueued batches to commit. Once a batch has reached the Raft core
@@ -269,12 +361,12 @@ async fn enqueue_partition(
 /// a client that trusts NOT_LEADER_OR_FOLLOWER resends, and a write that did commit is then
 /// stored twice.
 async fn await_partition(started: Started, timeout: Duration) -> PartitionOutcome {
-    let (commits, group) = match started {
+    let (batches, group) = match started {
         Started::Answered(o) => return o,
-        Started::Enqueued { commits, group } => (commits, group),
+        Started::Enqueued { batches, group } => (batches, group),
     };
-    let Ok(results) = tokio::time::timeout(timeout, futures::future::join_all(commits)).await
-    else {
+    let waits = batches.into_iter().map(|b| b.offsets(&group));
+    let Ok(results) = tokio::time::timeout(timeout, futures::future::join_all(waits)).await else {
         return PartitionOutcome::err(
             ErrorCode::RequestTimedOut,
             "timed out waiting for the write to commit",
