@@ -8,7 +8,7 @@ VENV_STAMP := $(VENV)/.stamp
 # Pinned loosely: the interop tests use only long-stable confluent-kafka / pytest APIs.
 # kafka-python's codecs come from python-snappy, lz4 and zstandard (its snappy/lz4/zstd extras);
 # the compression tests use the same three to build batches by hand.
-PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=2.3,<3' python-snappy lz4 zstandard
+PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=3,<4' python-snappy lz4 zstandard
 
 
 .PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv

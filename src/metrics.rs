@@ -63,6 +63,8 @@ pub struct Metrics {
     pub retention_bytes_deleted: AtomicU64,
     /// Partition replicas whose Raft core stopped on a storage error (each failure once).
     pub storage_failures: AtomicU64,
+    /// Idempotent producers' resends answered with the original batch's offsets.
+    pub produce_duplicates: AtomicU64,
 }
 
 impl Metrics {
@@ -117,6 +119,10 @@ impl Metrics {
             (
                 "sluice_partition_storage_failures_total",
                 &self.storage_failures,
+            ),
+            (
+                "sluice_produce_duplicate_batches_total",
+                &self.produce_duplicates,
             ),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter");

@@ -25,6 +25,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/brokers", get(brokers))
         .route("/v1/topics", get(topics))
         .route("/v1/topics/{topic}", get(topic))
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/producers",
+            get(producers),
+        )
         .route("/v1/raft", get(raft))
         .route("/metrics", get(metrics))
         .route(

@@ -224,3 +224,47 @@ pub(super) async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoRespo
         out,
     )
 }
+
+/// The partition's idempotent producers, from this node's replica if it leads the partition.
+pub(super) async fn producers(
+    State(broker): State<Arc<Broker>>,
+    Path((topic, partition)): Path<(String, i32)>,
+) -> Response {
+    use crate::errors::ErrorCode;
+    match crate::partition::producers::leader_table(&broker, &topic, partition) {
+        Ok(table) => {
+            let producers: Vec<Value> = table
+                .iter()
+                .map(|(id, e)| {
+                    json!({
+                        "producer_id": id,
+                        "epoch": e.epoch,
+                        "last_sequence": e.batches.back().map(|b| b.last_seq),
+                        "last_timestamp": e.last_timestamp,
+                        "batches": e.batches.iter().map(|b| json!({
+                            "first_sequence": b.first_seq,
+                            "last_sequence": b.last_seq,
+                            "base_offset": b.base_offset,
+                            "last_offset": b.last_offset,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            Json(json!({ "topic": topic, "partition": partition, "producers": producers }))
+                .into_response()
+        }
+        Err((ErrorCode::UnknownTopicOrPartition, m)) => error(StatusCode::NOT_FOUND, m),
+        Err((_, m)) => {
+            let leader = {
+                let st = broker.state();
+                broker
+                    .partition_leader_in(&st, &topic, partition)
+                    .map(|l| l.0)
+            };
+            error(
+                StatusCode::CONFLICT,
+                format!("{m}; ask the leader (node {leader:?})"),
+            )
+        }
+    }
+}

@@ -507,6 +507,28 @@ async fn an_idempotent_resend_returns_the_original_offset_and_appends_nothing() 
     .await;
     assert_eq!(code, ErrorCode::UnknownProducerId.code());
     assert_eq!(high_watermark(&c, 0, "i"), 6);
+    // DescribeProducers shows it, as kafka-transactions.sh describe-producers does.
+    use kafka_protocol::messages::describe_producers_request::TopicRequest;
+    let req = DescribeProducersRequest::default().with_topics(vec![TopicRequest::default()
+        .with_name(name("i"))
+        .with_partition_indexes(vec![0, 9])]);
+    let v = conn.version_for(ApiKey::DescribeProducers).unwrap();
+    let r: DescribeProducersResponse = conn.call(&req, v).await.unwrap();
+    let parts = &r.topics[0].partitions;
+    let active = &parts[0].active_producers;
+    assert_eq!(active.len(), 1);
+    assert_eq!(
+        (
+            active[0].producer_id.0,
+            active[0].producer_epoch,
+            active[0].last_sequence
+        ),
+        (pid, 1, 0)
+    );
+    assert_eq!(
+        parts[1].error_code,
+        ErrorCode::UnknownTopicOrPartition.code()
+    );
 
     // After a restart the producer state comes back from the log and the snapshot.
     c.kill(0).await;

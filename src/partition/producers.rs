@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use sluice_raft::{CommittedBatch, PartitionStm, ProposedBatch, StmError};
 use tokio::sync::watch;
 
+use crate::broker::Broker;
+use crate::errors::ErrorCode;
+
 /// Kafka keeps this many batches per producer to answer duplicates.
 pub const BATCHES_KEPT: usize = 5;
 
@@ -401,6 +404,38 @@ impl PartitionStm for ProducerMachine {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+/// The committed producer table of a partition this node leads, or the error Kafka answers.
+pub fn leader_table(
+    broker: &Broker,
+    topic: &str,
+    partition: i32,
+) -> Result<ProducerTable, (ErrorCode, String)> {
+    let known = broker
+        .state()
+        .topics
+        .get(topic)
+        .is_some_and(|t| partition >= 0 && (partition as usize) < t.partitions.len());
+    if !known {
+        return Err((
+            ErrorCode::UnknownTopicOrPartition,
+            format!("no partition {partition} of topic '{topic}'"),
+        ));
+    }
+    let not_leader = || {
+        (
+            ErrorCode::NotLeaderOrFollower,
+            "this broker does not lead the partition".to_string(),
+        )
+    };
+    let group = broker.partition(topic, partition).ok_or_else(not_leader)?;
+    if !group.is_leader() {
+        return Err(not_leader());
+    }
+    group
+        .with_machine(MACHINE, |m: &ProducerMachine| m.snapshot_table())
+        .ok_or_else(not_leader)
 }
 
 #[cfg(test)]

@@ -40,8 +40,6 @@ def producer(bootstrap: str, **conf) -> Producer:
         "bootstrap.servers": bootstrap,
         "acks": "all",
         "linger.ms": 5,
-        # Idempotence needs InitProducerId, which Sluice does not serve yet; plain retries it is.
-        "enable.idempotence": False,
         "message.timeout.ms": 60_000,
         "client.id": "sluice-interop",
     }

@@ -305,9 +305,7 @@ def test_kafka_python_round_trip(cbroker, codec):
         acks="all",
         linger_ms=20,
         batch_size=64 * 1024,
-        # Idempotence needs InitProducerId, which Sluice does not serve yet (a later issue adds
-        # it); kafka-python 3.x turns it on by default, so it is off here explicitly.
-        enable_idempotence=False,
+        # kafka-python 3.x defaults: idempotence on.
         request_timeout_ms=30_000,
         max_block_ms=30_000,
     )

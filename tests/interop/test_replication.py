@@ -49,9 +49,9 @@ def create_led_topic(cluster, topic: str, partitions: int, rf: int) -> None:
 
 
 class Writer(threading.Thread):
-    """Writes unique values with acks=all until stopped; records every delivery report. Retries are
-    off, so a value is sent once: acknowledged values must each appear exactly once, at their
-    acknowledged offset."""
+    """Writes unique values with acks=all until stopped; records every delivery report. A plain
+    (non-idempotent) producer with retries off, so a value is sent once: acknowledged values must
+    each appear exactly once, at their acknowledged offset, without the broker's deduplication."""
 
     def __init__(self, bootstrap: str, topic: str, retries: int = 0):
         super().__init__(daemon=True)

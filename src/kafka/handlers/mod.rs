@@ -7,6 +7,7 @@ pub mod create_topics;
 pub mod delete_topics;
 pub mod describe_cluster;
 pub mod describe_configs;
+pub mod describe_producers;
 pub mod fetch;
 pub mod init_producer_id;
 pub mod list_offsets;
@@ -30,6 +31,11 @@ use crate::session::Session;
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, produce::MIN_VERSION, produce::MAX_VERSION),
     (ApiKey::Fetch, fetch::MIN_VERSION, fetch::MAX_VERSION),
+    (
+        ApiKey::DescribeProducers,
+        describe_producers::MIN_VERSION,
+        describe_producers::MAX_VERSION,
+    ),
     (
         ApiKey::InitProducerId,
         init_producer_id::MIN_VERSION,
@@ -156,6 +162,12 @@ pub fn dispatch(
                 Some(permit) => Response::Held(Box::new(resp), Box::new(permit)),
                 None => resp,
             })
+        }
+        .boxed(),
+        RequestKind::DescribeProducers(r) => async move {
+            Some(Response::Kind(Box::new(ResponseKind::DescribeProducers(
+                describe_producers::handle(&broker, v, r),
+            ))))
         }
         .boxed(),
         RequestKind::InitProducerId(r) => async move {

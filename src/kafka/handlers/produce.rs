@@ -317,6 +317,15 @@ async fn enqueue_partition(
         match group.enqueue(b, mode).await {
             Ok(c) => waits.push(BatchWait::Commit(c)),
             Err(RaftError::Refused(r)) if r.reason::<Verdict>().is_some() => {
+                if matches!(
+                    r.reason::<Verdict>(),
+                    Some(Verdict::Duplicate(_) | Verdict::DuplicateInFlight)
+                ) {
+                    broker
+                        .metrics
+                        .produce_duplicates
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 match (r.reason::<Verdict>(), resend) {
                     (Some(Verdict::Duplicate(d)), _) => {
                         waits.push(BatchWait::Known(d.base_offset, d.last_offset))
