@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::error;
 
 use crate::config::ServerConfig;
-use crate::controller::{Command, MetaMachine, MetaState, Reply};
+use crate::controller::{Command, MetaMachine, MetaState, PartitionId, Reply};
 use crate::metrics::Metrics;
 use crate::rpc::{self, AppRequest, AppResponse};
 
@@ -28,7 +28,7 @@ pub enum BrokerError {
 }
 
 /// A partition replica's key on this node: (topic name, partition index).
-pub type PartitionKey = (String, i32);
+pub type PartitionKey = (String, PartitionId);
 
 /// This node's partition replicas, the one map of them in the broker crate.
 #[derive(Default)]
@@ -49,7 +49,7 @@ impl PartitionRegistry {
         self.groups.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<PartitionGroup>> {
+    pub fn get(&self, topic: &str, partition: PartitionId) -> Option<Arc<PartitionGroup>> {
         self.read().get(&(topic.to_string(), partition)).cloned()
     }
 
@@ -203,7 +203,7 @@ impl Broker {
         self.meta.subscribe()
     }
 
-    pub fn partition(&self, topic: &str, partition: i32) -> Option<Arc<PartitionGroup>> {
+    pub fn partition(&self, topic: &str, partition: PartitionId) -> Option<Arc<PartitionGroup>> {
         self.partitions.get(topic, partition)
     }
 
@@ -266,8 +266,10 @@ impl Broker {
                 let st = self.state();
                 match st.topics.get(topic) {
                     None => false,
-                    Some(t) => (0..t.partitions.len())
-                        .all(|p| self.partition_leader_in(&st, topic, p as i32).is_some()),
+                    Some(t) => (0..t.partitions.len()).all(|p| {
+                        self.partition_leader_in(&st, topic, PartitionId::from_index(p))
+                            .is_some()
+                    }),
                 }
             };
             if ready {
@@ -288,7 +290,7 @@ impl Broker {
         &self,
         st: &MetaState,
         topic: &str,
-        partition: i32,
+        partition: PartitionId,
     ) -> Option<(u64, i32)> {
         // A replica stopped on a storage error knows no leader; the controller's record does.
         if let Some(g) = self
@@ -303,7 +305,7 @@ impl Broker {
                 .map(|l| (l, g.leader_epoch()));
         }
         let t = st.topics.get(topic)?;
-        let l = t.leaders.get(&(partition as u32))?;
+        let l = t.leaders.get(&partition)?;
         // A leader on a broker that left the cluster cannot serve; say so instead of misrouting.
         (st.brokers.contains_key(&l.leader) && !st.fenced.contains(&l.leader))
             .then_some((l.leader, l.epoch))

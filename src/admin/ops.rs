@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::error;
 use crate::broker::Broker;
+use crate::controller::PartitionId;
 
 #[derive(serde::Deserialize, Default)]
 pub(super) struct TransferBody {
@@ -20,7 +21,7 @@ pub(super) struct TransferBody {
 
 pub(super) async fn transfer_leadership(
     State(broker): State<Arc<Broker>>,
-    Path((topic, partition)): Path<(String, i32)>,
+    Path((topic, partition)): Path<(String, PartitionId)>,
     body: Option<Json<TransferBody>>,
 ) -> Response {
     let (replicas, gid) = {
@@ -31,11 +32,7 @@ pub(super) async fn transfer_leadership(
                 format!("topic '{topic}' does not exist"),
             );
         };
-        let Some(r) = t
-            .partitions
-            .get(partition.max(0) as usize)
-            .filter(|_| partition >= 0)
-        else {
+        let Some(r) = t.partitions.get(partition.index()) else {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("topic '{topic}' has no partition {partition}"),
@@ -106,7 +103,7 @@ pub(super) async fn transfer_leadership(
 }
 
 /// A partition and the replica set it moves to.
-type PartitionMove = (u32, Vec<u64>);
+type PartitionMove = (PartitionId, Vec<u64>);
 
 /// Per topic, the moves that take every replica off broker `id` (partitions already moving are
 /// left alone). Pure over the metadata, so it is easy to test.
@@ -133,7 +130,8 @@ pub(super) fn decommission_moves(
     for t in st.topics.values() {
         let mut moves = Vec::new();
         for (p, replicas) in t.partitions.iter().enumerate() {
-            if !replicas.contains(&id) || t.reassigning.contains_key(&(p as u32)) {
+            let p = PartitionId::from_index(p);
+            if !replicas.contains(&id) || t.reassigning.contains_key(&p) {
                 continue;
             }
             let Some((&to, _)) = load
@@ -152,7 +150,7 @@ pub(super) fn decommission_moves(
                 .iter()
                 .map(|b| if *b == id { to } else { *b })
                 .collect();
-            moves.push((p as u32, target));
+            moves.push((p, target));
         }
         plan.push((t.name.clone(), moves));
     }
@@ -168,7 +166,7 @@ pub(super) struct ReassignBody {
 /// AlterPartitionReassignments; `GET /v1/reassignments` shows the moves still in progress.
 pub(super) async fn reassign(
     State(broker): State<Arc<Broker>>,
-    Path((topic, partition)): Path<(String, u32)>,
+    Path((topic, partition)): Path<(String, PartitionId)>,
     body: Option<Json<ReassignBody>>,
 ) -> Response {
     let Some(Json(body)) = body else {
@@ -209,7 +207,7 @@ pub(super) async fn reassignments(State(broker): State<Arc<Broker>>) -> Response
                 json!({
                     "topic": t.name,
                     "partition": p,
-                    "replicas": t.partitions.get(*p as usize),
+                    "replicas": t.partitions.get(p.index()),
                     "target": target,
                 })
             })
@@ -402,7 +400,13 @@ mod tests {
         // 4 holds nothing and 5 is fenced: both moves go to 4, and 3's position is kept.
         assert_eq!(
             plan,
-            vec![("t".into(), vec![(0, vec![4, 1]), (2, vec![2, 4])])]
+            vec![(
+                "t".into(),
+                vec![
+                    (PartitionId::new(0), vec![4, 1]),
+                    (PartitionId::new(2), vec![2, 4])
+                ]
+            )]
         );
     }
 

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::error;
 use crate::broker::Broker;
+use crate::controller::PartitionId;
 
 pub(super) async fn health(State(broker): State<Arc<Broker>>) -> Response {
     let ready = broker.is_ready();
@@ -91,14 +92,15 @@ pub(super) async fn topic(State(broker): State<Arc<Broker>>, Path(name): Path<St
         .iter()
         .enumerate()
         .map(|(p, replicas)| {
-            let g = broker.partition(&name, p as i32);
+            let p = PartitionId::from_index(p);
+            let g = broker.partition(&name, p);
             // This node's replica knows best; a node without one answers from what leaders
             // reported to the controller, as Metadata does.
-            let leader = broker.partition_leader_in(&broker.state(), &name, p as i32);
+            let leader = broker.partition_leader_in(&broker.state(), &name, p);
             json!({
                 "partition": p,
                 "replicas": replicas,
-                "reassigning_to": t.reassigning.get(&(p as u32)),
+                "reassigning_to": t.reassigning.get(&p),
                 "leader": leader.map(|(l, _)| l),
                 "leader_epoch": leader.map(|(_, e)| e),
                 "in_sync_replicas": g.as_ref().map(|g| g.status().voters),
@@ -178,7 +180,7 @@ pub(super) async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoRespo
         .map(|t| (t.name.clone(), t.partitions.len()))
         .collect();
     for (t, n) in topics {
-        for p in 0..n as i32 {
+        for p in (0..n).map(PartitionId::from_index) {
             let Some(g) = broker.partition(&t, p) else {
                 continue;
             };
@@ -228,7 +230,7 @@ pub(super) async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoRespo
 /// The partition's idempotent producers, from this node's replica if it leads the partition.
 pub(super) async fn producers(
     State(broker): State<Arc<Broker>>,
-    Path((topic, partition)): Path<(String, i32)>,
+    Path((topic, partition)): Path<(String, PartitionId)>,
 ) -> Response {
     use crate::errors::ErrorCode;
     match crate::partition::producers::leader_table(&broker, &topic, partition) {

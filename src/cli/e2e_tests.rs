@@ -10,6 +10,7 @@ use kafka_protocol::messages::ApiKey;
 use super::client::Client;
 use super::records::{decode_fetched, partition_for_key};
 use super::*;
+use crate::controller::PartitionId;
 use crate::testkit::TestCluster;
 
 /// Versions an older client speaks: pre-flexible Produce/Fetch/Metadata and friends.
@@ -120,7 +121,7 @@ async fn create(c: &TestCluster, name: &str, partitions: i32, rf: i16, configs: 
 async fn values(c: &TestCluster, node: usize, topic: &str, p: i32) -> Vec<(Option<Bytes>, Bytes)> {
     let g = c
         .broker(node)
-        .partition(topic, p)
+        .partition(topic, PartitionId::from_wire(p).unwrap())
         .expect("partition hosted");
     let hw = g.high_watermark();
     let mut next = g.log_start_offset();
@@ -460,11 +461,16 @@ async fn stale_leaders_are_retried_and_a_lost_majority_is_reported() {
     let (leader, _) = {
         let b = c.broker(0);
         let st = b.state();
-        b.partition_leader_in(&st, "r", 0).expect("a leader")
+        b.partition_leader_in(&st, "r", PartitionId::ZERO)
+            .expect("a leader")
     };
     let old = c.broker(leader as usize - 1).clone();
     let target = (1..=3u64).find(|n| *n != leader).unwrap();
-    let gid = old.partition("r", 0).unwrap().group_id().to_string();
+    let gid = old
+        .partition("r", PartitionId::ZERO)
+        .unwrap()
+        .group_id()
+        .to_string();
     old.transfer_partition_leadership(&gid, target)
         .await
         .unwrap();

@@ -4,15 +4,17 @@
 //! `partition`, and reach this state through `broker::Broker`.
 
 mod machine;
+mod partition_id;
 mod state;
 pub mod topic_config;
 
 pub use machine::MetaMachine;
+pub use partition_id::PartitionId;
 pub use state::*;
 pub use topic_config::TopicConfig;
 
 /// The Raft group id of one partition: `p/{topic id}/{partition}`. The topic id (not the name)
 /// keeps a re-created topic from meeting the old one's group.
-pub fn group_id(topic: &TopicMeta, partition: i32) -> String {
+pub fn group_id(topic: &TopicMeta, partition: PartitionId) -> String {
     format!("p/{}/{}", topic.id_hex(), partition)
 }

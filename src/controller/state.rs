@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::PartitionId;
 use crate::errors::ErrorCode;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,12 +33,12 @@ pub struct TopicMeta {
     /// elect their own leaders; they report here so every node can route clients, including
     /// nodes that hold no replica of the partition.
     #[serde(default)]
-    pub leaders: BTreeMap<u32, LeaderInfo>,
+    pub leaders: BTreeMap<PartitionId, LeaderInfo>,
     /// partition index -> the replica set it is moving to (reassignment in progress). The
     /// partition's leader adds the new replicas to its Raft group, waits until they have caught
     /// up, changes the voters, and then records the move as done.
     #[serde(default)]
-    pub reassigning: BTreeMap<u32, Vec<u64>>,
+    pub reassigning: BTreeMap<PartitionId, Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,7 +52,7 @@ pub struct LeaderInfo {
 pub struct LeaderUpdate {
     pub topic: String,
     pub topic_id: [u8; 16],
-    pub partition: u32,
+    pub partition: PartitionId,
     pub leader: u64,
     pub epoch: i32,
 }
@@ -102,7 +103,7 @@ pub enum Command {
     /// Start moving partitions of a topic to new replica sets (preferred leader first).
     ReassignPartitions {
         topic: String,
-        moves: Vec<(u32, Vec<u64>)>,
+        moves: Vec<(PartitionId, Vec<u64>)>,
     },
     /// Hands `count` producer ids to a broker for its InitProducerId answers. Ids come from one
     /// replicated counter, so no id is ever given out twice, whichever node is controller.
@@ -114,7 +115,7 @@ pub enum Command {
     CompleteReassignment {
         topic: String,
         topic_id: [u8; 16],
-        partition: u32,
+        partition: PartitionId,
         replicas: Vec<u64>,
     },
 }
@@ -195,13 +196,16 @@ impl MetaState {
     }
 
     /// Every partition with a replica on `node`: (topic, partition index, replicas).
-    pub fn partitions_on(&self, node: u64) -> impl Iterator<Item = (&TopicMeta, usize, &Vec<u64>)> {
+    pub fn partitions_on(
+        &self,
+        node: u64,
+    ) -> impl Iterator<Item = (&TopicMeta, PartitionId, &Vec<u64>)> {
         self.topics.values().flat_map(move |t| {
             t.partitions
                 .iter()
                 .enumerate()
                 .filter(move |(_, r)| r.contains(&node))
-                .map(move |(p, r)| (t, p, r))
+                .map(move |(p, r)| (t, PartitionId::from_index(p), r))
         })
     }
 
@@ -302,7 +306,7 @@ impl MetaState {
                     };
                     // A report about an older incarnation of the topic, or a partition that
                     // does not exist, or a leader from an older term than we know, is stale.
-                    if t.id != u.topic_id || u.partition as usize >= t.partitions.len() {
+                    if t.id != u.topic_id || u.partition.index() >= t.partitions.len() {
                         continue;
                     }
                     let newer = t
@@ -331,7 +335,7 @@ impl MetaState {
                 };
                 // All or nothing: validate every move first.
                 for (p, replicas) in moves {
-                    if *p as usize >= t.partitions.len() {
+                    if p.index() >= t.partitions.len() {
                         return Reply::err(
                             ErrorCode::UnknownTopicOrPartition,
                             format!("topic '{topic}' has no partition {p}"),
@@ -355,7 +359,7 @@ impl MetaState {
                     return Reply::Ok;
                 };
                 for (p, replicas) in moves {
-                    if t.partitions.get(*p as usize) == Some(replicas) {
+                    if t.partitions.get(p.index()) == Some(replicas) {
                         t.reassigning.remove(p);
                     } else {
                         t.reassigning.insert(*p, replicas.clone());
@@ -385,7 +389,7 @@ impl MetaState {
                     );
                 }
                 t.reassigning.remove(partition);
-                if let Some(r) = t.partitions.get_mut(*partition as usize) {
+                if let Some(r) = t.partitions.get_mut(partition.index()) {
                     *r = replicas.clone();
                 }
                 Reply::Ok
@@ -395,15 +399,14 @@ impl MetaState {
 
     /// Partitions with `node` among their reassignment targets but not (yet) their replicas: the
     /// node opens them as a joining replica.
-    pub fn joining_on(&self, node: u64) -> impl Iterator<Item = (&TopicMeta, usize, &Vec<u64>)> {
+    pub fn joining_on(
+        &self,
+        node: u64,
+    ) -> impl Iterator<Item = (&TopicMeta, PartitionId, &Vec<u64>)> {
         self.topics.values().flat_map(move |t| {
             t.reassigning.iter().filter_map(move |(p, target)| {
-                let current = t.partitions.get(*p as usize)?;
-                (target.contains(&node) && !current.contains(&node)).then_some((
-                    t,
-                    *p as usize,
-                    target,
-                ))
+                let current = t.partitions.get(p.index())?;
+                (target.contains(&node) && !current.contains(&node)).then_some((t, *p, target))
             })
         })
     }
@@ -464,7 +467,10 @@ mod tests {
         });
         let reassign = |moves: Vec<(u32, Vec<u64>)>| Command::ReassignPartitions {
             topic: "t".into(),
-            moves,
+            moves: moves
+                .into_iter()
+                .map(|(p, r)| (PartitionId::new(p), r))
+                .collect(),
         };
         for bad in [
             vec![(5, vec![1])],
@@ -488,7 +494,7 @@ mod tests {
         let done = |replicas: Vec<u64>| Command::CompleteReassignment {
             topic: "t".into(),
             topic_id: [1; 16],
-            partition: 1,
+            partition: PartitionId::new(1),
             replicas,
         };
         assert!(
@@ -572,7 +578,7 @@ mod tests {
             updates: vec![LeaderUpdate {
                 topic: "t".into(),
                 topic_id: id,
-                partition: 1,
+                partition: PartitionId::new(1),
                 leader,
                 epoch,
             }],
@@ -581,14 +587,14 @@ mod tests {
         s.apply(&up(3, 4, [1; 16])); // older term: ignored
         s.apply(&up(3, 6, [9; 16])); // other incarnation of the topic: ignored
         assert_eq!(
-            s.topics["t"].leaders[&1],
+            s.topics["t"].leaders[&PartitionId::new(1)],
             LeaderInfo {
                 leader: 2,
                 epoch: 5
             }
         );
         s.apply(&up(3, 6, [1; 16]));
-        assert_eq!(s.topics["t"].leaders[&1].leader, 3);
+        assert_eq!(s.topics["t"].leaders[&PartitionId::new(1)].leader, 3);
     }
 
     #[test]

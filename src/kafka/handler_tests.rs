@@ -24,6 +24,7 @@ use kafka_protocol::records::Compression;
 
 use crate::cli::conn::BrokerConn;
 use crate::cli::records::{decode_fetched, encode_batch, Message};
+use crate::controller::PartitionId;
 use crate::errors::ErrorCode;
 use crate::testkit::TestCluster;
 
@@ -220,7 +221,9 @@ async fn offset_for_leader_epoch_answers_the_log_end_for_the_current_epoch() {
     let epoch = {
         let b = c.broker(0);
         let st = b.state();
-        b.partition_leader_in(&st, "e", 0).unwrap().1
+        b.partition_leader_in(&st, "e", PartitionId::ZERO)
+            .unwrap()
+            .1
     };
     let req = |leader_epoch: i32| {
         OffsetForLeaderEpochRequest::default()
@@ -467,7 +470,10 @@ async fn producer_id(conn: &mut BrokerConn) -> i64 {
 }
 
 fn high_watermark(c: &TestCluster, node: usize, topic: &str) -> i64 {
-    c.broker(node).partition(topic, 0).unwrap().high_watermark()
+    c.broker(node)
+        .partition(topic, PartitionId::ZERO)
+        .unwrap()
+        .high_watermark()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,7 +579,9 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
     let leader_conn = |c: &TestCluster| {
         let b = c.broker(0);
         let st = b.state();
-        let (leader, _) = b.partition_leader_in(&st, "l", 0).expect("a leader");
+        let (leader, _) = b
+            .partition_leader_in(&st, "l", PartitionId::ZERO)
+            .expect("a leader");
         c.kafka_addr(leader as usize - 1)
     };
     let mut lc = BrokerConn::connect(&leader_conn(&c)).await.unwrap();
@@ -585,11 +593,15 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
     let (leader, _) = {
         let b = c.broker(0);
         let st = b.state();
-        b.partition_leader_in(&st, "l", 0).unwrap()
+        b.partition_leader_in(&st, "l", PartitionId::ZERO).unwrap()
     };
     let old = c.broker(leader as usize - 1);
     let target = (1..=3u64).find(|n| *n != leader).unwrap();
-    let gid = old.partition("l", 0).unwrap().group_id().to_string();
+    let gid = old
+        .partition("l", PartitionId::ZERO)
+        .unwrap()
+        .group_id()
+        .to_string();
     old.transfer_partition_leadership(&gid, target)
         .await
         .unwrap();
@@ -610,7 +622,7 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
     );
     let hw = c
         .broker(target as usize - 1)
-        .partition("l", 0)
+        .partition("l", PartitionId::ZERO)
         .unwrap()
         .high_watermark();
     assert_eq!(hw, 5);

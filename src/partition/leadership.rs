@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_raft::PartitionGroup;
 use tracing::info;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, PartitionKey};
 use crate::controller::{Command, LeaderUpdate};
 use crate::rpc::{self, AppRequest};
 
@@ -27,14 +27,14 @@ pub async fn leader_report_loop(broker: Arc<Broker>) {
                 .filter_map(|((topic, p), g)| {
                     let t = st.topics.get(topic)?;
                     let epoch = g.leader_epoch();
-                    let recorded = t.leaders.get(&(*p as u32));
+                    let recorded = t.leaders.get(p);
                     if recorded.is_some_and(|l| l.epoch >= epoch) {
                         return None;
                     }
                     Some(LeaderUpdate {
                         topic: topic.clone(),
                         topic_id: t.id,
-                        partition: *p as u32,
+                        partition: *p,
                         leader: broker.node_id(),
                         epoch,
                     })
@@ -117,18 +117,18 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
     // Several at a time: after a broker returns, a third of a large cluster's partitions may want
     // their leader back, and one per round would take many minutes.
     const TRANSFERS_PER_ROUND: usize = 32;
-    let mut misplaced_since: std::collections::HashMap<(String, i32), std::time::Instant> =
+    let mut misplaced_since: std::collections::HashMap<PartitionKey, std::time::Instant> =
         Default::default();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let me = broker.node_id();
-        let candidates: Vec<((String, i32), Arc<PartitionGroup>, u64)> = {
+        let candidates: Vec<(PartitionKey, Arc<PartitionGroup>, u64)> = {
             let st = broker.state();
             let parts = broker.partitions.all();
             parts
                 .iter()
                 .filter_map(|((t, p), g)| {
-                    let replicas = st.topics.get(t)?.partitions.get(*p as usize)?;
+                    let replicas = st.topics.get(t)?.partitions.get(p.index())?;
                     let preferred = *replicas.first()?;
                     // Only when every replica is live: moving leadership during a fault costs
                     // availability for nothing.
@@ -138,7 +138,7 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
                 })
                 .collect()
         };
-        let keys: BTreeSet<(String, i32)> = candidates.iter().map(|(k, _, _)| k.clone()).collect();
+        let keys: BTreeSet<PartitionKey> = candidates.iter().map(|(k, _, _)| k.clone()).collect();
         misplaced_since.retain(|k, _| keys.contains(k));
         let mut transfers = tokio::task::JoinSet::new();
         for (key, group, preferred) in candidates {
@@ -150,7 +150,7 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
             if since.elapsed() < SETTLE || !group.caught_up(preferred) {
                 continue;
             }
-            info!(topic = %key.0, partition = key.1, to = preferred, "handing leadership back to the preferred replica");
+            info!(topic = %key.0, partition = %key.1, to = preferred, "handing leadership back to the preferred replica");
             misplaced_since.remove(&key);
             let broker = broker.clone();
             transfers.spawn(async move {

@@ -10,7 +10,7 @@ use sluice_storage::log::LogConfig;
 use tracing::{error, info};
 
 use crate::broker::{Broker, BrokerError, PartitionKey};
-use crate::controller::{group_id, TopicConfig};
+use crate::controller::{group_id, PartitionId, TopicConfig};
 
 /// The partition manager: converge the local set of partition groups to the replicated desired
 /// state. Runs on every metadata change; also on start, which is how a restarted broker reopens its
@@ -61,10 +61,10 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
     let me = broker.node_id();
     // Only what opening needs, not the TopicMeta: cloning a topic's whole assignment for each of
     // its partitions made every reconcile quadratic in the partition count.
-    let desired: BTreeMap<(String, i32), Wanted> = {
+    let desired: BTreeMap<PartitionKey, Wanted> = {
         let st = broker.state();
         let mut topic_bits: HashMap<&str, (String, u64)> = HashMap::new();
-        let joining: BTreeSet<(&str, usize)> = st
+        let joining: BTreeSet<(&str, PartitionId)> = st
             .joining_on(me)
             .map(|(t, p, _)| (t.name.as_str(), p))
             .collect();
@@ -77,7 +77,6 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
                         let cfg = TopicConfig::resolve(Some(&t.configs), &broker.cfg);
                         (t.id_hex(), cfg.segment_bytes)
                     });
-                let p = p as i32;
                 (
                     (t.name.clone(), p),
                     Wanted {
@@ -112,7 +111,7 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
         if !keep {
             let removed = broker.partitions.remove(&key);
             if let Some(g) = removed {
-                info!(topic = %key.0, partition = key.1, "closing partition (topic deleted)");
+                info!(topic = %key.0, partition = %key.1, "closing partition (topic deleted)");
                 broker.raft.close_partition(&g.status().group, true).await?;
             }
         }
@@ -162,7 +161,7 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
         let group = match opened {
             Ok(g) => g,
             Err(e) => {
-                error!(%topic, partition = p, error = %e, "cannot open partition");
+                error!(%topic, partition = %p, error = %e, "cannot open partition");
                 failures += 1;
                 continue;
             }
@@ -182,7 +181,12 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
 /// Where a partition's files live: `partitions/{topic}-{partition}.{topic id}`. With the topic
 /// id in the name, a re-created topic gets a new directory and can never meet files a deleted
 /// topic of the same name left behind (say, by a crash halfway through removing them).
-pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32, topic_id_hex: &str) -> PathBuf {
+pub fn partition_dir(
+    data_dir: &Path,
+    topic: &str,
+    partition: PartitionId,
+    topic_id_hex: &str,
+) -> PathBuf {
     data_dir
         .join("partitions")
         .join(partition_dir_name(topic, partition, topic_id_hex))
@@ -193,7 +197,7 @@ const NAME_MAX: usize = 255;
 
 /// `{topic}-{partition}.{topic id}`, with the topic name shortened if the whole would not fit a
 /// file name (Kafka allows 249-character names; the partition and id keep names unique).
-fn partition_dir_name(topic: &str, partition: i32, topic_id_hex: &str) -> String {
+fn partition_dir_name(topic: &str, partition: PartitionId, topic_id_hex: &str) -> String {
     let suffix = format!("-{partition}.{topic_id_hex}");
     let room = NAME_MAX.saturating_sub(suffix.len());
     let cut = topic
@@ -211,7 +215,7 @@ fn partition_dir_name(topic: &str, partition: i32, topic_id_hex: &str) -> String
 fn adopt_unversioned_dir(
     dir: &Path,
     topic: &str,
-    partition: i32,
+    partition: PartitionId,
     id_hex: &str,
 ) -> std::io::Result<()> {
     let Some(root) = dir.parent() else {
@@ -255,12 +259,17 @@ fn cleanup_orphan_dirs(broker: &Broker) {
 mod tests {
     use super::*;
 
+    const P0: PartitionId = PartitionId::ZERO;
+
     #[test]
     fn partition_dir_names_carry_the_topic_id_and_fit_a_file_name() {
-        assert_eq!(partition_dir_name("orders", 3, "ab12"), "orders-3.ab12");
+        assert_eq!(
+            partition_dir_name("orders", PartitionId::from_index(3), "ab12"),
+            "orders-3.ab12"
+        );
         let id = "0123456789abcdef0123456789abcdef";
         let long = "t".repeat(249);
-        let name = partition_dir_name(&long, 1_000_000, id);
+        let name = partition_dir_name(&long, PartitionId::from_index(1_000_000), id);
         assert_eq!(name.len(), NAME_MAX);
         assert!(name.ends_with(&format!("-1000000.{id}")));
     }
@@ -273,12 +282,12 @@ mod tests {
         std::fs::write(old.join("topic_id"), "aaaa").unwrap();
         std::fs::write(old.join("00000000000000000000.log"), b"data").unwrap();
         // Another topic of the same name (a new id) does not take it.
-        let other = root.path().join(partition_dir_name("t", 0, "bbbb"));
-        adopt_unversioned_dir(&other, "t", 0, "bbbb").unwrap();
+        let other = root.path().join(partition_dir_name("t", P0, "bbbb"));
+        adopt_unversioned_dir(&other, "t", P0, "bbbb").unwrap();
         assert!(old.exists() && !other.exists());
         // Its own topic does, with its files.
-        let mine = root.path().join(partition_dir_name("t", 0, "aaaa"));
-        adopt_unversioned_dir(&mine, "t", 0, "aaaa").unwrap();
+        let mine = root.path().join(partition_dir_name("t", P0, "aaaa"));
+        adopt_unversioned_dir(&mine, "t", P0, "aaaa").unwrap();
         assert!(!old.exists());
         assert_eq!(
             std::fs::read(mine.join("00000000000000000000.log")).unwrap(),

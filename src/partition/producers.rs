@@ -17,6 +17,7 @@ use sluice_raft::{CommittedBatch, PartitionStm, ProposedBatch, StmError};
 use tokio::sync::watch;
 
 use crate::broker::Broker;
+use crate::controller::PartitionId;
 use crate::errors::ErrorCode;
 
 /// Kafka keeps this many batches per producer to answer duplicates.
@@ -410,13 +411,13 @@ impl PartitionStm for ProducerMachine {
 pub fn leader_table(
     broker: &Broker,
     topic: &str,
-    partition: i32,
+    partition: PartitionId,
 ) -> Result<ProducerTable, (ErrorCode, String)> {
     let known = broker
         .state()
         .topics
         .get(topic)
-        .is_some_and(|t| partition >= 0 && (partition as usize) < t.partitions.len());
+        .is_some_and(|t| partition.index() < t.partitions.len());
     if !known {
         return Err((
             ErrorCode::UnknownTopicOrPartition,

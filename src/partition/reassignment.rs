@@ -8,7 +8,7 @@ use sluice_raft::PartitionGroup;
 use tracing::{info, warn};
 
 use crate::broker::{Broker, BrokerError};
-use crate::controller::{Command, Reply};
+use crate::controller::{Command, PartitionId, Reply};
 
 /// Carries out reassignments on the partitions this broker leads: new replicas join the group as
 /// learners and catch up, then the voters change (a joint change) to exactly the target, and the
@@ -16,7 +16,7 @@ use crate::controller::{Command, Reply};
 /// leadership to the target's first replica, whose loop finishes the job. Every step is idempotent,
 /// so a restart or a leader change mid-move just resumes it.
 /// (topic, topic id, partition, target replicas, the local group).
-type PendingMove = (String, [u8; 16], u32, Vec<u64>, Arc<PartitionGroup>);
+type PendingMove = (String, [u8; 16], PartitionId, Vec<u64>, Arc<PartitionGroup>);
 
 pub async fn reassignment_loop(broker: Arc<Broker>) {
     let in_flight: Arc<std::sync::Mutex<BTreeSet<String>>> = Default::default();
@@ -33,7 +33,7 @@ pub async fn reassignment_loop(broker: Arc<Broker>) {
                         .map(move |(p, target)| (t, *p, target.clone()))
                 })
                 .filter_map(|(t, p, target)| {
-                    let g = broker.partition(&t.name, p as i32)?;
+                    let g = broker.partition(&t.name, p)?;
                     g.is_leader().then(|| (t.name.clone(), t.id, p, target, g))
                 })
                 .collect()
@@ -51,7 +51,7 @@ pub async fn reassignment_loop(broker: Arc<Broker>) {
                 let res =
                     move_replicas(&broker, &group, me, &topic, topic_id, partition, &target).await;
                 if let Err(e) = res {
-                    warn!(%topic, partition, ?target, error = %e, "reassignment step failed; will retry");
+                    warn!(%topic, %partition, ?target, error = %e, "reassignment step failed; will retry");
                 }
                 if let Ok(mut f) = in_flight.lock() {
                     f.remove(&gid);
@@ -67,23 +67,23 @@ async fn move_replicas(
     me: u64,
     topic: &str,
     topic_id: [u8; 16],
-    partition: u32,
+    partition: PartitionId,
     target: &[u64],
 ) -> Result<(), BrokerError> {
     let target_set: BTreeSet<u64> = target.iter().copied().collect();
     let voters = group.voters();
     if voters != target_set {
         if target_set.contains(&me) {
-            info!(%topic, partition, from = ?voters, to = ?target, "changing the replica set");
+            info!(%topic, %partition, from = ?voters, to = ?target, "changing the replica set");
             group.change_voters(target_set.clone()).await?;
         } else {
             let union: BTreeSet<u64> = voters.union(&target_set).copied().collect();
             if voters != union {
-                info!(%topic, partition, from = ?voters, to = ?union, "adding the new replicas before leaving");
+                info!(%topic, %partition, from = ?voters, to = ?union, "adding the new replicas before leaving");
                 group.change_voters(union).await?;
             }
             let successor = target[0];
-            info!(%topic, partition, to = successor, "handing leadership to the new replica set");
+            info!(%topic, %partition, to = successor, "handing leadership to the new replica set");
             broker
                 .transfer_partition_leadership(group.group_id(), successor)
                 .await?;
@@ -101,7 +101,7 @@ async fn move_replicas(
         .await?;
     match reply {
         Reply::Ok | Reply::ProducerIds { .. } => {
-            info!(%topic, partition, replicas = ?target, "reassignment complete");
+            info!(%topic, %partition, replicas = ?target, "reassignment complete");
             Ok(())
         }
         Reply::Err { message, .. } => Err(BrokerError::Other(message)),

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::controller::TopicConfig;
+use crate::controller::{PartitionId, TopicConfig};
 
 pub async fn retention_loop(broker: Arc<Broker>) {
     let period = Duration::from_millis(broker.cfg.log_retention_check_interval_ms.max(1));
@@ -48,7 +48,7 @@ pub async fn run_once(broker: &Broker) {
 async fn apply(
     broker: &Broker,
     topic: &str,
-    partition: i32,
+    partition: PartitionId,
     group: &PartitionGroup,
     retention_ms: i64,
     retention_bytes: i64,
@@ -69,7 +69,7 @@ async fn apply(
                 .fetch_add(out.bytes_deleted, Ordering::Relaxed);
             info!(
                 topic,
-                partition,
+                %partition,
                 log_start_offset = out.log_start_offset,
                 segments_deleted = out.segments_deleted,
                 bytes_deleted = out.bytes_deleted,
@@ -80,12 +80,12 @@ async fn apply(
         }
         Err(RaftError::Timeout) => info!(
             topic,
-            partition,
+            %partition,
             "retention purge is pending: a replication stream still reads those entries; \
              it completes by itself once that is done"
         ),
         // The group closed under us (topic deleted, broker stopping): nothing to clean.
-        Err(RaftError::Shutdown) => debug!(topic, partition, "retention skipped: group stopped"),
-        Err(e) => warn!(topic, partition, error = %e, "retention failed; retrying next interval"),
+        Err(RaftError::Shutdown) => debug!(topic, %partition, "retention skipped: group stopped"),
+        Err(e) => warn!(topic, %partition, error = %e, "retention failed; retrying next interval"),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sluice_raft::PartitionGroup;
 use tracing::{error, info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, PartitionKey};
 
 /// How often local replicas are checked for a Raft core stopped on a storage error.
 const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -23,21 +23,21 @@ pub const STORAGE_FENCE_AFTER: Duration = Duration::from_secs(30);
 /// nothing and other replicas lead. A broker that cannot reopen a replica for
 /// [`STORAGE_FENCE_AFTER`] (a full or broken disk) fences itself until it can.
 pub async fn storage_loop(broker: Arc<Broker>) {
-    let mut failing_since: HashMap<(String, i32), std::time::Instant> = HashMap::new();
-    let mut tried_at: HashMap<(String, i32), std::time::Instant> = HashMap::new();
+    let mut failing_since: HashMap<PartitionKey, std::time::Instant> = HashMap::new();
+    let mut tried_at: HashMap<PartitionKey, std::time::Instant> = HashMap::new();
     loop {
         tokio::time::sleep(STORAGE_CHECK_EVERY).await;
-        let groups: Vec<((String, i32), Arc<PartitionGroup>)> = broker.partitions.all();
+        let groups: Vec<(PartitionKey, Arc<PartitionGroup>)> = broker.partitions.all();
         let now = std::time::Instant::now();
         for (key, group) in groups {
             let Some(reason) = group.failure() else {
                 if failing_since.remove(&key).is_some() {
-                    info!(topic = %key.0, partition = key.1, "partition replica serves again");
+                    info!(topic = %key.0, partition = %key.1, "partition replica serves again");
                 }
                 continue;
             };
             failing_since.entry(key.clone()).or_insert_with(|| {
-                error!(topic = %key.0, partition = key.1, %reason, "partition replica stopped on a storage error; reopening it from disk");
+                error!(topic = %key.0, partition = %key.1, %reason, "partition replica stopped on a storage error; reopening it from disk");
                 broker.metrics
                     .storage_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -56,7 +56,7 @@ pub async fn storage_loop(broker: Arc<Broker>) {
                     broker.partitions.insert(key.clone(), reopened);
                 }
                 Err(e) => {
-                    warn!(topic = %key.0, partition = key.1, error = %e, "cannot reopen the partition replica yet");
+                    warn!(topic = %key.0, partition = %key.1, error = %e, "cannot reopen the partition replica yet");
                 }
             }
         }

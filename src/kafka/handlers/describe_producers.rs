@@ -9,6 +9,8 @@ use kafka_protocol::messages::{DescribeProducersRequest, DescribeProducersRespon
 use kafka_protocol::protocol::StrBytes;
 
 use crate::broker::Broker;
+use crate::controller::PartitionId;
+use crate::errors::ErrorCode;
 use crate::partition::producers::leader_table;
 
 pub const MIN_VERSION: i16 = 0;
@@ -29,7 +31,14 @@ pub fn handle(
                 .into_iter()
                 .map(|p| {
                     let r = PartitionResponse::default().with_partition_index(p);
-                    match leader_table(broker, &name, p) {
+                    let table = match PartitionId::from_wire(p) {
+                        Some(pid) => leader_table(broker, &name, pid),
+                        None => Err((
+                            ErrorCode::UnknownTopicOrPartition,
+                            format!("no partition {p}"),
+                        )),
+                    };
+                    match table {
                         Err((code, msg)) => r
                             .with_error_code(code.code())
                             .with_error_message(Some(StrBytes::from_string(msg))),

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::produce::raft_error_code;
 use crate::broker::Broker;
+use crate::controller::{PartitionId, TopicConfig};
 use crate::errors::ErrorCode;
 
 pub const MIN_VERSION: i16 = 4;
@@ -231,18 +232,19 @@ async fn fetch_partition(
     budget: &mut Budget,
 ) -> (PartitionData, Option<PartitionChanges>) {
     let topic = w.topic.0.as_str();
-    let max_batch = {
+    let (pid, max_batch) = {
         let st = broker.state();
-        match st.topics.get(topic) {
-            Some(t) if w.partition >= 0 && (w.partition as usize) < t.partitions.len() => t
-                .configs
-                .get("max.message.bytes")
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(broker.cfg.message_max_bytes.max(0) as usize),
-            _ => return (error(w.partition, ErrorCode::UnknownTopicOrPartition), None),
+        let known = st.topics.get(topic).and_then(|t| {
+            PartitionId::from_wire(w.partition)
+                .filter(|p| p.index() < t.partitions.len())
+                .map(|p| (p, TopicConfig::resolve(Some(&t.configs), &broker.cfg)))
+        });
+        match known {
+            Some((p, cfg)) => (p, cfg.max_message_bytes),
+            None => return (error(w.partition, ErrorCode::UnknownTopicOrPartition), None),
         }
     };
-    let Some(group) = broker.partition(topic, w.partition) else {
+    let Some(group) = broker.partition(topic, pid) else {
         return (error(w.partition, ErrorCode::NotLeaderOrFollower), None);
     };
     if !group.is_leader() {

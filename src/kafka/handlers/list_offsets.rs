@@ -9,6 +9,7 @@ use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use super::produce::raft_error_code;
 use crate::broker::Broker;
+use crate::controller::PartitionId;
 use crate::errors::ErrorCode;
 use crate::kafka::wire::{Reader, Writer};
 
@@ -27,16 +28,14 @@ async fn lookup(
     ts: i64,
     leader_epoch: i32,
 ) -> (ErrorCode, i64, i64, i32) {
-    let known = broker
-        .state()
-        .topics
-        .get(topic)
-        .map(|t| partition >= 0 && (partition as usize) < t.partitions.len())
-        .unwrap_or(false);
-    if !known {
+    let known =
+        broker.state().topics.get(topic).and_then(|t| {
+            PartitionId::from_wire(partition).filter(|p| p.index() < t.partitions.len())
+        });
+    let Some(pid) = known else {
         return (ErrorCode::UnknownTopicOrPartition, -1, -1, -1);
-    }
-    let Some(g) = broker.partition(topic, partition) else {
+    };
+    let Some(g) = broker.partition(topic, pid) else {
         return (ErrorCode::NotLeaderOrFollower, -1, -1, -1);
     };
     if !g.is_leader() {

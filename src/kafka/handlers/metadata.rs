@@ -10,6 +10,7 @@ use kafka_protocol::protocol::StrBytes;
 use super::{create_topics, split_host_port};
 use crate::broker::Broker;
 use crate::controller::validate_topic_name;
+use crate::controller::PartitionId;
 use crate::errors::ErrorCode;
 
 pub const MIN_VERSION: i16 = 0;
@@ -98,7 +99,7 @@ pub async fn handle(broker: &Broker, version: i16, req: MetadataRequest) -> Meta
                     let replica_ids: Vec<BrokerId> =
                         replicas.iter().map(|r| BrokerId(*r as i32)).collect();
                     let (leader, epoch, isr) =
-                        match broker.partition_leader_in(&st, &name, p as i32) {
+                        match broker.partition_leader_in(&st, &name, PartitionId::from_index(p)) {
                             // Replicas on fenced brokers are certainly not in sync.
                             Some((l, e)) => (
                                 l as i32,

@@ -9,6 +9,7 @@ use kafka_protocol::messages::{OffsetForLeaderEpochRequest, OffsetForLeaderEpoch
 
 use super::produce::raft_error_code;
 use crate::broker::Broker;
+use crate::controller::PartitionId;
 use crate::errors::ErrorCode;
 
 pub const MIN_VERSION: i16 = 2;
@@ -60,18 +61,15 @@ pub async fn handle(
                     .with_end_offset(-1)
                     .with_leader_epoch(-1)
             };
-            let known = broker
-                .state()
-                .topics
-                .get(t.topic.0.as_str())
-                .map(|m| p.partition >= 0 && (p.partition as usize) < m.partitions.len())
-                .unwrap_or(false);
-            if !known {
+            let known = broker.state().topics.get(t.topic.0.as_str()).and_then(|m| {
+                PartitionId::from_wire(p.partition).filter(|p| p.index() < m.partitions.len())
+            });
+            let Some(pid) = known else {
                 parts.push(err(ErrorCode::UnknownTopicOrPartition));
                 continue;
-            }
+            };
             let Some(g) = broker
-                .partition(t.topic.0.as_str(), p.partition)
+                .partition(t.topic.0.as_str(), pid)
                 .filter(|g| g.is_leader())
             else {
                 parts.push(err(ErrorCode::NotLeaderOrFollower));

@@ -16,7 +16,7 @@ use sluice_storage::batch::{self, BatchError};
 
 use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::controller::TopicConfig;
+use crate::controller::{PartitionId, TopicConfig};
 use crate::errors::ErrorCode;
 use crate::kafka::records as record_walk;
 use crate::kafka::wire::{Reader, Writer};
@@ -226,7 +226,7 @@ async fn enqueue_partition(
     acks: i16,
 ) -> Started {
     let answered = |e: ErrorCode, m: String| Started::Answered(PartitionOutcome::err(e, m));
-    let max_message_bytes = {
+    let (pid, max_message_bytes) = {
         let st = broker.state();
         let Some(t) = st.topics.get(topic) else {
             return answered(
@@ -234,15 +234,20 @@ async fn enqueue_partition(
                 format!("topic '{topic}' does not exist"),
             );
         };
-        if partition < 0 || partition as usize >= t.partitions.len() {
+        let Some(pid) =
+            PartitionId::from_wire(partition).filter(|p| p.index() < t.partitions.len())
+        else {
             return answered(
                 ErrorCode::UnknownTopicOrPartition,
                 format!("topic '{topic}' has no partition {partition}"),
             );
-        }
-        TopicConfig::resolve(Some(&t.configs), &broker.cfg).max_message_bytes
+        };
+        (
+            pid,
+            TopicConfig::resolve(Some(&t.configs), &broker.cfg).max_message_bytes,
+        )
     };
-    let Some(group) = broker.partition(topic, partition) else {
+    let Some(group) = broker.partition(topic, pid) else {
         return answered(
             ErrorCode::NotLeaderOrFollower,
             "this broker does not host the partition".into(),

@@ -18,7 +18,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::create_topics::code_from;
 use crate::broker::Broker;
-use crate::controller::{Command, Reply};
+use crate::controller::{Command, PartitionId, Reply};
 use crate::errors::ErrorCode;
 
 pub const ALTER_MIN_VERSION: i16 = 0;
@@ -42,7 +42,7 @@ async fn alter_one(
                 .into(),
         ));
     };
-    let partition = u32::try_from(partition).map_err(|_| {
+    let partition = PartitionId::from_wire(partition).ok_or_else(|| {
         (
             ErrorCode::UnknownTopicOrPartition,
             format!("no partition {partition}"),
@@ -63,7 +63,7 @@ async fn alter_one(
         let current = st
             .topics
             .get(topic)
-            .and_then(|t| t.partitions.get(partition as usize))
+            .and_then(|t| t.partitions.get(partition.index()))
             .map(Vec::len);
         if current.is_some_and(|n| n != target.len()) {
             return Err((
@@ -164,12 +164,12 @@ pub fn list(
         };
         let mut partitions = Vec::new();
         for (p, target) in &t.reassigning {
-            if filter.is_some_and(|f| !f.contains(&(*p as i32))) {
+            if filter.is_some_and(|f| !f.contains(&p.wire())) {
                 continue;
             }
             let current: BTreeSet<u64> = t
                 .partitions
-                .get(*p as usize)
+                .get(p.index())
                 .map(|r| r.iter().copied().collect())
                 .unwrap_or_default();
             let target_set: BTreeSet<u64> = target.iter().copied().collect();
@@ -178,7 +178,7 @@ pub fn list(
             replicas.extend(current.difference(&target_set).copied());
             partitions.push(
                 OngoingPartitionReassignment::default()
-                    .with_partition_index(*p as i32)
+                    .with_partition_index(p.wire())
                     .with_replicas(ids(replicas))
                     .with_adding_replicas(ids(target_set.difference(&current).copied()))
                     .with_removing_replicas(ids(current.difference(&target_set).copied())),
