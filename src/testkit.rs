@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::config::ServerConfig;
+use crate::controller::PartitionId;
 use crate::node::{Listeners, Node, NodeError};
 
 static NEXT_ROOT: AtomicU64 = AtomicU64::new(0);
@@ -182,6 +183,34 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Index (0-based) of the node leading `topic`'s partition `p`, as node `asking` sees it.
+    pub fn leader_of(&self, asking: usize, topic: &str, p: PartitionId) -> Option<usize> {
+        let b = self.broker(asking);
+        let st = b.state();
+        let (leader, _) = b.partition_leader_in(&st, topic, p)?;
+        Some(leader as usize - 1)
+    }
+
+    /// Moves the leadership of `topic`'s partition `p` to another replica (by a graceful
+    /// transfer, as the admin endpoint does); returns (old leader, new leader), 0-based.
+    pub async fn move_leader(&self, topic: &str, p: PartitionId) -> Result<(usize, usize), String> {
+        let old = self
+            .leader_of(0, topic, p)
+            .ok_or_else(|| format!("{topic}-{p} has no leader"))?;
+        let target = (0..self.len())
+            .find(|i| *i != old && self.node(*i).is_some())
+            .ok_or("no other node")?;
+        let broker = self.broker(old);
+        let group = broker
+            .partition(topic, p)
+            .ok_or_else(|| format!("node {old} hosts no {topic}-{p}"))?;
+        broker
+            .transfer_partition_leadership(group.group_id(), target as u64 + 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((old, target))
     }
 
     /// Stops every node (without controlled shutdown: tests want it quick).

@@ -458,22 +458,8 @@ async fn stale_leaders_are_retried_and_a_lost_majority_is_reported() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Move leadership away from where both last saw it.
-    let (leader, _) = {
-        let b = c.broker(0);
-        let st = b.state();
-        b.partition_leader_in(&st, "r", PartitionId::ZERO)
-            .expect("a leader")
-    };
-    let old = c.broker(leader as usize - 1).clone();
-    let target = (1..=3u64).find(|n| *n != leader).unwrap();
-    let gid = old
-        .partition("r", PartitionId::ZERO)
-        .unwrap()
-        .group_id()
-        .to_string();
-    old.transfer_partition_leadership(&gid, target)
-        .await
-        .unwrap();
+    let (old, _) = c.move_leader("r", PartitionId::ZERO).await.unwrap();
+    let old = c.broker(old).clone();
     lines.send(b"b\n".to_vec()).unwrap();
     drop(lines);
     assert_eq!(producer.await.unwrap().unwrap(), 2);

@@ -576,36 +576,15 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
     let r: CreateTopicsResponse = conn.call(&req, v).await.unwrap();
     assert_eq!(r.topics[0].error_code, 0);
     let pid = producer_id(&mut conn).await;
-    let leader_conn = |c: &TestCluster| {
-        let b = c.broker(0);
-        let st = b.state();
-        let (leader, _) = b
-            .partition_leader_in(&st, "l", PartitionId::ZERO)
-            .expect("a leader");
-        c.kafka_addr(leader as usize - 1)
-    };
-    let mut lc = BrokerConn::connect(&leader_conn(&c)).await.unwrap();
+    let leader = c.leader_of(0, "l", PartitionId::ZERO).expect("a leader");
+    let mut lc = BrokerConn::connect(&c.kafka_addr(leader)).await.unwrap();
     assert_eq!(
         produce(&mut lc, "l", 0, idempotent_batch(pid, 0, 0, 4)).await,
         (0, 0)
     );
     // Leadership moves; the resend reaches the new leader.
-    let (leader, _) = {
-        let b = c.broker(0);
-        let st = b.state();
-        b.partition_leader_in(&st, "l", PartitionId::ZERO).unwrap()
-    };
-    let old = c.broker(leader as usize - 1);
-    let target = (1..=3u64).find(|n| *n != leader).unwrap();
-    let gid = old
-        .partition("l", PartitionId::ZERO)
-        .unwrap()
-        .group_id()
-        .to_string();
-    old.transfer_partition_leadership(&gid, target)
-        .await
-        .unwrap();
-    let new_addr = c.kafka_addr(target as usize - 1);
+    let (_, target) = c.move_leader("l", PartitionId::ZERO).await.unwrap();
+    let new_addr = c.kafka_addr(target);
     let mut nc = BrokerConn::connect(&new_addr).await.unwrap();
     let mut answer = (-1, -1);
     for _ in 0..100 {
@@ -621,7 +600,7 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
         (0, 4)
     );
     let hw = c
-        .broker(target as usize - 1)
+        .broker(target)
         .partition("l", PartitionId::ZERO)
         .unwrap()
         .high_watermark();

@@ -202,3 +202,17 @@ def wait_serving(bootstrap: str, topic: str, partitions: int, timeout_s: float =
             last = e
             time.sleep(0.2)
     raise AssertionError(f"{topic}: partitions not served {timeout_s}s after the broker said healthy: {last}")
+
+
+def check_stored_once(got: list[Record], acked: dict[str, tuple[int, int]], failed: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Each value at one offset at most (the same record delivered twice is the consumer's
+    business; one value at two offsets is stored twice), and every acknowledged value at its
+    acknowledged offset. Returns where each value is."""
+    where: dict[str, tuple[int, int]] = {}
+    for r in got:
+        v, at = r.value.decode(), (r.partition, r.offset)
+        assert where.get(v, at) == at, f"{v} stored twice: at {where[v]} and at {at}; acked at {acked.get(v)}, failed: {failed.get(v)}"
+        where[v] = at
+    lost = {v: at for v, at in acked.items() if where.get(v) != at}
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged values lost or moved, e.g. {list(lost.items())[:5]}"
+    return where

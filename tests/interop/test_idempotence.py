@@ -17,7 +17,7 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from helpers import consume_all
+from helpers import check_stored_once, consume_all
 from test_cluster import get_json, start_all, wait_for
 from test_replication import create_led_topic, leaders
 from test_storage_faults import metric
@@ -195,13 +195,7 @@ def test_idempotent_producers_store_each_value_once_across_cuts_and_a_leader_kil
     assert len(w.acked) >= count * 0.9, f"only {len(w.acked)} of {count} acknowledged; failures: {list(w.failed.items())[:5]}"
     live = next(n for n in cluster if n.is_running())
     got = consume_all(live.bootstrap, TOPIC, 1, timeout_s=120)
-    where: dict[str, tuple[int, int]] = {}
-    for r in got:
-        v, at = r.value.decode(), (r.partition, r.offset)
-        assert where.get(v, at) == at, f"{v} stored twice: at {where[v]} and at {at}"
-        where[v] = at
-    lost = {v: at for v, at in w.acked.items() if where.get(v) != at}
-    assert not lost, f"{len(lost)} of {len(w.acked)} acknowledged values lost or moved, e.g. {list(lost.items())[:5]}"
+    check_stored_once(got, w.acked, w.failed)
     assert sum(p.cuts for p in proxies) == 3
     dups = sum(metric(n, "sluice_produce_duplicate_batches_total") for n in cluster if n.is_running())
     print(f"{client}: {len(w.acked)} acked, {len(w.failed)} failed, {len(got)} stored, {dups:.0f} resent batches answered as duplicates")

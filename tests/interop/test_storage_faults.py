@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from helpers import consume_all
+from helpers import check_stored_once, consume_all
 from test_cluster import get_json, start_all, wait_for
 from test_replication import Writer, create_led_topic, leaders
 
@@ -63,15 +63,7 @@ def check_acked(w: Writer, cluster, topic: str) -> None:
     non-idempotent producer's legitimate duplicate, not a broker fault."""
     assert w.acked, "nothing was acknowledged"
     got = consume_all(cluster[0].bootstrap, topic, 1, timeout_s=120)
-    where: dict[str, tuple[int, int]] = {}
-    for r in got:
-        v, at = r.value.decode(), (r.partition, r.offset)
-        # The same record delivered twice is the consumer's business; one value at two offsets
-        # is stored twice.
-        assert where.get(v, at) == at, f"{v} stored twice: at {where[v]} and at {at}; acked at {w.acked.get(v)}, failed: {w.failed.get(v)}"
-        where[v] = at
-    lost = {v: at for v, at in w.acked.items() if where.get(v) != at}
-    assert not lost, f"{len(lost)} of {len(w.acked)} acknowledged writes lost or moved, e.g. {list(lost.items())[:5]}"
+    check_stored_once(got, w.acked, w.failed)
 
 
 def caught_up(cluster, group: str, node) -> bool:
