@@ -9,7 +9,10 @@
 //!   every partition up to its high watermark after the cluster healed).
 //! * `inconsistent_offsets` — two different values at one offset (by reads or acks).
 //! * `ack_mismatch` — a write read at an offset other than the one it was acknowledged at.
-//! * `duplicates` — one value read at two different offsets (values are written once each).
+//! * `duplicates` — one value read at two different offsets, or in two partitions. Every value
+//!   is produced once: a plain producer never resends, and an idempotent producer's resends
+//!   must be answered from the broker's producer state, not appended again. Counted per
+//!   producer kind as well.
 //! * `nonmonotonic_poll` / `skipped_poll` — within one consumer session (process + partition),
 //!   a poll went backwards, or jumped over offsets (offsets are dense: Raft-internal entries
 //!   take none).
@@ -30,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::history::{Op, OpType, F};
+use crate::history::{Op, OpType, ProducerKind, F};
 
 /// How many examples of each anomaly the summary keeps.
 const EXAMPLES_MAX: usize = 8;
@@ -56,12 +59,31 @@ pub struct OpCounts {
     pub info: usize,
 }
 
+/// What the idempotent producers did to get definite answers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdempotentStats {
+    /// Values whose batch was sent more than once.
+    pub resent_values: usize,
+    /// Sends beyond the first, over all values.
+    pub resends: u64,
+    /// Acknowledged values that needed a resend (the answer came to a resend).
+    pub acked_after_resend: usize,
+    /// InitProducerId answers: new ids, and epoch bumps (re-initialisations).
+    pub new_ids: usize,
+    pub epoch_bumps: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
     pub valid: bool,
     pub anomaly_counts: BTreeMap<String, usize>,
     pub examples: BTreeMap<String, Vec<Value>>,
     pub send: OpCounts,
+    /// The same by producer kind (plain, idempotent).
+    pub send_by_producer: BTreeMap<String, OpCounts>,
+    /// `duplicates` by the kind of producer that wrote the value.
+    pub duplicates_by_producer: BTreeMap<String, usize>,
+    pub idempotent: IdempotentStats,
     pub poll: OpCounts,
     /// Distinct values read, over all partitions.
     pub values_read: usize,
@@ -101,6 +123,7 @@ struct Write {
     partition: i32,
     status: WriteStatus,
     process: i64,
+    kind: ProducerKind,
 }
 
 pub(crate) struct Anomalies {
@@ -143,26 +166,40 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
 
     // Writes by value, from invocations and their completions.
     let mut writes: HashMap<u64, Write> = HashMap::new();
+    let mut send_by_producer: BTreeMap<String, OpCounts> = BTreeMap::new();
+    let mut idempotent = IdempotentStats::default();
     for op in ops.iter().filter(|o| o.f == F::Send) {
         let Some(v) = op.value else { continue };
+        // Histories from before idempotent producers name no kind: they were all plain.
+        let kind = op.producer.unwrap_or(ProducerKind::Plain);
+        let new = |status| Write {
+            partition: op.partition,
+            status,
+            process: op.process,
+            kind,
+        };
+        if op.kind != OpType::Invoke {
+            let c = send_by_producer.entry(kind.name().to_string()).or_default();
+            match op.kind {
+                OpType::Ok => c.ok += 1,
+                OpType::Fail => c.fail += 1,
+                _ => c.info += 1,
+            }
+            if let Some(n) = op.attempts.filter(|n| *n > 1) {
+                idempotent.resent_values += 1;
+                idempotent.resends += u64::from(n - 1);
+                if op.kind == OpType::Ok {
+                    idempotent.acked_after_resend += 1;
+                }
+            }
+        }
         match op.kind {
             OpType::Invoke => {
-                writes.insert(
-                    v,
-                    Write {
-                        partition: op.partition,
-                        status: WriteStatus::Pending,
-                        process: op.process,
-                    },
-                );
+                writes.insert(v, new(WriteStatus::Pending));
             }
             OpType::Ok => {
                 send.ok += 1;
-                let w = writes.entry(v).or_insert(Write {
-                    partition: op.partition,
-                    status: WriteStatus::Pending,
-                    process: op.process,
-                });
+                let w = writes.entry(v).or_insert(new(WriteStatus::Pending));
                 w.status = WriteStatus::Ok(op.offset.unwrap_or(-1));
             }
             OpType::Fail => {
@@ -179,10 +216,22 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
             }
         }
     }
+    for op in ops
+        .iter()
+        .filter(|o| o.f == F::InitProducerId && o.kind == OpType::Ok)
+    {
+        if op.epoch.is_some_and(|e| e > 0) {
+            idempotent.epoch_bumps += 1;
+        } else {
+            idempotent.new_ids += 1;
+        }
+    }
 
     // Every (partition, offset) -> values, and value -> offsets, from reads.
     let mut at_offset: BTreeMap<(i32, i64), BTreeSet<u64>> = BTreeMap::new();
     let mut read_offsets: HashMap<u64, BTreeSet<i64>> = HashMap::new();
+    // Where each value was read: (partition, offset).
+    let mut read_at: HashMap<u64, BTreeSet<(i32, i64)>> = HashMap::new();
     let mut max_read: BTreeMap<i32, i64> = BTreeMap::new();
     // Session state: (process, partition) -> next expected offset.
     let mut sessions: HashMap<(i64, i32), i64> = HashMap::new();
@@ -224,6 +273,7 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
             expected = Some(o + 1);
             at_offset.entry((p, o)).or_default().insert(v);
             read_offsets.entry(v).or_default().insert(o);
+            read_at.entry(v).or_default().insert((p, o));
             let m = max_read.entry(p).or_insert(-1);
             *m = (*m).max(o);
             match writes.get(&v) {
@@ -272,14 +322,27 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
             );
         }
     }
-    for (v, offs) in &read_offsets {
-        if offs.len() > 1 {
-            let p = writes.get(v).map_or(-1, |w| w.partition);
-            an.add(
-                "duplicates",
-                json!({"partition": p, "value": v, "offsets": offs}),
-            );
-        }
+    let mut duplicates_by_producer: BTreeMap<String, usize> = BTreeMap::new();
+    let mut dup_values: Vec<(&u64, &BTreeSet<(i32, i64)>)> =
+        read_at.iter().filter(|(_, at)| at.len() > 1).collect();
+    // Sorted so the examples kept are the earliest, whatever the hash order.
+    dup_values.sort();
+    for (v, at) in dup_values {
+        let w = writes.get(v);
+        let kind = w.map_or("unknown", |w| w.kind.name());
+        *duplicates_by_producer.entry(kind.to_string()).or_default() += 1;
+        let status = match w.map(|w| w.status) {
+            Some(WriteStatus::Ok(o)) => format!("acked at {o}"),
+            Some(WriteStatus::Fail) => "failed".into(),
+            Some(WriteStatus::Info) => "unknown outcome".into(),
+            Some(WriteStatus::Pending) => "no completion".into(),
+            None => "never written".into(),
+        };
+        an.add(
+            "duplicates",
+            json!({"partition": w.map_or(-1, |w| w.partition), "value": v, "producer": kind,
+                   "read_at": at, "write": status}),
+        );
     }
     // What the final drain read: the log as it ended up, per partition.
     let mut drained: HashMap<i32, (i64, BTreeSet<u64>)> = HashMap::new();
@@ -450,6 +513,9 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
         anomaly_counts: an.counts,
         examples: an.examples,
         send,
+        send_by_producer,
+        duplicates_by_producer,
+        idempotent,
         poll,
         values_read: read_offsets.len(),
         acked_by_partition,
@@ -636,6 +702,86 @@ mod tests {
             .poll(10, 0, 0, &[(0, 1), (1, 1), (2, 2)])
             .check();
         only(&r, "duplicates");
+        // Sends without a producer kind (older histories) are plain producers'.
+        assert_eq!(r.duplicates_by_producer["plain"], 1);
+    }
+
+    /// An idempotent producer's write of `v` (producer 7, epoch 0, sequence `seq`), sent
+    /// `attempts` times.
+    fn idem(
+        mut h: H,
+        p: i32,
+        v: u64,
+        seq: i32,
+        result: OpType,
+        offset: Option<i64>,
+        attempts: u32,
+    ) -> H {
+        h.0.push(
+            Op::new(0, OpType::Invoke, F::Send, p)
+                .value(v)
+                .producer(ProducerKind::Idempotent)
+                .ids(7, 0)
+                .seq(seq),
+        );
+        let mut done = Op::new(0, result, F::Send, p)
+            .value(v)
+            .producer(ProducerKind::Idempotent)
+            .ids(7, 0)
+            .seq(seq)
+            .attempts(attempts);
+        done.offset = offset;
+        h.0.push(done);
+        h
+    }
+
+    #[test]
+    fn idempotent_resends_answered_with_the_original_offset_are_valid() {
+        let h = idem(H::new(), 0, 1, 0, OpType::Ok, Some(0), 3);
+        let h = idem(h, 0, 2, 1, OpType::Ok, Some(1), 1);
+        let r = h
+            .ack(0, 3, 2)
+            .poll(10, 0, 0, &[(0, 1), (1, 2), (2, 3)])
+            .check();
+        assert!(r.valid, "{:?}", r.examples);
+        assert_eq!(r.idempotent.resent_values, 1);
+        assert_eq!(r.idempotent.resends, 2);
+        assert_eq!(r.idempotent.acked_after_resend, 1);
+        assert_eq!(r.send_by_producer["idempotent"].ok, 2);
+        assert_eq!(r.send_by_producer["plain"].ok, 1);
+        assert!(r.duplicates_by_producer.is_empty());
+    }
+
+    #[test]
+    fn detects_an_idempotent_resend_appended_twice() {
+        // The first send of 1 was appended at 0 and its answer lost; the broker appended the
+        // resend again at 1 and acknowledged that: 1 is stored twice.
+        let h = idem(H::new(), 0, 1, 0, OpType::Ok, Some(1), 2);
+        let r = idem(h, 0, 2, 1, OpType::Ok, Some(2), 1)
+            .poll(10, 0, 0, &[(0, 1), (1, 1), (2, 2)])
+            .check();
+        only(&r, "duplicates");
+        assert_eq!(r.duplicates_by_producer["idempotent"], 1);
+        assert_eq!(r.examples["duplicates"][0]["value"], 1);
+        assert_eq!(r.examples["duplicates"][0]["producer"], "idempotent");
+        // The same with an unknown outcome (the producer gave up): still stored twice.
+        let h = idem(H::new(), 0, 1, 0, OpType::Info, None, 4);
+        let r = h.poll(10, 0, 0, &[(0, 1), (1, 1)]).check();
+        only(&r, "duplicates");
+    }
+
+    #[test]
+    fn a_value_in_two_partitions_is_a_duplicate_of_any_producer() {
+        let r = H::new()
+            .ack(0, 1, 0)
+            .poll(10, 0, 0, &[(0, 1)])
+            .poll(11, 1, 0, &[(0, 1)])
+            .check();
+        assert!(!r.valid);
+        assert_eq!(r.anomaly_counts["duplicates"], 1, "{:?}", r.examples);
+        assert_eq!(r.duplicates_by_producer["plain"], 1);
+        // Read in the partition it was not written to, it is also a phantom there.
+        assert_eq!(r.anomaly_counts["phantom"], 1);
     }
 
     #[test]

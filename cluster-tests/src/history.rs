@@ -7,6 +7,10 @@
 //! started. `info` means the outcome is unknown (timeout, disconnect); `fail` means the
 //! operation definitely did not happen. Sends carry `pipeline` (requests pipelined on one
 //! connection), polls `log_start`; the metadata workload's operations are described at [`F`].
+//! Sends also carry `producer` (plain or idempotent); an idempotent producer's sends carry the
+//! `producer_id`, `epoch` and `seq` their batch was stamped with, and their completions
+//! `attempts` (how many times the same batch was sent); its `init_producer_id` operations record
+//! the ids and epochs it was given.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -47,6 +51,29 @@ pub enum F {
     /// kafka, `topics`); all must agree.
     #[serde(rename = "metadata_final")]
     MetadataFinal,
+    /// An idempotent producer's InitProducerId: asked with `producer_id`/`epoch` (absent for a
+    /// new id), answered with the id and epoch it got.
+    #[serde(rename = "init_producer_id")]
+    InitProducerId,
+}
+
+/// Which kind of producer sent a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProducerKind {
+    /// One record per request, no producer id; an unknown outcome is never retried.
+    Plain,
+    /// Batches stamped with producer id, epoch and sequence; unknown outcomes are resent.
+    Idempotent,
+}
+
+impl ProducerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProducerKind::Plain => "plain",
+            ProducerKind::Idempotent => "idempotent",
+        }
+    }
 }
 
 /// One topic as a node sees it.
@@ -104,6 +131,19 @@ pub struct Op {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topics: Option<BTreeMap<String, TopicView>>,
+    /// Sends: the kind of producer. Histories from before idempotent producers have none: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<ProducerKind>,
+    /// Idempotent sends and InitProducerId: the producer id and epoch, and the batch's sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i32>,
+    /// Idempotent send completions: how many times the batch was sent (resends included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     /// Nanoseconds since the start of the run.
     pub time: u64,
 }
@@ -129,8 +169,31 @@ impl Op {
             incarnation: None,
             source: None,
             topics: None,
+            producer: None,
+            producer_id: None,
+            epoch: None,
+            seq: None,
+            attempts: None,
             time: 0,
         }
+    }
+    pub fn producer(mut self, k: ProducerKind) -> Op {
+        self.producer = Some(k);
+        self
+    }
+    /// The producer id and epoch (idempotent sends, InitProducerId).
+    pub fn ids(mut self, producer_id: i64, epoch: i16) -> Op {
+        self.producer_id = Some(producer_id);
+        self.epoch = Some(epoch);
+        self
+    }
+    pub fn seq(mut self, s: i32) -> Op {
+        self.seq = Some(s);
+        self
+    }
+    pub fn attempts(mut self, n: u32) -> Op {
+        self.attempts = Some(n);
+        self
     }
     pub fn pipeline(mut self, id: u64) -> Op {
         self.pipeline = Some(id);

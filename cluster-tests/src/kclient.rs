@@ -4,12 +4,16 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, ProduceRequest, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, FetchRequest, InitProducerIdRequest, ProduceRequest, ProducerId, TopicName,
+};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::Compression;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 use sluice::cli::client::{Client, TopicInfo};
 use sluice::cli::errors::{self, error_name};
 use sluice::cli::records::{decode_fetched, encode_batch, Message};
@@ -32,10 +36,35 @@ pub enum Outcome<T> {
     Info(String),
 }
 
+/// What one produce request of a pipeline came to, before any policy about retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// Nothing reached the broker (no metadata, no leader, no connection).
+    NotSent(String),
+    /// The broker answered: its error code (0 for success), base offset and a description.
+    Answer {
+        code: i16,
+        base_offset: i64,
+        message: String,
+    },
+    /// The request may have reached the broker, but no answer came (timeout, cut connection).
+    Lost(String),
+}
+
+impl Attempt {
+    /// The broker's error code, or -1 without an answer.
+    pub fn code(&self) -> i16 {
+        match self {
+            Attempt::Answer { code, .. } => *code,
+            _ => -1,
+        }
+    }
+}
+
 /// Errors after which the broker did not append the batch: it refused the request up front.
 /// Leadership errors count as definite here because the broker says it is not the leader;
 /// if such a write is read later the checker reports it (`failed_read`) and that is a finding.
-fn definite_produce_error(code: i16) -> bool {
+pub fn definite_produce_error(code: i16) -> bool {
     use ErrorCode as E;
     matches!(
         E::from_code(code),
@@ -112,6 +141,11 @@ impl KClient {
         }
     }
 
+    /// Forgets the topic metadata (not the connections): the next request looks the leader up.
+    pub fn refresh_metadata(&mut self) {
+        self.topic = None;
+    }
+
     /// Which node leads `partition` according to our metadata, if known.
     pub fn cached_leader(&self, partition: i32) -> Option<i32> {
         self.topic.as_ref().and_then(|t| t.leader(partition))
@@ -128,16 +162,88 @@ impl KClient {
     /// Pipelines one produce request per value (one record each, acks=all) on the leader's
     /// connection, then reads the answers in order. One outcome per value, in order.
     pub async fn send_many(&mut self, partition: i32, values: &[u64]) -> Vec<Outcome<i64>> {
-        let n = values.len();
-        let all = |o: Outcome<i64>| vec![o; n];
+        let mut batches = Vec::with_capacity(values.len());
+        for value in values {
+            match encode_batch(
+                &[Message {
+                    key: None,
+                    value: Bytes::from(value.to_string()),
+                }],
+                Compression::None,
+                now_ms(),
+            ) {
+                Ok(d) => batches.push(d),
+                Err(e) => return vec![Outcome::Fail(format!("encode: {e:#}")); values.len()],
+            }
+        }
+        self.produce_pipelined(partition, &batches)
+            .await
+            .into_iter()
+            .map(|a| match a {
+                Attempt::NotSent(m) => Outcome::Fail(m),
+                Attempt::Lost(m) => Outcome::Info(m),
+                Attempt::Answer {
+                    code: 0,
+                    base_offset,
+                    ..
+                } => Outcome::Ok(base_offset),
+                Attempt::Answer { code, message, .. } => {
+                    if definite_produce_error(code) {
+                        Outcome::Fail(message)
+                    } else {
+                        Outcome::Info(message)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Asks any broker for a producer id (`current` = None) or for the next epoch of the
+    /// current one (KIP-360 re-initialisation). Ok carries (producer id, epoch).
+    pub async fn init_producer_id(&mut self, current: Option<(i64, i16)>) -> Result<(i64, i16)> {
+        self.ready().await?;
+        let (id, epoch) = current.unwrap_or((-1, -1));
+        let req = InitProducerIdRequest::default()
+            .with_producer_id(ProducerId(id))
+            .with_producer_epoch(epoch)
+            .with_transaction_timeout_ms(60_000);
+        let res = tokio::time::timeout(Duration::from_secs(8), async {
+            let c = self.client.as_mut().ok_or_else(|| anyhow!("no client"))?;
+            let conn = c.bootstrap_conn();
+            let version = conn.version_for(ApiKey::InitProducerId)?;
+            conn.call(&req, version).await
+        })
+        .await;
+        let resp = match res {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.reset();
+                return Err(e);
+            }
+            Err(_) => {
+                self.reset();
+                return Err(anyhow!("InitProducerId timed out"));
+            }
+        };
+        if resp.error_code != ErrorCode::None.code() {
+            return Err(anyhow!("InitProducerId: {}", error_name(resp.error_code)));
+        }
+        Ok((resp.producer_id.0, resp.producer_epoch))
+    }
+
+    /// Pipelines one produce request per record batch (acks=all) on the leader's connection and
+    /// reads the answers in order: one [`Attempt`] per batch, in order.
+    pub async fn produce_pipelined(&mut self, partition: i32, batches: &[Bytes]) -> Vec<Attempt> {
+        let n = batches.len();
+        let all = |o: Attempt| vec![o; n];
         let topic_name = self.topic_name.clone();
         let (client, topic) = match self.ready().await {
             Ok(x) => x,
-            Err(e) => return all(Outcome::Fail(format!("no metadata: {e:#}"))),
+            Err(e) => return all(Attempt::NotSent(format!("no metadata: {e:#}"))),
         };
         let Some(leader) = topic.leader(partition) else {
             self.topic = None;
-            return all(Outcome::Fail(
+            return all(Attempt::NotSent(
                 "LEADER_NOT_AVAILABLE (no leader in metadata)".into(),
             ));
         };
@@ -147,24 +253,13 @@ impl KClient {
             TOPIC_ID_VERSION - 1
         };
         let mut reqs = Vec::with_capacity(n);
-        for value in values {
-            let data = match encode_batch(
-                &[Message {
-                    key: None,
-                    value: Bytes::from(value.to_string()),
-                }],
-                Compression::None,
-                now_ms(),
-            ) {
-                Ok(d) => d,
-                Err(e) => return all(Outcome::Fail(format!("encode: {e:#}"))),
-            };
+        for data in batches {
             let mut t = TopicProduceData::default();
             t.name = TopicName(StrBytes::from_string(topic_name.clone()));
             t.topic_id = topic.raw.topic_id;
             let mut pd = PartitionProduceData::default();
             pd.index = partition;
-            pd.records = Some(data);
+            pd.records = Some(data.clone());
             t.partition_data = vec![pd];
             let mut req = ProduceRequest::default();
             req.acks = -1;
@@ -176,29 +271,31 @@ impl KClient {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 self.reset();
-                return all(Outcome::Fail(format!("connect to leader {leader}: {e:#}")));
+                return all(Attempt::NotSent(format!(
+                    "connect to leader {leader}: {e:#}"
+                )));
             }
             Err(_) => {
                 self.reset();
-                return all(Outcome::Fail(format!(
+                return all(Attempt::NotSent(format!(
                     "connect to leader {leader} timed out"
                 )));
             }
         };
         let version = match conn.version_for_max(ApiKey::Produce, cap) {
             Ok(v) => v,
-            Err(e) => return all(Outcome::Fail(format!("{e:#}"))),
+            Err(e) => return all(Attempt::NotSent(format!("{e:#}"))),
         };
         // From here on bytes may have reached the broker: errors are unknown outcomes.
         let wait = Duration::from_millis(PRODUCE_TIMEOUT_MS as u64) + CALL_SLACK;
-        let mut outcomes: Vec<Outcome<i64>> = Vec::with_capacity(n);
+        let mut answers: Vec<Attempt> = Vec::with_capacity(n);
         let res = tokio::time::timeout(wait, async {
             for req in &reqs {
                 conn.send(req, version, true).await?;
             }
             for _ in 0..n {
                 let resp = conn.recv::<ProduceRequest>(Duration::ZERO).await?;
-                outcomes.push(produce_outcome(leader, partition, &resp));
+                answers.push(produce_answer(leader, partition, &resp));
             }
             anyhow::Ok(())
         })
@@ -210,17 +307,20 @@ impl KClient {
         };
         if let Some(why) = lost_conn {
             self.reset();
-            while outcomes.len() < n {
-                outcomes.push(Outcome::Info(why.clone()));
+            while answers.len() < n {
+                answers.push(Attempt::Lost(why.clone()));
             }
         }
-        if outcomes
+        if answers
             .iter()
-            .any(|o| matches!(o, Outcome::Fail(m) | Outcome::Info(m) if m.contains("NOT_LEADER") || m.contains("LEADER_NOT")))
+            .any(|a| matches!(a, Attempt::Answer { code, .. } if errors::is_stale_metadata(*code)))
+            || answers
+                .iter()
+                .any(|a| matches!(a, Attempt::NotSent(m) | Attempt::Lost(m) if m.contains("NOT_LEADER") || m.contains("LEADER_NOT")))
         {
             self.topic = None;
         }
-        outcomes
+        answers
     }
 
     /// One fetch at `offset`; Ok carries (offset, value) pairs and the next position.
@@ -401,38 +501,71 @@ fn fetch_request(
     (req, cap)
 }
 
-fn produce_outcome(
+fn produce_answer(
     leader: i32,
     partition: i32,
     resp: &kafka_protocol::messages::ProduceResponse,
-) -> Outcome<i64> {
+) -> Attempt {
     let pr = resp
         .responses
         .iter()
         .flat_map(|t| t.partition_responses.iter())
         .find(|p| p.index == partition);
     let Some(pr) = pr else {
-        return Outcome::Info(format!("leader {leader}: no answer for the partition"));
+        return Attempt::Lost(format!("leader {leader}: no answer for the partition"));
     };
-    if pr.error_code == ErrorCode::None.code() {
-        return Outcome::Ok(pr.base_offset);
-    }
-    let msg = format!(
-        "leader {leader}: {}{}",
-        error_name(pr.error_code),
-        pr.error_message
-            .as_ref()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default()
-    );
-    if definite_produce_error(pr.error_code) {
-        Outcome::Fail(msg)
+    let message = if pr.error_code == ErrorCode::None.code() {
+        String::new()
     } else {
-        Outcome::Info(msg)
+        format!(
+            "leader {leader}: {}{}",
+            error_name(pr.error_code),
+            pr.error_message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        )
+    };
+    Attempt::Answer {
+        code: pr.error_code,
+        base_offset: pr.base_offset,
+        message,
     }
 }
 
-fn now_ms() -> i64 {
+/// One record (value as decimal text) in a batch stamped with an idempotent producer's id,
+/// epoch and sequence, as a Kafka client builds it: its resends are these same bytes.
+pub fn encode_idempotent(value: u64, producer_id: i64, epoch: i16, seq: i32) -> Result<Bytes> {
+    let record = Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id,
+        producer_epoch: epoch,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        // The encoder takes the batch's base sequence from its first record.
+        sequence: seq,
+        timestamp: now_ms(),
+        key: None,
+        value: Some(Bytes::from(value.to_string())),
+        headers: Default::default(),
+    };
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        std::slice::from_ref(&record),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .map_err(|e| anyhow!("encoding an idempotent batch: {e:#}"))?;
+    Ok(buf.freeze())
+}
+
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

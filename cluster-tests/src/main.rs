@@ -34,9 +34,14 @@ enum Cmd {
         partitions: i32,
         #[arg(long, default_value_t = 4)]
         producers: usize,
+        /// plain: no producer id, unknown outcomes never retried; idempotent: producer id, epoch
+        /// and sequence on every batch, unknown outcomes resent until answered; mixed: half each.
+        #[arg(long, value_enum, default_value = "mixed")]
+        producer: run::ProducerMode,
         #[arg(long, default_value_t = 2)]
         consumers: usize,
-        /// Produce requests each producer pipelines (one record each).
+        /// Produce requests each producer pipelines (one record each); idempotent producers
+        /// pipeline at most 5, Kafka's limit for idempotence.
         #[arg(long, default_value_t = 4)]
         inflight: usize,
         /// Healthy time between faults, seconds, as MIN-MAX.
@@ -108,6 +113,7 @@ fn main() -> std::process::ExitCode {
             out,
             partitions,
             producers,
+            producer,
             consumers,
             inflight,
             quiet_secs,
@@ -130,6 +136,7 @@ fn main() -> std::process::ExitCode {
             cfg.partitions = partitions.max(1);
             cfg.producers = producers;
             cfg.consumers = consumers;
+            cfg.producer_mode = producer;
             cfg.inflight = inflight.clamp(1, 64);
             cfg.quiet_secs = quiet_secs;
             cfg.hold_secs = hold_secs;

@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::checker::{self, CheckResult};
 use crate::cluster::Cluster;
-use crate::history::History;
+use crate::history::{History, ProducerKind};
 use crate::logcmp::{self, Comparison};
 use crate::metaload;
 use crate::nemesis::{self, Kind, NemesisCfg, NemesisLog};
@@ -38,6 +38,45 @@ pub struct RunCfg {
     pub hold_secs: (u64, u64),
     /// Run the metadata workload (topics created, grown, deleted) beside the data workload.
     pub metadata_workload: bool,
+    /// Which kind of producer the workload runs.
+    pub producer_mode: ProducerMode,
+}
+
+/// The data workload's producers: all plain, all idempotent, or both (the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProducerMode {
+    /// One record per request, no producer id; unknown outcomes are never retried.
+    Plain,
+    /// Producer id, epoch and sequence on every batch; unknown outcomes are resent.
+    Idempotent,
+    /// Half of each: on every partition one of each kind writes at home, so both the
+    /// broker's deduplication and the plain path (never resent, so never stored twice) are
+    /// exercised under the same faults.
+    Mixed,
+}
+
+impl ProducerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProducerMode::Plain => "plain",
+            ProducerMode::Idempotent => "idempotent",
+            ProducerMode::Mixed => "mixed",
+        }
+    }
+
+    /// Whether producer `worker` is idempotent. Workers `w` write mostly to partition
+    /// `w % partitions`; in mixed mode the first `partitions` workers are idempotent and the
+    /// next `partitions` plain, and so on, so every partition gets both kinds.
+    pub fn idempotent(self, worker: usize, partitions: i32) -> bool {
+        match self {
+            ProducerMode::Plain => false,
+            ProducerMode::Idempotent => true,
+            ProducerMode::Mixed => {
+                let parts = usize::try_from(partitions.max(1)).unwrap_or(1);
+                (worker / parts).is_multiple_of(2)
+            }
+        }
+    }
 }
 
 impl RunCfg {
@@ -55,6 +94,7 @@ impl RunCfg {
             quiet_secs: (3, 8),
             hold_secs: (4, 10),
             metadata_workload: true,
+            producer_mode: ProducerMode::Mixed,
         }
     }
 }
@@ -204,10 +244,12 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
     ));
     let mut notes = Vec::new();
     notes.push(format!(
-        "seed {} ({} nodes, {} s, nemeses: {})",
+        "seed {} ({} nodes, {} s, {} producers ({}), nemeses: {})",
         cfg.seed,
         cfg.nodes,
         cfg.duration.as_secs(),
+        cfg.producers,
+        cfg.producer_mode.name(),
         cfg.nemeses
             .iter()
             .map(|k| k.name())
@@ -261,11 +303,11 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
     });
     let mut workers = Vec::new();
     for w in 0..cfg.producers {
-        workers.push(tokio::spawn(workload::producer(
-            shared.clone(),
-            cfg.seed,
-            w,
-        )));
+        workers.push(if cfg.producer_mode.idempotent(w, cfg.partitions) {
+            tokio::spawn(workload::idempotent_producer(shared.clone(), cfg.seed, w))
+        } else {
+            tokio::spawn(workload::producer(shared.clone(), cfg.seed, w))
+        });
     }
     for w in 0..cfg.consumers {
         workers.push(tokio::spawn(workload::consumer(
@@ -416,12 +458,13 @@ pub fn replay_command(cfg: &RunCfg) -> String {
     };
     format!(
         "SEED={} cluster-tests run --duration-secs {} --nodes {} --nemesis {nemeses} \
-         --partitions {} --producers {} --consumers {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{}{} --out DIR",
+         --partitions {} --producers {} --producer {} --consumers {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{}{} --out DIR",
         cfg.seed,
         cfg.duration.as_secs(),
         cfg.nodes,
         cfg.partitions,
         cfg.producers,
+        cfg.producer_mode.name(),
         cfg.consumers,
         cfg.inflight,
         cfg.quiet_secs.0,
@@ -445,7 +488,11 @@ pub fn summary_json(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> Value {
         "setup_error": o.setup_error,
         "anomaly_counts": o.check.anomaly_counts,
         "anomaly_examples": o.check.examples,
+        "producer_mode": cfg.producer_mode.name(),
         "ops": { "send": o.check.send, "poll": o.check.poll },
+        "send_by_producer": o.check.send_by_producer,
+        "duplicates_by_producer": o.check.duplicates_by_producer,
+        "idempotent": o.check.idempotent,
         "values_read": o.check.values_read,
         "acked_by_partition": o.check.acked_by_partition,
         "max_read_offset": o.check.max_read_offset,
@@ -521,6 +568,41 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
         s,
         "  send: {} ok, {} fail, {} info (unknown)",
         c.send.ok, c.send.fail, c.send.info
+    );
+    for (k, n) in &c.send_by_producer {
+        let _ = writeln!(
+            s,
+            "    {k} producers: {} ok, {} fail, {} info (unknown)",
+            n.ok, n.fail, n.info
+        );
+    }
+    if c.send_by_producer
+        .contains_key(ProducerKind::Idempotent.name())
+    {
+        let i = &c.idempotent;
+        let _ = writeln!(
+            s,
+            "  idempotent resends: {} values sent more than once ({} resends), {} acknowledged after a resend; \
+             {} producer ids, {} epoch bumps",
+            i.resent_values, i.resends, i.acked_after_resend, i.new_ids, i.epoch_bumps
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  values stored twice (duplicates): {}{}",
+        c.anomaly_counts.get("duplicates").copied().unwrap_or(0),
+        if c.duplicates_by_producer.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                c.duplicates_by_producer
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
     );
     let _ = writeln!(
         s,

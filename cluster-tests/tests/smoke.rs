@@ -1,6 +1,8 @@
 //! A short chaos run against a real 3-node cluster: ~90 s with a couple of nemeses, among them a
-//! power loss (unsynced data thrown away), 4 produce requests in flight per producer, and the
-//! metadata workload beside the data workload.
+//! power loss (unsynced data thrown away), 4 produce requests in flight per producer, half the
+//! producers idempotent (their unanswered batches resent across the leader kills and cut
+//! connections, none of which may be stored twice), and the metadata workload beside the data
+//! workload.
 //!
 //! Skipped (passes immediately) unless `CT_SMOKE=1`, so plain `cargo test` stays fast. Needs
 //! `target/release/sluice` (or `SLUICE_BIN`). `SEED=...` replays a schedule; output goes to
@@ -40,6 +42,7 @@ fn smoke_three_nodes_under_faults() {
         Kind::PowerLoss,
     ];
     cfg.inflight = 4;
+    cfg.producer_mode = run::ProducerMode::Mixed;
     cfg.metadata_workload = true;
     cfg.quiet_secs = (3, 6);
     cfg.hold_secs = (4, 8);
@@ -52,6 +55,10 @@ fn smoke_three_nodes_under_faults() {
     assert!(
         !run::faults(&o).is_empty(),
         "no fault was injected (run too short?)"
+    );
+    assert!(
+        o.check.send_by_producer.contains_key("idempotent"),
+        "no idempotent producer ran"
     );
     assert!(
         o.safe(),

@@ -384,6 +384,18 @@ impl PartitionStm for ProducerMachine {
             let table = self.table();
             self.view().check(&table, &b)
         };
+        // DELIBERATELY BROKEN with `--features chaos-bugs` and SLUICE_CHAOS_BUG=no-dedup, for the
+        // chaos harness to catch: a resend of a recent batch is appended again instead of being
+        // answered with its original offsets, so a retried value is stored twice.
+        #[cfg(feature = "chaos-bugs")]
+        let verdict = match verdict {
+            Verdict::Duplicate(_) | Verdict::DuplicateInFlight
+                if crate::chaos_bugs::enabled("no-dedup") =>
+            {
+                Verdict::Append
+            }
+            v => v,
+        };
         if verdict == Verdict::Append {
             self.view().proposed(&b);
             return Ok(());
