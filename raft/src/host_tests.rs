@@ -945,7 +945,19 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
         );
         let epoch = parts[&current].leader_epoch();
         let started = Instant::now();
-        parts[&target].trigger_elect().await?;
+        // As a caller would: on a 2-core machine running other tests, a campaign can be refused
+        // while the voters still hear the old leader, and one try times out. The second round
+        // of the same test had failed that way about one run in five, before and after the
+        // crate's split; the outcome is what this test checks, not one try's timing.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match parts[&target].trigger_elect().await {
+                Err(RaftError::Timeout) if tries < 3 => continue,
+                r => r?,
+            }
+            break;
+        }
         tracing::info!(
             took_ms = started.elapsed().as_millis() as u64,
             "transferred"

@@ -81,7 +81,7 @@ pub struct ProducerEntry {
     pub epoch: i16,
     /// Oldest first, at most [`BATCHES_KEPT`].
     pub batches: VecDeque<BatchMeta>,
-    /// The largest timestamp of its batches: when it was last heard of, on the partition's clock.
+    /// When it last wrote, on the partition's clock.
     pub last_timestamp: i64,
 }
 
@@ -149,13 +149,18 @@ impl ProducerTable {
         last_offset: i64,
         expiration_ms: i64,
     ) {
+        // A producer is as recent as the partition's clock when it last wrote, not as its own
+        // timestamps say: one replaying old records (MirrorMaker keeps their timestamps) must
+        // not expire while it writes.
+        self.clock_ms = self.clock_ms.max(b.max_timestamp);
+        let now = self.clock_ms;
         let e = self
             .producers
             .entry(b.producer_id)
             .or_insert_with(|| ProducerEntry {
                 epoch: b.epoch,
                 batches: VecDeque::new(),
-                last_timestamp: b.max_timestamp,
+                last_timestamp: now,
             });
         if b.epoch != e.epoch {
             // A new epoch starts its sequences over; the old epoch's batches can no longer be
@@ -172,8 +177,7 @@ impl ProducerTable {
         while e.batches.len() > BATCHES_KEPT {
             e.batches.pop_front();
         }
-        e.last_timestamp = e.last_timestamp.max(b.max_timestamp);
-        self.clock_ms = self.clock_ms.max(b.max_timestamp);
+        e.last_timestamp = now;
         // A scan per applied batch would be quadratic; once per tenth of the period is enough.
         if self.clock_ms.saturating_sub(self.expired_at_ms) >= (expiration_ms / 10).max(1) {
             self.expired_at_ms = self.clock_ms;
@@ -260,10 +264,10 @@ impl LeaderView {
     /// The batch committed (in log order, so it is the oldest pending of its producer).
     pub fn committed(&mut self, b: &ProducerBatch) {
         if let Some(q) = self.in_flight.get_mut(&b.producer_id) {
-            if let Some(i) = q
-                .iter()
-                .position(|p| p.first_seq == b.first_seq && p.last_seq == b.last_seq)
-            {
+            // The epoch too: after a bump, a new epoch's batch 0..0 is not the old one's.
+            if let Some(i) = q.iter().position(|p| {
+                p.epoch == b.epoch && p.first_seq == b.first_seq && p.last_seq == b.last_seq
+            }) {
                 q.drain(..=i);
             }
             if q.is_empty() {
@@ -586,6 +590,10 @@ mod tests {
         assert_eq!(a, b);
         let json = serde_json::to_vec(&a).unwrap();
         assert_eq!(serde_json::from_slice::<ProducerTable>(&json).unwrap(), a);
+        // A producer writing old timestamps (a replay) is as recent as the clock when it writes.
+        write(&mut a, &mut v, &batch(4, 0, 0, 1, 5), 3);
+        write(&mut a, &mut v, &batch(5, 0, 0, 1, 2_000 + DAY + DAY / 2), 4);
+        assert!(a.get(4).is_some(), "a producer that just wrote expired");
         // Batches without a producer id are not tracked.
         assert!(ProducerBatch::from_header(-1, -1, -1, 0, 5).is_none());
     }

@@ -132,6 +132,7 @@ impl PartitionGroup {
             idle_tx = Some(tx);
             None
         };
+        self.own_term_applied().await?;
         let (in_flight, reply) = self.hand_to_core(batch).await?;
         let check = self.leader_check();
         let inner = async move {
@@ -172,6 +173,31 @@ impl PartitionGroup {
                 .is_err()
             {
                 return Err(RaftError::Timeout);
+            }
+        }
+    }
+
+    /// On a new leader, waits (bounded) until it has applied an entry of its own term. Entries of
+    /// earlier terms in its log commit together with that first entry, so until it applies, the
+    /// machines have not seen them: a producer's resend of a batch already in the log would be
+    /// checked against a table that lacks it and appended twice. Elsewhere this returns at once
+    /// (a follower's proposal fails in the core anyway).
+    async fn own_term_applied(&self) -> Result<(), RaftError> {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                let applied_term = m.last_applied.map(|l| l.leader_id.term);
+                if m.state != openraft::ServerState::Leader || applied_term == Some(m.current_term)
+                {
+                    return Ok(());
+                }
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Err(_) => return Err(RaftError::Timeout),
+                Ok(Err(_)) => return Err(RaftError::Shutdown),
+                Ok(Ok(())) => {}
             }
         }
     }
