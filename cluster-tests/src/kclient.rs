@@ -112,6 +112,26 @@ impl KClient {
         self.topic = None;
     }
 
+    /// The answer of a call bounded by a timeout. After an error or a timeout the connection's
+    /// state is unknown (a late answer could be read as the next one's), so it is dropped.
+    fn answered<T>(
+        &mut self,
+        res: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+        what: &str,
+    ) -> Result<T> {
+        match res {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.reset();
+                Err(e)
+            }
+            Err(_) => {
+                self.reset();
+                Err(anyhow!("{what} timed out"))
+            }
+        }
+    }
+
     async fn ready(&mut self) -> Result<(&mut Client, &TopicInfo)> {
         if self.client.is_none() {
             let addr = self.bootstrap[self.next_bootstrap % self.bootstrap.len()].clone();
@@ -214,17 +234,7 @@ impl KClient {
             conn.call(&req, version).await
         })
         .await;
-        let resp = match res {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.reset();
-                return Err(e);
-            }
-            Err(_) => {
-                self.reset();
-                return Err(anyhow!("InitProducerId timed out"));
-            }
-        };
+        let resp = self.answered(res, "InitProducerId")?;
         if resp.error_code != ErrorCode::None.code() {
             return Err(anyhow!("InitProducerId: {}", error_name(resp.error_code)));
         }
@@ -355,16 +365,9 @@ impl KClient {
                 .await
         })
         .await;
-        let resp = match res {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.reset();
-                return Outcome::Info(format!("leader {leader}: {e:#}"));
-            }
-            Err(_) => {
-                self.reset();
-                return Outcome::Info(format!("leader {leader}: fetch timed out"));
-            }
+        let resp = match self.answered(res, "fetch") {
+            Ok(r) => r,
+            Err(e) => return Outcome::Info(format!("leader {leader}: {e:#}")),
         };
         if resp.error_code != ErrorCode::None.code() {
             return Outcome::Fail(format!("fetch: {}", error_name(resp.error_code)));
@@ -435,17 +438,7 @@ impl KClient {
             conn.call(&req, version).await
         })
         .await;
-        let resp = match res {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.reset();
-                return Err(e);
-            }
-            Err(_) => {
-                self.reset();
-                return Err(anyhow!("fetch timed out"));
-            }
-        };
+        let resp = self.answered(res, "fetch")?;
         let pd = resp
             .responses
             .into_iter()
