@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod conn;
 pub mod consume;
 pub mod errors;
+pub mod group;
 pub mod produce;
 pub mod records;
 pub mod topics;
