@@ -133,6 +133,12 @@ impl Client {
         }
     }
 
+    /// The caps set by [`Client::cap_versions`], for connections made elsewhere.
+    #[cfg(test)]
+    pub fn version_caps(&self) -> Vec<(kafka_protocol::messages::ApiKey, i16)> {
+        self.version_caps.clone()
+    }
+
     pub fn bootstrap_conn(&mut self) -> &mut BrokerConn {
         &mut self.bootstrap
     }

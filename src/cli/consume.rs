@@ -86,8 +86,12 @@ pub async fn consume<W: Write>(
     };
     // Fail on a missing topic before joining a group for it.
     client.topic(&args.topic).await?;
-    let member =
+    #[allow(unused_mut)]
+    let mut member =
         GroupMember::connect(&args.connect.bootstrap_server, settings.member.clone()).await?;
+    // Tests that play an older client speak its versions to the coordinator too.
+    #[cfg(test)]
+    member.group.client.cap_versions(&client.version_caps());
     let mut group = GroupRun {
         member,
         settings,

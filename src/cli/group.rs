@@ -402,7 +402,12 @@ impl GroupClient {
         loop {
             let why = match self.find_once().await {
                 Ok(Ok((node, addr))) => match BrokerConn::connect(&addr).await {
-                    Ok(conn) => {
+                    #[allow(unused_mut)]
+                    Ok(mut conn) => {
+                        #[cfg(test)]
+                        for (k, max) in self.client.version_caps() {
+                            conn.cap_version(k, max);
+                        }
                         tracing::debug!(group = %self.group, node, %addr, "found the coordinator");
                         let conn = Arc::new(Mutex::new(conn));
                         self.coordinator = Some((node, conn.clone()));

@@ -687,3 +687,5 @@ mod tests {
 
 #[cfg(test)]
 mod e2e_tests;
+#[cfg(test)]
+mod group_e2e_tests;
