@@ -79,6 +79,8 @@ pub fn parse_bootstrap(s: &str) -> Result<Vec<String>> {
 pub struct Client {
     /// Connection used for metadata and admin requests without a fixed target.
     bootstrap: BrokerConn,
+    /// The `--bootstrap-server` list, kept so that a broken bootstrap connection can be replaced.
+    bootstrap_servers: String,
     /// Advertised endpoints from the latest Metadata response.
     brokers: HashMap<i32, String>,
     controller_id: i32,
@@ -101,6 +103,7 @@ impl Client {
                 Ok(conn) => {
                     return Ok(Client {
                         bootstrap: conn,
+                        bootstrap_servers: bootstrap.to_string(),
                         brokers: HashMap::new(),
                         controller_id: -1,
                         conns: HashMap::new(),
@@ -130,8 +133,42 @@ impl Client {
         }
     }
 
+    /// The caps set by [`Client::cap_versions`], for connections made elsewhere.
+    #[cfg(test)]
+    pub fn version_caps(&self) -> Vec<(kafka_protocol::messages::ApiKey, i16)> {
+        self.version_caps.clone()
+    }
+
     pub fn bootstrap_conn(&mut self) -> &mut BrokerConn {
         &mut self.bootstrap
+    }
+
+    /// Replaces the bootstrap connection (after an I/O error or a cancelled call left it
+    /// unusable) with one to the first reachable bootstrap server.
+    pub async fn reconnect_bootstrap(&mut self) -> Result<()> {
+        let mut last_err = None;
+        for addr in parse_bootstrap(&self.bootstrap_servers)? {
+            match BrokerConn::connect(&addr).await {
+                #[allow(unused_mut)]
+                Ok(mut conn) => {
+                    #[cfg(test)]
+                    for (k, max) in &self.version_caps {
+                        conn.cap_version(*k, *max);
+                    }
+                    self.bootstrap = conn;
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("no bootstrap server")))
+    }
+
+    /// Node ids of the brokers in the latest Metadata response, sorted.
+    pub fn broker_ids(&self) -> Vec<i32> {
+        let mut ids: Vec<i32> = self.brokers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Raw Metadata request. `topics: None` asks for every topic.

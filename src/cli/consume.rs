@@ -13,13 +13,14 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::client::{backoff, Client, TopicInfo, MAX_RETRIES};
 use super::errors::{self, KafkaError};
+use super::group::{GroupMember, MemberConfig, Tp};
 use super::records::{decode_fetched, Consumed};
 use super::{ConsumeArgs, StartOffset};
 use crate::errors::ErrorCode;
 
 /// ListOffsets special timestamps.
-const LATEST: i64 = -1;
-const EARLIEST: i64 = -2;
+pub const LATEST: i64 = -1;
+pub const EARLIEST: i64 = -2;
 /// First Fetch version whose topics are identified by id.
 const TOPIC_ID_VERSION: i16 = 13;
 const MAX_WAIT_MS: u64 = 500;
@@ -75,12 +76,238 @@ pub async fn consume<W: Write>(
 ) -> Result<u64> {
     let mut printed = 0u64;
     tokio::pin!(stop);
-    let work = consume_loop(client, args, out, &mut printed);
-    tokio::select! {
-        r = work => r?,
-        _ = &mut stop => {}
-    }
+    let Some(settings) = group_settings(args)? else {
+        let work = consume_loop(client, args, out, &mut printed, None);
+        tokio::select! {
+            r = work => r?,
+            _ = &mut stop => {}
+        }
+        return Ok(printed);
+    };
+    // Fail on a missing topic before joining a group for it.
+    client.topic(&args.topic).await?;
+    #[allow(unused_mut)]
+    let mut member =
+        GroupMember::connect(&args.connect.bootstrap_server, settings.member.clone()).await?;
+    // Tests that play an older client speak its versions to the coordinator too.
+    #[cfg(test)]
+    member.group.client.cap_versions(&client.version_caps());
+    let mut group = GroupRun {
+        member,
+        settings,
+        consumed: BTreeMap::new(),
+        committed: BTreeMap::new(),
+        last_commit: Instant::now(),
+    };
+    let work = consume_loop(client, args, out, &mut printed, Some(&mut group));
+    let result = tokio::select! {
+        r = work => r,
+        _ = &mut stop => Ok(()),
+    };
+    // Whatever ended the loop, what was printed is committed, so the group resumes right after
+    // it; then the member leaves, so the others need not wait out its session.
+    let _ = flush_out(out);
+    let finished = group.finish(&args.topic).await;
+    result?;
+    finished?;
     Ok(printed)
+}
+
+/// What `auto.offset.reset` says for a partition the group has no offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+    /// Fail, as the Java consumer does with `none`.
+    None,
+}
+
+/// `consume --group` settings, from `--group`, `--from-beginning` and `--consumer-property`.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub member: MemberConfig,
+    pub reset: OffsetReset,
+    pub auto_commit: bool,
+    pub commit_interval: Duration,
+}
+
+/// The group settings of `args`, or None without a group. Contradictions are errors, as
+/// kafka-console-consumer reports them.
+pub fn group_settings(args: &ConsumeArgs) -> Result<Option<GroupSettings>> {
+    let props: HashMap<&str, &str> = args
+        .consumer_properties
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let group_id = match (args.group.as_deref(), props.get("group.id")) {
+        (Some(a), Some(b)) if a != *b => bail!(
+            "the group ids given with --group ('{a}') and --consumer-property group.id ('{b}') differ"
+        ),
+        (Some(g), _) | (None, Some(&g)) => g,
+        (None, None) => return Ok(None),
+    };
+    if group_id.is_empty() {
+        bail!("the group id must not be empty");
+    }
+    if args.partition.is_some() || args.offset.is_some() {
+        bail!("--partition and --offset cannot be used with a consumer group");
+    }
+    let ms = |key: &str, default: u64| -> Result<Duration> {
+        match props.get(key) {
+            None => Ok(Duration::from_millis(default)),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n > 0 && n <= i32::MAX as u64 => Ok(Duration::from_millis(n)),
+                _ => bail!("{key} must be a positive number of milliseconds, got '{v}'"),
+            },
+        }
+    };
+    let mut member = MemberConfig::new(group_id, &[args.topic.as_str()]);
+    member.session_timeout = ms(
+        "session.timeout.ms",
+        member.session_timeout.as_millis() as u64,
+    )?;
+    member.heartbeat_interval = ms(
+        "heartbeat.interval.ms",
+        member.heartbeat_interval.as_millis() as u64,
+    )?;
+    member.rebalance_timeout = ms(
+        "max.poll.interval.ms",
+        member.rebalance_timeout.as_millis() as u64,
+    )?;
+    member.join_timeout = member.rebalance_timeout + Duration::from_secs(60);
+    if member.heartbeat_interval >= member.session_timeout {
+        bail!("heartbeat.interval.ms must be lower than session.timeout.ms");
+    }
+    member.group_instance_id = props
+        .get("group.instance.id")
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_string());
+    let reset = match (props.get("auto.offset.reset").copied(), args.from_beginning) {
+        (None, false) => OffsetReset::Latest,
+        (None | Some("earliest"), true) | (Some("earliest"), false) => OffsetReset::Earliest,
+        (Some("latest"), false) => OffsetReset::Latest,
+        (Some("none"), false) => OffsetReset::None,
+        (Some(v @ ("latest" | "none")), true) => {
+            bail!("--from-beginning contradicts auto.offset.reset={v}")
+        }
+        (Some(v), _) => bail!("auto.offset.reset must be earliest, latest or none, got '{v}'"),
+    };
+    let auto_commit = match props.get("enable.auto.commit").copied() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(v) => bail!("enable.auto.commit must be true or false, got '{v}'"),
+    };
+    let commit_interval = ms("auto.commit.interval.ms", 5000)?;
+    for k in props.keys() {
+        const KNOWN: &[&str] = &[
+            "group.id",
+            "group.instance.id",
+            "auto.offset.reset",
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "max.poll.interval.ms",
+            "enable.auto.commit",
+            "auto.commit.interval.ms",
+        ];
+        if !KNOWN.contains(k) {
+            tracing::warn!("consumer property '{k}' is not used by this consumer; ignored");
+        }
+    }
+    Ok(Some(GroupSettings {
+        member,
+        reset,
+        auto_commit,
+        commit_interval,
+    }))
+}
+
+/// A group consumer's membership and what it has printed.
+struct GroupRun {
+    member: GroupMember,
+    settings: GroupSettings,
+    /// Per assigned partition: the offset after the last record printed (or where consumption
+    /// starts), i.e. what to commit.
+    consumed: BTreeMap<i32, i64>,
+    /// What the group last had committed for each assigned partition.
+    committed: BTreeMap<i32, i64>,
+    last_commit: Instant,
+}
+
+impl GroupRun {
+    /// Commits the consumed offsets that moved. A failure is reported as a warning (the
+    /// records will be read again by whoever gets the partition), as the Java consumer's auto
+    /// commit does; a member whose generation ended finds out at its next poll.
+    async fn commit(&mut self, topic: &str) {
+        self.last_commit = Instant::now();
+        if !self.settings.auto_commit || self.member.generation() < 0 {
+            return;
+        }
+        let moved: BTreeMap<Tp, i64> = self
+            .consumed
+            .iter()
+            .filter(|(p, o)| self.committed.get(p) != Some(o))
+            .map(|(p, o)| ((topic.to_string(), *p), *o))
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        match self.member.commit(&moved).await {
+            Ok(()) => {
+                for ((_, p), o) in moved {
+                    self.committed.insert(p, o);
+                }
+            }
+            Err(e) => tracing::warn!("could not commit offsets: {e:#}"),
+        }
+    }
+
+    /// Joins (again) and returns the start offsets of this member's partitions of `topic`:
+    /// the committed ones, else per `auto.offset.reset`.
+    async fn join(
+        &mut self,
+        client: &mut Client,
+        topic: &mut TopicInfo,
+    ) -> Result<BTreeMap<i32, i64>> {
+        let name = topic.name().to_string();
+        let assignment = self.member.join().await?;
+        let parts: Vec<i32> = assignment.partitions_of(&name).to_vec();
+        *topic = client.topic(&name).await?;
+        let tps: Vec<Tp> = parts.iter().map(|p| (name.clone(), *p)).collect();
+        let committed = self.member.committed(&tps).await?;
+        let mut starts = BTreeMap::new();
+        let mut missing = Vec::new();
+        for p in &parts {
+            match committed.get(&(name.clone(), *p)) {
+                Some(o) if *o >= 0 => {
+                    starts.insert(*p, *o);
+                }
+                _ => missing.push(*p),
+            }
+        }
+        self.committed = starts.clone();
+        if !missing.is_empty() {
+            let at = match self.settings.reset {
+                OffsetReset::Earliest => EARLIEST,
+                OffsetReset::Latest => LATEST,
+                OffsetReset::None => bail!(
+                    "group '{}' has no committed offset for topic '{name}' partition {} and auto.offset.reset is none",
+                    self.settings.member.group_id,
+                    missing[0]
+                ),
+            };
+            starts.extend(list_offsets(client, topic, &missing, at).await?);
+        }
+        self.consumed = starts.clone();
+        Ok(starts)
+    }
+
+    /// The final commit and LeaveGroup, bounded by the group calls' own timeouts.
+    async fn finish(&mut self, topic: &str) -> Result<()> {
+        if self.member.is_member() {
+            self.commit(topic).await;
+        }
+        self.member.leave().await
+    }
 }
 
 async fn consume_loop<W: Write>(
@@ -88,8 +315,13 @@ async fn consume_loop<W: Write>(
     args: &ConsumeArgs,
     out: &mut W,
     printed: &mut u64,
+    mut group: Option<&mut GroupRun>,
 ) -> Result<()> {
     let mut topic = client.topic(&args.topic).await?;
+    if let Some(g) = group.as_deref_mut() {
+        let starts = g.join(client, &mut topic).await?;
+        return consume_positions(client, args, out, printed, group, topic, starts).await;
+    }
     let partitions: Vec<i32> = match args.partition {
         Some(p) if (0..topic.partition_count()).contains(&p) => vec![p],
         Some(p) => bail!(
@@ -104,21 +336,46 @@ async fn consume_loop<W: Write>(
         (None, true) => StartOffset::Earliest,
         (None, false) => StartOffset::Latest,
     };
-    let mut positions: BTreeMap<i32, Position> = BTreeMap::new();
-    let initial = match start {
+    let initial: BTreeMap<i32, i64> = match start {
         StartOffset::At(o) => partitions.iter().map(|p| (*p, o)).collect(),
-        StartOffset::Earliest => list_offsets(client, &mut topic, &partitions, EARLIEST).await?,
-        StartOffset::Latest => list_offsets(client, &mut topic, &partitions, LATEST).await?,
+        StartOffset::Earliest => list_offsets(client, &mut topic, &partitions, EARLIEST)
+            .await?
+            .into_iter()
+            .collect(),
+        StartOffset::Latest => list_offsets(client, &mut topic, &partitions, LATEST)
+            .await?
+            .into_iter()
+            .collect(),
     };
-    for (p, offset) in initial {
-        positions.insert(
-            p,
-            Position {
-                offset,
-                max_bytes: PARTITION_MAX_BYTES,
-            },
-        );
-    }
+    consume_positions(client, args, out, printed, None, topic, initial).await
+}
+
+fn positions_at(starts: BTreeMap<i32, i64>) -> BTreeMap<i32, Position> {
+    starts
+        .into_iter()
+        .map(|(p, offset)| {
+            (
+                p,
+                Position {
+                    offset,
+                    max_bytes: PARTITION_MAX_BYTES,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The fetch loop from `starts`; with a group, it also heartbeats' news, rejoins, and commits.
+async fn consume_positions<W: Write>(
+    client: &mut Client,
+    args: &ConsumeArgs,
+    out: &mut W,
+    printed: &mut u64,
+    mut group: Option<&mut GroupRun>,
+    mut topic: TopicInfo,
+    starts: BTreeMap<i32, i64>,
+) -> Result<()> {
+    let mut positions = positions_at(starts);
     if args.max_messages == Some(0) {
         return Ok(());
     }
@@ -129,6 +386,27 @@ async fn consume_loop<W: Write>(
     let mut buf = Vec::new();
 
     loop {
+        if let Some(g) = group.as_deref_mut() {
+            if g.member.poll().await? {
+                // Commit before giving the partitions up, so their next owner starts right
+                // after what we printed (the generation is still valid while the group
+                // prepares the rebalance).
+                g.commit(&args.topic).await;
+                positions = positions_at(g.join(client, &mut topic).await?);
+                // Time spent rejoining is not silence from the topic.
+                last_record = Instant::now();
+            } else if g.last_commit.elapsed() >= g.settings.commit_interval {
+                g.commit(&args.topic).await;
+            }
+            if positions.is_empty() {
+                // Nothing assigned (more members than partitions): wait for a rebalance.
+                tokio::time::sleep(Duration::from_millis(max_wait.min(200))).await;
+                if timeout.is_some_and(|t| last_record.elapsed() >= t) {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
         // Send one fetch to every leader first, then collect the answers,
         // so brokers wait for data concurrently.
         let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
@@ -219,11 +497,18 @@ async fn consume_loop<W: Write>(
                             return Ok(()); // reader went away (e.g. `| head`)
                         }
                         *printed += 1;
+                        if let Some(g) = group.as_deref_mut() {
+                            g.consumed.insert(p, r.offset + 1);
+                        }
                         last_record = Instant::now();
                         if args.max_messages.is_some_and(|m| *printed >= m) {
                             let _ = flush_out(out)?;
                             return Ok(());
                         }
+                    }
+                    // Past the whole fetched range (control records and gaps included).
+                    if let Some(g) = group.as_deref_mut() {
+                        g.consumed.insert(p, next);
                     }
                 }
             }
@@ -242,6 +527,9 @@ async fn consume_loop<W: Write>(
                 pos.offset
             );
             pos.offset = reset;
+            if let Some(g) = group.as_deref_mut() {
+                g.consumed.insert(p, reset);
+            }
         }
         if let Some(why) = stale {
             stale_rounds += 1;

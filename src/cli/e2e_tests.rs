@@ -64,6 +64,8 @@ fn consume_args(c: &TestCluster, topic: &str) -> ConsumeArgs {
         print_key: false,
         print_offset: false,
         timeout_ms: Some(5_000),
+        group: None,
+        consumer_properties: Vec::new(),
         connect: connect_args(c),
     }
 }

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use kafka_protocol::error::ResponseError as RE;
+
 use crate::errors::ErrorCode as E;
 
 /// An error code returned by a broker, with the context it applies to.
@@ -35,6 +37,9 @@ impl KafkaError {
         let self_explanatory = matches!(
             E::from_code(code),
             Some(E::TopicAlreadyExists | E::UnknownTopicOrPartition | E::UnknownTopicId)
+        ) || matches!(
+            RE::try_from_code(code),
+            Some(RE::GroupIdNotFound | RE::NonEmptyGroup)
         );
         let extra = broker_message
             .map(str::trim)
@@ -86,6 +91,37 @@ pub fn error_name(code: i16) -> String {
 
 /// A short, subject-first phrase for the errors users actually hit.
 fn explain(code: i16, subject: &str) -> String {
+    // Group errors, named through kafka-protocol's table (the broker's lists the codes it sends).
+    let group_phrase = match RE::try_from_code(code) {
+        Some(RE::GroupIdNotFound) => return format!("{subject} does not exist"),
+        Some(RE::NonEmptyGroup) => return format!("{subject} is not empty (it has members)"),
+        Some(RE::NotCoordinator) => Some("broker is not the group's coordinator"),
+        Some(RE::CoordinatorLoadInProgress) => Some("the group coordinator is still loading"),
+        Some(RE::RebalanceInProgress) => Some("the group is rebalancing"),
+        Some(RE::IllegalGeneration) => Some("the group has moved on to a newer generation"),
+        Some(RE::UnknownMemberId) => Some("the coordinator does not know this member"),
+        Some(RE::InvalidSessionTimeout) => {
+            Some("session timeout is outside the broker's group.min/max.session.timeout.ms")
+        }
+        Some(RE::InconsistentGroupProtocol) => {
+            Some("the group's members use another protocol or assignor")
+        }
+        Some(RE::GroupMaxSizeReached) => Some("the group is full (group.max.size)"),
+        Some(RE::FencedInstanceId) => {
+            Some("another member with the same group.instance.id took its place")
+        }
+        Some(RE::OffsetMetadataTooLarge) => {
+            Some("offset metadata is larger than the broker accepts")
+        }
+        Some(RE::GroupSubscribedToTopic) => {
+            Some("a member of the group is subscribed to the topic")
+        }
+        Some(RE::GroupAuthorizationFailed) => Some("not authorized to access the group"),
+        _ => None,
+    };
+    if let Some(phrase) = group_phrase {
+        return format!("{subject}: {phrase}");
+    }
     let Some(e) = E::from_code(code) else {
         return format!("{subject}: request failed");
     };
@@ -112,6 +148,7 @@ fn explain(code: i16, subject: &str) -> String {
         E::InvalidReplicaAssignment => "invalid replica assignment",
         E::InvalidConfig => "invalid topic configuration",
         E::NotController => "broker is not the controller",
+        E::CoordinatorNotAvailable => "the group coordinator is not available",
         E::InvalidRequest => "invalid request",
         E::PolicyViolation => "policy violation",
         E::TopicDeletionDisabled => "topic deletion is disabled on the broker",

@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod conn;
 pub mod consume;
 pub mod errors;
+pub mod group;
+pub mod groups;
 pub mod produce;
 pub mod records;
 pub mod topics;
@@ -40,6 +42,11 @@ pub enum ClientCommand {
     Produce(ProduceArgs),
     /// Print records of a topic to stdout, one value per line.
     Consume(ConsumeArgs),
+    /// List, describe, reset the offsets of, or delete consumer groups.
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
     /// Cluster state from a node's admin HTTP API.
     Cluster {
         #[command(subcommand)]
@@ -59,6 +66,63 @@ pub enum TopicsCommand {
     Delete(TopicsNameArgs),
     /// Increase the partition count of a topic.
     Alter(TopicsAlterArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum GroupsCommand {
+    /// List consumer group ids, one per line (from every broker).
+    List(TopicsListArgs),
+    /// Show a group's state, members, assignments, and committed offset, end offset and lag
+    /// per partition.
+    Describe(GroupsNameArgs),
+    /// Move a group's committed offsets (a dry run unless --execute; the group must be empty).
+    ResetOffsets(GroupsResetArgs),
+    /// Delete a group (it must have no members).
+    Delete(GroupsNameArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GroupsNameArgs {
+    pub group: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// Where `groups reset-offsets` moves the offsets: exactly one of these.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct ResetTarget {
+    /// To the log start offset.
+    #[arg(long = "to-earliest")]
+    pub to_earliest: bool,
+    /// To the log end offset.
+    #[arg(long = "to-latest")]
+    pub to_latest: bool,
+    /// To offset N (kept within the log start and end).
+    #[arg(long = "to-offset", value_name = "N")]
+    pub to_offset: Option<i64>,
+    /// To the first record at or after this time: ISO-8601, e.g. 2026-01-31T12:00:00.000,
+    /// with an optional Z or +HH:MM (UTC when omitted).
+    #[arg(long = "to-datetime", value_name = "DATETIME", value_parser = parse_datetime)]
+    pub to_datetime: Option<i64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GroupsResetArgs {
+    pub group: String,
+    /// TOPIC (every partition) or TOPIC:P,P,...
+    #[arg(long, value_name = "TOPIC[:PARTITIONS]", value_parser = parse_topic_partitions)]
+    pub topic: (String, Option<Vec<i32>>),
+    #[command(flatten)]
+    pub to: ResetTarget,
+    /// Commit the new offsets (without it, only print them).
+    #[arg(long)]
+    pub execute: bool,
+    /// Only print the new offsets (the default).
+    #[arg(long = "dry-run", conflicts_with = "execute")]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -179,6 +243,15 @@ pub struct ConsumeArgs {
     /// Exit when no record arrived for this many milliseconds.
     #[arg(long = "timeout-ms")]
     pub timeout_ms: Option<u64>,
+    /// Consume as a member of this consumer group: its assigned partitions, from its committed
+    /// offsets, committing what was printed.
+    #[arg(long, conflicts_with_all = ["partition", "offset"])]
+    pub group: Option<String>,
+    /// Consumer setting, repeatable: group.id, group.instance.id, auto.offset.reset,
+    /// session.timeout.ms, heartbeat.interval.ms, max.poll.interval.ms, enable.auto.commit,
+    /// auto.commit.interval.ms.
+    #[arg(long = "consumer-property", value_name = "KEY=VALUE", value_parser = parse_config)]
+    pub consumer_properties: Vec<(String, String)>,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -190,8 +263,132 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Topics { command } => topics::run(command).await,
         ClientCommand::Produce(args) => produce::run(args).await,
         ClientCommand::Consume(args) => consume::run(args).await,
+        ClientCommand::Groups { command } => groups::run(command).await,
         ClientCommand::Cluster { command } => cluster::run(command).await,
     }
+}
+
+fn parse_topic_partitions(s: &str) -> Result<(String, Option<Vec<i32>>), String> {
+    let (topic, parts) = match s.split_once(':') {
+        None => (s, None),
+        Some((t, ps)) => {
+            let parsed: Result<Vec<i32>, _> =
+                ps.split(',').map(|p| p.trim().parse::<i32>()).collect();
+            match parsed {
+                Ok(v) if !v.is_empty() && v.iter().all(|p| *p >= 0) => (t, Some(v)),
+                _ => return Err(format!("expected TOPIC or TOPIC:P,P,..., got '{s}'")),
+            }
+        }
+    };
+    if topic.is_empty() {
+        return Err("topic must not be empty".to_string());
+    }
+    Ok((topic.to_string(), parts))
+}
+
+/// ISO-8601 as kafka-consumer-groups takes it (`YYYY-MM-DDTHH:mm:SS[.sss][Z|±HH:MM]`, seconds and
+/// fraction optional) to milliseconds since the epoch. Without a zone, UTC.
+pub fn parse_datetime(s: &str) -> Result<i64, String> {
+    let bad = || format!("expected a date-time like 2026-01-31T12:00:00.000[Z|+01:00], got '{s}'");
+    let (date, rest) = s.split_once('T').ok_or_else(bad)?;
+    let (time, zone_ms) = if let Some(t) = rest.strip_suffix('Z') {
+        (t, 0i64)
+    } else if let Some(i) = rest.rfind(['+', '-']) {
+        let (t, z) = rest.split_at(i);
+        let sign = if z.starts_with('-') { -1 } else { 1 };
+        let z = &z[1..];
+        let (zh, zm) = z
+            .split_once(':')
+            .unwrap_or((z.get(..2).unwrap_or(""), z.get(2..).unwrap_or("")));
+        let zh: i64 = zh.parse().map_err(|_| bad())?;
+        let zm: i64 = if zm.is_empty() {
+            0
+        } else {
+            zm.parse().map_err(|_| bad())?
+        };
+        if zh > 23 || zm > 59 {
+            return Err(bad());
+        }
+        (t, sign * (zh * 3600 + zm * 60) * 1000)
+    } else {
+        (rest, 0)
+    };
+    let num = |v: Option<&str>, lo: i64, hi: i64| -> Result<i64, String> {
+        let v = v.ok_or_else(bad)?;
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: i64 = v.parse().map_err(|_| bad())?;
+        if n < lo || n > hi {
+            return Err(bad());
+        }
+        Ok(n)
+    };
+    let mut d = date.split('-');
+    let (y, mo, da) = (
+        num(d.next(), 0, 9999)?,
+        num(d.next(), 1, 12)?,
+        num(d.next(), 1, 31)?,
+    );
+    if d.next().is_some() {
+        return Err(bad());
+    }
+    let (hms, frac) = match time.split_once('.') {
+        Some((a, f)) => (a, Some(f)),
+        None => (time, None),
+    };
+    let mut t = hms.split(':');
+    let h = num(t.next(), 0, 23)?;
+    let mi = num(t.next(), 0, 59)?;
+    let sec = match t.next() {
+        Some(x) => num(Some(x), 0, 59)?,
+        None => 0,
+    };
+    if t.next().is_some() {
+        return Err(bad());
+    }
+    let ms = match frac {
+        None => 0,
+        Some(f) if !f.is_empty() && f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()) => {
+            let padded = format!("{f:0<3}");
+            padded[..3].parse::<i64>().map_err(|_| bad())?
+        }
+        Some(_) => return Err(bad()),
+    };
+    let days_in_month = [
+        31,
+        if is_leap(y) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if da > days_in_month[(mo - 1) as usize] {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, mo, da);
+    Ok(((days * 86_400 + h * 3600 + mi * 60 + sec) * 1000 + ms) - zone_ms)
+}
+
+fn is_leap(y: i64) -> bool {
+    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 fn parse_config(s: &str) -> Result<(String, String), String> {
@@ -365,9 +562,130 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["consume", "t", "--partition", "0", "--offset", "earliest"]).is_ok());
-        assert!(parse(&["consume", "t", "--group", "g"]).is_err());
+        // A group picks the partitions and offsets itself.
+        let ClientCommand::Consume(c) = parse(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--consumer-property",
+            "auto.offset.reset=earliest",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.group.as_deref(), Some("g"));
+        assert_eq!(
+            c.consumer_properties,
+            vec![("auto.offset.reset".into(), "earliest".into())]
+        );
+        assert!(parse(&["consume", "t", "--group", "g", "--partition", "0"]).is_err());
+        assert!(parse(&["consume", "t", "--consumer-property", "x"]).is_err());
+    }
+
+    #[test]
+    fn parses_groups_verbs() {
+        assert!(parse(&["groups", "list"]).is_ok());
+        assert!(parse(&["groups", "describe", "g"]).is_ok());
+        assert!(parse(&["groups", "delete", "g"]).is_ok());
+        let ClientCommand::Groups {
+            command: GroupsCommand::ResetOffsets(r),
+        } = parse(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t:0,2",
+            "--to-offset",
+            "5",
+        ])
+        .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.topic, ("t".to_string(), Some(vec![0, 2])));
+        assert_eq!(r.to.to_offset, Some(5));
+        assert!(!r.execute);
+        // Exactly one target.
+        assert!(parse(&["groups", "reset-offsets", "g", "--topic", "t"]).is_err());
+        assert!(parse(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+            "--to-latest"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-latest",
+            "--execute",
+            "--dry-run"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t:x",
+            "--to-latest"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-datetime",
+            "yesterday"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn datetimes_as_kafka_consumer_groups_takes_them() {
+        assert_eq!(parse_datetime("1970-01-01T00:00:00.000"), Ok(0));
+        assert_eq!(parse_datetime("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(
+            parse_datetime("2021-03-04T05:06:07.089Z"),
+            Ok(1_614_834_367_089)
+        );
+        assert_eq!(
+            parse_datetime("2021-03-04T06:06:07.089+01:00"),
+            Ok(1_614_834_367_089)
+        );
+        assert_eq!(
+            parse_datetime("2021-03-04T04:36:07.089-0030"),
+            Ok(1_614_834_367_089)
+        );
+        assert_eq!(parse_datetime("2021-03-04T05:06"), Ok(1_614_834_360_000));
+        assert_eq!(
+            parse_datetime("2024-02-29T00:00:00.5"),
+            Ok(1_709_164_800_500)
+        );
+        for bad in [
+            "2021-03-04",
+            "2021-02-29T00:00:00",
+            "2021-13-01T00:00:00",
+            "2021-03-04T24:00:00",
+            "2021-03-04T05:06:07.x",
+            "2021-03-04T05:06:07+25:00",
+            "now",
+        ] {
+            assert!(parse_datetime(bad).is_err(), "{bad}");
+        }
     }
 }
 
 #[cfg(test)]
 mod e2e_tests;
+#[cfg(test)]
+mod group_e2e_tests;
