@@ -26,7 +26,8 @@
 //!   always be able to read from 0. (With retention, the floor would be the start retention
 //!   reported instead of 0.)
 //!
-//! The metadata workload's anomalies are in [`crate::metacheck`].
+//! The metadata workload's anomalies are in [`crate::metacheck`], the consumer group's
+//! (`commit_backwards`, `commit_skipped`, `group_unverified`) in [`crate::groupcheck`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -102,6 +103,8 @@ pub struct CheckResult {
     /// Metadata workload operations by kind (create_topic, create_partitions, delete_topic,
     /// list_topics, metadata_final) and outcome.
     pub metadata_ops: BTreeMap<String, OpCounts>,
+    /// The consumer-group workload's figures; None when the history has no group.
+    pub group: Option<crate::groupcheck::GroupStats>,
 }
 
 impl CheckResult {
@@ -137,6 +140,7 @@ impl Anomalies {
             counts: ANOMALIES
                 .iter()
                 .chain(crate::metacheck::ANOMALIES)
+                .chain(crate::groupcheck::ANOMALIES)
                 .map(|a| (a.to_string(), 0))
                 .collect(),
             examples: BTreeMap::new(),
@@ -461,6 +465,11 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
     }
 
     crate::metacheck::check(ops, &mut an);
+    let acked_writes: Vec<(u64, i32, i64)> = acked
+        .iter()
+        .map(|(v, w, o)| (*v, w.partition, *o))
+        .collect();
+    let group = crate::groupcheck::check(ops, &acked_writes, &mut an);
     let mut metadata_ops: BTreeMap<String, OpCounts> = BTreeMap::new();
     for op in ops.iter().filter(|o| {
         matches!(
@@ -506,6 +515,7 @@ pub fn check_with(ops: &[Op], undrained: &BTreeMap<i32, i64>) -> CheckResult {
 
     let total: usize = an.counts.values().sum();
     CheckResult {
+        group,
         metadata_ops,
         longest_ack_gap,
         longest_ack_gap_by_partition,

@@ -11,6 +11,13 @@
 //! `producer_id`, `epoch` and `seq` their batch was stamped with, and their completions
 //! `attempts` (how many times the same batch was sent); its `init_producer_id` operations record
 //! the ids and epochs it was given.
+//!
+//! The consumer group's operations (see [`crate::groupload`]) name their `member`: a member's
+//! `group_join` completes with its `generation` and `assigned` partitions; its polls are `poll`
+//! operations like the standalone consumers'; each `commit` is one partition's `offset` committed
+//! as `generation`; each `offset_fetch` answers one partition's committed `offset` (-1: none),
+//! asked by a member when it is given the partition, by the `observer` that samples the group
+//! throughout, or (`drain`) once after the final heal.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -30,7 +37,7 @@ pub enum OpType {
     Info,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum F {
     Send,
@@ -55,6 +62,15 @@ pub enum F {
     /// new id), answered with the id and epoch it got.
     #[serde(rename = "init_producer_id")]
     InitProducerId,
+    /// A consumer-group member's JoinGroup + SyncGroup: on `ok`, its `generation` and the
+    /// workload topic's partitions it was `assigned`.
+    #[serde(rename = "group_join")]
+    GroupJoin,
+    /// OffsetCommit of one partition's `offset` by `member` as `generation`.
+    Commit,
+    /// OffsetFetch of the group: on `ok`, one partition's committed `offset` (-1 for none).
+    #[serde(rename = "offset_fetch")]
+    OffsetFetch,
 }
 
 /// Which kind of producer sent a value.
@@ -144,6 +160,14 @@ pub struct Op {
     /// Idempotent send completions: how many times the batch was sent (resends included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// Consumer-group operations: which member (`m0`..) or `observer` did it, the generation
+    /// it held, and (group_join) the partitions it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<Vec<i32>>,
     /// Nanoseconds since the start of the run.
     pub time: u64,
 }
@@ -174,8 +198,23 @@ impl Op {
             epoch: None,
             seq: None,
             attempts: None,
+            member: None,
+            generation: None,
+            assigned: None,
             time: 0,
         }
+    }
+    pub fn member(mut self, m: impl Into<String>) -> Op {
+        self.member = Some(m.into());
+        self
+    }
+    pub fn generation(mut self, g: i32) -> Op {
+        self.generation = Some(g);
+        self
+    }
+    pub fn assigned(mut self, ps: Vec<i32>) -> Op {
+        self.assigned = Some(ps);
+        self
     }
     pub fn producer(mut self, k: ProducerKind) -> Op {
         self.producer = Some(k);

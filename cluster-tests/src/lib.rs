@@ -4,6 +4,8 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod groupcheck;
+pub mod groupload;
 pub mod history;
 pub mod kclient;
 pub mod logcmp;

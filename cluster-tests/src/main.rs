@@ -40,6 +40,12 @@ enum Cmd {
         producer: run::ProducerMode,
         #[arg(long, default_value_t = 2)]
         consumers: usize,
+        /// Members of the consumer group that shares the topic's partitions and commits
+        /// offsets (with an observer sampling them); 0, or --no-consumer-group, runs none.
+        #[arg(long = "group-members", default_value_t = 3)]
+        group_members: usize,
+        #[arg(long = "no-consumer-group")]
+        no_consumer_group: bool,
         /// Produce requests each producer pipelines (one record each); idempotent producers
         /// pipeline at most 5, Kafka's limit for idempotence.
         #[arg(long, default_value_t = 4)]
@@ -115,6 +121,8 @@ fn main() -> std::process::ExitCode {
             producers,
             producer,
             consumers,
+            group_members,
+            no_consumer_group,
             inflight,
             quiet_secs,
             hold_secs,
@@ -136,6 +144,7 @@ fn main() -> std::process::ExitCode {
             cfg.partitions = partitions.max(1);
             cfg.producers = producers;
             cfg.consumers = consumers;
+            cfg.group_members = if no_consumer_group { 0 } else { group_members };
             cfg.producer_mode = producer;
             cfg.inflight = inflight.clamp(1, 64);
             cfg.quiet_secs = quiet_secs;

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::checker::{self, CheckResult};
 use crate::cluster::Cluster;
+use crate::groupload;
 use crate::history::{History, ProducerKind};
 use crate::logcmp::{self, Comparison};
 use crate::metaload;
@@ -40,6 +41,9 @@ pub struct RunCfg {
     pub metadata_workload: bool,
     /// Which kind of producer the workload runs.
     pub producer_mode: ProducerMode,
+    /// Members of the consumer group (`ct-group`) sharing the topic's partitions and committing
+    /// offsets, plus an observer sampling its committed offsets; 0 runs no group.
+    pub group_members: usize,
 }
 
 /// The data workload's producers: all plain, all idempotent, or both (the default).
@@ -95,6 +99,7 @@ impl RunCfg {
             hold_secs: (4, 10),
             metadata_workload: true,
             producer_mode: ProducerMode::Mixed,
+            group_members: 3,
         }
     }
 }
@@ -110,6 +115,9 @@ pub struct RunOutcome {
     pub nemesis: NemesisLog,
     pub setup_error: Option<String>,
     pub notes: Vec<String>,
+    /// The group's committed offsets after the final heal (None without a group, or when no
+    /// coordinator answered).
+    pub group_final: Option<BTreeMap<i32, i64>>,
     /// Whether every node's final metadata views agreed (None without the metadata workload).
     pub metadata_converged: Option<bool>,
 }
@@ -282,6 +290,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             nemesis: NemesisLog::default(),
             setup_error: Some(setup_error),
             notes,
+            group_final: None,
             metadata_converged: None,
         };
         write_outputs(&cfg, &outcome, &history, started.elapsed())?;
@@ -315,6 +324,12 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             cfg.seed,
             w,
         )));
+    }
+    for m in 0..cfg.group_members {
+        workers.push(tokio::spawn(groupload::member(shared.clone(), m)));
+    }
+    if cfg.group_members > 0 {
+        workers.push(tokio::spawn(groupload::observer(shared.clone())));
     }
     if cfg.metadata_workload {
         workers.push(tokio::spawn(metaload::worker(
@@ -365,6 +380,21 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         tokio::time::Instant::now() + Duration::from_secs(90),
     )
     .await;
+
+    let group_final = if cfg.group_members > 0 {
+        tracing::info!("--- final OffsetFetch of the consumer group");
+        let f = groupload::final_offsets(
+            shared.clone(),
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await;
+        if f.is_none() {
+            notes.push("the final OffsetFetch of the group got no answer in 60 s".into());
+        }
+        f
+    } else {
+        None
+    };
 
     let metadata_converged = if cfg.metadata_workload {
         tracing::info!("--- final metadata: every node's topics, via admin and Kafka Metadata");
@@ -437,6 +467,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         nemesis: nemesis_log,
         setup_error: None,
         notes,
+        group_final,
         metadata_converged,
     };
     write_outputs(&cfg, &outcome, &history, started.elapsed())?;
@@ -458,7 +489,7 @@ pub fn replay_command(cfg: &RunCfg) -> String {
     };
     format!(
         "SEED={} cluster-tests run --duration-secs {} --nodes {} --nemesis {nemeses} \
-         --partitions {} --producers {} --producer {} --consumers {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{}{} --out DIR",
+         --partitions {} --producers {} --producer {} --consumers {} --group-members {} --inflight {} --quiet-secs {}-{} --hold-secs {}-{}{} --out DIR",
         cfg.seed,
         cfg.duration.as_secs(),
         cfg.nodes,
@@ -466,6 +497,7 @@ pub fn replay_command(cfg: &RunCfg) -> String {
         cfg.producers,
         cfg.producer_mode.name(),
         cfg.consumers,
+        cfg.group_members,
         cfg.inflight,
         cfg.quiet_secs.0,
         cfg.quiet_secs.1,
@@ -504,6 +536,7 @@ pub fn summary_json(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> Value {
         "power_loss": {"node_losses": o.nemesis.power_loss_nodes, "effects": o.nemesis.power_loss},
         "disk_faults": o.nemesis.disk,
         "metadata_ops": o.check.metadata_ops,
+        "consumer_group": o.check.group,
         "metadata_converged": o.metadata_converged,
         "unexpected_exits": o.nemesis.unexpected_exits,
         "drain": o.drain.iter().map(|(p, hw, reached, err)| json!({
@@ -630,6 +663,37 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
             s,
             "  partition {p}: {n} acked, highest offset read {}{gap}",
             c.max_read_offset.get(p).copied().unwrap_or(-1)
+        );
+    }
+    if let Some(g) = &c.group {
+        let _ = writeln!(s, "\n== consumer group ({})", groupload::GROUP);
+        let _ = writeln!(
+            s,
+            "  joins: {} ok, {} failed or unanswered; {} generations joined (highest {}): {} rebalances",
+            g.joins.ok,
+            g.joins.fail + g.joins.info,
+            g.generations,
+            g.max_generation,
+            g.generations.saturating_sub(1)
+        );
+        let _ = writeln!(
+            s,
+            "  consumed: {} records, {} distinct offsets, {} offsets consumed more than once (at-least-once, not an anomaly)",
+            g.consumed_records, g.consumed_offsets, g.consumed_more_than_once
+        );
+        let _ = writeln!(
+            s,
+            "  commits: {} ok, {} refused, {} unknown; OffsetFetch samples: {} ok, {} unanswered",
+            g.commits.ok,
+            g.commits.fail,
+            g.commits.info,
+            g.offset_fetches.ok,
+            g.offset_fetches.fail + g.offset_fetches.info
+        );
+        let _ = writeln!(
+            s,
+            "  final committed offsets: {:?}; acknowledged writes below them: {} (every one consumed, else commit_skipped), above: {}",
+            g.final_committed, g.acked_below_committed, g.acked_above_committed
         );
     }
     if !c.metadata_ops.is_empty() {
