@@ -39,6 +39,9 @@ pub const ANOMALIES: &[&str] = &["commit_backwards", "commit_skipped", "group_un
 pub struct GroupStats {
     /// JoinGroup + SyncGroup by members: completed, and failed or unanswered.
     pub joins: OpCounts,
+    /// Member ids retired: `ok` left with a LeaveGroup, `fail` LeaveGroup unanswered, `info`
+    /// crashed (dropped without one).
+    pub retired: OpCounts,
     /// Distinct generations members joined, and the highest; every generation after the first
     /// is a rebalance the members took part in.
     pub generations: usize,
@@ -95,8 +98,10 @@ pub(crate) fn check(
     an: &mut Anomalies,
 ) -> Option<GroupStats> {
     let group_op = |o: &&Op| {
-        matches!(o.f, F::GroupJoin | F::Commit | F::OffsetFetch)
-            || (o.f == F::Poll && o.member.is_some())
+        matches!(
+            o.f,
+            F::GroupJoin | F::GroupLeave | F::Commit | F::OffsetFetch
+        ) || (o.f == F::Poll && o.member.is_some())
     };
     if !ops.iter().any(|o| group_op(&o)) {
         return None;
@@ -123,6 +128,7 @@ pub(crate) fn check(
                     generations.insert(g);
                 }
             }
+            F::GroupLeave => count(&mut st.retired, op.kind),
             F::Poll => {
                 if op.kind != OpType::Ok {
                     continue;

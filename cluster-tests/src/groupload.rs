@@ -3,6 +3,11 @@
 //! after every fetch that returned records; an observer samples the group's committed offsets
 //! throughout; after the final heal one last OffsetFetch records where the group ended.
 //!
+//! A member lives 15-45 s (seeded), then retires its member id and joins as a new member, as a
+//! restarted consumer would: most leave the group first, some (30 %) simply vanish, as after a
+//! crash, and the group waits out their session. Both start rebalances that move partitions
+//! between members, which coordinator failovers alone do not (the group's state survives them).
+//!
 //! Members are `sluice::cli::group::GroupMember`s (FindCoordinator, JoinGroup with
 //! MEMBER_ID_REQUIRED, SyncGroup with the leader's range assignment, a heartbeat task,
 //! OffsetCommit/OffsetFetch); their fetches go through [`KClient::poll`] like the standalone
@@ -22,6 +27,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use sluice::cli::errors::KafkaError;
 use sluice::cli::group::{GroupClient, GroupMember, MemberConfig, Tp};
 
@@ -52,6 +59,9 @@ const OBSERVE_EVERY: Duration = Duration::from_millis(300);
 const ERROR_PAUSE: Duration = Duration::from_millis(200);
 /// Join failures in a row after which the member starts over with a new member id.
 const JOIN_TRIES: u32 = 3;
+/// How long one member id lives, seconds, and how often it ends in a crash (no LeaveGroup).
+const LIFETIME_SECS: (u64, u64) = (15, 45);
+const CRASH_CHANCE: f64 = 0.3;
 
 fn member_config(topic: &str) -> MemberConfig {
     let mut cfg = MemberConfig::new(GROUP, &[topic]);
@@ -76,6 +86,17 @@ fn tps(topic: &str, parts: &[i32]) -> Vec<Tp> {
     parts.iter().map(|p| (topic.to_string(), *p)).collect()
 }
 
+/// Why a member id's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The workload stopped.
+    Stopped,
+    /// Its lifetime is over: a restart.
+    Retired,
+    /// It must not go on under this id (a commit with an unknown outcome, joins that fail).
+    GaveUp,
+}
+
 /// How a commit ended, as the member must act on it.
 enum Committed {
     Ok,
@@ -85,13 +106,17 @@ enum Committed {
     Unknown,
 }
 
-/// One member of the group, `m{index}`; runs until the workload stops, then leaves.
-pub async fn member(shared: Arc<Shared>, index: usize) {
+/// One member of the group, `m{index}`, restarted with a new member id every so often; runs
+/// until the workload stops, then leaves.
+pub async fn member(shared: Arc<Shared>, seed: u64, index: usize) {
+    let mut rng = StdRng::seed_from_u64(seed ^ (0xc2b2_ae35 * (index as u64 + 1)));
     let name = format!("m{index}");
     let topic = shared.topic.clone();
     let bootstrap = bootstrap_from(&shared, index);
     let mut kc = KClient::new(shared.bootstrap.clone(), &topic, index + 3);
     while !shared.stopped() {
+        let lifetime = Duration::from_secs(rng.gen_range(LIFETIME_SECS.0..=LIFETIME_SECS.1));
+        let crash = rng.gen_bool(CRASH_CHANCE);
         let connected = tokio::time::timeout(
             CALL_BOUND,
             GroupMember::connect(&bootstrap, member_config(&topic)),
@@ -101,23 +126,54 @@ pub async fn member(shared: Arc<Shared>, index: usize) {
             tokio::time::sleep(ERROR_PAUSE).await;
             continue;
         };
-        run_member(&shared, &name, &topic, &mut m, &mut kc).await;
-        // Best effort: the others get our partitions now rather than after our session ends.
-        let _ = tokio::time::timeout(LEAVE_BOUND, m.leave()).await;
+        let retire_at = tokio::time::Instant::now() + lifetime;
+        let end = run_member(&shared, &name, &topic, &mut m, &mut kc, retire_at).await;
+        let process = shared.fresh_process();
+        let leave = |kind| {
+            Op::new(process, kind, F::GroupLeave, -1)
+                .member(name.as_str())
+                .generation(m.generation())
+        };
+        if end == End::Retired && crash {
+            shared
+                .history
+                .record(leave(OpType::Info).error("crash: dropped without LeaveGroup"));
+            continue;
+        }
+        // The others get our partitions now rather than after our session ends.
+        let (ok, failed) = (leave(OpType::Ok), leave(OpType::Fail));
+        match tokio::time::timeout(LEAVE_BOUND, m.leave()).await {
+            Ok(Ok(())) => shared.history.record(ok),
+            Ok(Err(e)) => shared.history.record(failed.error(format!("{e:#}"))),
+            Err(_) => shared.history.record(failed.error("LeaveGroup timed out")),
+        };
     }
 }
 
-/// Drives one member id until the workload stops or the member id must be given up (a commit
-/// with an unknown outcome, or joins that keep failing).
+/// Drives one member id until the workload stops, `retire_at`, or the member id must be given
+/// up (a commit with an unknown outcome, or joins that keep failing).
 async fn run_member(
     shared: &Shared,
     name: &str,
     topic: &str,
     m: &mut GroupMember,
     kc: &mut KClient,
-) {
+    retire_at: tokio::time::Instant,
+) -> End {
     let mut join_failures = 0u32;
-    'generation: while !shared.stopped() {
+    let done = || {
+        if shared.stopped() {
+            Some(End::Stopped)
+        } else if tokio::time::Instant::now() >= retire_at {
+            Some(End::Retired)
+        } else {
+            None
+        }
+    };
+    'generation: loop {
+        if let Some(end) = done() {
+            return end;
+        }
         let process = shared.fresh_process();
         shared
             .history
@@ -132,7 +188,7 @@ async fn run_member(
                 );
                 join_failures += 1;
                 if join_failures >= JOIN_TRIES {
-                    return;
+                    return End::GaveUp;
                 }
                 tokio::time::sleep(ERROR_PAUSE).await;
                 continue;
@@ -146,7 +202,7 @@ async fn run_member(
                 m.group.forget_coordinator();
                 join_failures += 1;
                 if join_failures >= JOIN_TRIES {
-                    return;
+                    return End::GaveUp;
                 }
                 continue;
             }
@@ -163,20 +219,22 @@ async fn run_member(
         if parts.is_empty() {
             // A spare member: it only heartbeats, and takes over when a rebalance gives it
             // partitions.
-            while !shared.stopped() {
+            loop {
+                if let Some(end) = done() {
+                    return end;
+                }
                 match m.poll().await {
                     Ok(false) => tokio::time::sleep(ERROR_PAUSE).await,
                     _ => continue 'generation,
                 }
             }
-            return;
         }
 
         // Start where the group's committed offsets say (0 where it has none).
         let mut position: BTreeMap<i32, i64> = BTreeMap::new();
         while position.is_empty() {
-            if shared.stopped() {
-                return;
+            if let Some(end) = done() {
+                return end;
             }
             match fetch_committed(shared, &mut m.group, process, name, topic, &parts, false).await {
                 Some(c) => {
@@ -196,7 +254,10 @@ async fn run_member(
         // consumers keep them, so the checker's per-session order checks apply.
         let mut session: BTreeMap<i32, i64> =
             parts.iter().map(|p| (*p, shared.fresh_process())).collect();
-        while !shared.stopped() {
+        loop {
+            if let Some(end) = done() {
+                return end;
+            }
             match m.poll().await {
                 Ok(false) => {}
                 _ => continue 'generation,
@@ -243,11 +304,10 @@ async fn run_member(
                         committed.insert(p, to);
                     }
                     Committed::Refused => continue 'generation,
-                    Committed::Unknown => return,
+                    Committed::Unknown => return End::GaveUp,
                 }
             }
         }
-        return;
     }
 }
 

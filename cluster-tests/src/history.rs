@@ -71,6 +71,10 @@ pub enum F {
     /// OffsetFetch of the group: on `ok`, one partition's committed `offset` (-1 for none).
     #[serde(rename = "offset_fetch")]
     OffsetFetch,
+    /// A member retiring its member id: `ok` after a LeaveGroup, `fail` if the LeaveGroup got
+    /// no answer, `info` for a simulated crash (dropped without one; its session expires).
+    #[serde(rename = "group_leave")]
+    GroupLeave,
 }
 
 /// Which kind of producer sent a value.

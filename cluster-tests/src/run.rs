@@ -326,7 +326,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         )));
     }
     for m in 0..cfg.group_members {
-        workers.push(tokio::spawn(groupload::member(shared.clone(), m)));
+        workers.push(tokio::spawn(groupload::member(shared.clone(), cfg.seed, m)));
     }
     if cfg.group_members > 0 {
         workers.push(tokio::spawn(groupload::observer(shared.clone())));
@@ -675,6 +675,11 @@ pub fn report_text(cfg: &RunCfg, o: &RunOutcome, elapsed: Duration) -> String {
             g.generations,
             g.max_generation,
             g.generations.saturating_sub(1)
+        );
+        let _ = writeln!(
+            s,
+            "  member ids retired (restarts): {} after LeaveGroup, {} LeaveGroup unanswered, {} crashed (no LeaveGroup)",
+            g.retired.ok, g.retired.fail, g.retired.info
         );
         let _ = writeln!(
             s,

@@ -1,8 +1,9 @@
 //! A short chaos run against a real 3-node cluster: ~90 s with a couple of nemeses, among them a
 //! power loss (unsynced data thrown away), 4 produce requests in flight per producer, half the
 //! producers idempotent (their unanswered batches resent across the leader kills and cut
-//! connections, none of which may be stored twice), and the metadata workload beside the data
-//! workload.
+//! connections, none of which may be stored twice), the metadata workload beside the data
+//! workload, and a consumer group of three members committing offsets (never backwards, never
+//! past data no member consumed).
 //!
 //! Skipped (passes immediately) unless `CT_SMOKE=1`, so plain `cargo test` stays fast. Needs
 //! `target/release/sluice` (or `SLUICE_BIN`). `SEED=...` replays a schedule; output goes to
@@ -44,6 +45,7 @@ fn smoke_three_nodes_under_faults() {
     cfg.inflight = 4;
     cfg.producer_mode = run::ProducerMode::Mixed;
     cfg.metadata_workload = true;
+    cfg.group_members = 3;
     cfg.quiet_secs = (3, 6);
     cfg.hold_secs = (4, 8);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -60,6 +62,12 @@ fn smoke_three_nodes_under_faults() {
         o.check.send_by_producer.contains_key("idempotent"),
         "no idempotent producer ran"
     );
+    let group = o
+        .check
+        .group
+        .as_ref()
+        .expect("the consumer group did not run");
+    assert!(group.commits.ok > 0, "the consumer group committed nothing");
     assert!(
         o.safe(),
         "safety anomalies (seed {seed}); see {}",
