@@ -51,8 +51,8 @@ test: deps venv build
 	$(MAKE) chaos-smoke
 
 # A short chaos run (~80-90 s: kill, isolate and pause the leader, power loss; 4 produce requests
-# in flight per producer, half the producers idempotent; the metadata workload) against real
-# processes.
+# in flight per producer, half the producers idempotent; the metadata workload; a consumer group
+# of three members committing offsets) against real processes.
 chaos-smoke: build
 	CT_SMOKE=1 cargo test --release -p cluster-tests --test smoke -- --nocapture
 
@@ -88,16 +88,17 @@ idle: build
 
 # Every nemesis (power loss and disk faults included) against a 3-node cluster for a few minutes,
 # 4 produce requests in flight per producer, half the producers plain and half idempotent
-# (resending unanswered batches); replay with SEED=... make chaos.
+# (resending unanswered batches), a consumer group of three members committing offsets;
+# replay with SEED=... make chaos.
 CT_DURATION ?= 1800
 CHAOS_OUT ?= target/chaos
 chaos: build
 	cargo build --release -p cluster-tests
-	target/release/cluster-tests run --duration-secs 240 --nodes 3 --nemesis all --inflight 4 --producer mixed $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/run-$$(date +%s)
+	target/release/cluster-tests run --duration-secs 240 --nodes 3 --nemesis all --inflight 4 --producer mixed --group-members 3 $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/run-$$(date +%s)
 
 chaos-long: build
 	cargo build --release -p cluster-tests
-	target/release/cluster-tests run --duration-secs $(CT_DURATION) --nodes 3 --nemesis all --inflight 4 --producer mixed $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/long-$$(date +%s)
+	target/release/cluster-tests run --duration-secs $(CT_DURATION) --nodes 3 --nemesis all --inflight 4 --producer mixed --group-members 3 $${SEED:+--seed $$SEED} --out $(CHAOS_OUT)/long-$$(date +%s)
 
 # A 3-node loopback cluster (ports 9092/19092/29092); data and logs in .cluster/.
 cluster: build
