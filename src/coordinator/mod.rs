@@ -442,6 +442,12 @@ pub async fn commit(
     {
         broker.consumer_groups.touch(m.group, m.member_id, member);
     }
+    // DELIBERATELY BROKEN with `--features chaos-bugs`, for the chaos harness to catch (its
+    // consumer-group rules): SLUICE_CHAOS_BUG=offsets-backwards stores a commit of an offset
+    // that is a multiple of 5 (and at least 5) 5 lower than asked, offsets-skip-ahead 5 higher;
+    // the member is told it was committed as asked either way.
+    #[cfg(feature = "chaos-bugs")]
+    let offsets = chaos_skew_offsets(offsets);
     let op = GroupOp::Commit {
         group: m.group.to_string(),
         generation: m.generation,
@@ -455,6 +461,25 @@ pub async fn commit(
         GroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
+}
+
+#[cfg(feature = "chaos-bugs")]
+fn chaos_skew_offsets(
+    mut offsets: Vec<crate::controller::groups::OffsetEntry>,
+) -> Vec<crate::controller::groups::OffsetEntry> {
+    let delta = if crate::chaos_bugs::enabled("offsets-backwards") {
+        -5
+    } else if crate::chaos_bugs::enabled("offsets-skip-ahead") {
+        5
+    } else {
+        return offsets;
+    };
+    for o in &mut offsets {
+        if o.offset >= 5 && o.offset % 5 == 0 {
+            o.offset += delta;
+        }
+    }
+    offsets
 }
 
 /// Runs one operation whose reply is Ok or an error (DeleteGroups).
