@@ -106,15 +106,15 @@ enum Committed {
     Unknown,
 }
 
-/// One member of the group, `m{index}`, restarted with a new member id every so often; runs
-/// until the workload stops, then leaves.
+/// One member of the group, `m{index}`, restarted with a new member id every so often while
+/// the producers run; runs until the group is stopped, then leaves.
 pub async fn member(shared: Arc<Shared>, seed: u64, index: usize) {
     let mut rng = StdRng::seed_from_u64(seed ^ (0xc2b2_ae35 * (index as u64 + 1)));
     let name = format!("m{index}");
     let topic = shared.topic.clone();
     let bootstrap = bootstrap_from(&shared, index);
     let mut kc = KClient::new(shared.bootstrap.clone(), &topic, index + 3);
-    while !shared.stopped() {
+    while !shared.group_stopped() {
         let lifetime = Duration::from_secs(rng.gen_range(LIFETIME_SECS.0..=LIFETIME_SECS.1));
         let crash = rng.gen_bool(CRASH_CHANCE);
         let connected = tokio::time::timeout(
@@ -162,9 +162,10 @@ async fn run_member(
 ) -> End {
     let mut join_failures = 0u32;
     let done = || {
-        if shared.stopped() {
+        if shared.group_stopped() {
             Some(End::Stopped)
-        } else if tokio::time::Instant::now() >= retire_at {
+        } else if !shared.stopped() && tokio::time::Instant::now() >= retire_at {
+            // No restarts once the producers stopped: the group is catching up.
             Some(End::Retired)
         } else {
             None
@@ -414,20 +415,20 @@ async fn fetch_committed(
     Some(out)
 }
 
-/// Samples the group's committed offsets of every partition until the workload stops, so a
+/// Samples the group's committed offsets of every partition until the group stops, so a
 /// committed offset that goes backwards between two commits is seen.
 pub async fn observer(shared: Arc<Shared>) {
     let topic = shared.topic.clone();
     let parts: Vec<i32> = (0..shared.partitions).collect();
     let bootstrap = bootstrap_from(&shared, 1);
-    while !shared.stopped() {
+    while !shared.group_stopped() {
         let Ok(Ok(mut gc)) =
             tokio::time::timeout(CALL_BOUND, GroupClient::connect(&bootstrap, GROUP)).await
         else {
             tokio::time::sleep(ERROR_PAUSE).await;
             continue;
         };
-        while !shared.stopped() {
+        while !shared.group_stopped() {
             let process = shared.fresh_process();
             let ok = fetch_committed(&shared, &mut gc, process, OBSERVER, &topic, &parts, false)
                 .await
@@ -439,6 +440,46 @@ pub async fn observer(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Once the producers stopped and the final drain knows every partition's high watermark:
+/// waits (unrecorded) until the group's committed offsets reach them, so that the final
+/// OffsetFetch covers every acknowledged write. How long it took, or None if not by `deadline`.
+pub async fn wait_caught_up(
+    shared: Arc<Shared>,
+    high_watermarks: &BTreeMap<i32, i64>,
+    deadline: tokio::time::Instant,
+) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let want = tps(
+        &shared.topic,
+        &high_watermarks.keys().copied().collect::<Vec<_>>(),
+    );
+    let bootstrap = bootstrap_from(&shared, 2);
+    let mut gc = None;
+    while tokio::time::Instant::now() < deadline {
+        if gc.is_none() {
+            gc = tokio::time::timeout(CALL_BOUND, GroupClient::connect(&bootstrap, GROUP))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        if let Some(c) = gc.as_mut() {
+            match tokio::time::timeout(CALL_BOUND, c.committed(Some(&want))).await {
+                Ok(Ok(got)) => {
+                    let behind = high_watermarks.iter().any(|(p, hw)| {
+                        got.get(&(shared.topic.clone(), *p)).copied().unwrap_or(-1) < *hw
+                    });
+                    if !behind {
+                        return Some(started.elapsed());
+                    }
+                }
+                _ => gc = None,
+            }
+        }
+        tokio::time::sleep(OBSERVE_EVERY).await;
+    }
+    None
 }
 
 /// After the members stopped and the cluster healed: the group's committed offsets, recorded

@@ -309,6 +309,7 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
         partitions: cfg.partitions,
         inflight: cfg.inflight,
         next_pipeline: AtomicU64::new(0),
+        group_stop: AtomicBool::new(false),
     });
     let mut workers = Vec::new();
     for w in 0..cfg.producers {
@@ -325,11 +326,13 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
             w,
         )));
     }
+    // The group goes on after the producers stop, until it has caught up (see below).
+    let mut group_workers = Vec::new();
     for m in 0..cfg.group_members {
-        workers.push(tokio::spawn(groupload::member(shared.clone(), cfg.seed, m)));
+        group_workers.push(tokio::spawn(groupload::member(shared.clone(), cfg.seed, m)));
     }
     if cfg.group_members > 0 {
-        workers.push(tokio::spawn(groupload::observer(shared.clone())));
+        group_workers.push(tokio::spawn(groupload::observer(shared.clone())));
     }
     if cfg.metadata_workload {
         workers.push(tokio::spawn(metaload::worker(
@@ -382,6 +385,31 @@ pub async fn run(cfg: RunCfg) -> Result<RunOutcome> {
     .await;
 
     let group_final = if cfg.group_members > 0 {
+        tracing::info!("--- let the consumer group catch up with the high watermarks");
+        let hws: BTreeMap<i32, i64> = drain
+            .iter()
+            .filter(|(_, hw, _, _)| *hw >= 0)
+            .map(|(p, hw, _, _)| (*p, *hw))
+            .collect();
+        match groupload::wait_caught_up(
+            shared.clone(),
+            &hws,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await
+        {
+            Some(took) => notes.push(format!(
+                "the consumer group caught up with the high watermarks {:.1}s after the drain",
+                took.as_secs_f64()
+            )),
+            None => notes.push(
+                "the consumer group did not catch up with the high watermarks within 60 s".into(),
+            ),
+        }
+        shared.group_stop.store(true, Ordering::Relaxed);
+        for w in group_workers {
+            let _ = tokio::time::timeout(Duration::from_secs(20), w).await;
+        }
         tracing::info!("--- final OffsetFetch of the consumer group");
         let f = groupload::final_offsets(
             shared.clone(),

@@ -25,6 +25,8 @@ pub struct Shared {
     pub inflight: usize,
     /// Next id for a group of pipelined produce requests.
     pub next_pipeline: AtomicU64,
+    /// Stops the consumer group, which goes on after `stop` until it has caught up.
+    pub group_stop: AtomicBool,
 }
 
 impl Shared {
@@ -33,6 +35,9 @@ impl Shared {
     }
     pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+    pub(crate) fn group_stopped(&self) -> bool {
+        self.group_stop.load(Ordering::Relaxed)
     }
 }
 
