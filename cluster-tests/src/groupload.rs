@@ -1,7 +1,8 @@
 //! The consumer-group workload: members of one group (`ct-group`) share the workload topic's
 //! partitions, each consuming the ones it is assigned and committing its position synchronously
 //! after every fetch that returned records; an observer samples the group's committed offsets
-//! throughout; after the final heal one last OffsetFetch records where the group ended.
+//! throughout. When the producers stop, the group goes on until it has caught up with the high
+//! watermarks ([`wait_caught_up`]); then one last OffsetFetch records where it ended.
 //!
 //! A member lives 15-45 s (seeded), then retires its member id and joins as a new member, as a
 //! restarted consumer would: most leave the group first, some (30 %) simply vanish, as after a
