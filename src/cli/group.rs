@@ -56,6 +56,8 @@ const OFFSET_FETCH_MAX: i16 = 9;
 /// Group-level requests other than JoinGroup and SyncGroup: how long one may take in all,
 /// rediscovering the coordinator included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one [`GroupMember::poll`] looks for a coordinator that moved.
+const COORDINATOR_LOOKUP_PER_POLL: Duration = Duration::from_secs(2);
 
 /// Runs `$call` (a future using `$conn: &mut BrokerConn` and resolving to
 /// `Result<Reply<T>>`) on the coordinator of `$gc` (a [`GroupClient`]) until it answers
@@ -707,6 +709,14 @@ struct Heartbeat {
     news: tokio::sync::watch::Receiver<Beat>,
 }
 
+impl Heartbeat {
+    /// No task, only the news that the coordinator is still to be found.
+    fn lost(why: String) -> Heartbeat {
+        let (_, news) = tokio::sync::watch::channel(Beat::Lost(why));
+        Heartbeat { task: None, news }
+    }
+}
+
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         if let Some(t) = &self.task {
@@ -794,9 +804,17 @@ impl GroupMember {
                 tracing::info!(group = %self.cfg.group_id, "looking for the coordinator again: {why}");
                 self.heartbeat = None;
                 self.group.forget_coordinator();
-                let deadline = Instant::now() + self.cfg.session_timeout;
-                self.group.coordinator(deadline).await?;
-                self.start_heartbeat();
+                // A short look per poll: the caller goes on consuming its partitions meanwhile
+                // (as Kafka's consumer does), and if the coordinator stays away longer than
+                // the session, the next heartbeat says UNKNOWN_MEMBER_ID and we rejoin.
+                let deadline = Instant::now() + COORDINATOR_LOOKUP_PER_POLL;
+                match self.group.coordinator(deadline).await {
+                    Ok(_) => self.start_heartbeat(),
+                    Err(e) => {
+                        tracing::warn!(group = %self.cfg.group_id, "coordinator not found yet: {e:#}");
+                        self.heartbeat = Some(Heartbeat::lost(format!("{e:#}")));
+                    }
+                }
             }
             Beat::Fatal(why) => {
                 self.end_generation(false);
@@ -1046,12 +1064,7 @@ impl GroupMember {
 
     fn start_heartbeat(&mut self) {
         let Some((_, conn)) = &self.group.coordinator else {
-            // No coordinator: the first poll finds out through a failed beat.
-            let (_, rx) = tokio::sync::watch::channel(Beat::Lost("no coordinator".into()));
-            self.heartbeat = Some(Heartbeat {
-                task: None,
-                news: rx,
-            });
+            self.heartbeat = Some(Heartbeat::lost("no coordinator".into()));
             return;
         };
         let (tx, rx) = tokio::sync::watch::channel(Beat::Fine);
