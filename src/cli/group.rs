@@ -793,15 +793,15 @@ impl GroupMember {
         match news {
             Beat::Fine => {}
             Beat::Rejoin(why) => {
-                tracing::info!(group = %self.cfg.group_id, "rejoining: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "rejoining: {why}");
                 self.end_generation(false);
             }
             Beat::Unknown(why) => {
-                tracing::info!(group = %self.cfg.group_id, "rejoining as a new member: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "rejoining as a new member: {why}");
                 self.end_generation(true);
             }
             Beat::Lost(why) => {
-                tracing::info!(group = %self.cfg.group_id, "looking for the coordinator again: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "looking for the coordinator again: {why}");
                 self.heartbeat = None;
                 self.group.forget_coordinator();
                 // A short look per poll: the caller goes on consuming its partitions meanwhile
@@ -845,7 +845,7 @@ impl GroupMember {
                     self.assignment = assignment.clone();
                     self.must_rejoin = false;
                     self.start_heartbeat();
-                    tracing::info!(
+                    tracing::debug!(
                         group = %self.cfg.group_id,
                         member = %self.member_id,
                         generation = self.generation,

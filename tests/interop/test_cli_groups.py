@@ -198,3 +198,61 @@ def test_groups_across_clients(cli):
     assert GROUP not in ok(cli.sluice("groups", "list"), "list after delete").split()
     fails(cli.sluice("groups", "describe", GROUP), "describe deleted", r"group 'cg' does not exist \(GROUP_ID_NOT_FOUND\)")
     fails(cli.sluice("groups", "delete", GROUP), "delete twice", r"GROUP_ID_NOT_FOUND")
+
+
+def test_sluice_and_confluent_share_a_group(cli, tmp_path):
+    """Both in one group at once: the range assignment the first member (sluice, the leader)
+    computes is read by librdkafka, each reads only its partitions, and together every record
+    exactly once."""
+    import subprocess
+
+    from conftest import SLUICE_BIN
+
+    bootstrap = cli.broker.bootstrap
+    topic, group = "shared", "mix"
+    cli.create_topic(topic, 4)
+    out_path = tmp_path / "sluice-consume.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [str(SLUICE_BIN), "consume", topic, "--group", group, "--from-beginning", "--print-offset",
+             "--timeout-ms", "12000", "--consumer-property", "heartbeat.interval.ms=500",
+             "--consumer-property", "session.timeout.ms=10000", "--bootstrap-server", bootstrap],
+            stdout=out, stderr=subprocess.PIPE,
+        )
+    c = group_consumer(bootstrap, **{"group.id": group, "enable.auto.commit": True})
+    mine: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        time.sleep(1.0)  # let sluice join first, so it leads
+        c.subscribe([topic])
+        while len(c.assignment()) != 2:
+            assert time.monotonic() < deadline, f"confluent consumer assignment: {c.assignment()}"
+            for m in c.consume(num_messages=10, timeout=0.2):
+                if m.error() is None:
+                    mine.append(m.value().decode())
+        conf_parts = {tp.partition for tp in c.assignment()}
+        out = ok(cli.sluice("groups", "describe", group), "describe a shared group")
+        assert "State: Stable" in out and "Members: 2" in out, out
+        assert "ClientId: sluice-cli" in out and "ClientId: interop-group" in out, out
+        reports = produce(bootstrap, topic, [Outbound(key=f"k{i}".encode(), value=f"v{i}".encode()) for i in range(400)], timeout_s=60)
+        where = {f"v{i}": r.partition for i, r in enumerate(reports)}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 4:
+            assert time.monotonic() < deadline + 60, "confluent consumer never went quiet"
+            for m in c.consume(num_messages=500, timeout=0.5):
+                if m.error() is None:
+                    mine.append(m.value().decode())
+                    quiet_since = time.monotonic()
+    finally:
+        c.close()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+        raise AssertionError("sluice consume --group did not stop after its --timeout-ms")
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    theirs = [l.split("\t", 1)[1] for l in out_path.read_text().splitlines() if "\t" in l]
+    assert {where[v] for v in mine} <= conf_parts, (conf_parts, sorted({where[v] for v in mine}))
+    assert not {where[v] for v in theirs} & conf_parts, "sluice read a partition assigned to confluent-kafka"
+    assert sorted(mine + theirs) == sorted(where), f"{len(mine)} + {len(theirs)} records, want each of {len(where)} once"
