@@ -76,7 +76,11 @@ macro_rules! on_coordinator {
                     Err(anyhow!("connection had a request in flight"))
                 } else {
                     let $conn: &mut BrokerConn = &mut guard;
-                    $call.await
+                    // The deadline bounds a single answer too, not only the retries.
+                    match tokio::time::timeout_at($deadline, $call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(anyhow!("no answer from the coordinator in time")),
+                    }
                 }
             };
             if let Some(t) = $gc.settle(result, $what, $deadline, &mut attempt).await? {
@@ -1213,7 +1217,17 @@ async fn heartbeat_loop(
             if c.in_flight() > 0 {
                 Err(anyhow!("connection had a request in flight"))
             } else {
-                heartbeat_once(&mut c, &cfg, &member_id, generation).await
+                // A heartbeat answered later than a session is useless: the coordinator has
+                // dropped us by then, or it is unreachable and another one must be found.
+                match tokio::time::timeout(
+                    cfg.session_timeout,
+                    heartbeat_once(&mut c, &cfg, &member_id, generation),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow!("no heartbeat answer within the session timeout")),
+                }
             }
         };
         let subject = format!("heartbeat of group '{}'", cfg.group_id);
