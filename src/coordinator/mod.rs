@@ -42,7 +42,11 @@ impl GroupStore for Broker {
             Some(term) if self.consumer_groups.loaded_term.load(Ordering::Acquire) == term => {
                 Ok(())
             }
-            Some(_) => Err(ErrorCode::CoordinatorLoadInProgress),
+            Some(_) => {
+                // The timer loop takes over; a request need not wait for its next look.
+                self.consumer_groups.wake.notify_one();
+                Err(ErrorCode::CoordinatorLoadInProgress)
+            }
             None if meta.leader().is_some() => Err(ErrorCode::NotCoordinator),
             None => Err(ErrorCode::CoordinatorNotAvailable),
         }
