@@ -238,7 +238,18 @@ async fn two_members_rebalance_sync_commit_and_are_fenced_as_kafka_fences() {
         ErrorCode::UnknownMemberId.code()
     );
     assert_eq!(commit(&mut a, 2, &a_id, 0, 42).await, 0);
+    // An idle consumer's auto-commit of what is already committed writes nothing.
+    let ops = || {
+        c.broker(0)
+            .metrics
+            .group_ops
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = ops();
+    assert_eq!(commit(&mut a, 2, &a_id, 0, 42).await, 0);
+    assert_eq!(ops(), before, "an unchanged commit was proposed");
     assert_eq!(commit(&mut b, 2, &b_id, 1, 7).await, 0);
+    assert_eq!(ops(), before + 1);
     assert_eq!(
         commit(&mut a, 1, &a_id, 0, 1).await,
         ErrorCode::IllegalGeneration.code()
@@ -392,5 +403,74 @@ async fn a_coordinator_failover_keeps_the_group_and_its_offsets_and_sessions_exp
     }
     assert_eq!(state, "Empty");
     assert_eq!(fetch_offset(&mut n, &["g"], 0).await, vec![(0, 43)]);
+    c.shutdown().await;
+}
+
+/// Offset commits per second one coordinator takes from many consumers: 64 connections, each
+/// with 8 commits in flight (simple commits of 4 partitions each), for 10 s. A measurement, not
+/// a test: `cargo test --release -p sluice --lib offset_commit_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn offset_commit_throughput() {
+    let c = cluster(1).await;
+    let mut a = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    create_topic(&mut a, "t", 4, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = c.bootstrap();
+            tokio::spawn(async move {
+                let mut conn = BrokerConn::connect(&addr).await.unwrap();
+                let group = format!("g{i}");
+                let mut done = 0u64;
+                let mut offset = 0i64;
+                while tokio::time::Instant::now() < deadline {
+                    for _ in 0..8 {
+                        offset += 1;
+                        let req = OffsetCommitRequest::default()
+                            .with_group_id(GroupId(s(&group)))
+                            .with_generation_id_or_member_epoch(-1)
+                            .with_topics(vec![OffsetCommitRequestTopic::default()
+                                .with_name(TopicName(s("t")))
+                                .with_partitions(
+                                    (0..4)
+                                        .map(|p| {
+                                            OffsetCommitRequestPartition::default()
+                                                .with_partition_index(p)
+                                                .with_committed_offset(offset)
+                                        })
+                                        .collect(),
+                                )]);
+                        conn.send(&req, 8, true).await.unwrap();
+                    }
+                    for _ in 0..8 {
+                        let r: OffsetCommitResponse = conn
+                            .recv::<OffsetCommitRequest>(Duration::ZERO)
+                            .await
+                            .unwrap();
+                        assert_eq!(r.topics[0].partitions[0].error_code, 0);
+                        done += 1;
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let m = &c.broker(0).metrics;
+    let ops = m.group_ops.load(std::sync::atomic::Ordering::Relaxed);
+    let proposals = m.group_proposals.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "offset commits: {total} requests ({} partition offsets) in {secs:.1} s = {:.0} commits/s; \
+         {ops} group ops in {proposals} metadata entries ({:.1} per entry)",
+        total * 4,
+        total as f64 / secs,
+        ops as f64 / proposals.max(1) as f64
+    );
     c.shutdown().await;
 }
