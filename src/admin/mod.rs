@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::broker::Broker;
-use consumer_consumer_groups::{group, groups};
+use consumer_groups::{group, groups};
 use ops::*;
 use views::*;
 
