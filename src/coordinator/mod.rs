@@ -1,12 +1,12 @@
 //! The consumer-group coordinator (Kafka's classic group protocol). Every group's coordinator is
 //! the node that leads the metadata Raft group: it decides joins, rebalances, session expiry and
-//! offset commits by proposing [`GroupOp`]s, which every node applies to the replicated state
-//! (`controller/groups.rs`), so a failover keeps every group. What is not replicated — session
-//! deadlines, offered member ids — is in [`crate::broker::GroupRuntime`]. The Kafka handlers
-//! (`kafka/handlers/groups.rs`) translate requests to the operations here; `loops.rs` proposes
+//! offset commits by proposing [`ConsumerGroupOp`]s, which every node applies to the replicated state
+//! (`controller/consumer_groups.rs`), so a failover keeps every group. What is not replicated — session
+//! deadlines, offered member ids — is in [`crate::broker::ConsumerGroupRuntime`]. The Kafka handlers
+//! (`kafka/handlers/consumer_groups.rs`) translate requests to the operations here; `loops.rs` proposes
 //! the queued operations in batches and runs the timers.
 //!
-//! Groups reach their state only through [`GroupStore`], so they can later be spread over several
+//! Groups reach their state only through [`ConsumerGroupStore`], so they can later be spread over several
 //! Raft groups (as Kafka spreads them over `__consumer_offsets` partitions) without touching the
 //! protocol logic.
 
@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::controller::groups::{ConsumerGroup, GroupOp, GroupReply, GroupState, Protocol};
+use crate::controller::consumer_groups::{
+    ConsumerGroup, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroupState, OffsetEntry, Protocol,
+};
 use crate::controller::BrokerInfo;
 use crate::errors::ErrorCode;
 
 /// Where groups live: read the applied state of one, propose operations, hear of changes.
-pub trait GroupStore {
+pub trait ConsumerGroupStore {
     /// Whether this node may serve `group` now (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS,
     /// COORDINATOR_NOT_AVAILABLE otherwise).
     fn check(&self, group: &str) -> Result<(), ErrorCode>;
@@ -35,14 +37,18 @@ pub trait GroupStore {
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
 
-impl GroupStore for Broker {
+impl ConsumerGroupStore for Broker {
     fn check(&self, _group: &str) -> Result<(), ErrorCode> {
         let meta = self.raft.meta();
         match meta.leader_term() {
             Some(term) if self.consumer_groups.loaded_term.load(Ordering::Acquire) == term => {
                 Ok(())
             }
-            Some(_) => Err(ErrorCode::CoordinatorLoadInProgress),
+            Some(_) => {
+                // The timer loop takes over; a request need not wait for its next look.
+                self.consumer_groups.wake.notify_one();
+                Err(ErrorCode::CoordinatorLoadInProgress)
+            }
             None if meta.leader().is_some() => Err(ErrorCode::NotCoordinator),
             None => Err(ErrorCode::CoordinatorNotAvailable),
         }
@@ -58,16 +64,16 @@ impl GroupStore for Broker {
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.subscribe_state()
+        self.subscribe_groups()
     }
 }
 
 /// Proposes `op` through the coordinator's batch; a failed proposal means this node cannot
 /// coordinate now, which clients answer by finding the coordinator again.
-pub async fn submit(broker: &Broker, op: GroupOp) -> Result<GroupReply, ErrorCode> {
+pub async fn submit(broker: &Broker, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, ErrorCode> {
     let wake = matches!(
         op,
-        GroupOp::Join { .. } | GroupOp::Leave { .. } | GroupOp::Sync { .. }
+        ConsumerGroupOp::Join { .. } | ConsumerGroupOp::Leave { .. } | ConsumerGroupOp::Sync { .. }
     );
     let reply = broker.consumer_groups.submit(op).await.map_err(|e| {
         tracing::debug!(error = %e, "consumer group proposal failed");
@@ -77,7 +83,7 @@ pub async fn submit(broker: &Broker, op: GroupOp) -> Result<GroupReply, ErrorCod
         broker.consumer_groups.wake.notify_one();
     }
     match reply {
-        GroupReply::Err(code) => {
+        ConsumerGroupReply::Err(code) => {
             Err(ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError))
         }
         r => Ok(r),
@@ -227,7 +233,7 @@ async fn join_inner(
     let member_id = req.member_id.clone();
     let group = req.group.clone();
     runtime.touch(&group, &member_id, req.session_timeout_ms);
-    let op = GroupOp::Join {
+    let op = ConsumerGroupOp::Join {
         group: group.clone(),
         member_id: member_id.clone(),
         instance_id: req.instance_id.clone(),
@@ -242,7 +248,7 @@ async fn join_inner(
         max_size: cfg.group_max_size,
     };
     let before = match submit(broker, op).await.map_err(|c| fail(c, &member_id))? {
-        GroupReply::JoinedRebalance { generation } => generation,
+        ConsumerGroupReply::JoinedRebalance { generation } => generation,
         // The member keeps the current generation: answer from it at once.
         _ => i32::MIN,
     };
@@ -255,7 +261,7 @@ async fn join_inner(
         if !g.members.contains_key(&member_id) {
             return Some(Err(ErrorCode::UnknownMemberId));
         }
-        (g.generation > before && g.state != GroupState::PreparingRebalance)
+        (g.generation > before && g.state != ConsumerGroupState::PreparingRebalance)
             .then(|| Ok(join_answer(g, &member_id)))
     })
     .await
@@ -352,18 +358,20 @@ pub async fn sync(
     {
         return Err(ErrorCode::InconsistentGroupProtocol);
     }
-    if g.state == GroupState::PreparingRebalance {
+    if g.state == ConsumerGroupState::PreparingRebalance {
         return Err(ErrorCode::RebalanceInProgress);
     }
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    if g.state == GroupState::CompletingRebalance && g.leader.as_deref() == Some(m.member_id) {
-        let op = GroupOp::Sync {
+    if g.state == ConsumerGroupState::CompletingRebalance
+        && g.leader.as_deref() == Some(m.member_id)
+    {
+        let op = ConsumerGroupOp::Sync {
             group: m.group.to_string(),
             generation: m.generation,
             member_id: m.member_id.to_string(),
             assignments: assignments
                 .into_iter()
-                .map(|(id, a)| (id, crate::controller::groups::Blob(a)))
+                .map(|(id, a)| (id, crate::controller::consumer_groups::Blob(a)))
                 .collect(),
         };
         submit(broker, op).await?;
@@ -379,10 +387,10 @@ pub async fn sync(
             let Some(me) = g.members.get(member_id) else {
                 return Some(Err(ErrorCode::UnknownMemberId));
             };
-            if g.generation != generation || g.state == GroupState::PreparingRebalance {
+            if g.generation != generation || g.state == ConsumerGroupState::PreparingRebalance {
                 return Some(Err(ErrorCode::RebalanceInProgress));
             }
-            (g.state == GroupState::Stable).then(|| {
+            (g.state == ConsumerGroupState::Stable).then(|| {
                 Ok(SyncAnswer {
                     assignment: me.assignment.0.clone(),
                     protocol_type: g.protocol_type.clone(),
@@ -403,7 +411,7 @@ pub fn heartbeat(broker: &Broker, m: MemberRef<'_>) -> Result<(), ErrorCode> {
     let session = validate_member(g.as_ref(), &m)?;
     broker.consumer_groups.touch(m.group, m.member_id, session);
     match g.map(|g| g.state) {
-        Some(GroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
+        Some(ConsumerGroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
         _ => Ok(()),
     }
 }
@@ -416,13 +424,13 @@ pub async fn leave(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
-    let op = GroupOp::Leave {
+    let op = ConsumerGroupOp::Leave {
         group: group.to_string(),
         members,
         now_ms: crate::clock::now_ms(),
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }
@@ -432,17 +440,23 @@ pub async fn leave(
 pub async fn commit(
     broker: &Broker,
     m: MemberRef<'_>,
-    offsets: Vec<crate::controller::groups::OffsetEntry>,
+    offsets: Vec<OffsetEntry>,
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    if let Some(member) = broker
-        .read(m.group)
+    let g = broker.read(m.group);
+    if let Some(member) = g
+        .as_ref()
         .and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms))
     {
         broker.consumer_groups.touch(m.group, m.member_id, member);
     }
-    let op = GroupOp::Commit {
+    if let Some(g) = &g {
+        if unchanged_commit(g, &m, &offsets) {
+            return Ok(vec![0; offsets.len()]);
+        }
+    }
+    let op = ConsumerGroupOp::Commit {
         group: m.group.to_string(),
         generation: m.generation,
         member_id: m.member_id.to_string(),
@@ -452,9 +466,32 @@ pub async fn commit(
         metadata_max_bytes: broker.cfg.offset_metadata_max_bytes,
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
+}
+
+/// A commit that would change nothing: a valid member (or a simple consumer of an empty group)
+/// committing exactly what is committed. Consumers that auto-commit while idle send these every
+/// few seconds; answering them from the applied state keeps idle groups off the Raft log. A
+/// commit that would fail goes through the log to get its error.
+fn unchanged_commit(g: &ConsumerGroup, m: &MemberRef<'_>, offsets: &[OffsetEntry]) -> bool {
+    let member_ok = if m.generation < 0 && m.member_id.is_empty() {
+        g.state == ConsumerGroupState::Empty
+    } else {
+        g.state != ConsumerGroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
+    };
+    member_ok
+        && offsets.iter().all(|o| {
+            g.offsets
+                .get(&o.topic)
+                .and_then(|parts| parts.get(&o.partition))
+                .is_some_and(|c| {
+                    c.offset == o.offset
+                        && c.leader_epoch == o.leader_epoch
+                        && c.metadata == o.metadata
+                })
+        })
 }
 
 /// Runs one operation whose reply is Ok or an error (DeleteGroups).
@@ -463,7 +500,7 @@ pub async fn delete_group(broker: &Broker, group: &str) -> Result<(), ErrorCode>
     broker.check(group)?;
     submit(
         broker,
-        GroupOp::DeleteGroup {
+        ConsumerGroupOp::DeleteGroup {
             group: group.to_string(),
         },
     )
@@ -478,12 +515,12 @@ pub async fn delete_offsets(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
-    let op = GroupOp::DeleteOffsets {
+    let op = ConsumerGroupOp::DeleteOffsets {
         group: group.to_string(),
         partitions,
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }

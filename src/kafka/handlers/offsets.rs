@@ -19,8 +19,8 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 
 use crate::broker::Broker;
-use crate::controller::groups::{ConsumerGroup, OffsetEntry};
-use crate::coordinator::{self, GroupStore, MemberRef};
+use crate::controller::consumer_groups::{ConsumerGroup, OffsetEntry};
+use crate::coordinator::{self, ConsumerGroupStore, MemberRef};
 use crate::errors::ErrorCode;
 
 /// The codec starts at v2 (v0/v1 kept offsets in ZooKeeper or carried per-offset timestamps).
