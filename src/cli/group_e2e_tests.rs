@@ -8,7 +8,7 @@ use kafka_protocol::messages::ApiKey;
 
 use super::client::Client;
 use super::errors::KafkaError;
-use super::group::{GroupClient, GroupMember, MemberConfig};
+use super::group::{ConsumerGroupClient, ConsumerGroupMember, MemberConfig};
 use super::*;
 use crate::config::ServerConfig;
 use crate::testkit::TestCluster;
@@ -65,8 +65,8 @@ async fn client(c: &TestCluster, caps: &[(ApiKey, i16)]) -> Client {
     client
 }
 
-async fn group_client(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str) -> GroupClient {
-    GroupClient::new(client(c, caps).await, group)
+async fn group_client(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str) -> ConsumerGroupClient {
+    ConsumerGroupClient::new(client(c, caps).await, group)
 }
 
 async fn create(c: &TestCluster, name: &str, partitions: i32) {
@@ -154,8 +154,13 @@ fn member_config(group: &str, topic: &str) -> MemberConfig {
     cfg
 }
 
-async fn member(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str, topic: &str) -> GroupMember {
-    GroupMember::new(
+async fn member(
+    c: &TestCluster,
+    caps: &[(ApiKey, i16)],
+    group: &str,
+    topic: &str,
+) -> ConsumerGroupMember {
+    ConsumerGroupMember::new(
         group_client(c, caps, group).await,
         member_config(group, topic),
     )
