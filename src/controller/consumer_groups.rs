@@ -990,6 +990,20 @@ mod tests {
     }
 
     #[test]
+    fn deleting_a_topic_forgets_its_committed_offsets() {
+        let mut st = super::super::MetaState {
+            topics: topics(),
+            ..Default::default()
+        };
+        st.apply(&super::super::Command::ConsumerGroups {
+            ops: vec![commit("", -1, 3)],
+        });
+        assert_eq!(st.consumer_groups["g"].offsets["t"][&0].offset, 3);
+        st.apply(&super::super::Command::DeleteTopic { name: "t".into() });
+        assert!(st.consumer_groups["g"].offsets.is_empty());
+    }
+
+    #[test]
     fn blobs_round_trip_as_hex_and_bad_hex_is_an_error() {
         let b = Blob(Bytes::from_static(&[0, 1, 0xab, 0xff]));
         let s = serde_json::to_string(&b).unwrap();

@@ -31,8 +31,13 @@ pub trait ConsumerGroupStore {
     fn check(&self, group: &str) -> Result<(), ErrorCode>;
     /// The node that coordinates `group`.
     fn coordinator_of(&self, group: &str) -> Option<BrokerInfo>;
+    /// Runs `f` on the group's applied state, without copying it (heartbeats and commits come
+    /// often; a group's offsets can be many).
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T;
     /// A copy of the group's applied state.
-    fn read(&self, group: &str) -> Option<ConsumerGroup>;
+    fn read(&self, group: &str) -> Option<ConsumerGroup> {
+        self.with_group(group, |g| g.cloned())
+    }
     /// Changes whenever some group's applied state may have.
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
@@ -59,8 +64,8 @@ impl ConsumerGroupStore for Broker {
         self.state().brokers.get(&leader).cloned()
     }
 
-    fn read(&self, group: &str) -> Option<ConsumerGroup> {
-        self.state().consumer_groups.get(group).cloned()
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T {
+        f(self.state().consumer_groups.get(group))
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -149,7 +154,7 @@ async fn wait_for<T>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         rx.borrow_and_update();
-        if let Some(t) = done(broker.read(group).as_ref()) {
+        if let Some(t) = broker.with_group(group, &mut done) {
             return Ok(Some(t));
         }
         broker.check(group)?;
@@ -407,10 +412,11 @@ pub async fn sync(
 pub fn heartbeat(broker: &Broker, m: MemberRef<'_>) -> Result<(), ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    let g = broker.read(m.group);
-    let session = validate_member(g.as_ref(), &m)?;
+    let (session, state) = broker.with_group(m.group, |g| {
+        Ok((validate_member(g, &m)?, g.map(|g| g.state)))
+    })?;
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    match g.map(|g| g.state) {
+    match state {
         Some(ConsumerGroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
         _ => Ok(()),
     }
@@ -444,17 +450,17 @@ pub async fn commit(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    let g = broker.read(m.group);
-    if let Some(member) = g
-        .as_ref()
-        .and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms))
-    {
-        broker.consumer_groups.touch(m.group, m.member_id, member);
+    let (session, unchanged) = broker.with_group(m.group, |g| {
+        (
+            g.and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms)),
+            g.is_some_and(|g| unchanged_commit(g, &m, &offsets)),
+        )
+    });
+    if let Some(session) = session {
+        broker.consumer_groups.touch(m.group, m.member_id, session);
     }
-    if let Some(g) = &g {
-        if unchanged_commit(g, &m, &offsets) {
-            return Ok(vec![0; offsets.len()]);
-        }
+    if unchanged {
+        return Ok(vec![0; offsets.len()]);
     }
     let op = ConsumerGroupOp::Commit {
         group: m.group.to_string(),

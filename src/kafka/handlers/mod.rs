@@ -184,9 +184,29 @@ pub fn start_legacy(
                 }
             }))));
         }
+        ApiKey::OffsetCommit if version < 2 => {
+            return Ok(Some(legacy_offsets(broker, key, version, frame)))
+        }
+        ApiKey::OffsetFetch if version < 1 => {
+            return Ok(Some(legacy_offsets(broker, key, version, frame)))
+        }
         _ => return Ok(None),
     };
     Ok(Some(answer_only(Box::pin(async move { result }))))
+}
+
+fn legacy_offsets(broker: &Arc<Broker>, key: ApiKey, version: i16, frame: &Bytes) -> Handler {
+    let broker = broker.clone();
+    let frame = frame.clone();
+    answer_only(Box::pin(async move {
+        match offsets::legacy(&broker, key, version, &frame).await {
+            Ok(body) => Some(Response::Raw(body)),
+            Err(e) => {
+                tracing::info!(error = %e, ?key, version, "malformed legacy offsets request");
+                None
+            }
+        }
+    }))
 }
 
 /// Starts the handler of one decoded request. `session` is the connection's: who asks (for
