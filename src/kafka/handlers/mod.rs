@@ -331,12 +331,14 @@ pub fn dispatch(
             let resp = consumer_groups::heartbeat(&broker, v, r);
             async move { Some(kind(ResponseKind::Heartbeat(resp))) }.boxed()
         }
-        RequestKind::LeaveGroup(r) => async move {
-            Some(kind(ResponseKind::LeaveGroup(
-                consumer_groups::leave_group(&broker, v, r).await,
-            )))
+        // Commits and leaves are queued in their ordering step: pipelined, they apply in order.
+        RequestKind::LeaveGroup(r) => {
+            return Box::pin(async move {
+                let answer = consumer_groups::leave_group(&broker, v, r).await;
+                Box::pin(async move { Some(kind(ResponseKind::LeaveGroup(answer.await))) })
+                    as Answer
+            })
         }
-        .boxed(),
         RequestKind::ListGroups(r) => {
             let resp = consumer_groups::list_groups(&broker, v, r);
             async move { Some(kind(ResponseKind::ListGroups(resp))) }.boxed()
@@ -351,12 +353,13 @@ pub fn dispatch(
             )))
         }
         .boxed(),
-        RequestKind::OffsetCommit(r) => async move {
-            Some(kind(ResponseKind::OffsetCommit(
-                offsets::offset_commit(&broker, v, r).await,
-            )))
+        RequestKind::OffsetCommit(r) => {
+            return Box::pin(async move {
+                let answer = offsets::offset_commit(&broker, v, r).await;
+                Box::pin(async move { Some(kind(ResponseKind::OffsetCommit(answer.await))) })
+                    as Answer
+            })
         }
-        .boxed(),
         RequestKind::OffsetFetch(r) => {
             let resp = offsets::offset_fetch(&broker, v, r);
             async move { Some(kind(ResponseKind::OffsetFetch(resp))) }.boxed()
