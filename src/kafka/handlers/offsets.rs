@@ -19,6 +19,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequestPartition, OffsetCommitRequestTopic,
 };
@@ -42,11 +43,14 @@ fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())
 }
 
+/// The ordering step of an OffsetCommit queues the commit, so pipelined commits of one
+/// connection apply in the order sent (a later commit never lands under an earlier one); the
+/// returned answer awaits it.
 pub async fn offset_commit(
     broker: &Broker,
     _version: i16,
     req: OffsetCommitRequest,
-) -> OffsetCommitResponse {
+) -> BoxFuture<'static, OffsetCommitResponse> {
     let group = req.group_id.to_string();
     let member = req.member_id.to_string();
     let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
@@ -67,61 +71,50 @@ pub async fn offset_commit(
             })
         })
         .collect();
-    let n = offsets.len();
-    let codes = if n == 0 {
+    let member_ref = MemberRef {
+        group: &group,
+        generation: req.generation_id_or_member_epoch,
+        member_id: &member,
+        instance_id: instance.as_deref(),
+    };
+    let queued = if offsets.is_empty() {
         // Nothing to commit still checks the member, as Kafka does.
-        coordinator::heartbeat(
-            broker,
-            MemberRef {
-                group: &group,
-                generation: req.generation_id_or_member_epoch,
-                member_id: &member,
-                instance_id: instance.as_deref(),
-            },
-        )
-        .map(|_| Vec::new())
+        coordinator::Queued::Done(coordinator::heartbeat(broker, member_ref).map(|_| Vec::new()))
     } else {
-        coordinator::commit(
-            broker,
-            MemberRef {
-                group: &group,
-                generation: req.generation_id_or_member_epoch,
-                member_id: &member,
-                instance_id: instance.as_deref(),
-            },
-            offsets,
-        )
-        .await
+        coordinator::commit(broker, member_ref, offsets).await
     };
-    let code_at = |i: usize| match &codes {
-        Ok(c) => c
-            .get(i)
-            .copied()
-            .unwrap_or(ErrorCode::UnknownServerError.code()),
-        Err(e) => e.code(),
-    };
-    let mut i = 0;
-    let topics = req
-        .topics
-        .iter()
-        .map(|t| {
-            let partitions = t
-                .partitions
-                .iter()
-                .map(|p| {
-                    let code = code_at(i);
-                    i += 1;
-                    OffsetCommitResponsePartition::default()
-                        .with_partition_index(p.partition_index)
-                        .with_error_code(code)
-                })
-                .collect();
-            OffsetCommitResponseTopic::default()
-                .with_name(t.name.clone())
-                .with_partitions(partitions)
-        })
-        .collect();
-    OffsetCommitResponse::default().with_topics(topics)
+    Box::pin(async move {
+        let codes = queued.codes().await;
+        let code_at = |i: usize| match &codes {
+            Ok(c) => c
+                .get(i)
+                .copied()
+                .unwrap_or(ErrorCode::UnknownServerError.code()),
+            Err(e) => e.code(),
+        };
+        let mut i = 0;
+        let topics = req
+            .topics
+            .iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        let code = code_at(i);
+                        i += 1;
+                        OffsetCommitResponsePartition::default()
+                            .with_partition_index(p.partition_index)
+                            .with_error_code(code)
+                    })
+                    .collect();
+                OffsetCommitResponseTopic::default()
+                    .with_name(t.name.clone())
+                    .with_partitions(partitions)
+            })
+            .collect();
+        OffsetCommitResponse::default().with_topics(topics)
+    })
 }
 
 /// (topic, [(partition, offset, leader epoch, metadata)]) for what was asked, or for every
@@ -354,6 +347,7 @@ pub async fn legacy(
         .with_member_id(s(&member))
         .with_topics(topics);
     offset_commit(broker, 2, req)
+        .await
         .await
         .encode(&mut out, 2)
         .map_err(|e| format!("encoding OffsetCommit v{version}: {e}"))?;
