@@ -4,15 +4,17 @@
 //! without depending on each other.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sluice_raft::{PartitionGroup, RaftError, RaftHost};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::error;
 
 use crate::config::ServerConfig;
+use crate::controller::groups::{GroupOp, GroupReply};
 use crate::controller::{Command, MetaMachine, MetaState, PartitionId, Reply};
 use crate::metrics::Metrics;
 use crate::rpc::{self, AppRequest, AppResponse};
@@ -153,6 +155,70 @@ impl Health {
     }
 }
 
+/// A consumer-group operation waiting for the coordinator's next proposal, and where its reply
+/// goes.
+pub type QueuedGroupOp = (GroupOp, oneshot::Sender<Result<GroupReply, BrokerError>>);
+
+/// Operations that may wait for a proposal before submitters wait for room.
+const GROUP_OP_QUEUE: usize = 16_384;
+
+/// The consumer-group coordinator's state that is not replicated. It matters only on the node
+/// that leads the metadata group; a new coordinator starts it afresh (see `coordinator/`).
+pub struct GroupRuntime {
+    /// (group, member id) -> when the member's session expires unless it is heard from.
+    pub deadlines: Mutex<HashMap<(String, String), Instant>>,
+    /// (group, member id) handed out with MEMBER_ID_REQUIRED (KIP-394) and not yet used -> when
+    /// the offer lapses.
+    pub pending_members: Mutex<HashMap<(String, String), Instant>>,
+    /// The metadata term in which this node finished taking over as coordinator (0: never).
+    pub loaded_term: AtomicU64,
+    ops: mpsc::Sender<QueuedGroupOp>,
+    ops_rx: Mutex<Option<mpsc::Receiver<QueuedGroupOp>>>,
+    /// Wakes the coordinator's timers: a rebalance may be due.
+    pub wake: Notify,
+}
+
+impl Default for GroupRuntime {
+    fn default() -> Self {
+        let (ops, rx) = mpsc::channel(GROUP_OP_QUEUE);
+        GroupRuntime {
+            deadlines: Mutex::default(),
+            pending_members: Mutex::default(),
+            loaded_term: AtomicU64::new(0),
+            ops,
+            ops_rx: Mutex::new(Some(rx)),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl GroupRuntime {
+    /// Queues `op` for the coordinator's next proposal and waits for its applied reply.
+    pub async fn submit(&self, op: GroupOp) -> Result<GroupReply, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send((op, tx))
+            .await
+            .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?;
+        rx.await
+            .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?
+    }
+
+    /// The queue's receiving end, for the one loop that proposes its operations.
+    pub fn take_queue(&self) -> Option<mpsc::Receiver<QueuedGroupOp>> {
+        self.ops_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Restarts `member`'s session clock.
+    pub fn touch(&self, group: &str, member: &str, session_timeout_ms: i32) {
+        let until = Instant::now() + Duration::from_millis(session_timeout_ms.max(0) as u64);
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((group.to_string(), member.to_string()), until);
+    }
+}
+
 pub struct Broker {
     pub cfg: ServerConfig,
     pub raft: Arc<RaftHost>,
@@ -167,6 +233,8 @@ pub struct Broker {
     pub fetch_budget: Arc<tokio::sync::Semaphore>,
     /// Producer ids this node may hand out, a block from the controller at a time.
     producer_ids: tokio::sync::Mutex<std::ops::Range<i64>>,
+    /// The consumer-group coordinator's unreplicated state.
+    pub consumer_groups: GroupRuntime,
 }
 
 /// Producer ids a node takes from the controller at once, as Kafka's brokers do.
@@ -186,6 +254,7 @@ impl Broker {
             fatal: watch::channel(None).0,
             fetch_budget,
             producer_ids: tokio::sync::Mutex::new(0..0),
+            consumer_groups: GroupRuntime::default(),
         }
     }
 
@@ -241,7 +310,9 @@ impl Broker {
             *block = match self.propose(&cmd).await? {
                 Reply::ProducerIds { first, count } => first..first + count,
                 Reply::Err { message, .. } => return Err(BrokerError::Other(message)),
-                Reply::Ok => return Err(BrokerError::Other("no producer ids in the reply".into())),
+                Reply::Ok | Reply::Groups(_) => {
+                    return Err(BrokerError::Other("no producer ids in the reply".into()))
+                }
             };
         }
         let id = block.start;

@@ -72,6 +72,21 @@ pub struct ServerConfig {
     /// A batch whose timestamp is further ahead of this broker's clock is refused with
     /// INVALID_TIMESTAMP (`message.timestamp.after.max.ms`, Kafka 3.6's default of one hour).
     pub message_timestamp_after_max_ms: i64,
+    /// A new consumer group's first rebalance waits this long for more members
+    /// (`group.initial.rebalance.delay.ms`).
+    pub group_initial_rebalance_delay_ms: i64,
+    /// Session timeouts consumers may ask for (`group.min.session.timeout.ms`,
+    /// `group.max.session.timeout.ms`); others get INVALID_SESSION_TIMEOUT.
+    pub group_min_session_timeout_ms: i32,
+    pub group_max_session_timeout_ms: i32,
+    /// Members one consumer group may have (`group.max.size`).
+    pub group_max_size: u32,
+    /// Committed offsets of a group empty for this long expire (`offsets.retention.minutes`).
+    pub offsets_retention_ms: i64,
+    /// How often the coordinator looks for expired offsets (`offsets.retention.check.interval.ms`).
+    pub offsets_retention_check_interval_ms: u64,
+    /// Longest metadata string an offset commit may carry (`offset.metadata.max.bytes`).
+    pub offset_metadata_max_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +116,13 @@ impl Default for ServerConfig {
             socket_write_timeout_ms: 30_000,
             producer_id_expiration_ms: 86_400_000,
             message_timestamp_after_max_ms: 3_600_000,
+            group_initial_rebalance_delay_ms: 3_000,
+            group_min_session_timeout_ms: 6_000,
+            group_max_session_timeout_ms: 1_800_000,
+            group_max_size: i32::MAX as u32,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            offsets_retention_check_interval_ms: 600_000,
+            offset_metadata_max_bytes: 4096,
         }
     }
 }
@@ -258,6 +280,26 @@ impl ServerConfig {
             }
             "message.timestamp.after.max.ms" => {
                 self.message_timestamp_after_max_ms = parse_in(key, v, 0, i64::MAX)?;
+            }
+            "group.initial.rebalance.delay.ms" => {
+                self.group_initial_rebalance_delay_ms = parse_in(key, v, 0, i32::MAX as i64)?;
+            }
+            "group.min.session.timeout.ms" => {
+                self.group_min_session_timeout_ms = parse_in(key, v, 1, i32::MAX)?;
+            }
+            "group.max.session.timeout.ms" => {
+                self.group_max_session_timeout_ms = parse_in(key, v, 1, i32::MAX)?;
+            }
+            "group.max.size" => self.group_max_size = parse_in(key, v, 1, i32::MAX as u32)?,
+            "offsets.retention.minutes" => {
+                let minutes: i64 = parse_in(key, v, 1, i64::MAX / 60_000)?;
+                self.offsets_retention_ms = minutes * 60_000;
+            }
+            "offsets.retention.check.interval.ms" => {
+                self.offsets_retention_check_interval_ms = parse_in(key, v, 1, i64::MAX as u64)?;
+            }
+            "offset.metadata.max.bytes" => {
+                self.offset_metadata_max_bytes = parse_in(key, v, 0, i32::MAX as usize)?;
             }
             "max.connections" => self.max_connections = parse_num(key, v)?,
             // Kafka's own lower bound; i32 because the protocol's max_bytes fields are.

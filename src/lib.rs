@@ -2,7 +2,7 @@
 //! `sluice` CLI's client verbs; ARCHITECTURE.md has the code map and the rules between modules.
 //! From the bottom up: `config`, `errors`, `clock`, `metrics`, `identity` · `controller` (the
 //! replicated metadata) · `rpc` (node-to-node messages) · `broker` (what handlers and loops
-//! share), `session` · `membership`, `partition`, `kafka`, `admin` · `net` · `node` (the composition root) ·
+//! share), `session` · `membership`, `partition`, `coordinator` (consumer groups), `kafka`, `admin` · `net` · `node` (the composition root) ·
 //! `server`, `testkit`. `cli` stands apart: it speaks only the Kafka protocol.
 
 pub mod admin;
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod controller;
+pub mod coordinator;
 pub mod errors;
 pub mod identity;
 pub mod kafka;

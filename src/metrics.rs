@@ -65,6 +65,10 @@ pub struct Metrics {
     pub storage_failures: AtomicU64,
     /// Idempotent producers' resends answered with the original batch's offsets.
     pub produce_duplicates: AtomicU64,
+    /// Consumer-group operations proposed by this node as coordinator, and the metadata entries
+    /// that carried them (their ratio is the batching the commit path gets).
+    pub group_ops: AtomicU64,
+    pub group_proposals: AtomicU64,
 }
 
 impl Metrics {
@@ -82,6 +86,11 @@ impl Metrics {
     pub fn requests_answered(&self, api: &str, error_code: i16) -> u64 {
         let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&(api.to_string(), error_code)).copied().unwrap_or(0)
+    }
+
+    pub fn group_ops_proposed(&self, n: usize) {
+        self.group_ops.fetch_add(n as u64, Ordering::Relaxed);
+        self.group_proposals.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self, out: &mut String) {
@@ -124,6 +133,8 @@ impl Metrics {
                 "sluice_produce_duplicate_batches_total",
                 &self.produce_duplicates,
             ),
+            ("sluice_group_operations_total", &self.group_ops),
+            ("sluice_group_proposals_total", &self.group_proposals),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));

@@ -167,6 +167,8 @@ impl Node {
         node.spawn(partition::reassignment::reassignment_loop(b.clone()));
         node.spawn(partition::retention::retention_loop(b.clone()));
         node.spawn(partition::storage_health::storage_loop(b.clone()));
+        node.spawn(crate::coordinator::loops::proposal_loop(b.clone()));
+        node.spawn(crate::coordinator::loops::timer_loop(b.clone()));
 
         // The servers stop accepting on cancellation themselves (they drain, not drop).
         node.tasks

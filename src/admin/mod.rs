@@ -1,8 +1,9 @@
-//! Admin HTTP (axum): JSON views of cluster, brokers, topics, partitions and Raft groups, a health
+//! Admin HTTP (axum): JSON views of cluster, brokers, topics, partitions, consumer groups (`groups`) and Raft groups, a health
 //! check and Prometheus metrics (`views`); leadership transfer, reassignment, decommission and
 //! (chaos tests only, with `SLUICE_STORAGE_FAULTS=1`) the storage fault switch (`ops`). Handlers
 //! read and act through `broker::Broker` only.
 
+mod groups;
 mod ops;
 mod views;
 
@@ -15,6 +16,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::broker::Broker;
+use groups::{group, groups};
 use ops::*;
 use views::*;
 
@@ -29,6 +31,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
             "/v1/topics/{topic}/partitions/{partition}/producers",
             get(producers),
         )
+        .route("/v1/groups", get(groups))
+        .route("/v1/groups/{group}", get(group))
         .route("/v1/raft", get(raft))
         .route("/metrics", get(metrics))
         .route(

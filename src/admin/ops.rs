@@ -180,7 +180,11 @@ pub(super) async fn reassign(
         moves: vec![(partition, body.replicas.clone())],
     };
     match broker.propose(&cmd).await {
-        Ok(crate::controller::Reply::Ok | crate::controller::Reply::ProducerIds { .. }) => (
+        Ok(
+            crate::controller::Reply::Ok
+            | crate::controller::Reply::ProducerIds { .. }
+            | crate::controller::Reply::Groups(_),
+        ) => (
             StatusCode::ACCEPTED,
             Json(json!({ "topic": topic, "partition": partition, "target": body.replicas })),
         )
@@ -254,8 +258,11 @@ pub(super) async fn decommission(
                 .propose(&crate::controller::Command::ReassignPartitions { topic, moves })
                 .await
             {
-                Ok(crate::controller::Reply::Ok | crate::controller::Reply::ProducerIds { .. }) => {
-                }
+                Ok(
+                    crate::controller::Reply::Ok
+                    | crate::controller::Reply::ProducerIds { .. }
+                    | crate::controller::Reply::Groups(_),
+                ) => {}
                 Ok(crate::controller::Reply::Err { message, .. }) => {
                     return error(StatusCode::CONFLICT, message)
                 }

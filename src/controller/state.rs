@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::groups::{self, ConsumerGroups, GroupOp, GroupReply};
 use super::PartitionId;
 use crate::errors::ErrorCode;
 
@@ -111,6 +112,11 @@ pub enum Command {
         broker: u64,
         count: i64,
     },
+    /// Consumer-group operations, applied in order, each with its own reply; the coordinator
+    /// batches many (offset commits above all) into one entry.
+    ConsumerGroups {
+        ops: Vec<GroupOp>,
+    },
     /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
     CompleteReassignment {
         topic: String,
@@ -133,6 +139,8 @@ pub enum Reply {
         first: i64,
         count: i64,
     },
+    /// One reply per operation of [`Command::ConsumerGroups`].
+    Groups(Vec<GroupReply>),
 }
 
 impl Reply {
@@ -156,6 +164,9 @@ pub struct MetaState {
     /// The first producer id not yet handed out.
     #[serde(default)]
     pub next_producer_id: i64,
+    /// Consumer groups: membership, assignments, committed offsets.
+    #[serde(default)]
+    pub consumer_groups: ConsumerGroups,
     /// Bumped on every applied command so watchers can tell that something changed.
     pub version: u64,
 }
@@ -236,6 +247,11 @@ impl MetaState {
                 self.next_producer_id = end;
                 Reply::ProducerIds { first, count }
             }
+            Command::ConsumerGroups { ops } => Reply::Groups(
+                ops.iter()
+                    .map(|op| groups::apply_group_op(&mut self.consumer_groups, &self.topics, op))
+                    .collect(),
+            ),
             Command::RegisterBroker { broker } => {
                 self.brokers.insert(broker.id, broker.clone());
                 // Registering is proof of life.
@@ -284,6 +300,7 @@ impl MetaState {
                         format!("topic '{name}' does not exist"),
                     );
                 }
+                groups::forget_topic(&mut self.consumer_groups, name);
                 Reply::Ok
             }
             Command::CreatePartitions {

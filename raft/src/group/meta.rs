@@ -37,6 +37,16 @@ impl MetaGroup {
         m.state == ServerState::Leader && m.current_leader == Some(self.node_id)
     }
 
+    /// The term this node leads in, if it is the leader: a consumer-group coordinator serves
+    /// only once it has applied an entry of that term (everything committed before is then
+    /// applied here too).
+    pub fn leader_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.node_id))
+            .then_some(m.current_term)
+    }
+
     /// Leader, and a majority acknowledged it within `within` (a leader cut off from the others
     /// keeps its role in openraft 0.9 until it hears of a newer term).
     pub fn leads_with_quorum(&self, within: Duration) -> bool {

@@ -9,10 +9,12 @@ pub mod describe_cluster;
 pub mod describe_configs;
 pub mod describe_producers;
 pub mod fetch;
+pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod offset_for_leader_epoch;
+pub mod offsets;
 pub mod produce;
 pub mod reassignments;
 
@@ -96,6 +98,61 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
         reassignments::LIST_MIN_VERSION,
         reassignments::LIST_MAX_VERSION,
     ),
+    (
+        ApiKey::FindCoordinator,
+        groups::FIND_COORDINATOR_VERSIONS.0,
+        groups::FIND_COORDINATOR_VERSIONS.1,
+    ),
+    (
+        ApiKey::JoinGroup,
+        groups::JOIN_GROUP_VERSIONS.0,
+        groups::JOIN_GROUP_VERSIONS.1,
+    ),
+    (
+        ApiKey::SyncGroup,
+        groups::SYNC_GROUP_VERSIONS.0,
+        groups::SYNC_GROUP_VERSIONS.1,
+    ),
+    (
+        ApiKey::Heartbeat,
+        groups::HEARTBEAT_VERSIONS.0,
+        groups::HEARTBEAT_VERSIONS.1,
+    ),
+    (
+        ApiKey::LeaveGroup,
+        groups::LEAVE_GROUP_VERSIONS.0,
+        groups::LEAVE_GROUP_VERSIONS.1,
+    ),
+    (
+        ApiKey::ListGroups,
+        groups::LIST_GROUPS_VERSIONS.0,
+        groups::LIST_GROUPS_VERSIONS.1,
+    ),
+    (
+        ApiKey::DescribeGroups,
+        groups::DESCRIBE_GROUPS_VERSIONS.0,
+        groups::DESCRIBE_GROUPS_VERSIONS.1,
+    ),
+    (
+        ApiKey::DeleteGroups,
+        groups::DELETE_GROUPS_VERSIONS.0,
+        groups::DELETE_GROUPS_VERSIONS.1,
+    ),
+    (
+        ApiKey::OffsetCommit,
+        offsets::OFFSET_COMMIT_VERSIONS.0,
+        offsets::OFFSET_COMMIT_VERSIONS.1,
+    ),
+    (
+        ApiKey::OffsetFetch,
+        offsets::OFFSET_FETCH_VERSIONS.0,
+        offsets::OFFSET_FETCH_VERSIONS.1,
+    ),
+    (
+        ApiKey::OffsetDelete,
+        offsets::OFFSET_DELETE_VERSIONS.0,
+        offsets::OFFSET_DELETE_VERSIONS.1,
+    ),
 ];
 
 pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
@@ -136,7 +193,7 @@ pub fn start_legacy(
 /// authorization) and the SASL exchange will read it.
 pub fn dispatch(
     broker: Arc<Broker>,
-    _session: Arc<Session>,
+    session: Arc<Session>,
     header: RequestHeader,
     request: RequestKind,
 ) -> Handler {
@@ -234,6 +291,62 @@ pub fn dispatch(
             )))
         }
         .boxed(),
+        RequestKind::FindCoordinator(r) => {
+            let resp = groups::find_coordinator(&broker, v, r);
+            async move { Some(kind(ResponseKind::FindCoordinator(resp))) }.boxed()
+        }
+        RequestKind::JoinGroup(r) => async move {
+            Some(kind(ResponseKind::JoinGroup(
+                groups::join_group(&broker, &session, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::SyncGroup(r) => async move {
+            Some(kind(ResponseKind::SyncGroup(
+                groups::sync_group(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::Heartbeat(r) => {
+            let resp = groups::heartbeat(&broker, v, r);
+            async move { Some(kind(ResponseKind::Heartbeat(resp))) }.boxed()
+        }
+        RequestKind::LeaveGroup(r) => async move {
+            Some(kind(ResponseKind::LeaveGroup(
+                groups::leave_group(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::ListGroups(r) => {
+            let resp = groups::list_groups(&broker, v, r);
+            async move { Some(kind(ResponseKind::ListGroups(resp))) }.boxed()
+        }
+        RequestKind::DescribeGroups(r) => {
+            let resp = groups::describe_groups(&broker, v, r);
+            async move { Some(kind(ResponseKind::DescribeGroups(resp))) }.boxed()
+        }
+        RequestKind::DeleteGroups(r) => async move {
+            Some(kind(ResponseKind::DeleteGroups(
+                groups::delete_groups(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::OffsetCommit(r) => async move {
+            Some(kind(ResponseKind::OffsetCommit(
+                offsets::offset_commit(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::OffsetFetch(r) => {
+            let resp = offsets::offset_fetch(&broker, v, r);
+            async move { Some(kind(ResponseKind::OffsetFetch(resp))) }.boxed()
+        }
+        RequestKind::OffsetDelete(r) => async move {
+            Some(kind(ResponseKind::OffsetDelete(
+                offsets::offset_delete(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
         // supported_versions() filtered everything else before decoding.
         other => {
             tracing::warn!(request = ?std::mem::discriminant(&other), "request without handler");
@@ -241,6 +354,10 @@ pub fn dispatch(
         }
     };
     answer_only(answer)
+}
+
+fn kind(k: ResponseKind) -> Response {
+    Response::Kind(Box::new(k))
 }
 
 /// Kafka's `host:port` split for advertised addresses.

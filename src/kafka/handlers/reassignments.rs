@@ -79,7 +79,7 @@ async fn alter_one(
         })
         .await
     {
-        Ok(Reply::Ok | Reply::ProducerIds { .. }) => Ok(()),
+        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_)) => Ok(()),
         Ok(Reply::Err { code, message }) => Err((
             if code == ErrorCode::InvalidReplicaAssignment.code() {
                 ErrorCode::InvalidReplicaAssignment
