@@ -62,6 +62,20 @@ def committed_by_admin(node, group: str, topic: str) -> dict[int, int]:
     return {o["partition"]: o["committed_offset"] for o in info["offsets"] if o["topic"] == topic}
 
 
+def wait_coordinator_ready(node, timeout_s: float = 30.0) -> float:
+    """Waits until the node answers a group request without COORDINATOR_LOAD_IN_PROGRESS (a new
+    coordinator serves once it has applied an entry of its own term); returns the seconds it took.
+    Real clients retry that error; the raw requests here must not meet it."""
+    started = time.monotonic()
+
+    def ready():
+        with GroupConn(node.bootstrap) as g:
+            return g.offset_fetch(5, "readiness-probe", {"none": [0]})[0] == ERR_NONE
+
+    wait_for(f"{node.name}'s group coordinator ready", ready, timeout_s=timeout_s)
+    return time.monotonic() - started
+
+
 def first_running(nodes):
     return next(n for n in nodes if n.is_running())
 
@@ -73,6 +87,7 @@ def gbroker(tmp_path_factory, request):
     b = Broker(tmp_path_factory.mktemp("groups"), name="groups", config=NO_DELAY)
     request.module._sluice_shared = b
     b.start()
+    wait_coordinator_ready(b)
     yield b
     rc = b.stop()
     assert not b.panics(), "broker panicked:\n" + "\n".join(b.panics()[:20])
@@ -162,8 +177,9 @@ class Member(threading.Thread):
                 self._commit(c, batch_no)
                 if self.leave_after is not None and len(self.records) >= self.leave_after:
                     break
-            committed = c.committed([TopicPartition(self.topic, p) for p in sorted(self.assigned)], timeout=10)
-            self.final_committed = {tp.partition: tp.offset for tp in committed}
+            if self.leave_after is not None:
+                committed = c.committed([TopicPartition(self.topic, p) for p in sorted(self.assigned)], timeout=10)
+                self.final_committed = {tp.partition: tp.offset for tp in committed}
         finally:
             c.close()
             self.closed = True
@@ -774,6 +790,7 @@ def test_not_coordinator_and_find_coordinator(cluster):
         {get_json(n.admin, "/v1/cluster")["controller_id"] for n in cluster}))
     # --- FindCoordinator v0 to v4 from every node: the controller, at its Kafka address
     coord = next(n for n in cluster if n.node_id == controller)
+    print(f"coordinator {controller} ready after {wait_coordinator_ready(coord):.2f}s more")
     for n in cluster:
         with GroupConn(n.bootstrap) as g:
             for v in range(5):
@@ -811,6 +828,8 @@ def test_initial_rebalance_delay(broker_factory):
     for it; a broker configured with 0 answers at once. A join into an existing group does not."""
     slow = broker_factory()
     fast = broker_factory(config=NO_DELAY)
+    for b in (slow, fast):
+        print(f"{b.name}: coordinator ready {wait_coordinator_ready(b):.2f}s after health 200")
     for b, lo, hi in ((slow, 2.7, 10.0), (fast, 0.0, 1.5)):
         with GroupConn(b.bootstrap) as g:
             started = time.monotonic()
