@@ -9,6 +9,8 @@ test that checks the delay. Every loop has a deadline."""
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import urllib.error
@@ -121,6 +123,14 @@ class Member(threading.Thread):
             "topic.metadata.refresh.interval.ms": 2000,
             **conf,
         }
+        if os.environ.get("SLUICE_GROUPS_DEBUG"):
+            # librdkafka's group debug log, one file per member, for diagnosing a failure
+            self.conf["debug"] = "cgrp,protocol"
+            handler = logging.FileHandler(os.path.join(os.environ["SLUICE_GROUPS_DEBUG"], f"{name}.log"))
+            log = logging.getLogger(f"member-{name}-{id(self)}")
+            log.addHandler(handler)
+            log.setLevel(logging.DEBUG)
+            self.conf["logger"] = log
         self.records: list[tuple[str, int, int, int]] = []  # (value, partition, offset, batch no)
         self.covered: dict[int, dict[int, int]] = {}  # batch no -> {partition: committed offset} acknowledged after it
         self.acked: list[tuple[float, dict[int, int]]] = []  # (time, {partition: offset}) of each acknowledged commit
@@ -262,7 +272,11 @@ def test_three_consumers_share_and_take_over_a_leavers_partitions(cluster, strat
             info = group_info(first_running(cluster), group)
             return (all(len(x) == 2 for x in a) and sorted(sum(a, [])) == list(range(6))
                     and info and info["state"] == "Stable" and len(info["members"]) == 3) and info
-        info = wait_for("three members with two partitions each", stable, timeout_s=60)
+        try:
+            info = wait_for("three members with two partitions each", stable, timeout_s=60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nassigned {assigned_of(members)}; group {group_info(first_running(cluster), group)}; "
+                                 f"callbacks {[(m.name, [(k, ps) for k, ps, _ in m.events]) for m in members]}") from None
         assert info["protocol"] == strategy, info
         by_admin = {m["client_id"]: sorted(p for a in m["assignment"] if a["topic"] == topic for p in a["partitions"]) for m in info["members"]}
         assert by_admin == {m.name: sorted(m.assigned) for m in members}, (by_admin, assigned_of(members))
@@ -317,11 +331,11 @@ def test_three_consumers_share_and_take_over_a_leavers_partitions(cluster, strat
         # --- eager (range): survivors gave everything back; cooperative: they kept what they had
         for s in survivors:
             after = [(k, ps) for k, ps, t in s.events if t > stable_at]
-            revoked = [ps for k, ps, _ in after if k in ("revoke", "lost") and ps]
+            revoked = [ps for k, ps in after if k in ("revoke", "lost") and ps]
             if strategy == "cooperative-sticky":
                 assert not revoked, f"{s.name} had partitions revoked in an incremental rebalance: {after}"
                 assert stable_assignment[s.name] <= s.assigned, (s.name, stable_assignment[s.name], s.assigned)
-                gained = [ps for k, ps, _ in after if k == "assign"]
+                gained = [ps for k, ps in after if k == "assign"]
                 assert all(set(ps) <= set(leaver_parts) for ps in gained), f"{s.name} was given more than the leaver's partitions: {after}"
             else:
                 assert revoked and set(revoked[0]) == stable_assignment[s.name], f"{s.name}: eager rebalance should revoke all: {after}"
@@ -842,3 +856,86 @@ def test_initial_rebalance_delay(broker_factory):
             j2 = g.join(3, "delayed", member_id=j["member_id"])
             took = time.monotonic() - started
             assert j2["error"] == ERR_NONE and took < 1.5, (b.name, took, j2)
+
+
+class RawMember(threading.Thread):
+    """A raw-wire member that behaves as a client does: join (v3, so no member id round trip),
+    sync (the leader hands every member an empty assignment), heartbeat every 300 ms, and rejoin
+    on REBALANCE_IN_PROGRESS; UNKNOWN_MEMBER_ID starts over with no id. Records how long each
+    JoinGroup took to be answered."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, name: str, start: threading.Barrier, max_s: float = 60.0):
+        super().__init__(daemon=True, name=name)
+        self.bootstrap, self.group, self.topic, self.start_barrier, self.max_s = bootstrap, group, topic, start, max_s
+        self.joins: list[tuple[float, int, int]] = []  # (seconds to answer, error, generation)
+        self.synced_generation: int | None = None  # the generation whose heartbeats are answered 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            with GroupConn(self.bootstrap, self.name, timeout_s=45.0) as g:
+                self._run(g)
+        except BaseException as e:  # noqa: BLE001 - reported by the test through .error
+            self.error = e
+
+    def _run(self, g: GroupConn):
+        protocols = [("range", consumer_subscription([self.topic]))]
+        mid = ""
+        self.start_barrier.wait(10)
+        deadline = time.monotonic() + self.max_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.synced_generation = None
+            started = time.monotonic()
+            j = g.join(3, self.group, member_id=mid, session_ms=30_000, rebalance_ms=30_000, protocols=protocols)
+            self.joins.append((time.monotonic() - started, j["error"], j["generation"]))
+            if j["error"] == ERR_UNKNOWN_MEMBER_ID:
+                mid = ""
+                continue
+            if j["error"] != ERR_NONE:
+                time.sleep(0.1)
+                continue
+            mid, gen = j["member_id"], j["generation"]
+            assignments = {m["member_id"]: consumer_assignment({}) for m in j["members"]}
+            s = g.sync(3, self.group, gen, mid, assignments)
+            if s["error"] != ERR_NONE:
+                continue  # REBALANCE_IN_PROGRESS and the like: join again
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                hb = g.heartbeat(3, self.group, gen, mid)
+                if hb != ERR_NONE:
+                    break
+                self.synced_generation = gen
+                time.sleep(0.3)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_members_joining_at_once_all_get_answered(gbroker, round_):
+    """Six members join a new group at the same moment and rejoin as clients do. Every JoinGroup
+    is answered well within the 30 s session, and the group settles with all six in one
+    generation. (A join completed while another member's join already started the next round
+    must still be answered, not left waiting until its session runs out.)"""
+    topic, group = "grp-burst", f"burst-{round_}"
+    if round_ == 0:
+        make_topic(gbroker, topic, 6)
+    start = threading.Barrier(6)
+    members = [RawMember(gbroker.bootstrap, group, topic, f"burst{i}", start) for i in range(6)]
+    for m in members:
+        m.start()
+    try:
+        def settled():
+            gens = {m.synced_generation for m in members}
+            info = group_info(gbroker, group)
+            return len(gens) == 1 and None not in gens and info and info["state"] == "Stable" and len(info["members"]) == 6
+        try:
+            wait_for("six members in one generation", settled, timeout_s=20)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\njoins (seconds, error, generation): {[(m.name, m.joins) for m in members]}; "
+                                 f"group {group_info(gbroker, group)}") from None
+        slow = [(m.name, t, err) for m in members for t, err, _ in m.joins if t > 10]
+        assert not slow, f"JoinGroups answered only after {slow}"
+    finally:
+        for m in members:
+            m.stop.set()
+        for m in members:
+            m.join(50)
+    assert all(m.error is None for m in members), [m.error for m in members]
