@@ -272,6 +272,11 @@ impl Broker {
         self.meta.subscribe()
     }
 
+    /// Changes whenever the applied consumer groups may have.
+    pub fn subscribe_groups(&self) -> watch::Receiver<u64> {
+        self.meta.subscribe_groups()
+    }
+
     pub fn partition(&self, topic: &str, partition: PartitionId) -> Option<Arc<PartitionGroup>> {
         self.partitions.get(topic, partition)
     }

@@ -61,7 +61,11 @@ pub async fn timer_loop(broker: Arc<Broker>) {
     loop {
         let Some(term) = broker.raft.meta().leader_term() else {
             runtime.loaded_term.store(0, Ordering::Release);
-            wait(&broker, TICK).await;
+            broker
+                .raft
+                .meta()
+                .leadership_changed(None, Duration::from_secs(60))
+                .await;
             continue;
         };
         if runtime.loaded_term.load(Ordering::Acquire) != term {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::controller::groups::{ConsumerGroup, GroupOp, GroupReply, GroupState, Protocol};
+use crate::controller::groups::{
+    ConsumerGroup, GroupOp, GroupReply, GroupState, OffsetEntry, Protocol,
+};
 use crate::controller::BrokerInfo;
 use crate::errors::ErrorCode;
 
@@ -42,7 +44,11 @@ impl GroupStore for Broker {
             Some(term) if self.consumer_groups.loaded_term.load(Ordering::Acquire) == term => {
                 Ok(())
             }
-            Some(_) => Err(ErrorCode::CoordinatorLoadInProgress),
+            Some(_) => {
+                // The timer loop takes over; a request need not wait for its next look.
+                self.consumer_groups.wake.notify_one();
+                Err(ErrorCode::CoordinatorLoadInProgress)
+            }
             None if meta.leader().is_some() => Err(ErrorCode::NotCoordinator),
             None => Err(ErrorCode::CoordinatorNotAvailable),
         }
@@ -58,7 +64,7 @@ impl GroupStore for Broker {
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.subscribe_state()
+        self.subscribe_groups()
     }
 }
 
@@ -432,15 +438,21 @@ pub async fn leave(
 pub async fn commit(
     broker: &Broker,
     m: MemberRef<'_>,
-    offsets: Vec<crate::controller::groups::OffsetEntry>,
+    offsets: Vec<OffsetEntry>,
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    if let Some(member) = broker
-        .read(m.group)
+    let g = broker.read(m.group);
+    if let Some(member) = g
+        .as_ref()
         .and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms))
     {
         broker.consumer_groups.touch(m.group, m.member_id, member);
+    }
+    if let Some(g) = &g {
+        if unchanged_commit(g, &m, &offsets) {
+            return Ok(vec![0; offsets.len()]);
+        }
     }
     let op = GroupOp::Commit {
         group: m.group.to_string(),
@@ -455,6 +467,29 @@ pub async fn commit(
         GroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
+}
+
+/// A commit that would change nothing: a valid member (or a simple consumer of an empty group)
+/// committing exactly what is committed. Consumers that auto-commit while idle send these every
+/// few seconds; answering them from the applied state keeps idle groups off the Raft log. A
+/// commit that would fail goes through the log to get its error.
+fn unchanged_commit(g: &ConsumerGroup, m: &MemberRef<'_>, offsets: &[OffsetEntry]) -> bool {
+    let member_ok = if m.generation < 0 && m.member_id.is_empty() {
+        g.state == GroupState::Empty
+    } else {
+        g.state != GroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
+    };
+    member_ok
+        && offsets.iter().all(|o| {
+            g.offsets
+                .get(&o.topic)
+                .and_then(|parts| parts.get(&o.partition))
+                .is_some_and(|c| {
+                    c.offset == o.offset
+                        && c.leader_epoch == o.leader_epoch
+                        && c.metadata == o.metadata
+                })
+        })
 }
 
 /// Runs one operation whose reply is Ok or an error (DeleteGroups).
