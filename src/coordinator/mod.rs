@@ -261,8 +261,13 @@ async fn join_inner(
         if !g.members.contains_key(&member_id) {
             return Some(Err(ErrorCode::UnknownMemberId));
         }
-        (g.generation > before && g.state != GroupState::PreparingRebalance)
-            .then(|| Ok(join_answer(g, &member_id)))
+        // The generation moves past `before` only by a completed join phase that included this
+        // member. Answer it then even if the group is already preparing the next round: another
+        // member's join may have started that round before this waiter looked (both can apply in
+        // one batch), and it reset this member's `joined`, so waiting for the round to end would
+        // wait for this very member until its session expires. Kafka answers every join when its
+        // phase completes; the member hears of the new round from SyncGroup or Heartbeat.
+        (g.generation > before).then(|| Ok(join_answer(g, &member_id)))
     })
     .await
     .map_err(|c| fail(c, &member_id))?;
