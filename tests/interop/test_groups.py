@@ -442,6 +442,7 @@ class Writer(threading.Thread):
         self.failed: dict[str, str] = {}
 
     def run(self):
+        deadline = time.monotonic() + 200
         for i in range(self.count):
             v = f"{self.prefix}{i}"
 
@@ -456,10 +457,12 @@ class Writer(threading.Thread):
                     self.p.produce(self.topic, key=str(i).encode(), value=v.encode(), on_delivery=cb)
                     break
                 except BufferError:
+                    if time.monotonic() > deadline:
+                        raise
                     self.p.poll(0.05)
             self.p.poll(0)
             time.sleep(0.001)
-        self.p.flush(150)
+        self.p.flush(max(1.0, deadline - time.monotonic()))
 
 
 class OffsetSampler(threading.Thread):
@@ -561,6 +564,12 @@ def test_coordinator_killed_during_consumption(cluster):
         assert err == ERR_NONE and {p: o for (_, p), (o, _, _) in fetched.items()} == end, (err, fetched, end)
         bad = unexplained_duplicates(members)
         assert not bad, f"values received again after an acknowledged commit covered them, e.g. {bad[:3]}"
+        # --- the old coordinator comes back with the group and its offsets in its replicated state
+        victim.start(wait=False)
+        victim.wait_ready(timeout_s=60)
+        wait_for("the restarted node's view of the group", lambda: committed_by_admin(victim, group, topic) == end, timeout_s=30)
+        wait_for("every node naming the same coordinator",
+                 lambda: group_info(victim, group)["coordinator"] == group_info(watcher, group)["coordinator"], timeout_s=10)
     finally:
         stop_all(members)
         if sampler is not None:
