@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::error;
 
 use crate::config::ServerConfig;
-use crate::controller::groups::{GroupOp, GroupReply};
+use crate::controller::consumer_groups::{ConsumerGroupOp, ConsumerGroupReply};
 use crate::controller::{Command, MetaMachine, MetaState, PartitionId, Reply};
 use crate::metrics::Metrics;
 use crate::rpc::{self, AppRequest, AppResponse};
@@ -157,14 +157,17 @@ impl Health {
 
 /// A consumer-group operation waiting for the coordinator's next proposal, and where its reply
 /// goes.
-pub type QueuedGroupOp = (GroupOp, oneshot::Sender<Result<GroupReply, BrokerError>>);
+pub type QueuedConsumerGroupOp = (
+    ConsumerGroupOp,
+    oneshot::Sender<Result<ConsumerGroupReply, BrokerError>>,
+);
 
 /// Operations that may wait for a proposal before submitters wait for room.
 const GROUP_OP_QUEUE: usize = 16_384;
 
 /// The consumer-group coordinator's state that is not replicated. It matters only on the node
 /// that leads the metadata group; a new coordinator starts it afresh (see `coordinator/`).
-pub struct GroupRuntime {
+pub struct ConsumerGroupRuntime {
     /// (group, member id) -> when the member's session expires unless it is heard from.
     pub deadlines: Mutex<HashMap<(String, String), Instant>>,
     /// (group, member id) handed out with MEMBER_ID_REQUIRED (KIP-394) and not yet used -> when
@@ -172,16 +175,16 @@ pub struct GroupRuntime {
     pub pending_members: Mutex<HashMap<(String, String), Instant>>,
     /// The metadata term in which this node finished taking over as coordinator (0: never).
     pub loaded_term: AtomicU64,
-    ops: mpsc::Sender<QueuedGroupOp>,
-    ops_rx: Mutex<Option<mpsc::Receiver<QueuedGroupOp>>>,
+    ops: mpsc::Sender<QueuedConsumerGroupOp>,
+    ops_rx: Mutex<Option<mpsc::Receiver<QueuedConsumerGroupOp>>>,
     /// Wakes the coordinator's timers: a rebalance may be due.
     pub wake: Notify,
 }
 
-impl Default for GroupRuntime {
+impl Default for ConsumerGroupRuntime {
     fn default() -> Self {
         let (ops, rx) = mpsc::channel(GROUP_OP_QUEUE);
-        GroupRuntime {
+        ConsumerGroupRuntime {
             deadlines: Mutex::default(),
             pending_members: Mutex::default(),
             loaded_term: AtomicU64::new(0),
@@ -192,9 +195,9 @@ impl Default for GroupRuntime {
     }
 }
 
-impl GroupRuntime {
+impl ConsumerGroupRuntime {
     /// Queues `op` for the coordinator's next proposal and waits for its applied reply.
-    pub async fn submit(&self, op: GroupOp) -> Result<GroupReply, BrokerError> {
+    pub async fn submit(&self, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.ops
             .send((op, tx))
@@ -205,7 +208,7 @@ impl GroupRuntime {
     }
 
     /// The queue's receiving end, for the one loop that proposes its operations.
-    pub fn take_queue(&self) -> Option<mpsc::Receiver<QueuedGroupOp>> {
+    pub fn take_queue(&self) -> Option<mpsc::Receiver<QueuedConsumerGroupOp>> {
         self.ops_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
@@ -234,7 +237,7 @@ pub struct Broker {
     /// Producer ids this node may hand out, a block from the controller at a time.
     producer_ids: tokio::sync::Mutex<std::ops::Range<i64>>,
     /// The consumer-group coordinator's unreplicated state.
-    pub consumer_groups: GroupRuntime,
+    pub consumer_groups: ConsumerGroupRuntime,
 }
 
 /// Producer ids a node takes from the controller at once, as Kafka's brokers do.
@@ -254,7 +257,7 @@ impl Broker {
             fatal: watch::channel(None).0,
             fetch_budget,
             producer_ids: tokio::sync::Mutex::new(0..0),
-            consumer_groups: GroupRuntime::default(),
+            consumer_groups: ConsumerGroupRuntime::default(),
         }
     }
 

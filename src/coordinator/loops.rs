@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::broker::{Broker, BrokerError};
-use crate::controller::groups::{GroupOp, GroupState};
+use crate::controller::consumer_groups::{ConsumerGroupOp, ConsumerGroupState};
 use crate::controller::{Command, Reply};
 
 /// Operations proposed in one metadata entry at most.
@@ -102,7 +102,7 @@ pub async fn timer_loop(broker: Arc<Broker>) {
         let interval = Duration::from_millis(broker.cfg.offsets_retention_check_interval_ms);
         if last_offset_expiry.elapsed() >= interval {
             last_offset_expiry = Instant::now();
-            ops.push(GroupOp::ExpireOffsets {
+            ops.push(ConsumerGroupOp::ExpireOffsets {
                 now_ms: crate::clock::now_ms(),
                 retention_ms: broker.cfg.offsets_retention_ms,
             });
@@ -133,7 +133,7 @@ async fn wait(broker: &Broker, d: Duration) {
 }
 
 /// Operations the timers call for now, and how long until the next one may be due.
-fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
+fn due_operations(broker: &Broker) -> (Vec<ConsumerGroupOp>, Duration) {
     let now = Instant::now();
     let now_ms = crate::clock::now_ms();
     let mut ops = Vec::new();
@@ -147,7 +147,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
             .is_some_and(|g| g.members.contains_key(m))
     });
     for (name, g) in &st.consumer_groups {
-        if g.state == GroupState::PreparingRebalance {
+        if g.state == ConsumerGroupState::PreparingRebalance {
             let everyone = g.members.values().all(|m| m.joined);
             let due_ms = if everyone {
                 g.initial_delay_until_ms
@@ -155,7 +155,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
                 g.rebalance_deadline_ms
             };
             if now_ms >= due_ms {
-                ops.push(GroupOp::CompleteJoin {
+                ops.push(ConsumerGroupOp::CompleteJoin {
                     group: name.clone(),
                     generation: g.generation,
                     now_ms,
@@ -167,7 +167,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
         for m in g.members.values() {
             let session = Duration::from_millis(m.session_timeout_ms.max(0) as u64);
             let key = (name.clone(), m.member_id.clone());
-            if g.state == GroupState::PreparingRebalance && m.joined {
+            if g.state == ConsumerGroupState::PreparingRebalance && m.joined {
                 // Its JoinGroup waits for the rebalance; the session restarts when answered.
                 deadlines.insert(key, now + session);
                 continue;
@@ -175,7 +175,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
             let deadline = *deadlines.entry(key).or_insert(now + session);
             if now >= deadline {
                 info!(group = %name, member = %m.member_id, "consumer session expired");
-                ops.push(GroupOp::Expire {
+                ops.push(ConsumerGroupOp::Expire {
                     group: name.clone(),
                     member_id: m.member_id.clone(),
                     now_ms,

@@ -1,12 +1,12 @@
 //! The consumer-group coordinator (Kafka's classic group protocol). Every group's coordinator is
 //! the node that leads the metadata Raft group: it decides joins, rebalances, session expiry and
-//! offset commits by proposing [`GroupOp`]s, which every node applies to the replicated state
-//! (`controller/groups.rs`), so a failover keeps every group. What is not replicated — session
-//! deadlines, offered member ids — is in [`crate::broker::GroupRuntime`]. The Kafka handlers
-//! (`kafka/handlers/groups.rs`) translate requests to the operations here; `loops.rs` proposes
+//! offset commits by proposing [`ConsumerGroupOp`]s, which every node applies to the replicated state
+//! (`controller/consumer_groups.rs`), so a failover keeps every group. What is not replicated — session
+//! deadlines, offered member ids — is in [`crate::broker::ConsumerGroupRuntime`]. The Kafka handlers
+//! (`kafka/handlers/consumer_groups.rs`) translate requests to the operations here; `loops.rs` proposes
 //! the queued operations in batches and runs the timers.
 //!
-//! Groups reach their state only through [`GroupStore`], so they can later be spread over several
+//! Groups reach their state only through [`ConsumerGroupStore`], so they can later be spread over several
 //! Raft groups (as Kafka spreads them over `__consumer_offsets` partitions) without touching the
 //! protocol logic.
 
@@ -18,26 +18,31 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::controller::groups::{
-    ConsumerGroup, GroupOp, GroupReply, GroupState, OffsetEntry, Protocol,
+use crate::controller::consumer_groups::{
+    ConsumerGroup, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroupState, OffsetEntry, Protocol,
 };
 use crate::controller::BrokerInfo;
 use crate::errors::ErrorCode;
 
 /// Where groups live: read the applied state of one, propose operations, hear of changes.
-pub trait GroupStore {
+pub trait ConsumerGroupStore {
     /// Whether this node may serve `group` now (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS,
     /// COORDINATOR_NOT_AVAILABLE otherwise).
     fn check(&self, group: &str) -> Result<(), ErrorCode>;
     /// The node that coordinates `group`.
     fn coordinator_of(&self, group: &str) -> Option<BrokerInfo>;
+    /// Runs `f` on the group's applied state, without copying it (heartbeats and commits come
+    /// often; a group's offsets can be many).
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T;
     /// A copy of the group's applied state.
-    fn read(&self, group: &str) -> Option<ConsumerGroup>;
+    fn read(&self, group: &str) -> Option<ConsumerGroup> {
+        self.with_group(group, |g| g.cloned())
+    }
     /// Changes whenever some group's applied state may have.
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
 
-impl GroupStore for Broker {
+impl ConsumerGroupStore for Broker {
     fn check(&self, _group: &str) -> Result<(), ErrorCode> {
         let meta = self.raft.meta();
         match meta.leader_term() {
@@ -59,8 +64,8 @@ impl GroupStore for Broker {
         self.state().brokers.get(&leader).cloned()
     }
 
-    fn read(&self, group: &str) -> Option<ConsumerGroup> {
-        self.state().consumer_groups.get(group).cloned()
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T {
+        f(self.state().consumer_groups.get(group))
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -70,10 +75,10 @@ impl GroupStore for Broker {
 
 /// Proposes `op` through the coordinator's batch; a failed proposal means this node cannot
 /// coordinate now, which clients answer by finding the coordinator again.
-pub async fn submit(broker: &Broker, op: GroupOp) -> Result<GroupReply, ErrorCode> {
+pub async fn submit(broker: &Broker, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, ErrorCode> {
     let wake = matches!(
         op,
-        GroupOp::Join { .. } | GroupOp::Leave { .. } | GroupOp::Sync { .. }
+        ConsumerGroupOp::Join { .. } | ConsumerGroupOp::Leave { .. } | ConsumerGroupOp::Sync { .. }
     );
     let reply = broker.consumer_groups.submit(op).await.map_err(|e| {
         tracing::debug!(error = %e, "consumer group proposal failed");
@@ -83,7 +88,7 @@ pub async fn submit(broker: &Broker, op: GroupOp) -> Result<GroupReply, ErrorCod
         broker.consumer_groups.wake.notify_one();
     }
     match reply {
-        GroupReply::Err(code) => {
+        ConsumerGroupReply::Err(code) => {
             Err(ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError))
         }
         r => Ok(r),
@@ -149,7 +154,7 @@ async fn wait_for<T>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         rx.borrow_and_update();
-        if let Some(t) = done(broker.read(group).as_ref()) {
+        if let Some(t) = broker.with_group(group, &mut done) {
             return Ok(Some(t));
         }
         broker.check(group)?;
@@ -233,7 +238,7 @@ async fn join_inner(
     let member_id = req.member_id.clone();
     let group = req.group.clone();
     runtime.touch(&group, &member_id, req.session_timeout_ms);
-    let op = GroupOp::Join {
+    let op = ConsumerGroupOp::Join {
         group: group.clone(),
         member_id: member_id.clone(),
         instance_id: req.instance_id.clone(),
@@ -248,7 +253,7 @@ async fn join_inner(
         max_size: cfg.group_max_size,
     };
     let before = match submit(broker, op).await.map_err(|c| fail(c, &member_id))? {
-        GroupReply::JoinedRebalance { generation } => generation,
+        ConsumerGroupReply::JoinedRebalance { generation } => generation,
         // The member keeps the current generation: answer from it at once.
         _ => i32::MIN,
     };
@@ -363,18 +368,20 @@ pub async fn sync(
     {
         return Err(ErrorCode::InconsistentGroupProtocol);
     }
-    if g.state == GroupState::PreparingRebalance {
+    if g.state == ConsumerGroupState::PreparingRebalance {
         return Err(ErrorCode::RebalanceInProgress);
     }
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    if g.state == GroupState::CompletingRebalance && g.leader.as_deref() == Some(m.member_id) {
-        let op = GroupOp::Sync {
+    if g.state == ConsumerGroupState::CompletingRebalance
+        && g.leader.as_deref() == Some(m.member_id)
+    {
+        let op = ConsumerGroupOp::Sync {
             group: m.group.to_string(),
             generation: m.generation,
             member_id: m.member_id.to_string(),
             assignments: assignments
                 .into_iter()
-                .map(|(id, a)| (id, crate::controller::groups::Blob(a)))
+                .map(|(id, a)| (id, crate::controller::consumer_groups::Blob(a)))
                 .collect(),
         };
         submit(broker, op).await?;
@@ -390,10 +397,10 @@ pub async fn sync(
             let Some(me) = g.members.get(member_id) else {
                 return Some(Err(ErrorCode::UnknownMemberId));
             };
-            if g.generation != generation || g.state == GroupState::PreparingRebalance {
+            if g.generation != generation || g.state == ConsumerGroupState::PreparingRebalance {
                 return Some(Err(ErrorCode::RebalanceInProgress));
             }
-            (g.state == GroupState::Stable).then(|| {
+            (g.state == ConsumerGroupState::Stable).then(|| {
                 Ok(SyncAnswer {
                     assignment: me.assignment.0.clone(),
                     protocol_type: g.protocol_type.clone(),
@@ -410,11 +417,12 @@ pub async fn sync(
 pub fn heartbeat(broker: &Broker, m: MemberRef<'_>) -> Result<(), ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    let g = broker.read(m.group);
-    let session = validate_member(g.as_ref(), &m)?;
+    let (session, state) = broker.with_group(m.group, |g| {
+        Ok((validate_member(g, &m)?, g.map(|g| g.state)))
+    })?;
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    match g.map(|g| g.state) {
-        Some(GroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
+    match state {
+        Some(ConsumerGroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
         _ => Ok(()),
     }
 }
@@ -427,13 +435,13 @@ pub async fn leave(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
-    let op = GroupOp::Leave {
+    let op = ConsumerGroupOp::Leave {
         group: group.to_string(),
         members,
         now_ms: crate::clock::now_ms(),
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }
@@ -447,19 +455,19 @@ pub async fn commit(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    let g = broker.read(m.group);
-    if let Some(member) = g
-        .as_ref()
-        .and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms))
-    {
-        broker.consumer_groups.touch(m.group, m.member_id, member);
+    let (session, unchanged) = broker.with_group(m.group, |g| {
+        (
+            g.and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms)),
+            g.is_some_and(|g| unchanged_commit(g, &m, &offsets)),
+        )
+    });
+    if let Some(session) = session {
+        broker.consumer_groups.touch(m.group, m.member_id, session);
     }
-    if let Some(g) = &g {
-        if unchanged_commit(g, &m, &offsets) {
-            return Ok(vec![0; offsets.len()]);
-        }
+    if unchanged {
+        return Ok(vec![0; offsets.len()]);
     }
-    let op = GroupOp::Commit {
+    let op = ConsumerGroupOp::Commit {
         group: m.group.to_string(),
         generation: m.generation,
         member_id: m.member_id.to_string(),
@@ -469,7 +477,7 @@ pub async fn commit(
         metadata_max_bytes: broker.cfg.offset_metadata_max_bytes,
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }
@@ -480,9 +488,9 @@ pub async fn commit(
 /// commit that would fail goes through the log to get its error.
 fn unchanged_commit(g: &ConsumerGroup, m: &MemberRef<'_>, offsets: &[OffsetEntry]) -> bool {
     let member_ok = if m.generation < 0 && m.member_id.is_empty() {
-        g.state == GroupState::Empty
+        g.state == ConsumerGroupState::Empty
     } else {
-        g.state != GroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
+        g.state != ConsumerGroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
     };
     member_ok
         && offsets.iter().all(|o| {
@@ -503,7 +511,7 @@ pub async fn delete_group(broker: &Broker, group: &str) -> Result<(), ErrorCode>
     broker.check(group)?;
     submit(
         broker,
-        GroupOp::DeleteGroup {
+        ConsumerGroupOp::DeleteGroup {
             group: group.to_string(),
         },
     )
@@ -518,12 +526,12 @@ pub async fn delete_offsets(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
-    let op = GroupOp::DeleteOffsets {
+    let op = ConsumerGroupOp::DeleteOffsets {
         group: group.to_string(),
         partitions,
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }

@@ -474,3 +474,82 @@ async fn offset_commit_throughput() {
     );
     c.shutdown().await;
 }
+
+/// One request frame of hand-written bytes; returns the response body after the correlation id.
+async fn raw_call(addr: &str, api: i16, version: i16, body: &[u8]) -> Bytes {
+    use bytes::{Buf, BufMut, BytesMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut frame = BytesMut::new();
+    frame.put_i16(api);
+    frame.put_i16(version);
+    frame.put_i32(7);
+    frame.put_i16(-1); // no client id
+    frame.put_slice(body);
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(&(frame.len() as i32).to_be_bytes())
+        .await
+        .unwrap();
+    sock.write_all(&frame).await.unwrap();
+    let len = sock.read_i32().await.unwrap();
+    let mut resp = vec![0u8; len as usize];
+    sock.read_exact(&mut resp).await.unwrap();
+    let mut resp = Bytes::from(resp);
+    assert_eq!(resp.get_i32(), 7, "correlation id");
+    resp
+}
+
+fn put_str(b: &mut bytes::BytesMut, v: &str) {
+    use bytes::BufMut;
+    b.put_i16(v.len() as i16);
+    b.put_slice(v.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_offset_commit_and_fetch_versions_are_served() {
+    use bytes::{Buf, BufMut, BytesMut};
+    let c = cluster(1).await;
+    let mut a = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    create_topic(&mut a, "t", 1, 1).await;
+    let _ = join(&mut a, 5, &join_req("", None, 5_000)).await; // waits out the takeover
+    for (version, offset) in [(0i16, 11i64), (1, 12)] {
+        let mut body = BytesMut::new();
+        put_str(&mut body, "old");
+        if version == 1 {
+            body.put_i32(-1);
+            put_str(&mut body, "");
+        }
+        body.put_i32(1);
+        put_str(&mut body, "t");
+        body.put_i32(1);
+        body.put_i32(0);
+        body.put_i64(offset);
+        if version == 1 {
+            body.put_i64(-1);
+        }
+        put_str(&mut body, "m");
+        let mut r = raw_call(&c.bootstrap(), 8, version, &body).await;
+        // [topic [partition error]]
+        assert_eq!(r.get_i32(), 1);
+        let n = r.get_i16() as usize;
+        r.advance(n);
+        assert_eq!((r.get_i32(), r.get_i32(), r.get_i16()), (1, 0, 0));
+
+        let mut body = BytesMut::new();
+        put_str(&mut body, "old");
+        body.put_i32(1);
+        put_str(&mut body, "t");
+        body.put_i32(1);
+        body.put_i32(0);
+        let mut r = raw_call(&c.bootstrap(), 9, 0, &body).await;
+        // [topic [partition offset metadata error]]
+        assert_eq!(r.get_i32(), 1);
+        let n = r.get_i16() as usize;
+        r.advance(n);
+        assert_eq!((r.get_i32(), r.get_i32(), r.get_i64()), (1, 0, offset));
+        let n = r.get_i16() as usize;
+        assert_eq!(&r[..n], b"m");
+        r.advance(n);
+        assert_eq!(r.get_i16(), 0);
+    }
+    c.shutdown().await;
+}

@@ -18,14 +18,24 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
-use crate::broker::Broker;
-use crate::controller::groups::{ConsumerGroup, OffsetEntry};
-use crate::coordinator::{self, GroupStore, MemberRef};
-use crate::errors::ErrorCode;
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+use kafka_protocol::messages::{ApiKey, GroupId};
+use kafka_protocol::protocol::Encodable;
 
-/// The codec starts at v2 (v0/v1 kept offsets in ZooKeeper or carried per-offset timestamps).
-pub const OFFSET_COMMIT_VERSIONS: (i16, i16) = (2, 9);
-pub const OFFSET_FETCH_VERSIONS: (i16, i16) = (1, 9);
+use crate::broker::Broker;
+use crate::controller::consumer_groups::{ConsumerGroup, OffsetEntry};
+use crate::coordinator::{self, ConsumerGroupStore, MemberRef};
+use crate::errors::ErrorCode;
+use crate::kafka::wire::Reader;
+
+/// The codec starts OffsetCommit at v2 and OffsetFetch at v1; the older versions that
+/// fixed-version clients still send are read by hand ([`legacy`]).
+pub const OFFSET_COMMIT_VERSIONS: (i16, i16) = (0, 9);
+pub const OFFSET_FETCH_VERSIONS: (i16, i16) = (0, 9);
 pub const OFFSET_DELETE_VERSIONS: (i16, i16) = (0, 0);
 
 fn s(v: &str) -> StrBytes {
@@ -257,4 +267,85 @@ pub async fn offset_delete(
         })
         .collect();
     OffsetDeleteResponse::default().with_topics(topics)
+}
+
+/// OffsetCommit v0/v1 and OffsetFetch v0, which the codec crate no longer reads. Their bodies are
+/// those of OffsetCommit v2 and OffsetFetch v1 less a field or two (v0 kept offsets in ZooKeeper,
+/// v1 carried a per-offset timestamp, which Kafka ignores since 0.10.1), and their responses are
+/// the same bytes as those versions': read by hand, answered by the current handlers.
+pub async fn legacy(
+    broker: &Broker,
+    api: ApiKey,
+    version: i16,
+    frame: &Bytes,
+) -> Result<Bytes, String> {
+    let mut r = Reader::new(frame.clone());
+    r.i16()?; // api key
+    r.i16()?; // version
+    r.i32()?; // correlation id
+    r.nullable_string()?; // client id
+    let group = GroupId(s(&r.string()?));
+    let mut out = BytesMut::new();
+    if api == ApiKey::OffsetFetch {
+        let mut topics = Vec::new();
+        for _ in 0..r.count(6)? {
+            let name = TopicName(s(&r.string()?));
+            let mut parts = Vec::new();
+            for _ in 0..r.count(4)? {
+                parts.push(r.i32()?);
+            }
+            topics.push(
+                OffsetFetchRequestTopic::default()
+                    .with_name(name)
+                    .with_partition_indexes(parts),
+            );
+        }
+        let req = OffsetFetchRequest::default()
+            .with_group_id(group)
+            .with_topics(Some(topics));
+        offset_fetch(broker, 1, req)
+            .encode(&mut out, 1)
+            .map_err(|e| format!("encoding OffsetFetch v{version}: {e}"))?;
+        return Ok(out.freeze());
+    }
+    let (generation, member) = if version >= 1 {
+        (r.i32()?, r.string()?)
+    } else {
+        (-1, String::new())
+    };
+    let mut topics = Vec::new();
+    for _ in 0..r.count(6)? {
+        let name = TopicName(s(&r.string()?));
+        let mut parts = Vec::new();
+        for _ in 0..r.count(14)? {
+            let partition = r.i32()?;
+            let offset = r.i64()?;
+            if version >= 1 {
+                r.i64()?; // commit timestamp
+            }
+            let metadata = r.nullable_string()?;
+            parts.push(
+                OffsetCommitRequestPartition::default()
+                    .with_partition_index(partition)
+                    .with_committed_offset(offset)
+                    .with_committed_leader_epoch(-1)
+                    .with_committed_metadata(metadata.map(|m| s(&m))),
+            );
+        }
+        topics.push(
+            OffsetCommitRequestTopic::default()
+                .with_name(name)
+                .with_partitions(parts),
+        );
+    }
+    let req = OffsetCommitRequest::default()
+        .with_group_id(group)
+        .with_generation_id_or_member_epoch(generation)
+        .with_member_id(s(&member))
+        .with_topics(topics);
+    offset_commit(broker, 2, req)
+        .await
+        .encode(&mut out, 2)
+        .map_err(|e| format!("encoding OffsetCommit v{version}: {e}"))?;
+    Ok(out.freeze())
 }

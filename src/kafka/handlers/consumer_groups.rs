@@ -18,8 +18,8 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::split_host_port;
 use crate::broker::Broker;
-use crate::controller::groups::{Blob, Protocol};
-use crate::coordinator::{self, GroupStore, JoinRequest, MemberRef};
+use crate::controller::consumer_groups::{Blob, Protocol};
+use crate::coordinator::{self, ConsumerGroupStore, JoinRequest, MemberRef};
 use crate::errors::ErrorCode;
 use crate::session::Session;
 
