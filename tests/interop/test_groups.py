@@ -78,6 +78,11 @@ def wait_coordinator_ready(node, timeout_s: float = 30.0) -> float:
     return time.monotonic() - started
 
 
+def meta_last_log_index(node) -> int:
+    """The metadata Raft group's last log index on the node (`/v1/raft`)."""
+    return next(g["last_log_index"] for g in get_json(node.admin, "/v1/raft")["groups"] if g["group"] == "meta")
+
+
 def first_running(nodes):
     return next(n for n in nodes if n.is_running())
 
@@ -653,6 +658,23 @@ def test_heartbeat_generation_member_and_rebalance_errors(gbroker):
         assert ja2["leader"] == jb2["leader"] == mid, (mid, ja2, jb2)
         assert sorted(m["member_id"] for m in ja2["members"]) == sorted([mid, jb2["member_id"]]) and jb2["members"] == []
         assert a.heartbeat(4, group, gen, mid) == ERR_ILLEGAL_GENERATION, "the old generation is over"
+        gen2, mb = ja2["generation"], jb2["member_id"]
+        sa = a.sync(3, group, gen2, mid, {mid: consumer_assignment({topic: [0]}), mb: consumer_assignment({topic: [1]})})
+        cb = b.sync(3, group, gen2, mb)
+        assert sa["error"] == ERR_NONE and cb["error"] == ERR_NONE and parse_consumer_assignment(cb["assignment"]) == {topic: [1]}, (sa, cb)
+        # --- a known follower rejoining with the same subscription keeps its generation at once
+        started = time.monotonic()
+        jb3 = b.join(3, group, member_id=mb, protocols=[("range", consumer_subscription([topic]))])
+        assert jb3["error"] == ERR_NONE and jb3["generation"] == gen2 and time.monotonic() - started < 2, jb3
+        assert a.heartbeat(4, group, gen2, mid) == ERR_NONE and group_info(gbroker, group)["state"] == "Stable"
+        # --- with a changed subscription it starts a rebalance
+        cb = b.send_join(3, group, member_id=mb, protocols=[("range", consumer_subscription([topic, "grp-hb-other"]))])
+        wait_for("REBALANCE_IN_PROGRESS after a changed subscription", lambda: a.heartbeat(4, group, gen2, mid) == ERR_REBALANCE_IN_PROGRESS, timeout_s=10)
+        ca = a.send_join(5, group, member_id=mid, protocols=[("range", consumer_subscription([topic]))])
+        ja4, jb4 = a.recv_join(ca), b.recv_join(cb)
+        assert ja4["error"] == jb4["error"] == ERR_NONE and ja4["generation"] == jb4["generation"] == gen2 + 1, (ja4, jb4)
+        subs = {m["member_id"]: parse_consumer_subscription(m["metadata"]) for m in ja4["members"]}
+        assert subs == {mid: [topic], mb: [topic, "grp-hb-other"]}, subs
 
 
 def test_static_member_is_fenced_by_a_new_instance(gbroker):
@@ -665,6 +687,11 @@ def test_static_member_is_fenced_by_a_new_instance(gbroker):
         # --- the same group.instance.id joins again with no member id: it takes over the slot
         jb = b.join(5, group, instance_id="inst-1", protocols=[("range", consumer_subscription([topic]))])
         assert jb["error"] == ERR_NONE and jb["member_id"] and jb["member_id"] != ja["member_id"], jb
+        # --- in its old place: the same generation, no rebalance, and its old assignment
+        assert jb["generation"] == ja["generation"], (ja, jb)
+        sb = b.sync(3, group, jb["generation"], jb["member_id"], {}, instance_id="inst-1")
+        assert sb["error"] == ERR_NONE and parse_consumer_assignment(sb["assignment"]) == ja["assignment"] == {topic: [0]}, sb
+        assert group_info(gbroker, group)["state"] == "Stable"
         # --- and the first is fenced wherever it speaks
         assert a.heartbeat(3, group, jb["generation"], ja["member_id"], instance_id="inst-1") == ERR_FENCED_INSTANCE_ID
         errs = a.commit(7, group, {(topic, 0): 1}, generation=jb["generation"], member_id=ja["member_id"], instance_id="inst-1")
@@ -706,6 +733,23 @@ def test_simple_consumer_commits_and_offset_fetch_returns_them(gbroker):
         assert errs == {(topic, 0): 0, (topic, 1): 0}, errs
         err, offs = g.offset_fetch(3, "simple-raw", {topic: [0, 1]})
         assert offs == {(topic, 0): (3, "hello", 0), (topic, 1): (4, "hello", 0)}, offs
+        # --- the oldest versions: OffsetCommit v0 and v1 (its timestamp ignored), OffsetFetch v0
+        assert g.commit(0, "simple-old", {(topic, 0): 11}) == {(topic, 0): ERR_NONE}
+        assert g.commit(1, "simple-old", {(topic, 1): 12}, metadata="v1") == {(topic, 1): ERR_NONE}
+        err, offs = g.offset_fetch(0, "simple-old", {topic: [0, 1, 2]})
+        assert offs[(topic, 0)] == (11, "", 0) and offs[(topic, 1)] == (12, "v1", 0), offs
+        assert (offs[(topic, 2)][0], offs[(topic, 2)][2]) == (-1, ERR_NONE), offs
+        # --- committing exactly what is committed (an idle auto-commit) writes no metadata entry
+        before = meta_last_log_index(gbroker)
+        for _ in range(30):
+            assert g.commit(8, "simple-raw", {(topic, 0): 3, (topic, 1): 4}, metadata="hello") == {(topic, 0): 0, (topic, 1): 0}
+        grew = meta_last_log_index(gbroker) - before
+        assert grew < 5, f"30 unchanged commits grew the metadata log by {grew} entries"
+        # (the measure works: 30 commits that change something, one at a time, do grow it)
+        before = meta_last_log_index(gbroker)
+        for i in range(30):
+            assert g.commit(8, "simple-moving", {(topic, 0): i}) == {(topic, 0): 0}
+        assert meta_last_log_index(gbroker) - before >= 20, "changing commits should each take a metadata entry"
         # --- an unknown partition, and metadata over offset.metadata.max.bytes
         errs = g.commit(8, "simple-raw", {(topic, 9): 1, ("grp-no-such-topic", 0): 1})
         assert errs == {(topic, 9): ERR_UNKNOWN_TOPIC_OR_PARTITION, ("grp-no-such-topic", 0): ERR_UNKNOWN_TOPIC_OR_PARTITION}, errs
