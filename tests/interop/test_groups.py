@@ -530,6 +530,7 @@ def test_coordinator_killed_during_consumption(cluster):
 
         # --- kill -9 the coordinator mid-consumption
         before = dict(committed_by_admin(victim, group, topic))
+        generation = group_info(victim, group)["generation"]
         victim.kill9()
         killed_at = time.monotonic()
         acked_before: dict[int, int] = {}
@@ -545,6 +546,8 @@ def test_coordinator_killed_during_consumption(cluster):
             i = group_info(watcher, group)
             return i and i["coordinator"] not in (None, coord_id) and i["state"] == "Stable" and len(i["members"]) == 2 and i
         info = wait_for("the group Stable on a new coordinator", reformed, timeout_s=90)
+        # --- the members carry on in their generation: the group's state survived, no rebalance
+        assert info["generation"] == generation, f"generation {generation} before the kill, {info['generation']} after"
         new_coord = next(n for n in cluster if n.node_id == info["coordinator"])
         w.join(200)
         assert not w.is_alive(), "the producer did not finish"
@@ -563,6 +566,9 @@ def test_coordinator_killed_during_consumption(cluster):
             offs = {o["partition"]: o for o in i["offsets"] if o["topic"] == topic}
             return len(offs) == 6 and all(o["committed_offset"] == o["end_offset"] for o in offs.values())
         wait_for("every offset committed on the new coordinator", all_committed, timeout_s=30)
+        final = group_info(new_coord, group)
+        assert (final["generation"], final["state"], len(final["members"])) == (generation, "Stable", 2), \
+            f"the members should have carried on in generation {generation}: {final}"
         with GroupConn(new_coord.bootstrap) as g:
             err, fetched = g.offset_fetch(5, group, {topic: list(range(6))})
         end = committed_by_admin(new_coord, group, topic)
