@@ -175,6 +175,8 @@ pub struct ConsumerGroupRuntime {
     pub pending_members: Mutex<HashMap<(String, String), Instant>>,
     /// The metadata term in which this node finished taking over as coordinator (0: never).
     pub loaded_term: AtomicU64,
+    /// Operations queued or in a proposal, not yet answered.
+    in_flight: AtomicU64,
     ops: mpsc::Sender<QueuedConsumerGroupOp>,
     ops_rx: Mutex<Option<mpsc::Receiver<QueuedConsumerGroupOp>>>,
     /// Wakes the coordinator's timers: a rebalance may be due.
@@ -188,6 +190,7 @@ impl Default for ConsumerGroupRuntime {
             deadlines: Mutex::default(),
             pending_members: Mutex::default(),
             loaded_term: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             ops,
             ops_rx: Mutex::new(Some(rx)),
             wake: Notify::new(),
@@ -195,16 +198,42 @@ impl Default for ConsumerGroupRuntime {
     }
 }
 
+/// The reply of a queued consumer-group operation, once its proposal is applied.
+pub type GroupReplyRx = oneshot::Receiver<Result<ConsumerGroupReply, BrokerError>>;
+
 impl ConsumerGroupRuntime {
-    /// Queues `op` for the coordinator's next proposal and waits for its applied reply.
-    pub async fn submit(&self, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, BrokerError> {
+    /// Queues `op` for the coordinator's next proposal. Operations are proposed in the order
+    /// they were queued, so a connection's pipelined commits apply in the order it sent them.
+    pub async fn enqueue(&self, op: ConsumerGroupOp) -> Result<GroupReplyRx, BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.ops
-            .send((op, tx))
-            .await
-            .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?;
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if self.ops.send((op, tx)).await.is_err() {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return Err(BrokerError::Other(
+                "the group coordinator has stopped".into(),
+            ));
+        }
+        Ok(rx)
+    }
+
+    /// Queues `op` and waits for its applied reply.
+    pub async fn submit(&self, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, BrokerError> {
+        let rx = self.enqueue(op).await?;
         rx.await
             .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?
+    }
+
+    /// Operations queued or being proposed whose replies are not out yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Called by the proposal loop once it has sent `n` replies.
+    pub fn answered(&self, n: usize) {
+        self.in_flight
+            .fetch_sub(n as u64, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The queue's receiving end, for the one loop that proposes its operations.

@@ -41,9 +41,11 @@ pub struct Blob(pub Bytes);
 
 impl Serialize for Blob {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(self.0.len() * 2);
         for b in self.0.iter() {
-            out.push_str(&format!("{b:02x}"));
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0x0f)] as char);
         }
         s.serialize_str(&out)
     }
@@ -341,6 +343,9 @@ pub enum ConsumerGroupOp {
     DeleteOffsets {
         group: String,
         partitions: Vec<(String, i32)>,
+        /// The topics the members subscribe to, decoded by the proposer (so apply never
+        /// depends on how a binary decodes client bytes).
+        subscribed: Vec<String>,
     },
     /// Offsets of empty groups older than the retention go, and groups left with nothing.
     ExpireOffsets {
@@ -350,6 +355,31 @@ pub enum ConsumerGroupOp {
 }
 
 impl ConsumerGroupOp {
+    /// Roughly its size as JSON in a metadata entry (blobs are hex: two bytes a byte).
+    pub fn approx_bytes(&self) -> usize {
+        let blobs = |ps: &[Protocol]| -> usize {
+            ps.iter()
+                .map(|p| p.name.len() + 2 * p.metadata.0.len() + 32)
+                .sum()
+        };
+        256 + match self {
+            ConsumerGroupOp::Join { protocols, .. } => blobs(protocols),
+            ConsumerGroupOp::Sync { assignments, .. } => assignments
+                .iter()
+                .map(|(id, a)| id.len() + 2 * a.0.len() + 16)
+                .sum(),
+            ConsumerGroupOp::Leave { members, .. } => members.len() * 96,
+            ConsumerGroupOp::Commit { offsets, .. } => offsets
+                .iter()
+                .map(|o| o.topic.len() + o.metadata.len() + 96)
+                .sum(),
+            ConsumerGroupOp::DeleteOffsets { partitions, .. } => {
+                partitions.iter().map(|(t, _)| t.len() + 32).sum()
+            }
+            _ => 0,
+        }
+    }
+
     pub fn group(&self) -> Option<&str> {
         match self {
             ConsumerGroupOp::Join { group, .. }
@@ -408,12 +438,13 @@ pub fn apply_group_op(
             initial_delay_ms,
             max_size,
         } => {
-            let g = groups
-                .entry(group.clone())
-                .or_insert_with(|| ConsumerGroup::new(*now_ms));
+            // Checked before the group exists: a refused join must not leave an empty group.
             if protocols.is_empty() {
                 return err(ErrorCode::InconsistentGroupProtocol);
             }
+            let g = groups
+                .entry(group.clone())
+                .or_insert_with(|| ConsumerGroup::new(*now_ms));
             if !g.members.is_empty() {
                 if g.protocol_type.as_deref() != Some(protocol_type.as_str()) {
                     return err(ErrorCode::InconsistentGroupProtocol);
@@ -463,7 +494,9 @@ pub fn apply_group_op(
             let keeps_generation = unchanged
                 && match g.state {
                     ConsumerGroupState::Stable => !is_leader || previous.is_some(),
-                    ConsumerGroupState::CompletingRebalance => true,
+                    // A static member replaced now would miss the leader's assignment, which
+                    // names its old id: Kafka rebalances then, and so do we.
+                    ConsumerGroupState::CompletingRebalance => previous.is_none(),
                     _ => false,
                 };
             if keeps_generation {
@@ -605,7 +638,9 @@ pub fn apply_group_op(
             now_ms,
             metadata_max_bytes,
         } => {
-            let simple = *generation < 0 && member_id.is_empty();
+            // Kafka: a negative generation commits into a group without members, whoever
+            // sends it (consumers that assign partitions themselves, admin tools).
+            let simple = *generation < 0;
             let g = match groups.get_mut(group) {
                 Some(g) => g,
                 // Only a consumer without membership may create a group by committing.
@@ -614,11 +649,7 @@ pub fn apply_group_op(
                     .or_insert_with(|| ConsumerGroup::new(*now_ms)),
                 None => return err(ErrorCode::IllegalGeneration),
             };
-            if simple {
-                if g.state != ConsumerGroupState::Empty {
-                    return err(ErrorCode::UnknownMemberId);
-                }
-            } else {
+            if !(simple && g.state == ConsumerGroupState::Empty) {
                 if let Some(instance) = instance_id {
                     if let Some(m) = g.member_by_instance(instance) {
                         if m.member_id != *member_id {
@@ -670,11 +701,14 @@ pub fn apply_group_op(
                 ConsumerGroupReply::Ok
             }
         },
-        ConsumerGroupOp::DeleteOffsets { group, partitions } => {
+        ConsumerGroupOp::DeleteOffsets {
+            group,
+            partitions,
+            subscribed,
+        } => {
             let Some(g) = groups.get_mut(group) else {
                 return err(ErrorCode::GroupIdNotFound);
             };
-            let subscribed = g.subscribed_topics();
             let codes = partitions
                 .iter()
                 .map(|(topic, p)| {
@@ -958,6 +992,47 @@ mod tests {
             apply_group_op(&mut gs, &ts, &leave),
             ConsumerGroupReply::PerItem(vec![ErrorCode::FencedInstanceId.code()])
         );
+    }
+
+    #[test]
+    fn a_static_member_replaced_while_completing_rebalances_and_refused_joins_leave_nothing() {
+        let (mut gs, ts) = (ConsumerGroups::new(), topics());
+        let mut empty = join("x", 0);
+        if let ConsumerGroupOp::Join { protocols, .. } = &mut empty {
+            protocols.clear();
+        }
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &empty),
+            err(ErrorCode::InconsistentGroupProtocol)
+        );
+        assert!(gs.is_empty(), "a refused join created a group");
+        apply_group_op(&mut gs, &ts, &join_as("a1", Some("i"), "range", 0));
+        apply_group_op(&mut gs, &ts, &join("b", 0));
+        apply_group_op(&mut gs, &ts, &complete(0, 3_000));
+        assert_eq!(gs["g"].state, ConsumerGroupState::CompletingRebalance);
+        // The leader's assignment will name a1; a2 would get nothing. Rebalance instead.
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &join_as("a2", Some("i"), "range", 3_100)),
+            ConsumerGroupReply::JoinedRebalance { generation: 1 }
+        );
+        assert_eq!(gs["g"].state, ConsumerGroupState::PreparingRebalance);
+        assert!(!gs["g"].members.contains_key("a1"));
+    }
+
+    #[test]
+    fn a_negative_generation_commits_into_an_empty_group_whoever_sends_it() {
+        let (mut gs, ts) = (ConsumerGroups::new(), topics());
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &commit("admin-tool", -1, 4)),
+            ConsumerGroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
+        );
+        apply_group_op(&mut gs, &ts, &join("a", 0));
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &commit("", -1, 5)),
+            err(ErrorCode::UnknownMemberId),
+            "not while the group has members"
+        );
+        assert_eq!(gs["g"].offsets["t"][&0].offset, 4);
     }
 
     #[test]

@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, QueuedConsumerGroupOp};
 use crate::controller::consumer_groups::{ConsumerGroupOp, ConsumerGroupState};
 use crate::controller::{Command, Reply};
 
-/// Operations proposed in one metadata entry at most.
+/// Operations proposed in one metadata entry at most, by count and by (estimated) size: an entry
+/// must stay far below what one Raft append may carry.
 const MAX_BATCH: usize = 2_000;
+const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Proposes queued operations: whatever queued while the previous proposal was in flight goes
 /// into the next one, each with its own reply.
@@ -23,12 +25,49 @@ pub async fn proposal_loop(broker: Arc<Broker>) {
         warn!("consumer group proposal loop started twice");
         return;
     };
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (ops, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
+    let mut carried: Option<QueuedConsumerGroupOp> = None;
+    loop {
+        let first = match carried.take() {
+            Some(op) => op,
+            None => match queue.recv().await {
+                Some(op) => op,
+                None => return,
+            },
+        };
+        let mut bytes = first.0.approx_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => {
+                    bytes += op.0.approx_bytes();
+                    if bytes > MAX_BATCH_BYTES {
+                        carried = Some(op);
+                        break;
+                    }
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = ops.len();
+        // Membership changed: a rebalance may now be due.
+        let wake = ops.iter().any(|op| {
+            matches!(
+                op,
+                ConsumerGroupOp::Join { .. }
+                    | ConsumerGroupOp::Leave { .. }
+                    | ConsumerGroupOp::Sync { .. }
+                    | ConsumerGroupOp::Expire { .. }
+            )
+        });
         broker.metrics.group_ops_proposed(n);
-        match broker.propose(&Command::ConsumerGroups { ops }).await {
+        let proposed = broker.propose(&Command::ConsumerGroups { ops }).await;
+        broker.consumer_groups.answered(n);
+        if wake {
+            broker.consumer_groups.wake.notify_one();
+        }
+        match proposed {
             Ok(Reply::Groups(results)) if results.len() == n => {
                 for (tx, r) in replies.into_iter().zip(results) {
                     let _ = tx.send(Ok(r));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, GroupReplyRx};
 use crate::controller::consumer_groups::{
     ConsumerGroup, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroupState, OffsetEntry, Protocol,
 };
@@ -46,6 +46,9 @@ impl ConsumerGroupStore for Broker {
     fn check(&self, _group: &str) -> Result<(), ErrorCode> {
         let meta = self.raft.meta();
         match meta.leader_term() {
+            // A leader cut off from the others keeps its role until it hears of a newer term;
+            // meanwhile the new coordinator may expire members this one still answers.
+            Some(_) if !meta.leads_with_quorum(QUORUM_LEASE) => Err(ErrorCode::NotCoordinator),
             Some(term) if self.consumer_groups.loaded_term.load(Ordering::Acquire) == term => {
                 Ok(())
             }
@@ -73,25 +76,63 @@ impl ConsumerGroupStore for Broker {
     }
 }
 
+/// How recently a majority must have acknowledged the metadata leader for it to coordinate
+/// (its heartbeats go out every 100 ms).
+const QUORUM_LEASE: Duration = Duration::from_secs(2);
+
 /// Proposes `op` through the coordinator's batch; a failed proposal means this node cannot
 /// coordinate now, which clients answer by finding the coordinator again.
 pub async fn submit(broker: &Broker, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, ErrorCode> {
-    let wake = matches!(
-        op,
-        ConsumerGroupOp::Join { .. } | ConsumerGroupOp::Leave { .. } | ConsumerGroupOp::Sync { .. }
-    );
-    let reply = broker.consumer_groups.submit(op).await.map_err(|e| {
-        tracing::debug!(error = %e, "consumer group proposal failed");
-        ErrorCode::NotCoordinator
-    })?;
-    if wake {
-        broker.consumer_groups.wake.notify_one();
-    }
+    let reply = broker.consumer_groups.submit(op).await;
+    reply_of(reply)
+}
+
+fn reply_of(
+    reply: Result<ConsumerGroupReply, crate::broker::BrokerError>,
+) -> Result<ConsumerGroupReply, ErrorCode> {
     match reply {
-        ConsumerGroupReply::Err(code) => {
+        Ok(ConsumerGroupReply::Err(code)) => {
             Err(ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError))
         }
-        r => Ok(r),
+        Ok(r) => Ok(r),
+        Err(e) => {
+            tracing::debug!(error = %e, "consumer group proposal failed");
+            Err(ErrorCode::NotCoordinator)
+        }
+    }
+}
+
+/// What a request's ordering step leaves its answer to await: the reply of an operation it
+/// queued (in arrival order), or an answer known at once.
+pub enum Queued {
+    Done(Result<Vec<i16>, ErrorCode>),
+    Waiting(GroupReplyRx),
+}
+
+impl Queued {
+    /// One code per item, or a request-level error.
+    pub async fn codes(self) -> Result<Vec<i16>, ErrorCode> {
+        match self {
+            Queued::Done(r) => r,
+            Queued::Waiting(rx) => {
+                let reply = rx.await.unwrap_or_else(|_| {
+                    Err(crate::broker::BrokerError::Other(
+                        "the group coordinator has stopped".into(),
+                    ))
+                });
+                match reply_of(reply)? {
+                    ConsumerGroupReply::PerItem(codes) => Ok(codes),
+                    _ => Ok(Vec::new()),
+                }
+            }
+        }
+    }
+}
+
+async fn enqueue(broker: &Broker, op: ConsumerGroupOp) -> Queued {
+    match broker.consumer_groups.enqueue(op).await {
+        Ok(rx) => Queued::Waiting(rx),
+        Err(_) => Queued::Done(Err(ErrorCode::NotCoordinator)),
     }
 }
 
@@ -257,21 +298,19 @@ async fn join_inner(
         // The member keeps the current generation: answer from it at once.
         _ => i32::MIN,
     };
-    // The rebalance ends by its deadline (the longest rebalance timeout); a little slack covers
-    // the timer's step and the completing proposal.
-    let limit =
-        Duration::from_millis(req.rebalance_timeout_ms.max(0) as u64) + Duration::from_secs(5);
+    // The rebalance ends by its deadline (the longest rebalance timeout of its members); a
+    // little slack covers the timer's step and the completing proposal.
+    let deadline_ms = broker.with_group(&group, |g| g.map_or(0, |g| g.rebalance_deadline_ms));
+    let left_ms = (deadline_ms - crate::clock::now_ms()).max(i64::from(req.rebalance_timeout_ms));
+    let limit = Duration::from_millis(left_ms.max(0) as u64) + Duration::from_secs(5);
     let answer = wait_for(broker, &group, limit, |g| {
         let g = g?;
         if !g.members.contains_key(&member_id) {
             return Some(Err(ErrorCode::UnknownMemberId));
         }
-        // The generation moves past `before` only by a completed join phase that included this
-        // member. Answer it then even if the group is already preparing the next round: another
-        // member's join may have started that round before this waiter looked (both can apply in
-        // one batch), and it reset this member's `joined`, so waiting for the round to end would
-        // wait for this very member until its session expires. Kafka answers every join when its
-        // phase completes; the member hears of the new round from SyncGroup or Heartbeat.
+        // A later generation answers the join, even if yet another rebalance has begun since
+        // (the waiter may wake only after both): its SyncGroup then hears
+        // REBALANCE_IN_PROGRESS and the member rejoins at once, as with Kafka.
         (g.generation > before).then(|| Ok(join_answer(g, &member_id)))
     })
     .await
@@ -427,45 +466,42 @@ pub fn heartbeat(broker: &Broker, m: MemberRef<'_>) -> Result<(), ErrorCode> {
     }
 }
 
-/// Members leaving: (member id, instance id). One code per member, or a group-level error.
-pub async fn leave(
-    broker: &Broker,
-    group: &str,
-    members: Vec<(String, Option<String>)>,
-) -> Result<Vec<i16>, ErrorCode> {
-    group_id_ok(group)?;
-    broker.check(group)?;
+/// Members leaving: (member id, instance id). The ordering step (a consumer's last commit,
+/// sent just before, is applied first); one code per member, or a group-level error.
+pub async fn leave(broker: &Broker, group: &str, members: Vec<(String, Option<String>)>) -> Queued {
+    if let Err(code) = group_id_ok(group).and_then(|()| broker.check(group)) {
+        return Queued::Done(Err(code));
+    }
     let op = ConsumerGroupOp::Leave {
         group: group.to_string(),
         members,
         now_ms: crate::clock::now_ms(),
     };
-    match submit(broker, op).await? {
-        ConsumerGroupReply::PerItem(codes) => Ok(codes),
-        _ => Ok(Vec::new()),
-    }
+    enqueue(broker, op).await
 }
 
-/// Offsets committed by a member (or, with generation -1 and no member id, by a consumer that
-/// manages its own partitions). One code per offset, or a request-level error.
-pub async fn commit(
-    broker: &Broker,
-    m: MemberRef<'_>,
-    offsets: Vec<OffsetEntry>,
-) -> Result<Vec<i16>, ErrorCode> {
-    group_id_ok(m.group)?;
-    broker.check(m.group)?;
+/// Offsets committed by a member (or, with a negative generation, by a consumer that manages
+/// its own partitions). The ordering step: the answer awaits what it returns.
+pub async fn commit(broker: &Broker, m: MemberRef<'_>, offsets: Vec<OffsetEntry>) -> Queued {
+    if let Err(code) = group_id_ok(m.group).and_then(|()| broker.check(m.group)) {
+        return Queued::Done(Err(code));
+    }
+    let now_ms = crate::clock::now_ms();
+    // Nothing queued (no earlier commit could still land after this one), and a recent enough
+    // commit time that skipping the write cannot let the offset expire.
+    let fresh_after = now_ms - broker.cfg.offsets_retention_ms / 2;
+    let quiet = broker.consumer_groups.in_flight() == 0;
     let (session, unchanged) = broker.with_group(m.group, |g| {
         (
             g.and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms)),
-            g.is_some_and(|g| unchanged_commit(g, &m, &offsets)),
+            quiet && g.is_some_and(|g| unchanged_commit(g, &m, &offsets, fresh_after)),
         )
     });
     if let Some(session) = session {
         broker.consumer_groups.touch(m.group, m.member_id, session);
     }
     if unchanged {
-        return Ok(vec![0; offsets.len()]);
+        return Queued::Done(Ok(vec![0; offsets.len()]));
     }
     let op = ConsumerGroupOp::Commit {
         group: m.group.to_string(),
@@ -473,22 +509,24 @@ pub async fn commit(
         member_id: m.member_id.to_string(),
         instance_id: m.instance_id.map(String::from),
         offsets,
-        now_ms: crate::clock::now_ms(),
+        now_ms,
         metadata_max_bytes: broker.cfg.offset_metadata_max_bytes,
     };
-    match submit(broker, op).await? {
-        ConsumerGroupReply::PerItem(codes) => Ok(codes),
-        _ => Ok(Vec::new()),
-    }
+    enqueue(broker, op).await
 }
 
 /// A commit that would change nothing: a valid member (or a simple consumer of an empty group)
 /// committing exactly what is committed. Consumers that auto-commit while idle send these every
 /// few seconds; answering them from the applied state keeps idle groups off the Raft log. A
 /// commit that would fail goes through the log to get its error.
-fn unchanged_commit(g: &ConsumerGroup, m: &MemberRef<'_>, offsets: &[OffsetEntry]) -> bool {
-    let member_ok = if m.generation < 0 && m.member_id.is_empty() {
-        g.state == ConsumerGroupState::Empty
+fn unchanged_commit(
+    g: &ConsumerGroup,
+    m: &MemberRef<'_>,
+    offsets: &[OffsetEntry],
+    fresh_after_ms: i64,
+) -> bool {
+    let member_ok = if m.generation < 0 && g.state == ConsumerGroupState::Empty {
+        true
     } else {
         g.state != ConsumerGroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
     };
@@ -501,6 +539,7 @@ fn unchanged_commit(g: &ConsumerGroup, m: &MemberRef<'_>, offsets: &[OffsetEntry
                     c.offset == o.offset
                         && c.leader_epoch == o.leader_epoch
                         && c.metadata == o.metadata
+                        && c.commit_ms >= fresh_after_ms
                 })
         })
 }
@@ -526,9 +565,14 @@ pub async fn delete_offsets(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
+    let subscribed = broker.with_group(group, |g| {
+        g.map(|g| g.subscribed_topics().into_iter().collect())
+            .unwrap_or_default()
+    });
     let op = ConsumerGroupOp::DeleteOffsets {
         group: group.to_string(),
         partitions,
+        subscribed,
     };
     match submit(broker, op).await? {
         ConsumerGroupReply::PerItem(codes) => Ok(codes),

@@ -406,6 +406,38 @@ async fn a_coordinator_failover_keeps_the_group_and_its_offsets_and_sessions_exp
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commits_of_one_connection_apply_in_the_order_sent() {
+    let c = cluster(1).await;
+    let mut a = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    create_topic(&mut a, "t", 1, 1).await;
+    let _ = join(&mut a, 5, &join_req("", None, 5_000)).await; // waits out the takeover
+    for round in 0..5i64 {
+        for i in 1..=40i64 {
+            let req = OffsetCommitRequest::default()
+                .with_group_id(GroupId(s("p")))
+                .with_generation_id_or_member_epoch(-1)
+                .with_topics(vec![OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(s("t")))
+                    .with_partitions(vec![OffsetCommitRequestPartition::default()
+                        .with_partition_index(0)
+                        .with_committed_offset(round * 100 + i)])]);
+            a.send(&req, 8, true).await.unwrap();
+        }
+        for _ in 0..40 {
+            let r: OffsetCommitResponse =
+                a.recv::<OffsetCommitRequest>(Duration::ZERO).await.unwrap();
+            assert_eq!(r.topics[0].partitions[0].error_code, 0);
+        }
+        assert_eq!(
+            fetch_offset(&mut a, &["p"], 0).await,
+            vec![(0, round * 100 + 40)],
+            "the last commit sent is the one that stands"
+        );
+    }
+    c.shutdown().await;
+}
+
 /// Offset commits per second one coordinator takes from many consumers: 64 connections, each
 /// with 8 commits in flight (simple commits of 4 partitions each), for 10 s. A measurement, not
 /// a test: `cargo test --release -p sluice --lib offset_commit_throughput -- --ignored --nocapture`.

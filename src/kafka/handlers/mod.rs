@@ -331,12 +331,8 @@ pub fn dispatch(
             let resp = consumer_groups::heartbeat(&broker, v, r);
             async move { Some(kind(ResponseKind::Heartbeat(resp))) }.boxed()
         }
-        RequestKind::LeaveGroup(r) => async move {
-            Some(kind(ResponseKind::LeaveGroup(
-                consumer_groups::leave_group(&broker, v, r).await,
-            )))
-        }
-        .boxed(),
+        // Commits and leaves are queued in their ordering step: pipelined, they apply in order.
+        RequestKind::LeaveGroup(r) => return Box::pin(ordered_leave(broker, v, r)),
         RequestKind::ListGroups(r) => {
             let resp = consumer_groups::list_groups(&broker, v, r);
             async move { Some(kind(ResponseKind::ListGroups(resp))) }.boxed()
@@ -351,12 +347,7 @@ pub fn dispatch(
             )))
         }
         .boxed(),
-        RequestKind::OffsetCommit(r) => async move {
-            Some(kind(ResponseKind::OffsetCommit(
-                offsets::offset_commit(&broker, v, r).await,
-            )))
-        }
-        .boxed(),
+        RequestKind::OffsetCommit(r) => return Box::pin(ordered_commit(broker, v, r)),
         RequestKind::OffsetFetch(r) => {
             let resp = offsets::offset_fetch(&broker, v, r);
             async move { Some(kind(ResponseKind::OffsetFetch(resp))) }.boxed()
@@ -374,6 +365,26 @@ pub fn dispatch(
         }
     };
     answer_only(answer)
+}
+
+/// A LeaveGroup's ordering step (queue the leave), yielding its answer.
+async fn ordered_leave(
+    broker: Arc<Broker>,
+    v: i16,
+    r: kafka_protocol::messages::LeaveGroupRequest,
+) -> Answer {
+    let answer = consumer_groups::leave_group(&broker, v, r).await;
+    Box::pin(async move { Some(kind(ResponseKind::LeaveGroup(answer.await))) })
+}
+
+/// An OffsetCommit's ordering step (queue the commit), yielding its answer.
+async fn ordered_commit(
+    broker: Arc<Broker>,
+    v: i16,
+    r: kafka_protocol::messages::OffsetCommitRequest,
+) -> Answer {
+    let answer = offsets::offset_commit(&broker, v, r).await;
+    Box::pin(async move { Some(kind(ResponseKind::OffsetCommit(answer.await))) })
 }
 
 fn kind(k: ResponseKind) -> Response {
