@@ -998,3 +998,61 @@ def test_members_joining_at_once_all_get_answered(gbroker, round_):
         for m in members:
             m.join(50)
     assert all(m.error is None for m in members), [m.error for m in members]
+
+
+def test_coordinator_without_a_quorum_stops_serving(cluster):
+    """A coordinator whose peers are gone (kill -9 of both) cannot know whether a newer one took
+    over, so within its 2 s quorum lease it must stop answering group requests as coordinator
+    (NOT_COORDINATOR or COORDINATOR_NOT_AVAILABLE, never success). Once the peers are back, the
+    group and its offsets are there."""
+    for n in cluster:
+        n.config = dict(NO_DELAY)
+    start_all(cluster)
+    topic, group = "grp-lease", "lease-group"
+    create_led_topic(cluster, topic, 2, 3)
+    controller = wait_for("one controller", lambda: (lambda s: s.pop() if len(s) == 1 and None not in s else None)(
+        {get_json(n.admin, "/v1/cluster")["controller_id"] for n in cluster}))
+    coord = next(n for n in cluster if n.node_id == controller)
+    wait_coordinator_ready(coord)
+    refusals = {ERR_NOT_COORDINATOR, 15}  # COORDINATOR_NOT_AVAILABLE
+    with GroupConn(coord.bootstrap, "lease-member") as g:
+        j = join_synced(g, group, topic, partitions=2)
+        gen, mid = j["generation"], j["member_id"]
+        assert g.commit(8, group, {(topic, 0): 7, (topic, 1): 8}, generation=gen, member_id=mid) == {(topic, 0): 0, (topic, 1): 0}
+        assert g.heartbeat(4, group, gen, mid) == ERR_NONE
+        # --- its peers die; the coordinator keeps its role until it hears of a newer term
+        for n in cluster:
+            if n is not coord:
+                n.kill9()
+        killed_at = time.monotonic()
+        answers = []
+        while time.monotonic() - killed_at < 10:
+            hb = g.heartbeat(4, group, gen, mid)
+            answers.append((round(time.monotonic() - killed_at, 2), hb))
+            if hb != ERR_NONE:
+                break
+            time.sleep(0.2)
+        last_ok = max((t for t, e in answers if e == ERR_NONE), default=0.0)
+        print(f"last heartbeat answered {last_ok}s after the peers died; then {answers[-1]}")
+        assert answers[-1][1] in refusals, f"still answering as coordinator 10 s after losing its quorum: {answers[-5:]}"
+        assert last_ok <= 4.0, f"answered as coordinator {last_ok}s after losing its quorum (lease 2 s): {answers}"
+        # --- and from then on refuses every group request, for reads and writes alike
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert g.heartbeat(4, group, gen, mid) in refusals
+            assert set(g.commit(8, group, {(topic, 0): 9}, generation=gen, member_id=mid).values()) <= refusals
+            assert g.offset_fetch(5, group, {topic: [0]})[0] in refusals
+            assert g.join(3, group, member_id=mid, protocols=[("range", consumer_subscription([topic]))])["error"] in refusals
+            time.sleep(0.3)
+    # --- the peers come back: the group and its offsets are served again (by whoever coordinates)
+    for n in cluster:
+        if not n.is_running():
+            n.start(wait=False)
+    for n in cluster:
+        n.wait_ready(timeout_s=60)
+    new_coord = next(n for n in cluster if n.node_id == wait_for(
+        "a controller", lambda: get_json(cluster[0].admin, "/v1/cluster")["controller_id"], timeout_s=30))
+    wait_coordinator_ready(new_coord)
+    with GroupConn(new_coord.bootstrap) as g:
+        err, offs = g.offset_fetch(5, group, {topic: [0, 1]})
+    assert err == ERR_NONE and {p: o for (_, p), (o, _, _) in offs.items()} == {0: 7, 1: 8}, (err, offs)
