@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::error;
 
 use crate::config::ServerConfig;
-use crate::controller::groups::{GroupOp, GroupReply};
+use crate::controller::consumer_groups::{ConsumerGroupOp, ConsumerGroupReply};
 use crate::controller::{Command, MetaMachine, MetaState, PartitionId, Reply};
 use crate::metrics::Metrics;
 use crate::rpc::{self, AppRequest, AppResponse};
@@ -157,14 +157,17 @@ impl Health {
 
 /// A consumer-group operation waiting for the coordinator's next proposal, and where its reply
 /// goes.
-pub type QueuedGroupOp = (GroupOp, oneshot::Sender<Result<GroupReply, BrokerError>>);
+pub type QueuedConsumerGroupOp = (
+    ConsumerGroupOp,
+    oneshot::Sender<Result<ConsumerGroupReply, BrokerError>>,
+);
 
 /// Operations that may wait for a proposal before submitters wait for room.
 const GROUP_OP_QUEUE: usize = 16_384;
 
 /// The consumer-group coordinator's state that is not replicated. It matters only on the node
 /// that leads the metadata group; a new coordinator starts it afresh (see `coordinator/`).
-pub struct GroupRuntime {
+pub struct ConsumerGroupRuntime {
     /// (group, member id) -> when the member's session expires unless it is heard from.
     pub deadlines: Mutex<HashMap<(String, String), Instant>>,
     /// (group, member id) handed out with MEMBER_ID_REQUIRED (KIP-394) and not yet used -> when
@@ -172,19 +175,22 @@ pub struct GroupRuntime {
     pub pending_members: Mutex<HashMap<(String, String), Instant>>,
     /// The metadata term in which this node finished taking over as coordinator (0: never).
     pub loaded_term: AtomicU64,
-    ops: mpsc::Sender<QueuedGroupOp>,
-    ops_rx: Mutex<Option<mpsc::Receiver<QueuedGroupOp>>>,
+    /// Operations queued or in a proposal, not yet answered.
+    in_flight: AtomicU64,
+    ops: mpsc::Sender<QueuedConsumerGroupOp>,
+    ops_rx: Mutex<Option<mpsc::Receiver<QueuedConsumerGroupOp>>>,
     /// Wakes the coordinator's timers: a rebalance may be due.
     pub wake: Notify,
 }
 
-impl Default for GroupRuntime {
+impl Default for ConsumerGroupRuntime {
     fn default() -> Self {
         let (ops, rx) = mpsc::channel(GROUP_OP_QUEUE);
-        GroupRuntime {
+        ConsumerGroupRuntime {
             deadlines: Mutex::default(),
             pending_members: Mutex::default(),
             loaded_term: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             ops,
             ops_rx: Mutex::new(Some(rx)),
             wake: Notify::new(),
@@ -192,20 +198,46 @@ impl Default for GroupRuntime {
     }
 }
 
-impl GroupRuntime {
-    /// Queues `op` for the coordinator's next proposal and waits for its applied reply.
-    pub async fn submit(&self, op: GroupOp) -> Result<GroupReply, BrokerError> {
+/// The reply of a queued consumer-group operation, once its proposal is applied.
+pub type GroupReplyRx = oneshot::Receiver<Result<ConsumerGroupReply, BrokerError>>;
+
+impl ConsumerGroupRuntime {
+    /// Queues `op` for the coordinator's next proposal. Operations are proposed in the order
+    /// they were queued, so a connection's pipelined commits apply in the order it sent them.
+    pub async fn enqueue(&self, op: ConsumerGroupOp) -> Result<GroupReplyRx, BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.ops
-            .send((op, tx))
-            .await
-            .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?;
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if self.ops.send((op, tx)).await.is_err() {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return Err(BrokerError::Other(
+                "the group coordinator has stopped".into(),
+            ));
+        }
+        Ok(rx)
+    }
+
+    /// Queues `op` and waits for its applied reply.
+    pub async fn submit(&self, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, BrokerError> {
+        let rx = self.enqueue(op).await?;
         rx.await
             .map_err(|_| BrokerError::Other("the group coordinator has stopped".into()))?
     }
 
+    /// Operations queued or being proposed whose replies are not out yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Called by the proposal loop once it has sent `n` replies.
+    pub fn answered(&self, n: usize) {
+        self.in_flight
+            .fetch_sub(n as u64, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// The queue's receiving end, for the one loop that proposes its operations.
-    pub fn take_queue(&self) -> Option<mpsc::Receiver<QueuedGroupOp>> {
+    pub fn take_queue(&self) -> Option<mpsc::Receiver<QueuedConsumerGroupOp>> {
         self.ops_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
@@ -234,7 +266,7 @@ pub struct Broker {
     /// Producer ids this node may hand out, a block from the controller at a time.
     producer_ids: tokio::sync::Mutex<std::ops::Range<i64>>,
     /// The consumer-group coordinator's unreplicated state.
-    pub consumer_groups: GroupRuntime,
+    pub consumer_groups: ConsumerGroupRuntime,
 }
 
 /// Producer ids a node takes from the controller at once, as Kafka's brokers do.
@@ -254,7 +286,7 @@ impl Broker {
             fatal: watch::channel(None).0,
             fetch_budget,
             producer_ids: tokio::sync::Mutex::new(0..0),
-            consumer_groups: GroupRuntime::default(),
+            consumer_groups: ConsumerGroupRuntime::default(),
         }
     }
 
@@ -270,6 +302,11 @@ impl Broker {
     /// Changes whenever the applied controller state does.
     pub fn subscribe_state(&self) -> watch::Receiver<u64> {
         self.meta.subscribe()
+    }
+
+    /// Changes whenever the applied consumer groups may have.
+    pub fn subscribe_groups(&self) -> watch::Receiver<u64> {
+        self.meta.subscribe_groups()
     }
 
     pub fn partition(&self, topic: &str, partition: PartitionId) -> Option<Arc<PartitionGroup>> {

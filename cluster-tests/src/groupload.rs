@@ -9,7 +9,7 @@
 //! crash, and the group waits out their session. Both start rebalances that move partitions
 //! between members, which coordinator failovers alone do not (the group's state survives them).
 //!
-//! Members are `sluice::cli::group::GroupMember`s (FindCoordinator, JoinGroup with
+//! Members are `sluice::cli::group::ConsumerGroupMember`s (FindCoordinator, JoinGroup with
 //! MEMBER_ID_REQUIRED, SyncGroup with the leader's range assignment, a heartbeat task,
 //! OffsetCommit/OffsetFetch); their fetches go through [`KClient::poll`] like the standalone
 //! consumers'. Everything is recorded (see [`crate::history`]) for the checker's group rules.
@@ -31,7 +31,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice::cli::errors::KafkaError;
-use sluice::cli::group::{GroupClient, GroupMember, MemberConfig, Tp};
+use sluice::cli::group::{ConsumerGroupClient, ConsumerGroupMember, MemberConfig, Tp};
 
 use crate::history::{Op, OpType, F};
 use crate::kclient::{KClient, Outcome};
@@ -120,7 +120,7 @@ pub async fn member(shared: Arc<Shared>, seed: u64, index: usize) {
         let crash = rng.gen_bool(CRASH_CHANCE);
         let connected = tokio::time::timeout(
             CALL_BOUND,
-            GroupMember::connect(&bootstrap, member_config(&topic)),
+            ConsumerGroupMember::connect(&bootstrap, member_config(&topic)),
         )
         .await;
         let Ok(Ok(mut m)) = connected else {
@@ -157,7 +157,7 @@ async fn run_member(
     shared: &Shared,
     name: &str,
     topic: &str,
-    m: &mut GroupMember,
+    m: &mut ConsumerGroupMember,
     kc: &mut KClient,
     retire_at: tokio::time::Instant,
 ) -> End {
@@ -317,7 +317,7 @@ async fn run_member(
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     shared: &Shared,
-    m: &mut GroupMember,
+    m: &mut ConsumerGroupMember,
     process: i64,
     name: &str,
     topic: &str,
@@ -367,7 +367,7 @@ async fn commit(
 /// None if the coordinator did not answer.
 async fn fetch_committed(
     shared: &Shared,
-    gc: &mut GroupClient,
+    gc: &mut ConsumerGroupClient,
     process: i64,
     name: &str,
     topic: &str,
@@ -424,7 +424,7 @@ pub async fn observer(shared: Arc<Shared>) {
     let bootstrap = bootstrap_from(&shared, 1);
     while !shared.group_stopped() {
         let Ok(Ok(mut gc)) =
-            tokio::time::timeout(CALL_BOUND, GroupClient::connect(&bootstrap, GROUP)).await
+            tokio::time::timeout(CALL_BOUND, ConsumerGroupClient::connect(&bootstrap, GROUP)).await
         else {
             tokio::time::sleep(ERROR_PAUSE).await;
             continue;
@@ -460,7 +460,7 @@ pub async fn wait_caught_up(
     let mut gc = None;
     while tokio::time::Instant::now() < deadline {
         if gc.is_none() {
-            gc = tokio::time::timeout(CALL_BOUND, GroupClient::connect(&bootstrap, GROUP))
+            gc = tokio::time::timeout(CALL_BOUND, ConsumerGroupClient::connect(&bootstrap, GROUP))
                 .await
                 .ok()
                 .and_then(Result::ok);
@@ -494,7 +494,7 @@ pub async fn final_offsets(
     let bootstrap = bootstrap_from(&shared, 0);
     while tokio::time::Instant::now() < deadline {
         if let Ok(Ok(mut gc)) =
-            tokio::time::timeout(CALL_BOUND, GroupClient::connect(&bootstrap, GROUP)).await
+            tokio::time::timeout(CALL_BOUND, ConsumerGroupClient::connect(&bootstrap, GROUP)).await
         {
             let process = shared.fresh_process();
             if let Some(c) =

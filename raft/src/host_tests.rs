@@ -953,7 +953,7 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
         loop {
             tries += 1;
             match parts[&target].trigger_elect().await {
-                Err(RaftError::Timeout) if tries < 3 => continue,
+                Err(RaftError::Timeout) if tries < 5 => continue,
                 r => r?,
             }
             break;
@@ -1300,6 +1300,16 @@ async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_maj
         parts[&leader].append_leader_ack(batch("one-1")).await?,
         (1, 1)
     );
+    // acks=1 answers before the commit; with the followers up, "one-1" commits soon after.
+    // Wait for that, or its commit could land after the snapshot of the high watermark below
+    // and look like the uncommitted batch moved it (seen under CPU contention).
+    let lp = parts[&leader].clone();
+    wait_for(
+        "the acks=1 batch commits while the followers are up",
+        Duration::from_secs(10),
+        || lp.high_watermark() == 2,
+    )
+    .await?;
 
     tracing::info!("--- both followers close the group: nothing can commit any more");
     for (id, h) in &hosts {
@@ -1307,7 +1317,6 @@ async fn leader_ack_answers_from_the_leaders_disk_and_quorum_ack_waits_for_a_maj
             h.close_partition(&group, false).await?;
         }
     }
-    let lp = parts[&leader].clone();
     // The nodes still answer pings, so the leader keeps claiming the group.
     assert!(lp.is_leader());
     let hw = lp.high_watermark();

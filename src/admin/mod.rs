@@ -3,7 +3,7 @@
 //! (chaos tests only, with `SLUICE_STORAGE_FAULTS=1`) the storage fault switch (`ops`). Handlers
 //! read and act through `broker::Broker` only.
 
-mod groups;
+mod consumer_groups;
 mod ops;
 mod views;
 
@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::broker::Broker;
-use groups::{group, groups};
+use consumer_groups::{group, groups};
 use ops::*;
 use views::*;
 

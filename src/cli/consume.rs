@@ -13,7 +13,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::client::{backoff, Client, TopicInfo, MAX_RETRIES};
 use super::errors::{self, KafkaError};
-use super::group::{GroupMember, MemberConfig, Tp};
+use super::group::{ConsumerGroupMember, MemberConfig, Tp};
 use super::records::{decode_fetched, Consumed};
 use super::{ConsumeArgs, StartOffset};
 use crate::errors::ErrorCode;
@@ -88,11 +88,12 @@ pub async fn consume<W: Write>(
     client.topic(&args.topic).await?;
     #[allow(unused_mut)]
     let mut member =
-        GroupMember::connect(&args.connect.bootstrap_server, settings.member.clone()).await?;
+        ConsumerGroupMember::connect(&args.connect.bootstrap_server, settings.member.clone())
+            .await?;
     // Tests that play an older client speak its versions to the coordinator too.
     #[cfg(test)]
     member.group.client.cap_versions(&client.version_caps());
-    let mut group = GroupRun {
+    let mut group = ConsumerGroupRun {
         member,
         settings,
         consumed: BTreeMap::new(),
@@ -124,7 +125,7 @@ pub enum OffsetReset {
 
 /// `consume --group` settings, from `--group`, `--from-beginning` and `--consumer-property`.
 #[derive(Debug, Clone)]
-pub struct GroupSettings {
+pub struct ConsumerGroupSettings {
     pub member: MemberConfig,
     pub reset: OffsetReset,
     pub auto_commit: bool,
@@ -133,7 +134,7 @@ pub struct GroupSettings {
 
 /// The group settings of `args`, or None without a group. Contradictions are errors, as
 /// kafka-console-consumer reports them.
-pub fn group_settings(args: &ConsumeArgs) -> Result<Option<GroupSettings>> {
+pub fn group_settings(args: &ConsumeArgs) -> Result<Option<ConsumerGroupSettings>> {
     let props: HashMap<&str, &str> = args
         .consumer_properties
         .iter()
@@ -213,7 +214,7 @@ pub fn group_settings(args: &ConsumeArgs) -> Result<Option<GroupSettings>> {
             tracing::warn!("consumer property '{k}' is not used by this consumer; ignored");
         }
     }
-    Ok(Some(GroupSettings {
+    Ok(Some(ConsumerGroupSettings {
         member,
         reset,
         auto_commit,
@@ -222,9 +223,9 @@ pub fn group_settings(args: &ConsumeArgs) -> Result<Option<GroupSettings>> {
 }
 
 /// A group consumer's membership and what it has printed.
-struct GroupRun {
-    member: GroupMember,
-    settings: GroupSettings,
+struct ConsumerGroupRun {
+    member: ConsumerGroupMember,
+    settings: ConsumerGroupSettings,
     /// Per assigned partition: the offset after the last record printed (or where consumption
     /// starts), i.e. what to commit.
     consumed: BTreeMap<i32, i64>,
@@ -233,7 +234,7 @@ struct GroupRun {
     last_commit: Instant,
 }
 
-impl GroupRun {
+impl ConsumerGroupRun {
     /// Commits the consumed offsets that moved. A failure is reported as a warning (the
     /// records will be read again by whoever gets the partition), as the Java consumer's auto
     /// commit does; a member whose generation ended finds out at its next poll.
@@ -315,7 +316,7 @@ async fn consume_loop<W: Write>(
     args: &ConsumeArgs,
     out: &mut W,
     printed: &mut u64,
-    mut group: Option<&mut GroupRun>,
+    mut group: Option<&mut ConsumerGroupRun>,
 ) -> Result<()> {
     let mut topic = client.topic(&args.topic).await?;
     if let Some(g) = group.as_deref_mut() {
@@ -371,7 +372,7 @@ async fn consume_positions<W: Write>(
     args: &ConsumeArgs,
     out: &mut W,
     printed: &mut u64,
-    mut group: Option<&mut GroupRun>,
+    mut group: Option<&mut ConsumerGroupRun>,
     mut topic: TopicInfo,
     starts: BTreeMap<i32, i64>,
 ) -> Result<()> {

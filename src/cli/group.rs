@@ -1,9 +1,9 @@
 //! A consumer-group member and the group requests around it (Kafka's classic group protocol).
 //!
-//! [`GroupMember`] joins a group the way the Java consumer does with the eager `range`
+//! [`ConsumerGroupMember`] joins a group the way the Java consumer does with the eager `range`
 //! assignor: FindCoordinator, JoinGroup (rejoining with the id a MEMBER_ID_REQUIRED answer
 //! gives), SyncGroup (computing every member's assignment when it is the leader), Heartbeat
-//! from a task of its own, OffsetCommit/OffsetFetch, and LeaveGroup on close. [`GroupClient`]
+//! from a task of its own, OffsetCommit/OffsetFetch, and LeaveGroup on close. [`ConsumerGroupClient`]
 //! is the part both it and the admin verbs (`sluice groups ...`) need: a connection to the
 //! group's coordinator that is found again when the coordinator moves.
 //!
@@ -56,9 +56,11 @@ const OFFSET_FETCH_MAX: i16 = 9;
 /// Group-level requests other than JoinGroup and SyncGroup: how long one may take in all,
 /// rediscovering the coordinator included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one [`ConsumerGroupMember::poll`] looks for a coordinator that moved.
+const COORDINATOR_LOOKUP_PER_POLL: Duration = Duration::from_secs(2);
 
 /// Runs `$call` (a future using `$conn: &mut BrokerConn` and resolving to
-/// `Result<Reply<T>>`) on the coordinator of `$gc` (a [`GroupClient`]) until it answers
+/// `Result<Reply<T>>`) on the coordinator of `$gc` (a [`ConsumerGroupClient`]) until it answers
 /// something other than "the coordinator moved" or `$deadline` passes; evaluates to the `T`
 /// and returns early with the error otherwise. Broken connections, and those a cancelled call
 /// left with a request in flight, are replaced. A macro rather than a method taking an async
@@ -74,7 +76,11 @@ macro_rules! on_coordinator {
                     Err(anyhow!("connection had a request in flight"))
                 } else {
                     let $conn: &mut BrokerConn = &mut guard;
-                    $call.await
+                    // The deadline bounds a single answer too, not only the retries.
+                    match tokio::time::timeout_at($deadline, $call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(anyhow!("no answer from the coordinator in time")),
+                    }
                 }
             };
             if let Some(t) = $gc.settle(result, $what, $deadline, &mut attempt).await? {
@@ -100,7 +106,7 @@ pub struct MemberConfig {
     pub rebalance_timeout: Duration,
     /// `heartbeat.interval.ms`
     pub heartbeat_interval: Duration,
-    /// Upper bound on one whole [`GroupMember::join`], retries included.
+    /// Upper bound on one whole [`ConsumerGroupMember::join`], retries included.
     pub join_timeout: Duration,
 }
 
@@ -310,7 +316,7 @@ pub fn coordinator_moved(code: i16) -> bool {
 }
 
 /// A coordinator's answer: what was asked for, or a group-level error code with the broker's
-/// message (coordinator moves are handled by [`GroupClient::call`] and never reach callers).
+/// message (coordinator moves are handled by [`ConsumerGroupClient::call`] and never reach callers).
 pub enum Reply<T> {
     Ok(T),
     Err(i16, Option<String>),
@@ -320,20 +326,23 @@ type SharedConn = Arc<Mutex<BrokerConn>>;
 
 /// A cluster client plus a connection to one group's coordinator, found on first use and
 /// again after the coordinator moved.
-pub struct GroupClient {
+pub struct ConsumerGroupClient {
     /// Metadata and FindCoordinator go through it; also usable by callers (ListOffsets).
     pub client: Client,
     pub group: String,
     coordinator: Option<(i32, SharedConn)>,
 }
 
-impl GroupClient {
-    pub async fn connect(bootstrap: &str, group: &str) -> Result<GroupClient> {
-        Ok(GroupClient::new(Client::connect(bootstrap).await?, group))
+impl ConsumerGroupClient {
+    pub async fn connect(bootstrap: &str, group: &str) -> Result<ConsumerGroupClient> {
+        Ok(ConsumerGroupClient::new(
+            Client::connect(bootstrap).await?,
+            group,
+        ))
     }
 
-    pub fn new(client: Client, group: &str) -> GroupClient {
-        GroupClient {
+    pub fn new(client: Client, group: &str) -> ConsumerGroupClient {
+        ConsumerGroupClient {
             client,
             group: group.to_string(),
             coordinator: None,
@@ -707,6 +716,14 @@ struct Heartbeat {
     news: tokio::sync::watch::Receiver<Beat>,
 }
 
+impl Heartbeat {
+    /// No task, only the news that the coordinator is still to be found.
+    fn lost(why: String) -> Heartbeat {
+        let (_, news) = tokio::sync::watch::channel(Beat::Lost(why));
+        Heartbeat { task: None, news }
+    }
+}
+
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         if let Some(t) = &self.task {
@@ -715,30 +732,30 @@ impl Drop for Heartbeat {
     }
 }
 
-/// A member of one consumer group. Drive it with [`GroupMember::join`] and then, between
-/// fetches, [`GroupMember::poll`]; commit with [`GroupMember::commit`]; finish with
-/// [`GroupMember::leave`]. Its heartbeat runs on a task it owns (aborted when it is dropped).
-pub struct GroupMember {
+/// A member of one consumer group. Drive it with [`ConsumerGroupMember::join`] and then, between
+/// fetches, [`ConsumerGroupMember::poll`]; commit with [`ConsumerGroupMember::commit`]; finish with
+/// [`ConsumerGroupMember::leave`]. Its heartbeat runs on a task it owns (aborted when it is dropped).
+pub struct ConsumerGroupMember {
     pub cfg: MemberConfig,
-    pub group: GroupClient,
+    pub group: ConsumerGroupClient,
     member_id: String,
     generation: i32,
     leader: bool,
     protocol: Option<String>,
     assignment: Assignment,
     heartbeat: Option<Heartbeat>,
-    /// Set when the generation is over; the next [`GroupMember::poll`] says so.
+    /// Set when the generation is over; the next [`ConsumerGroupMember::poll`] says so.
     must_rejoin: bool,
 }
 
-impl GroupMember {
-    pub async fn connect(bootstrap: &str, cfg: MemberConfig) -> Result<GroupMember> {
-        let group = GroupClient::connect(bootstrap, &cfg.group_id).await?;
-        Ok(GroupMember::new(group, cfg))
+impl ConsumerGroupMember {
+    pub async fn connect(bootstrap: &str, cfg: MemberConfig) -> Result<ConsumerGroupMember> {
+        let group = ConsumerGroupClient::connect(bootstrap, &cfg.group_id).await?;
+        Ok(ConsumerGroupMember::new(group, cfg))
     }
 
-    pub fn new(group: GroupClient, cfg: MemberConfig) -> GroupMember {
-        GroupMember {
+    pub fn new(group: ConsumerGroupClient, cfg: MemberConfig) -> ConsumerGroupMember {
+        ConsumerGroupMember {
             cfg,
             group,
             member_id: String::new(),
@@ -773,7 +790,7 @@ impl GroupMember {
     }
 
     /// Takes in what the heartbeat found. Returns true when the member has to join again
-    /// (the caller commits what it consumed, if it can, then calls [`GroupMember::join`]).
+    /// (the caller commits what it consumed, if it can, then calls [`ConsumerGroupMember::join`]).
     /// A moved coordinator is found again here, and the heartbeat goes on.
     pub async fn poll(&mut self) -> Result<bool> {
         let news = match &self.heartbeat {
@@ -783,20 +800,28 @@ impl GroupMember {
         match news {
             Beat::Fine => {}
             Beat::Rejoin(why) => {
-                tracing::info!(group = %self.cfg.group_id, "rejoining: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "rejoining: {why}");
                 self.end_generation(false);
             }
             Beat::Unknown(why) => {
-                tracing::info!(group = %self.cfg.group_id, "rejoining as a new member: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "rejoining as a new member: {why}");
                 self.end_generation(true);
             }
             Beat::Lost(why) => {
-                tracing::info!(group = %self.cfg.group_id, "looking for the coordinator again: {why}");
+                tracing::debug!(group = %self.cfg.group_id, "looking for the coordinator again: {why}");
                 self.heartbeat = None;
                 self.group.forget_coordinator();
-                let deadline = Instant::now() + self.cfg.session_timeout;
-                self.group.coordinator(deadline).await?;
-                self.start_heartbeat();
+                // A short look per poll: the caller goes on consuming its partitions meanwhile
+                // (as Kafka's consumer does), and if the coordinator stays away longer than
+                // the session, the next heartbeat says UNKNOWN_MEMBER_ID and we rejoin.
+                let deadline = Instant::now() + COORDINATOR_LOOKUP_PER_POLL;
+                match self.group.coordinator(deadline).await {
+                    Ok(_) => self.start_heartbeat(),
+                    Err(e) => {
+                        tracing::warn!(group = %self.cfg.group_id, "coordinator not found yet: {e:#}");
+                        self.heartbeat = Some(Heartbeat::lost(format!("{e:#}")));
+                    }
+                }
             }
             Beat::Fatal(why) => {
                 self.end_generation(false);
@@ -827,7 +852,7 @@ impl GroupMember {
                     self.assignment = assignment.clone();
                     self.must_rejoin = false;
                     self.start_heartbeat();
-                    tracing::info!(
+                    tracing::debug!(
                         group = %self.cfg.group_id,
                         member = %self.member_id,
                         generation = self.generation,
@@ -988,7 +1013,7 @@ impl GroupMember {
     }
 
     /// A failed call: coordinator trouble that outlasted the retries is final; a lost
-    /// connection (the call's own deadline) is retried by [`GroupMember::join`] until its own.
+    /// connection (the call's own deadline) is retried by [`ConsumerGroupMember::join`] until its own.
     fn retry_or_fail<T>(
         &mut self,
         e: anyhow::Error,
@@ -1046,12 +1071,7 @@ impl GroupMember {
 
     fn start_heartbeat(&mut self) {
         let Some((_, conn)) = &self.group.coordinator else {
-            // No coordinator: the first poll finds out through a failed beat.
-            let (_, rx) = tokio::sync::watch::channel(Beat::Lost("no coordinator".into()));
-            self.heartbeat = Some(Heartbeat {
-                task: None,
-                news: rx,
-            });
+            self.heartbeat = Some(Heartbeat::lost("no coordinator".into()));
             return;
         };
         let (tx, rx) = tokio::sync::watch::channel(Beat::Fine);
@@ -1070,7 +1090,7 @@ impl GroupMember {
 
     /// Commits `offsets` as this generation. Fails with a [`KafkaError`] when the generation is
     /// over (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID): the member then has
-    /// to rejoin, and the next [`GroupMember::poll`] says so.
+    /// to rejoin, and the next [`ConsumerGroupMember::poll`] says so.
     pub async fn commit(&mut self, offsets: &BTreeMap<Tp, i64>) -> Result<()> {
         let instance = self.cfg.group_instance_id.clone();
         let r = self
@@ -1200,7 +1220,17 @@ async fn heartbeat_loop(
             if c.in_flight() > 0 {
                 Err(anyhow!("connection had a request in flight"))
             } else {
-                heartbeat_once(&mut c, &cfg, &member_id, generation).await
+                // A heartbeat answered later than a session is useless: the coordinator has
+                // dropped us by then, or it is unreachable and another one must be found.
+                match tokio::time::timeout(
+                    cfg.session_timeout,
+                    heartbeat_once(&mut c, &cfg, &member_id, generation),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow!("no heartbeat answer within the session timeout")),
+                }
             }
         };
         let subject = format!("heartbeat of group '{}'", cfg.group_id);
@@ -1243,7 +1273,7 @@ async fn heartbeat_once(
 
 /// One group as ListGroups names it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ListedGroup {
+pub struct ListedConsumerGroup {
     pub group_id: String,
     pub protocol_type: String,
     /// Empty when the broker's ListGroups version does not carry it (before v4).
@@ -1251,7 +1281,7 @@ pub struct ListedGroup {
 }
 
 /// ListGroups on every broker, merged (each broker lists only the groups it coordinates).
-pub async fn list_groups(client: &mut Client) -> Result<Vec<ListedGroup>> {
+pub async fn list_groups(client: &mut Client) -> Result<Vec<ListedConsumerGroup>> {
     client.metadata(Some(&[])).await?;
     let mut out = BTreeMap::new();
     for id in client.broker_ids() {
@@ -1287,7 +1317,7 @@ pub async fn list_groups(client: &mut Client) -> Result<Vec<ListedGroup>> {
     Ok(out.into_values().collect())
 }
 
-async fn list_groups_on(client: &mut Client, id: i32) -> Result<Reply<Vec<ListedGroup>>> {
+async fn list_groups_on(client: &mut Client, id: i32) -> Result<Reply<Vec<ListedConsumerGroup>>> {
     let conn = client.broker(id).await?;
     let version = conn.version_for(ApiKey::ListGroups)?;
     let resp = conn.call(&ListGroupsRequest::default(), version).await?;
@@ -1297,7 +1327,7 @@ async fn list_groups_on(client: &mut Client, id: i32) -> Result<Reply<Vec<Listed
     Ok(Reply::Ok(
         resp.groups
             .into_iter()
-            .map(|g| ListedGroup {
+            .map(|g| ListedConsumerGroup {
                 group_id: g.group_id.0.to_string(),
                 protocol_type: g.protocol_type.to_string(),
                 state: g.group_state.to_string(),
@@ -1317,7 +1347,7 @@ pub struct DescribedMember {
 }
 
 #[derive(Debug, Clone)]
-pub struct GroupDescription {
+pub struct ConsumerGroupDescription {
     pub group_id: String,
     /// Empty, PreparingRebalance, CompletingRebalance, Stable or Dead (unknown groups are Dead).
     pub state: String,
@@ -1326,9 +1356,9 @@ pub struct GroupDescription {
     pub members: Vec<DescribedMember>,
 }
 
-impl GroupClient {
+impl ConsumerGroupClient {
     /// DescribeGroups of this client's group, from its coordinator.
-    pub async fn describe(&mut self) -> Result<GroupDescription> {
+    pub async fn describe(&mut self) -> Result<ConsumerGroupDescription> {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let group = self.group.clone();
         let g = on_coordinator!(self, "DescribeGroups", deadline, |conn| async {
@@ -1370,7 +1400,7 @@ impl GroupClient {
                 assignment,
             });
         }
-        Ok(GroupDescription {
+        Ok(ConsumerGroupDescription {
             group_id: g.group_id.0.to_string(),
             state: g.group_state.to_string(),
             protocol_type: g.protocol_type.to_string(),

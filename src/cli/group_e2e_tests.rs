@@ -8,7 +8,7 @@ use kafka_protocol::messages::ApiKey;
 
 use super::client::Client;
 use super::errors::KafkaError;
-use super::group::{GroupClient, GroupMember, MemberConfig};
+use super::group::{ConsumerGroupClient, ConsumerGroupMember, MemberConfig};
 use super::*;
 use crate::config::ServerConfig;
 use crate::testkit::TestCluster;
@@ -65,8 +65,8 @@ async fn client(c: &TestCluster, caps: &[(ApiKey, i16)]) -> Client {
     client
 }
 
-async fn group_client(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str) -> GroupClient {
-    GroupClient::new(client(c, caps).await, group)
+async fn group_client(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str) -> ConsumerGroupClient {
+    ConsumerGroupClient::new(client(c, caps).await, group)
 }
 
 async fn create(c: &TestCluster, name: &str, partitions: i32) {
@@ -154,8 +154,13 @@ fn member_config(group: &str, topic: &str) -> MemberConfig {
     cfg
 }
 
-async fn member(c: &TestCluster, caps: &[(ApiKey, i16)], group: &str, topic: &str) -> GroupMember {
-    GroupMember::new(
+async fn member(
+    c: &TestCluster,
+    caps: &[(ApiKey, i16)],
+    group: &str,
+    topic: &str,
+) -> ConsumerGroupMember {
+    ConsumerGroupMember::new(
         group_client(c, caps, group).await,
         member_config(group, topic),
     )
@@ -532,5 +537,28 @@ async fn a_member_follows_the_coordinator_to_a_new_node() {
     }
     assert_eq!(m.assignment().partitions_of("f"), &[0, 1]);
     m.leave().await.unwrap();
+    c.shutdown().await;
+}
+
+/// Stopped from outside (Ctrl-C in the binary): what was printed is committed and the member
+/// leaves, so the group is Empty at once and resumes after the last printed record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_consumer_commits_and_leaves() {
+    let c = cluster(1).await;
+    create(&c, "s", 2).await;
+    produce_lines(&c, "s", 0, 50).await;
+    let mut a = group_consume_args(&c, "s", "sg");
+    a.from_beginning = true;
+    a.timeout_ms = None;
+    let mut out = Vec::new();
+    let stop = tokio::time::sleep(Duration::from_secs(3));
+    let n = consume::consume(&mut client(&c, MODERN).await, &a, &mut out, stop)
+        .await
+        .unwrap();
+    assert_eq!(n, 50);
+    let mut g = group_client(&c, MODERN, "sg").await;
+    assert_eq!(g.committed(None).await.unwrap().values().sum::<i64>(), 50);
+    let d = g.describe().await.unwrap();
+    assert_eq!((d.state.as_str(), d.members.len()), ("Empty", 0));
     c.shutdown().await;
 }

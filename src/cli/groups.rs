@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use super::client::Client;
 use super::consume::{list_offsets, EARLIEST, LATEST};
-use super::group::{self, GroupClient, GroupDescription, Tp};
+use super::group::{self, ConsumerGroupClient, ConsumerGroupDescription, Tp};
 use super::{GroupsCommand, GroupsResetArgs};
 
 pub async fn run(cmd: GroupsCommand) -> Result<()> {
@@ -20,11 +20,11 @@ pub async fn run(cmd: GroupsCommand) -> Result<()> {
             }
         }
         GroupsCommand::Describe(a) => {
-            let mut g = GroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
+            let mut g = ConsumerGroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
             out.write_all(describe(&mut g).await?.as_bytes())?;
         }
         GroupsCommand::ResetOffsets(a) => {
-            let mut g = GroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
+            let mut g = ConsumerGroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
             let (text, done) = reset_offsets(&mut g, &a).await?;
             out.write_all(text.as_bytes())?;
             if !done {
@@ -32,7 +32,7 @@ pub async fn run(cmd: GroupsCommand) -> Result<()> {
             }
         }
         GroupsCommand::Delete(a) => {
-            let mut g = GroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
+            let mut g = ConsumerGroupClient::connect(&a.connect.bootstrap_server, &a.group).await?;
             delete(&mut g).await?;
             writeln!(out, "Deleted group {}.", a.group)?;
         }
@@ -52,7 +52,7 @@ pub async fn list(c: &mut Client) -> Result<Vec<String>> {
 
 /// The group's description, or GROUP_ID_NOT_FOUND for one the coordinator does not know
 /// (reported as Dead with no members by older versions, as Kafka's tool treats it too).
-async fn existing(g: &mut GroupClient) -> Result<GroupDescription> {
+async fn existing(g: &mut ConsumerGroupClient) -> Result<ConsumerGroupDescription> {
     let d = g.describe().await?;
     if d.state == "Dead" && d.members.is_empty() {
         bail!(super::errors::KafkaError::new(
@@ -75,7 +75,7 @@ pub struct PartitionLag {
 
 /// `groups describe` text: a header line, one line per member, one per partition the group
 /// is assigned or has committed.
-pub async fn describe(g: &mut GroupClient) -> Result<String> {
+pub async fn describe(g: &mut ConsumerGroupClient) -> Result<String> {
     let d = match existing(g).await {
         Ok(d) => d,
         // A group with only committed offsets (e.g. from `reset-offsets`) is Empty, not Dead,
@@ -138,7 +138,7 @@ fn or_dash(v: Option<i64>) -> String {
 }
 
 pub fn format_describe(
-    d: &GroupDescription,
+    d: &ConsumerGroupDescription,
     coordinator: Option<i32>,
     rows: &[PartitionLag],
 ) -> String {
@@ -191,11 +191,14 @@ pub fn format_describe(
 
 /// Plans (and with `--execute` commits) new offsets. Returns the plan's text and whether it
 /// was applied.
-pub async fn reset_offsets(g: &mut GroupClient, a: &GroupsResetArgs) -> Result<(String, bool)> {
+pub async fn reset_offsets(
+    g: &mut ConsumerGroupClient,
+    a: &GroupsResetArgs,
+) -> Result<(String, bool)> {
     // The group may not exist yet (a reset can prepare one); only members forbid it.
     let d = match g.describe().await {
         Ok(d) => d,
-        Err(e) if is_not_found(&e) => GroupDescription {
+        Err(e) if is_not_found(&e) => ConsumerGroupDescription {
             group_id: a.group.clone(),
             state: "Dead".into(),
             protocol_type: String::new(),
@@ -285,7 +288,7 @@ fn is_not_found(e: &anyhow::Error) -> bool {
         .is_some_and(|k| k.code == kafka_protocol::error::ResponseError::GroupIdNotFound.code())
 }
 
-pub async fn delete(g: &mut GroupClient) -> Result<()> {
+pub async fn delete(g: &mut ConsumerGroupClient) -> Result<()> {
     g.delete().await
 }
 
@@ -296,7 +299,7 @@ mod tests {
 
     #[test]
     fn describe_format() {
-        let d = GroupDescription {
+        let d = ConsumerGroupDescription {
             group_id: "g".into(),
             state: "Stable".into(),
             protocol_type: "consumer".into(),

@@ -11,8 +11,12 @@ use crate::errors::ErrorCode;
 /// Apply is deterministic: it decodes the command and applies it; it never reads a clock.
 pub struct MetaMachine {
     state: RwLock<MetaState>,
-    /// The state's version after every apply or restore, so loops can wait for a change.
+    /// The state's version after every apply or restore of cluster metadata, so loops can wait
+    /// for a change.
     changed: watch::Sender<u64>,
+    /// The same for consumer-group operations, which are many (offset commits) and concern only
+    /// the coordinator's waiters: the partition manager and membership loops need not wake.
+    groups_changed: watch::Sender<u64>,
 }
 
 impl Default for MetaMachine {
@@ -20,6 +24,7 @@ impl Default for MetaMachine {
         MetaMachine {
             state: RwLock::new(MetaState::default()),
             changed: watch::channel(0).0,
+            groups_changed: watch::channel(0).0,
         }
     }
 }
@@ -32,13 +37,19 @@ impl MetaMachine {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Changes whenever the applied state does.
+    /// Changes whenever the applied cluster metadata does (not on consumer-group operations).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
+    /// Changes whenever consumer groups may have.
+    pub fn subscribe_groups(&self) -> watch::Receiver<u64> {
+        self.groups_changed.subscribe()
+    }
+
     fn bump(&self, version: u64) {
         self.changed.send_replace(version);
+        self.groups_changed.send_replace(version);
     }
 }
 
@@ -50,7 +61,11 @@ impl MetaApp for MetaMachine {
                 let r = st.apply(&cmd);
                 let v = st.version;
                 drop(st);
-                self.bump(v);
+                if matches!(cmd, Command::ConsumerGroups { .. }) {
+                    self.groups_changed.send_replace(v);
+                } else {
+                    self.bump(v);
+                }
                 r
             }
             // A command we cannot decode was written by a newer or broken proposer; every node

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::groups::{self, ConsumerGroups, GroupOp, GroupReply};
+use super::consumer_groups::{self, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroups};
 use super::PartitionId;
 use crate::errors::ErrorCode;
 
@@ -115,7 +115,7 @@ pub enum Command {
     /// Consumer-group operations, applied in order, each with its own reply; the coordinator
     /// batches many (offset commits above all) into one entry.
     ConsumerGroups {
-        ops: Vec<GroupOp>,
+        ops: Vec<ConsumerGroupOp>,
     },
     /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
     CompleteReassignment {
@@ -140,7 +140,7 @@ pub enum Reply {
         count: i64,
     },
     /// One reply per operation of [`Command::ConsumerGroups`].
-    Groups(Vec<GroupReply>),
+    Groups(Vec<ConsumerGroupReply>),
 }
 
 impl Reply {
@@ -249,7 +249,9 @@ impl MetaState {
             }
             Command::ConsumerGroups { ops } => Reply::Groups(
                 ops.iter()
-                    .map(|op| groups::apply_group_op(&mut self.consumer_groups, &self.topics, op))
+                    .map(|op| {
+                        consumer_groups::apply_group_op(&mut self.consumer_groups, &self.topics, op)
+                    })
                     .collect(),
             ),
             Command::RegisterBroker { broker } => {
@@ -300,7 +302,7 @@ impl MetaState {
                         format!("topic '{name}' does not exist"),
                     );
                 }
-                groups::forget_topic(&mut self.consumer_groups, name);
+                consumer_groups::forget_topic(&mut self.consumer_groups, name);
                 Reply::Ok
             }
             Command::CreatePartitions {

@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError};
-use crate::controller::groups::{GroupOp, GroupState};
+use crate::broker::{Broker, BrokerError, QueuedConsumerGroupOp};
+use crate::controller::consumer_groups::{ConsumerGroupOp, ConsumerGroupState};
 use crate::controller::{Command, Reply};
 
-/// Operations proposed in one metadata entry at most.
+/// Operations proposed in one metadata entry at most, by count and by (estimated) size: an entry
+/// must stay far below what one Raft append may carry.
 const MAX_BATCH: usize = 2_000;
+const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Proposes queued operations: whatever queued while the previous proposal was in flight goes
 /// into the next one, each with its own reply.
@@ -23,12 +25,49 @@ pub async fn proposal_loop(broker: Arc<Broker>) {
         warn!("consumer group proposal loop started twice");
         return;
     };
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (ops, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
+    let mut carried: Option<QueuedConsumerGroupOp> = None;
+    loop {
+        let first = match carried.take() {
+            Some(op) => op,
+            None => match queue.recv().await {
+                Some(op) => op,
+                None => return,
+            },
+        };
+        let mut bytes = first.0.approx_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => {
+                    bytes += op.0.approx_bytes();
+                    if bytes > MAX_BATCH_BYTES {
+                        carried = Some(op);
+                        break;
+                    }
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = ops.len();
+        // Membership changed: a rebalance may now be due.
+        let wake = ops.iter().any(|op| {
+            matches!(
+                op,
+                ConsumerGroupOp::Join { .. }
+                    | ConsumerGroupOp::Leave { .. }
+                    | ConsumerGroupOp::Sync { .. }
+                    | ConsumerGroupOp::Expire { .. }
+            )
+        });
         broker.metrics.group_ops_proposed(n);
-        match broker.propose(&Command::ConsumerGroups { ops }).await {
+        let proposed = broker.propose(&Command::ConsumerGroups { ops }).await;
+        broker.consumer_groups.answered(n);
+        if wake {
+            broker.consumer_groups.wake.notify_one();
+        }
+        match proposed {
             Ok(Reply::Groups(results)) if results.len() == n => {
                 for (tx, r) in replies.into_iter().zip(results) {
                     let _ = tx.send(Ok(r));
@@ -61,7 +100,11 @@ pub async fn timer_loop(broker: Arc<Broker>) {
     loop {
         let Some(term) = broker.raft.meta().leader_term() else {
             runtime.loaded_term.store(0, Ordering::Release);
-            wait(&broker, TICK).await;
+            broker
+                .raft
+                .meta()
+                .leadership_changed(None, Duration::from_secs(60))
+                .await;
             continue;
         };
         if runtime.loaded_term.load(Ordering::Acquire) != term {
@@ -98,7 +141,7 @@ pub async fn timer_loop(broker: Arc<Broker>) {
         let interval = Duration::from_millis(broker.cfg.offsets_retention_check_interval_ms);
         if last_offset_expiry.elapsed() >= interval {
             last_offset_expiry = Instant::now();
-            ops.push(GroupOp::ExpireOffsets {
+            ops.push(ConsumerGroupOp::ExpireOffsets {
                 now_ms: crate::clock::now_ms(),
                 retention_ms: broker.cfg.offsets_retention_ms,
             });
@@ -129,7 +172,7 @@ async fn wait(broker: &Broker, d: Duration) {
 }
 
 /// Operations the timers call for now, and how long until the next one may be due.
-fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
+fn due_operations(broker: &Broker) -> (Vec<ConsumerGroupOp>, Duration) {
     let now = Instant::now();
     let now_ms = crate::clock::now_ms();
     let mut ops = Vec::new();
@@ -143,7 +186,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
             .is_some_and(|g| g.members.contains_key(m))
     });
     for (name, g) in &st.consumer_groups {
-        if g.state == GroupState::PreparingRebalance {
+        if g.state == ConsumerGroupState::PreparingRebalance {
             let everyone = g.members.values().all(|m| m.joined);
             let due_ms = if everyone {
                 g.initial_delay_until_ms
@@ -151,7 +194,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
                 g.rebalance_deadline_ms
             };
             if now_ms >= due_ms {
-                ops.push(GroupOp::CompleteJoin {
+                ops.push(ConsumerGroupOp::CompleteJoin {
                     group: name.clone(),
                     generation: g.generation,
                     now_ms,
@@ -163,7 +206,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
         for m in g.members.values() {
             let session = Duration::from_millis(m.session_timeout_ms.max(0) as u64);
             let key = (name.clone(), m.member_id.clone());
-            if g.state == GroupState::PreparingRebalance && m.joined {
+            if g.state == ConsumerGroupState::PreparingRebalance && m.joined {
                 // Its JoinGroup waits for the rebalance; the session restarts when answered.
                 deadlines.insert(key, now + session);
                 continue;
@@ -171,7 +214,7 @@ fn due_operations(broker: &Broker) -> (Vec<GroupOp>, Duration) {
             let deadline = *deadlines.entry(key).or_insert(now + session);
             if now >= deadline {
                 info!(group = %name, member = %m.member_id, "consumer session expired");
-                ops.push(GroupOp::Expire {
+                ops.push(ConsumerGroupOp::Expire {
                     group: name.clone(),
                     member_id: m.member_id.clone(),
                     now_ms,

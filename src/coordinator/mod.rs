@@ -1,12 +1,12 @@
 //! The consumer-group coordinator (Kafka's classic group protocol). Every group's coordinator is
 //! the node that leads the metadata Raft group: it decides joins, rebalances, session expiry and
-//! offset commits by proposing [`GroupOp`]s, which every node applies to the replicated state
-//! (`controller/groups.rs`), so a failover keeps every group. What is not replicated — session
-//! deadlines, offered member ids — is in [`crate::broker::GroupRuntime`]. The Kafka handlers
-//! (`kafka/handlers/groups.rs`) translate requests to the operations here; `loops.rs` proposes
+//! offset commits by proposing [`ConsumerGroupOp`]s, which every node applies to the replicated state
+//! (`controller/consumer_groups.rs`), so a failover keeps every group. What is not replicated — session
+//! deadlines, offered member ids — is in [`crate::broker::ConsumerGroupRuntime`]. The Kafka handlers
+//! (`kafka/handlers/consumer_groups.rs`) translate requests to the operations here; `loops.rs` proposes
 //! the queued operations in batches and runs the timers.
 //!
-//! Groups reach their state only through [`GroupStore`], so they can later be spread over several
+//! Groups reach their state only through [`ConsumerGroupStore`], so they can later be spread over several
 //! Raft groups (as Kafka spreads them over `__consumer_offsets` partitions) without touching the
 //! protocol logic.
 
@@ -17,32 +17,46 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::broker::Broker;
-use crate::controller::groups::{ConsumerGroup, GroupOp, GroupReply, GroupState, Protocol};
+use crate::broker::{Broker, GroupReplyRx};
+use crate::controller::consumer_groups::{
+    ConsumerGroup, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroupState, OffsetEntry, Protocol,
+};
 use crate::controller::BrokerInfo;
 use crate::errors::ErrorCode;
 
 /// Where groups live: read the applied state of one, propose operations, hear of changes.
-pub trait GroupStore {
+pub trait ConsumerGroupStore {
     /// Whether this node may serve `group` now (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS,
     /// COORDINATOR_NOT_AVAILABLE otherwise).
     fn check(&self, group: &str) -> Result<(), ErrorCode>;
     /// The node that coordinates `group`.
     fn coordinator_of(&self, group: &str) -> Option<BrokerInfo>;
+    /// Runs `f` on the group's applied state, without copying it (heartbeats and commits come
+    /// often; a group's offsets can be many).
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T;
     /// A copy of the group's applied state.
-    fn read(&self, group: &str) -> Option<ConsumerGroup>;
+    fn read(&self, group: &str) -> Option<ConsumerGroup> {
+        self.with_group(group, |g| g.cloned())
+    }
     /// Changes whenever some group's applied state may have.
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
 
-impl GroupStore for Broker {
+impl ConsumerGroupStore for Broker {
     fn check(&self, _group: &str) -> Result<(), ErrorCode> {
         let meta = self.raft.meta();
         match meta.leader_term() {
+            // A leader cut off from the others keeps its role until it hears of a newer term;
+            // meanwhile the new coordinator may expire members this one still answers.
+            Some(_) if !meta.leads_with_quorum(QUORUM_LEASE) => Err(ErrorCode::NotCoordinator),
             Some(term) if self.consumer_groups.loaded_term.load(Ordering::Acquire) == term => {
                 Ok(())
             }
-            Some(_) => Err(ErrorCode::CoordinatorLoadInProgress),
+            Some(_) => {
+                // The timer loop takes over; a request need not wait for its next look.
+                self.consumer_groups.wake.notify_one();
+                Err(ErrorCode::CoordinatorLoadInProgress)
+            }
             None if meta.leader().is_some() => Err(ErrorCode::NotCoordinator),
             None => Err(ErrorCode::CoordinatorNotAvailable),
         }
@@ -53,34 +67,72 @@ impl GroupStore for Broker {
         self.state().brokers.get(&leader).cloned()
     }
 
-    fn read(&self, group: &str) -> Option<ConsumerGroup> {
-        self.state().consumer_groups.get(group).cloned()
+    fn with_group<T>(&self, group: &str, f: impl FnOnce(Option<&ConsumerGroup>) -> T) -> T {
+        f(self.state().consumer_groups.get(group))
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.subscribe_state()
+        self.subscribe_groups()
     }
 }
 
+/// How recently a majority must have acknowledged the metadata leader for it to coordinate
+/// (its heartbeats go out every 100 ms).
+const QUORUM_LEASE: Duration = Duration::from_secs(2);
+
 /// Proposes `op` through the coordinator's batch; a failed proposal means this node cannot
 /// coordinate now, which clients answer by finding the coordinator again.
-pub async fn submit(broker: &Broker, op: GroupOp) -> Result<GroupReply, ErrorCode> {
-    let wake = matches!(
-        op,
-        GroupOp::Join { .. } | GroupOp::Leave { .. } | GroupOp::Sync { .. }
-    );
-    let reply = broker.consumer_groups.submit(op).await.map_err(|e| {
-        tracing::debug!(error = %e, "consumer group proposal failed");
-        ErrorCode::NotCoordinator
-    })?;
-    if wake {
-        broker.consumer_groups.wake.notify_one();
-    }
+pub async fn submit(broker: &Broker, op: ConsumerGroupOp) -> Result<ConsumerGroupReply, ErrorCode> {
+    let reply = broker.consumer_groups.submit(op).await;
+    reply_of(reply)
+}
+
+fn reply_of(
+    reply: Result<ConsumerGroupReply, crate::broker::BrokerError>,
+) -> Result<ConsumerGroupReply, ErrorCode> {
     match reply {
-        GroupReply::Err(code) => {
+        Ok(ConsumerGroupReply::Err(code)) => {
             Err(ErrorCode::from_code(code).unwrap_or(ErrorCode::UnknownServerError))
         }
-        r => Ok(r),
+        Ok(r) => Ok(r),
+        Err(e) => {
+            tracing::debug!(error = %e, "consumer group proposal failed");
+            Err(ErrorCode::NotCoordinator)
+        }
+    }
+}
+
+/// What a request's ordering step leaves its answer to await: the reply of an operation it
+/// queued (in arrival order), or an answer known at once.
+pub enum Queued {
+    Done(Result<Vec<i16>, ErrorCode>),
+    Waiting(GroupReplyRx),
+}
+
+impl Queued {
+    /// One code per item, or a request-level error.
+    pub async fn codes(self) -> Result<Vec<i16>, ErrorCode> {
+        match self {
+            Queued::Done(r) => r,
+            Queued::Waiting(rx) => {
+                let reply = rx.await.unwrap_or_else(|_| {
+                    Err(crate::broker::BrokerError::Other(
+                        "the group coordinator has stopped".into(),
+                    ))
+                });
+                match reply_of(reply)? {
+                    ConsumerGroupReply::PerItem(codes) => Ok(codes),
+                    _ => Ok(Vec::new()),
+                }
+            }
+        }
+    }
+}
+
+async fn enqueue(broker: &Broker, op: ConsumerGroupOp) -> Queued {
+    match broker.consumer_groups.enqueue(op).await {
+        Ok(rx) => Queued::Waiting(rx),
+        Err(_) => Queued::Done(Err(ErrorCode::NotCoordinator)),
     }
 }
 
@@ -143,7 +195,7 @@ async fn wait_for<T>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         rx.borrow_and_update();
-        if let Some(t) = done(broker.read(group).as_ref()) {
+        if let Some(t) = broker.with_group(group, &mut done) {
             return Ok(Some(t));
         }
         broker.check(group)?;
@@ -227,7 +279,7 @@ async fn join_inner(
     let member_id = req.member_id.clone();
     let group = req.group.clone();
     runtime.touch(&group, &member_id, req.session_timeout_ms);
-    let op = GroupOp::Join {
+    let op = ConsumerGroupOp::Join {
         group: group.clone(),
         member_id: member_id.clone(),
         instance_id: req.instance_id.clone(),
@@ -242,21 +294,24 @@ async fn join_inner(
         max_size: cfg.group_max_size,
     };
     let before = match submit(broker, op).await.map_err(|c| fail(c, &member_id))? {
-        GroupReply::JoinedRebalance { generation } => generation,
+        ConsumerGroupReply::JoinedRebalance { generation } => generation,
         // The member keeps the current generation: answer from it at once.
         _ => i32::MIN,
     };
-    // The rebalance ends by its deadline (the longest rebalance timeout); a little slack covers
-    // the timer's step and the completing proposal.
-    let limit =
-        Duration::from_millis(req.rebalance_timeout_ms.max(0) as u64) + Duration::from_secs(5);
+    // The rebalance ends by its deadline (the longest rebalance timeout of its members); a
+    // little slack covers the timer's step and the completing proposal.
+    let deadline_ms = broker.with_group(&group, |g| g.map_or(0, |g| g.rebalance_deadline_ms));
+    let left_ms = (deadline_ms - crate::clock::now_ms()).max(i64::from(req.rebalance_timeout_ms));
+    let limit = Duration::from_millis(left_ms.max(0) as u64) + Duration::from_secs(5);
     let answer = wait_for(broker, &group, limit, |g| {
         let g = g?;
         if !g.members.contains_key(&member_id) {
             return Some(Err(ErrorCode::UnknownMemberId));
         }
-        (g.generation > before && g.state != GroupState::PreparingRebalance)
-            .then(|| Ok(join_answer(g, &member_id)))
+        // A later generation answers the join, even if yet another rebalance has begun since
+        // (the waiter may wake only after both): its SyncGroup then hears
+        // REBALANCE_IN_PROGRESS and the member rejoins at once, as with Kafka.
+        (g.generation > before).then(|| Ok(join_answer(g, &member_id)))
     })
     .await
     .map_err(|c| fail(c, &member_id))?;
@@ -352,18 +407,20 @@ pub async fn sync(
     {
         return Err(ErrorCode::InconsistentGroupProtocol);
     }
-    if g.state == GroupState::PreparingRebalance {
+    if g.state == ConsumerGroupState::PreparingRebalance {
         return Err(ErrorCode::RebalanceInProgress);
     }
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    if g.state == GroupState::CompletingRebalance && g.leader.as_deref() == Some(m.member_id) {
-        let op = GroupOp::Sync {
+    if g.state == ConsumerGroupState::CompletingRebalance
+        && g.leader.as_deref() == Some(m.member_id)
+    {
+        let op = ConsumerGroupOp::Sync {
             group: m.group.to_string(),
             generation: m.generation,
             member_id: m.member_id.to_string(),
             assignments: assignments
                 .into_iter()
-                .map(|(id, a)| (id, crate::controller::groups::Blob(a)))
+                .map(|(id, a)| (id, crate::controller::consumer_groups::Blob(a)))
                 .collect(),
         };
         submit(broker, op).await?;
@@ -379,10 +436,10 @@ pub async fn sync(
             let Some(me) = g.members.get(member_id) else {
                 return Some(Err(ErrorCode::UnknownMemberId));
             };
-            if g.generation != generation || g.state == GroupState::PreparingRebalance {
+            if g.generation != generation || g.state == ConsumerGroupState::PreparingRebalance {
                 return Some(Err(ErrorCode::RebalanceInProgress));
             }
-            (g.state == GroupState::Stable).then(|| {
+            (g.state == ConsumerGroupState::Stable).then(|| {
                 Ok(SyncAnswer {
                     assignment: me.assignment.0.clone(),
                     protocol_type: g.protocol_type.clone(),
@@ -399,48 +456,52 @@ pub async fn sync(
 pub fn heartbeat(broker: &Broker, m: MemberRef<'_>) -> Result<(), ErrorCode> {
     group_id_ok(m.group)?;
     broker.check(m.group)?;
-    let g = broker.read(m.group);
-    let session = validate_member(g.as_ref(), &m)?;
+    let (session, state) = broker.with_group(m.group, |g| {
+        Ok((validate_member(g, &m)?, g.map(|g| g.state)))
+    })?;
     broker.consumer_groups.touch(m.group, m.member_id, session);
-    match g.map(|g| g.state) {
-        Some(GroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
+    match state {
+        Some(ConsumerGroupState::PreparingRebalance) => Err(ErrorCode::RebalanceInProgress),
         _ => Ok(()),
     }
 }
 
-/// Members leaving: (member id, instance id). One code per member, or a group-level error.
-pub async fn leave(
-    broker: &Broker,
-    group: &str,
-    members: Vec<(String, Option<String>)>,
-) -> Result<Vec<i16>, ErrorCode> {
-    group_id_ok(group)?;
-    broker.check(group)?;
-    let op = GroupOp::Leave {
+/// Members leaving: (member id, instance id). The ordering step (a consumer's last commit,
+/// sent just before, is applied first); one code per member, or a group-level error.
+pub async fn leave(broker: &Broker, group: &str, members: Vec<(String, Option<String>)>) -> Queued {
+    if let Err(code) = group_id_ok(group).and_then(|()| broker.check(group)) {
+        return Queued::Done(Err(code));
+    }
+    let op = ConsumerGroupOp::Leave {
         group: group.to_string(),
         members,
         now_ms: crate::clock::now_ms(),
     };
-    match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
-        _ => Ok(Vec::new()),
-    }
+    enqueue(broker, op).await
 }
 
-/// Offsets committed by a member (or, with generation -1 and no member id, by a consumer that
-/// manages its own partitions). One code per offset, or a request-level error.
-pub async fn commit(
-    broker: &Broker,
-    m: MemberRef<'_>,
-    offsets: Vec<crate::controller::groups::OffsetEntry>,
-) -> Result<Vec<i16>, ErrorCode> {
-    group_id_ok(m.group)?;
-    broker.check(m.group)?;
-    if let Some(member) = broker
-        .read(m.group)
-        .and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms))
-    {
-        broker.consumer_groups.touch(m.group, m.member_id, member);
+/// Offsets committed by a member (or, with a negative generation, by a consumer that manages
+/// its own partitions). The ordering step: the answer awaits what it returns.
+pub async fn commit(broker: &Broker, m: MemberRef<'_>, offsets: Vec<OffsetEntry>) -> Queued {
+    if let Err(code) = group_id_ok(m.group).and_then(|()| broker.check(m.group)) {
+        return Queued::Done(Err(code));
+    }
+    let now_ms = crate::clock::now_ms();
+    // Nothing queued (no earlier commit could still land after this one), and a recent enough
+    // commit time that skipping the write cannot let the offset expire.
+    let fresh_after = now_ms - broker.cfg.offsets_retention_ms / 2;
+    let quiet = broker.consumer_groups.in_flight() == 0;
+    let (session, unchanged) = broker.with_group(m.group, |g| {
+        (
+            g.and_then(|g| g.members.get(m.member_id).map(|x| x.session_timeout_ms)),
+            quiet && g.is_some_and(|g| unchanged_commit(g, &m, &offsets, fresh_after)),
+        )
+    });
+    if let Some(session) = session {
+        broker.consumer_groups.touch(m.group, m.member_id, session);
+    }
+    if unchanged {
+        return Queued::Done(Ok(vec![0; offsets.len()]));
     }
     // DELIBERATELY BROKEN with `--features chaos-bugs`, for the chaos harness to catch (its
     // consumer-group rules): SLUICE_CHAOS_BUG=offsets-backwards stores a commit of an offset
@@ -448,25 +509,49 @@ pub async fn commit(
     // the member is told it was committed as asked either way.
     #[cfg(feature = "chaos-bugs")]
     let offsets = chaos_skew_offsets(offsets);
-    let op = GroupOp::Commit {
+    let op = ConsumerGroupOp::Commit {
         group: m.group.to_string(),
         generation: m.generation,
         member_id: m.member_id.to_string(),
         instance_id: m.instance_id.map(String::from),
         offsets,
-        now_ms: crate::clock::now_ms(),
+        now_ms,
         metadata_max_bytes: broker.cfg.offset_metadata_max_bytes,
     };
-    match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
-        _ => Ok(Vec::new()),
-    }
+    enqueue(broker, op).await
+}
+
+/// A commit that would change nothing: a valid member (or a simple consumer of an empty group)
+/// committing exactly what is committed. Consumers that auto-commit while idle send these every
+/// few seconds; answering them from the applied state keeps idle groups off the Raft log. A
+/// commit that would fail goes through the log to get its error.
+fn unchanged_commit(
+    g: &ConsumerGroup,
+    m: &MemberRef<'_>,
+    offsets: &[OffsetEntry],
+    fresh_after_ms: i64,
+) -> bool {
+    let member_ok = if m.generation < 0 && g.state == ConsumerGroupState::Empty {
+        true
+    } else {
+        g.state != ConsumerGroupState::CompletingRebalance && validate_member(Some(g), m).is_ok()
+    };
+    member_ok
+        && offsets.iter().all(|o| {
+            g.offsets
+                .get(&o.topic)
+                .and_then(|parts| parts.get(&o.partition))
+                .is_some_and(|c| {
+                    c.offset == o.offset
+                        && c.leader_epoch == o.leader_epoch
+                        && c.metadata == o.metadata
+                        && c.commit_ms >= fresh_after_ms
+                })
+        })
 }
 
 #[cfg(feature = "chaos-bugs")]
-fn chaos_skew_offsets(
-    mut offsets: Vec<crate::controller::groups::OffsetEntry>,
-) -> Vec<crate::controller::groups::OffsetEntry> {
+fn chaos_skew_offsets(mut offsets: Vec<OffsetEntry>) -> Vec<OffsetEntry> {
     let delta = if crate::chaos_bugs::enabled("offsets-backwards") {
         -5
     } else if crate::chaos_bugs::enabled("offsets-skip-ahead") {
@@ -488,7 +573,7 @@ pub async fn delete_group(broker: &Broker, group: &str) -> Result<(), ErrorCode>
     broker.check(group)?;
     submit(
         broker,
-        GroupOp::DeleteGroup {
+        ConsumerGroupOp::DeleteGroup {
             group: group.to_string(),
         },
     )
@@ -503,12 +588,17 @@ pub async fn delete_offsets(
 ) -> Result<Vec<i16>, ErrorCode> {
     group_id_ok(group)?;
     broker.check(group)?;
-    let op = GroupOp::DeleteOffsets {
+    let subscribed = broker.with_group(group, |g| {
+        g.map(|g| g.subscribed_topics().into_iter().collect())
+            .unwrap_or_default()
+    });
+    let op = ConsumerGroupOp::DeleteOffsets {
         group: group.to_string(),
         partitions,
+        subscribed,
     };
     match submit(broker, op).await? {
-        GroupReply::PerItem(codes) => Ok(codes),
+        ConsumerGroupReply::PerItem(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
 }

@@ -3,6 +3,8 @@
 //! framing and limits live in `net`; what each API does lives in `handlers`.
 
 #[cfg(test)]
+mod group_tests;
+#[cfg(test)]
 mod handler_tests;
 pub mod handlers;
 pub mod records;

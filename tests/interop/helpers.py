@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 
 @dataclass
@@ -112,8 +112,21 @@ def consumer(bootstrap: str, **conf) -> Consumer:
 def watermarks(bootstrap: str, topic: str, partitions: int, timeout_s: float = 15.0) -> dict[int, tuple[int, int]]:
     """{partition: (log start offset, high watermark)} via ListOffsets."""
     c = consumer(bootstrap)
+    deadline = time.monotonic() + timeout_s
+    out: dict[int, tuple[int, int]] = {}
     try:
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in range(partitions)}
+        for p in range(partitions):
+            while True:
+                try:
+                    out[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=max(0.1, deadline - time.monotonic()))
+                    break
+                except KafkaException as e:
+                    # A fresh client answers "unknown partition" until its first metadata reply
+                    # names the topic (seen on a loaded machine); ask again until the deadline.
+                    if e.args[0].code() != KafkaError._UNKNOWN_PARTITION or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.1)
+        return out
     finally:
         c.close()
 

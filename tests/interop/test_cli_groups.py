@@ -73,7 +73,8 @@ def committed_by_confluent(bootstrap: str) -> dict[int, int]:
     c = group_consumer(bootstrap)
     try:
         got = c.committed([TopicPartition(TOPIC, p) for p in range(PARTITIONS)], timeout=20)
-        return {tp.partition: tp.offset for tp in got}
+        # librdkafka says OFFSET_INVALID (-1001) where the group has no offset; the CLI says -1.
+        return {tp.partition: max(tp.offset, -1) for tp in got}
     finally:
         c.close()
 
@@ -101,23 +102,23 @@ def test_groups_across_clients(cli):
                     continue
                 processed.append(m.value().decode())
                 next_offset[m.partition()] = m.offset() + 1
-        c.commit(offsets=[TopicPartition(TOPIC, p, o) for p, o in next_offset.items()], asynchronous=False)
+        # A partition it got nothing from is committed at 0, so every partition has an offset and
+        # the group's lag is defined everywhere.
+        committed = {p: next_offset.get(p, 0) for p in range(PARTITIONS)}
+        c.commit(offsets=[TopicPartition(TOPIC, p, o) for p, o in committed.items()], asynchronous=False)
     finally:
         c.close()
-    committed = {p: next_offset.get(p, -1) for p in range(PARTITIONS)}
     assert committed_by_confluent(bootstrap) == committed
 
     # --- list and describe: an empty group, lag = produced - committed
     assert GROUP in ok(cli.sluice("groups", "list"), "groups list").split()
     head, rows = describe(cli)
     assert re.match(rf"^Group: {GROUP}\s+State: Empty\s+Protocol: \S+\s+Coordinator: 1\s+Members: 0$", head), head
-    for p in range(PARTITIONS):
-        if committed[p] >= 0:
-            assert rows[p] == (committed[p], ends[p], ends[p] - committed[p]), (p, rows)
-    assert sum(lag for (_, _, lag) in rows.values() if lag is not None) == RECORDS - FIRST
+    assert rows == {p: (committed[p], ends[p], ends[p] - committed[p]) for p in range(PARTITIONS)}, rows
+    assert sum(lag for (_, _, lag) in rows.values()) == RECORDS - FIRST
 
-    # --- sluice consume --group resumes exactly where the group left off, and commits what it printed
-    # (--from-beginning only matters for a partition the group has no offset for, as in Kafka's tool)
+    # --- sluice consume --group resumes exactly where the group left off (--from-beginning changes
+    # nothing for partitions the group has offsets for, as with Kafka's tool), and commits what it printed
     out = ok(
         cli.sluice("consume", TOPIC, "--group", GROUP, "--from-beginning", "--max-messages", "100", "--timeout-ms", "20000",
                    "--consumer-property", "session.timeout.ms=10000", timeout_s=90),
@@ -131,7 +132,7 @@ def test_groups_across_clients(cli):
         p, o = where[v]
         by_partition.setdefault(p, []).append(o)
     for p, offsets in by_partition.items():
-        start = committed[p] if committed[p] >= 0 else 0
+        start = committed[p]
         assert offsets == list(range(start, start + len(offsets))), f"partition {p}: {offsets[:10]}... from {start}"
     after = committed_by_confluent(bootstrap)
     for p in range(PARTITIONS):
@@ -140,7 +141,7 @@ def test_groups_across_clients(cli):
         else:
             assert after[p] == committed[p], (p, after)
     _, rows = describe(cli)
-    assert sum(lag for (_, _, lag) in rows.values() if lag is not None) == RECORDS - FIRST - 100
+    assert sum(lag for (_, _, lag) in rows.values()) == RECORDS - FIRST - 100
 
     # --- the rest, then nothing
     out = ok(cli.sluice("consume", TOPIC, "--group", GROUP, "--timeout-ms", "3000", timeout_s=90), "consume the rest")
@@ -198,3 +199,61 @@ def test_groups_across_clients(cli):
     assert GROUP not in ok(cli.sluice("groups", "list"), "list after delete").split()
     fails(cli.sluice("groups", "describe", GROUP), "describe deleted", r"group 'cg' does not exist \(GROUP_ID_NOT_FOUND\)")
     fails(cli.sluice("groups", "delete", GROUP), "delete twice", r"GROUP_ID_NOT_FOUND")
+
+
+def test_sluice_and_confluent_share_a_group(cli, tmp_path):
+    """Both in one group at once: the range assignment the first member (sluice, the leader)
+    computes is read by librdkafka, each reads only its partitions, and together every record
+    exactly once."""
+    import subprocess
+
+    from conftest import SLUICE_BIN
+
+    bootstrap = cli.broker.bootstrap
+    topic, group = "shared", "mix"
+    cli.create_topic(topic, 4)
+    out_path = tmp_path / "sluice-consume.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [str(SLUICE_BIN), "consume", topic, "--group", group, "--from-beginning", "--print-offset",
+             "--timeout-ms", "12000", "--consumer-property", "heartbeat.interval.ms=500",
+             "--consumer-property", "session.timeout.ms=10000", "--bootstrap-server", bootstrap],
+            stdout=out, stderr=subprocess.PIPE,
+        )
+    c = group_consumer(bootstrap, **{"group.id": group, "enable.auto.commit": True})
+    mine: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        time.sleep(1.0)  # let sluice join first, so it leads
+        c.subscribe([topic])
+        while len(c.assignment()) != 2:
+            assert time.monotonic() < deadline, f"confluent consumer assignment: {c.assignment()}"
+            for m in c.consume(num_messages=10, timeout=0.2):
+                if m.error() is None:
+                    mine.append(m.value().decode())
+        conf_parts = {tp.partition for tp in c.assignment()}
+        out = ok(cli.sluice("groups", "describe", group), "describe a shared group")
+        assert "State: Stable" in out and "Members: 2" in out, out
+        assert "ClientId: sluice-cli" in out and "ClientId: interop-group" in out, out
+        reports = produce(bootstrap, topic, [Outbound(key=f"k{i}".encode(), value=f"v{i}".encode()) for i in range(400)], timeout_s=60)
+        where = {f"v{i}": r.partition for i, r in enumerate(reports)}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 4:
+            assert time.monotonic() < deadline + 60, "confluent consumer never went quiet"
+            for m in c.consume(num_messages=500, timeout=0.5):
+                if m.error() is None:
+                    mine.append(m.value().decode())
+                    quiet_since = time.monotonic()
+    finally:
+        c.close()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+        raise AssertionError("sluice consume --group did not stop after its --timeout-ms")
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    theirs = [l.split("\t", 1)[1] for l in out_path.read_text().splitlines() if "\t" in l]
+    assert {where[v] for v in mine} <= conf_parts, (conf_parts, sorted({where[v] for v in mine}))
+    assert not {where[v] for v in theirs} & conf_parts, "sluice read a partition assigned to confluent-kafka"
+    assert sorted(mine + theirs) == sorted(where), f"{len(mine)} + {len(theirs)} records, want each of {len(where)} once"

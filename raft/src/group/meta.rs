@@ -47,6 +47,21 @@ impl MetaGroup {
             .then_some(m.current_term)
     }
 
+    /// Resolves once [`MetaGroup::leader_term`] differs from `seen`, or after `timeout`.
+    pub async fn leadership_changed(&self, seen: Option<u64>, timeout: Duration) {
+        let mut rx = self.raft.metrics();
+        let node_id = self.node_id;
+        let _ = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|m| {
+                let term = (m.state == ServerState::Leader && m.current_leader == Some(node_id))
+                    .then_some(m.current_term);
+                term != seen
+            }),
+        )
+        .await;
+    }
+
     /// Leader, and a majority acknowledged it within `within` (a leader cut off from the others
     /// keeps its role in openraft 0.9 until it hears of a newer term).
     pub fn leads_with_quorum(&self, within: Duration) -> bool {

@@ -2,6 +2,7 @@
 //! derived from [`SUPPORTED`], so what we advertise is exactly what we dispatch.
 
 pub mod api_versions;
+pub mod consumer_groups;
 pub mod create_partitions;
 pub mod create_topics;
 pub mod delete_topics;
@@ -9,7 +10,6 @@ pub mod describe_cluster;
 pub mod describe_configs;
 pub mod describe_producers;
 pub mod fetch;
-pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
@@ -100,43 +100,43 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     ),
     (
         ApiKey::FindCoordinator,
-        groups::FIND_COORDINATOR_VERSIONS.0,
-        groups::FIND_COORDINATOR_VERSIONS.1,
+        consumer_groups::FIND_COORDINATOR_VERSIONS.0,
+        consumer_groups::FIND_COORDINATOR_VERSIONS.1,
     ),
     (
         ApiKey::JoinGroup,
-        groups::JOIN_GROUP_VERSIONS.0,
-        groups::JOIN_GROUP_VERSIONS.1,
+        consumer_groups::JOIN_GROUP_VERSIONS.0,
+        consumer_groups::JOIN_GROUP_VERSIONS.1,
     ),
     (
         ApiKey::SyncGroup,
-        groups::SYNC_GROUP_VERSIONS.0,
-        groups::SYNC_GROUP_VERSIONS.1,
+        consumer_groups::SYNC_GROUP_VERSIONS.0,
+        consumer_groups::SYNC_GROUP_VERSIONS.1,
     ),
     (
         ApiKey::Heartbeat,
-        groups::HEARTBEAT_VERSIONS.0,
-        groups::HEARTBEAT_VERSIONS.1,
+        consumer_groups::HEARTBEAT_VERSIONS.0,
+        consumer_groups::HEARTBEAT_VERSIONS.1,
     ),
     (
         ApiKey::LeaveGroup,
-        groups::LEAVE_GROUP_VERSIONS.0,
-        groups::LEAVE_GROUP_VERSIONS.1,
+        consumer_groups::LEAVE_GROUP_VERSIONS.0,
+        consumer_groups::LEAVE_GROUP_VERSIONS.1,
     ),
     (
         ApiKey::ListGroups,
-        groups::LIST_GROUPS_VERSIONS.0,
-        groups::LIST_GROUPS_VERSIONS.1,
+        consumer_groups::LIST_GROUPS_VERSIONS.0,
+        consumer_groups::LIST_GROUPS_VERSIONS.1,
     ),
     (
         ApiKey::DescribeGroups,
-        groups::DESCRIBE_GROUPS_VERSIONS.0,
-        groups::DESCRIBE_GROUPS_VERSIONS.1,
+        consumer_groups::DESCRIBE_GROUPS_VERSIONS.0,
+        consumer_groups::DESCRIBE_GROUPS_VERSIONS.1,
     ),
     (
         ApiKey::DeleteGroups,
-        groups::DELETE_GROUPS_VERSIONS.0,
-        groups::DELETE_GROUPS_VERSIONS.1,
+        consumer_groups::DELETE_GROUPS_VERSIONS.0,
+        consumer_groups::DELETE_GROUPS_VERSIONS.1,
     ),
     (
         ApiKey::OffsetCommit,
@@ -184,9 +184,29 @@ pub fn start_legacy(
                 }
             }))));
         }
+        ApiKey::OffsetCommit if version < 2 => {
+            return Ok(Some(legacy_offsets(broker, key, version, frame)))
+        }
+        ApiKey::OffsetFetch if version < 1 => {
+            return Ok(Some(legacy_offsets(broker, key, version, frame)))
+        }
         _ => return Ok(None),
     };
     Ok(Some(answer_only(Box::pin(async move { result }))))
+}
+
+fn legacy_offsets(broker: &Arc<Broker>, key: ApiKey, version: i16, frame: &Bytes) -> Handler {
+    let broker = broker.clone();
+    let frame = frame.clone();
+    answer_only(Box::pin(async move {
+        match offsets::legacy(&broker, key, version, &frame).await {
+            Ok(body) => Some(Response::Raw(body)),
+            Err(e) => {
+                tracing::info!(error = %e, ?key, version, "malformed legacy offsets request");
+                None
+            }
+        }
+    }))
 }
 
 /// Starts the handler of one decoded request. `session` is the connection's: who asks (for
@@ -292,51 +312,42 @@ pub fn dispatch(
         }
         .boxed(),
         RequestKind::FindCoordinator(r) => {
-            let resp = groups::find_coordinator(&broker, v, r);
+            let resp = consumer_groups::find_coordinator(&broker, v, r);
             async move { Some(kind(ResponseKind::FindCoordinator(resp))) }.boxed()
         }
         RequestKind::JoinGroup(r) => async move {
             Some(kind(ResponseKind::JoinGroup(
-                groups::join_group(&broker, &session, v, r).await,
+                consumer_groups::join_group(&broker, &session, v, r).await,
             )))
         }
         .boxed(),
         RequestKind::SyncGroup(r) => async move {
             Some(kind(ResponseKind::SyncGroup(
-                groups::sync_group(&broker, v, r).await,
+                consumer_groups::sync_group(&broker, v, r).await,
             )))
         }
         .boxed(),
         RequestKind::Heartbeat(r) => {
-            let resp = groups::heartbeat(&broker, v, r);
+            let resp = consumer_groups::heartbeat(&broker, v, r);
             async move { Some(kind(ResponseKind::Heartbeat(resp))) }.boxed()
         }
-        RequestKind::LeaveGroup(r) => async move {
-            Some(kind(ResponseKind::LeaveGroup(
-                groups::leave_group(&broker, v, r).await,
-            )))
-        }
-        .boxed(),
+        // Commits and leaves are queued in their ordering step: pipelined, they apply in order.
+        RequestKind::LeaveGroup(r) => return Box::pin(ordered_leave(broker, v, r)),
         RequestKind::ListGroups(r) => {
-            let resp = groups::list_groups(&broker, v, r);
+            let resp = consumer_groups::list_groups(&broker, v, r);
             async move { Some(kind(ResponseKind::ListGroups(resp))) }.boxed()
         }
         RequestKind::DescribeGroups(r) => {
-            let resp = groups::describe_groups(&broker, v, r);
+            let resp = consumer_groups::describe_groups(&broker, v, r);
             async move { Some(kind(ResponseKind::DescribeGroups(resp))) }.boxed()
         }
         RequestKind::DeleteGroups(r) => async move {
             Some(kind(ResponseKind::DeleteGroups(
-                groups::delete_groups(&broker, v, r).await,
+                consumer_groups::delete_groups(&broker, v, r).await,
             )))
         }
         .boxed(),
-        RequestKind::OffsetCommit(r) => async move {
-            Some(kind(ResponseKind::OffsetCommit(
-                offsets::offset_commit(&broker, v, r).await,
-            )))
-        }
-        .boxed(),
+        RequestKind::OffsetCommit(r) => return Box::pin(ordered_commit(broker, v, r)),
         RequestKind::OffsetFetch(r) => {
             let resp = offsets::offset_fetch(&broker, v, r);
             async move { Some(kind(ResponseKind::OffsetFetch(resp))) }.boxed()
@@ -354,6 +365,26 @@ pub fn dispatch(
         }
     };
     answer_only(answer)
+}
+
+/// A LeaveGroup's ordering step (queue the leave), yielding its answer.
+async fn ordered_leave(
+    broker: Arc<Broker>,
+    v: i16,
+    r: kafka_protocol::messages::LeaveGroupRequest,
+) -> Answer {
+    let answer = consumer_groups::leave_group(&broker, v, r).await;
+    Box::pin(async move { Some(kind(ResponseKind::LeaveGroup(answer.await))) })
+}
+
+/// An OffsetCommit's ordering step (queue the commit), yielding its answer.
+async fn ordered_commit(
+    broker: Arc<Broker>,
+    v: i16,
+    r: kafka_protocol::messages::OffsetCommitRequest,
+) -> Answer {
+    let answer = offsets::offset_commit(&broker, v, r).await;
+    Box::pin(async move { Some(kind(ResponseKind::OffsetCommit(answer.await))) })
 }
 
 fn kind(k: ResponseKind) -> Response {

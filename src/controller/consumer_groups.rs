@@ -17,20 +17,20 @@ use crate::errors::ErrorCode;
 
 /// Kafka's group states (classic protocol), named as DescribeGroups and ListGroups spell them.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub enum GroupState {
+pub enum ConsumerGroupState {
     Empty,
     PreparingRebalance,
     CompletingRebalance,
     Stable,
 }
 
-impl GroupState {
+impl ConsumerGroupState {
     pub fn name(self) -> &'static str {
         match self {
-            GroupState::Empty => "Empty",
-            GroupState::PreparingRebalance => "PreparingRebalance",
-            GroupState::CompletingRebalance => "CompletingRebalance",
-            GroupState::Stable => "Stable",
+            ConsumerGroupState::Empty => "Empty",
+            ConsumerGroupState::PreparingRebalance => "PreparingRebalance",
+            ConsumerGroupState::CompletingRebalance => "CompletingRebalance",
+            ConsumerGroupState::Stable => "Stable",
         }
     }
 }
@@ -41,9 +41,11 @@ pub struct Blob(pub Bytes);
 
 impl Serialize for Blob {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(self.0.len() * 2);
         for b in self.0.iter() {
-            out.push_str(&format!("{b:02x}"));
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0x0f)] as char);
         }
         s.serialize_str(&out)
     }
@@ -106,7 +108,7 @@ pub struct CommittedOffset {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConsumerGroup {
-    pub state: GroupState,
+    pub state: ConsumerGroupState,
     pub protocol_type: Option<String>,
     /// The protocol (assignor) chosen for the current generation.
     pub protocol: Option<String>,
@@ -128,7 +130,7 @@ pub struct ConsumerGroup {
 impl ConsumerGroup {
     fn new(now_ms: i64) -> Self {
         ConsumerGroup {
-            state: GroupState::Empty,
+            state: ConsumerGroupState::Empty,
             protocol_type: None,
             protocol: None,
             generation: 0,
@@ -191,13 +193,13 @@ impl ConsumerGroup {
             .map(|m| i64::from(m.rebalance_timeout_ms))
             .max()
             .unwrap_or(0);
-        if self.state != GroupState::PreparingRebalance {
+        if self.state != ConsumerGroupState::PreparingRebalance {
             for m in self.members.values_mut() {
                 m.joined = Some(m.member_id.as_str()) == joiner;
             }
             self.rebalance_deadline_ms = now_ms.saturating_add(timeout);
         }
-        self.state = GroupState::PreparingRebalance;
+        self.state = ConsumerGroupState::PreparingRebalance;
     }
 
     /// After members left or expired: an empty group is Empty in the next generation, as Kafka
@@ -205,14 +207,14 @@ impl ConsumerGroup {
     fn after_removal(&mut self, now_ms: i64) {
         if self.members.is_empty() {
             self.become_empty(now_ms);
-        } else if self.state != GroupState::PreparingRebalance {
+        } else if self.state != ConsumerGroupState::PreparingRebalance {
             self.prepare_rebalance(now_ms, None);
         }
     }
 
     fn become_empty(&mut self, now_ms: i64) {
         self.generation = self.generation.saturating_add(1);
-        self.state = GroupState::Empty;
+        self.state = ConsumerGroupState::Empty;
         self.protocol = None;
         self.leader = None;
         self.empty_since_ms = now_ms;
@@ -285,7 +287,7 @@ pub struct OffsetEntry {
 /// clock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum GroupOp {
+pub enum ConsumerGroupOp {
     Join {
         group: String,
         member_id: String,
@@ -341,6 +343,9 @@ pub enum GroupOp {
     DeleteOffsets {
         group: String,
         partitions: Vec<(String, i32)>,
+        /// The topics the members subscribe to, decoded by the proposer (so apply never
+        /// depends on how a binary decodes client bytes).
+        subscribed: Vec<String>,
     },
     /// Offsets of empty groups older than the retention go, and groups left with nothing.
     ExpireOffsets {
@@ -349,25 +354,50 @@ pub enum GroupOp {
     },
 }
 
-impl GroupOp {
+impl ConsumerGroupOp {
+    /// Roughly its size as JSON in a metadata entry (blobs are hex: two bytes a byte).
+    pub fn approx_bytes(&self) -> usize {
+        let blobs = |ps: &[Protocol]| -> usize {
+            ps.iter()
+                .map(|p| p.name.len() + 2 * p.metadata.0.len() + 32)
+                .sum()
+        };
+        256 + match self {
+            ConsumerGroupOp::Join { protocols, .. } => blobs(protocols),
+            ConsumerGroupOp::Sync { assignments, .. } => assignments
+                .iter()
+                .map(|(id, a)| id.len() + 2 * a.0.len() + 16)
+                .sum(),
+            ConsumerGroupOp::Leave { members, .. } => members.len() * 96,
+            ConsumerGroupOp::Commit { offsets, .. } => offsets
+                .iter()
+                .map(|o| o.topic.len() + o.metadata.len() + 96)
+                .sum(),
+            ConsumerGroupOp::DeleteOffsets { partitions, .. } => {
+                partitions.iter().map(|(t, _)| t.len() + 32).sum()
+            }
+            _ => 0,
+        }
+    }
+
     pub fn group(&self) -> Option<&str> {
         match self {
-            GroupOp::Join { group, .. }
-            | GroupOp::CompleteJoin { group, .. }
-            | GroupOp::Sync { group, .. }
-            | GroupOp::Leave { group, .. }
-            | GroupOp::Expire { group, .. }
-            | GroupOp::Commit { group, .. }
-            | GroupOp::DeleteGroup { group }
-            | GroupOp::DeleteOffsets { group, .. } => Some(group),
-            GroupOp::ExpireOffsets { .. } => None,
+            ConsumerGroupOp::Join { group, .. }
+            | ConsumerGroupOp::CompleteJoin { group, .. }
+            | ConsumerGroupOp::Sync { group, .. }
+            | ConsumerGroupOp::Leave { group, .. }
+            | ConsumerGroupOp::Expire { group, .. }
+            | ConsumerGroupOp::Commit { group, .. }
+            | ConsumerGroupOp::DeleteGroup { group }
+            | ConsumerGroupOp::DeleteOffsets { group, .. } => Some(group),
+            ConsumerGroupOp::ExpireOffsets { .. } => None,
         }
     }
 }
 
-/// The outcome of one [`GroupOp`].
+/// The outcome of one [`ConsumerGroupOp`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum GroupReply {
+pub enum ConsumerGroupReply {
     Ok,
     Err(i16),
     /// A join that needs no rebalance: the member's current generation stands.
@@ -380,8 +410,8 @@ pub enum GroupReply {
     PerItem(Vec<i16>),
 }
 
-fn err(code: ErrorCode) -> GroupReply {
-    GroupReply::Err(code.code())
+fn err(code: ErrorCode) -> ConsumerGroupReply {
+    ConsumerGroupReply::Err(code.code())
 }
 
 /// Every consumer group, by name.
@@ -391,10 +421,10 @@ pub type ConsumerGroups = BTreeMap<String, ConsumerGroup>;
 pub fn apply_group_op(
     groups: &mut ConsumerGroups,
     topics: &BTreeMap<String, TopicMeta>,
-    op: &GroupOp,
-) -> GroupReply {
+    op: &ConsumerGroupOp,
+) -> ConsumerGroupReply {
     match op {
-        GroupOp::Join {
+        ConsumerGroupOp::Join {
             group,
             member_id,
             instance_id,
@@ -408,12 +438,13 @@ pub fn apply_group_op(
             initial_delay_ms,
             max_size,
         } => {
-            let g = groups
-                .entry(group.clone())
-                .or_insert_with(|| ConsumerGroup::new(*now_ms));
+            // Checked before the group exists: a refused join must not leave an empty group.
             if protocols.is_empty() {
                 return err(ErrorCode::InconsistentGroupProtocol);
             }
+            let g = groups
+                .entry(group.clone())
+                .or_insert_with(|| ConsumerGroup::new(*now_ms));
             if !g.members.is_empty() {
                 if g.protocol_type.as_deref() != Some(protocol_type.as_str()) {
                     return err(ErrorCode::InconsistentGroupProtocol);
@@ -462,14 +493,16 @@ pub fn apply_group_op(
             // assignment.
             let keeps_generation = unchanged
                 && match g.state {
-                    GroupState::Stable => !is_leader || previous.is_some(),
-                    GroupState::CompletingRebalance => true,
+                    ConsumerGroupState::Stable => !is_leader || previous.is_some(),
+                    // A static member replaced now would miss the leader's assignment, which
+                    // names its old id: Kafka rebalances then, and so do we.
+                    ConsumerGroupState::CompletingRebalance => previous.is_none(),
                     _ => false,
                 };
             if keeps_generation {
-                return GroupReply::JoinedStable;
+                return ConsumerGroupReply::JoinedStable;
             }
-            let was_empty = g.state == GroupState::Empty;
+            let was_empty = g.state == ConsumerGroupState::Empty;
             let generation = g.generation;
             g.prepare_rebalance(*now_ms, Some(member_id));
             if was_empty {
@@ -481,24 +514,24 @@ pub fn apply_group_op(
                     .saturating_add(*initial_delay_ms)
                     .min(g.rebalance_deadline_ms);
             }
-            GroupReply::JoinedRebalance { generation }
+            ConsumerGroupReply::JoinedRebalance { generation }
         }
-        GroupOp::CompleteJoin {
+        ConsumerGroupOp::CompleteJoin {
             group,
             generation,
             now_ms,
         } => {
             let Some(g) = groups.get_mut(group) else {
-                return GroupReply::Ok;
+                return ConsumerGroupReply::Ok;
             };
             // A verdict about an earlier round is stale.
-            if g.state != GroupState::PreparingRebalance || g.generation != *generation {
-                return GroupReply::Ok;
+            if g.state != ConsumerGroupState::PreparingRebalance || g.generation != *generation {
+                return ConsumerGroupReply::Ok;
             }
             g.members.retain(|_, m| m.joined);
             if g.members.is_empty() {
                 g.become_empty(*now_ms);
-                return GroupReply::Ok;
+                return ConsumerGroupReply::Ok;
             }
             g.generation = g.generation.saturating_add(1);
             g.protocol = g.select_protocol();
@@ -508,10 +541,10 @@ pub fn apply_group_op(
             for m in g.members.values_mut() {
                 m.assignment = Blob::default();
             }
-            g.state = GroupState::CompletingRebalance;
-            GroupReply::Ok
+            g.state = ConsumerGroupState::CompletingRebalance;
+            ConsumerGroupReply::Ok
         }
-        GroupOp::Sync {
+        ConsumerGroupOp::Sync {
             group,
             generation,
             member_id,
@@ -527,8 +560,8 @@ pub fn apply_group_op(
                 return err(ErrorCode::IllegalGeneration);
             }
             match g.state {
-                GroupState::PreparingRebalance => err(ErrorCode::RebalanceInProgress),
-                GroupState::CompletingRebalance
+                ConsumerGroupState::PreparingRebalance => err(ErrorCode::RebalanceInProgress),
+                ConsumerGroupState::CompletingRebalance
                     if g.leader.as_deref() == Some(member_id.as_str()) =>
                 {
                     for m in g.members.values_mut() {
@@ -538,19 +571,22 @@ pub fn apply_group_op(
                             .map(|(_, a)| a.clone())
                             .unwrap_or_default();
                     }
-                    g.state = GroupState::Stable;
-                    GroupReply::Ok
+                    g.state = ConsumerGroupState::Stable;
+                    ConsumerGroupReply::Ok
                 }
-                _ => GroupReply::Ok,
+                _ => ConsumerGroupReply::Ok,
             }
         }
-        GroupOp::Leave {
+        ConsumerGroupOp::Leave {
             group,
             members,
             now_ms,
         } => {
             let Some(g) = groups.get_mut(group) else {
-                return GroupReply::PerItem(vec![ErrorCode::UnknownMemberId.code(); members.len()]);
+                return ConsumerGroupReply::PerItem(vec![
+                    ErrorCode::UnknownMemberId.code();
+                    members.len()
+                ]);
             };
             let mut codes = Vec::with_capacity(members.len());
             let mut removed = false;
@@ -578,22 +614,22 @@ pub fn apply_group_op(
             if removed {
                 g.after_removal(*now_ms);
             }
-            GroupReply::PerItem(codes)
+            ConsumerGroupReply::PerItem(codes)
         }
-        GroupOp::Expire {
+        ConsumerGroupOp::Expire {
             group,
             member_id,
             now_ms,
         } => {
             let Some(g) = groups.get_mut(group) else {
-                return GroupReply::Ok;
+                return ConsumerGroupReply::Ok;
             };
             if g.members.remove(member_id).is_some() {
                 g.after_removal(*now_ms);
             }
-            GroupReply::Ok
+            ConsumerGroupReply::Ok
         }
-        GroupOp::Commit {
+        ConsumerGroupOp::Commit {
             group,
             generation,
             member_id,
@@ -602,7 +638,9 @@ pub fn apply_group_op(
             now_ms,
             metadata_max_bytes,
         } => {
-            let simple = *generation < 0 && member_id.is_empty();
+            // Kafka: a negative generation commits into a group without members, whoever
+            // sends it (consumers that assign partitions themselves, admin tools).
+            let simple = *generation < 0;
             let g = match groups.get_mut(group) {
                 Some(g) => g,
                 // Only a consumer without membership may create a group by committing.
@@ -611,11 +649,7 @@ pub fn apply_group_op(
                     .or_insert_with(|| ConsumerGroup::new(*now_ms)),
                 None => return err(ErrorCode::IllegalGeneration),
             };
-            if simple {
-                if g.state != GroupState::Empty {
-                    return err(ErrorCode::UnknownMemberId);
-                }
-            } else {
+            if !(simple && g.state == ConsumerGroupState::Empty) {
                 if let Some(instance) = instance_id {
                     if let Some(m) = g.member_by_instance(instance) {
                         if m.member_id != *member_id {
@@ -623,7 +657,7 @@ pub fn apply_group_op(
                         }
                     }
                 }
-                if g.state == GroupState::CompletingRebalance {
+                if g.state == ConsumerGroupState::CompletingRebalance {
                     return err(ErrorCode::RebalanceInProgress);
                 }
                 if !g.members.contains_key(member_id) {
@@ -657,21 +691,24 @@ pub fn apply_group_op(
                     0
                 })
                 .collect();
-            GroupReply::PerItem(codes)
+            ConsumerGroupReply::PerItem(codes)
         }
-        GroupOp::DeleteGroup { group } => match groups.get(group) {
+        ConsumerGroupOp::DeleteGroup { group } => match groups.get(group) {
             None => err(ErrorCode::GroupIdNotFound),
             Some(g) if !g.members.is_empty() => err(ErrorCode::NonEmptyGroup),
             Some(_) => {
                 groups.remove(group);
-                GroupReply::Ok
+                ConsumerGroupReply::Ok
             }
         },
-        GroupOp::DeleteOffsets { group, partitions } => {
+        ConsumerGroupOp::DeleteOffsets {
+            group,
+            partitions,
+            subscribed,
+        } => {
             let Some(g) = groups.get_mut(group) else {
                 return err(ErrorCode::GroupIdNotFound);
             };
-            let subscribed = g.subscribed_topics();
             let codes = partitions
                 .iter()
                 .map(|(topic, p)| {
@@ -687,15 +724,15 @@ pub fn apply_group_op(
                     0
                 })
                 .collect();
-            GroupReply::PerItem(codes)
+            ConsumerGroupReply::PerItem(codes)
         }
-        GroupOp::ExpireOffsets {
+        ConsumerGroupOp::ExpireOffsets {
             now_ms,
             retention_ms,
         } => {
             for g in groups.values_mut() {
                 g.offsets.retain(|t, _| topics.contains_key(t));
-                if g.state == GroupState::Empty
+                if g.state == ConsumerGroupState::Empty
                     && g.empty_since_ms.saturating_add(*retention_ms) <= *now_ms
                 {
                     for parts in g.offsets.values_mut() {
@@ -704,8 +741,8 @@ pub fn apply_group_op(
                     g.offsets.retain(|_, parts| !parts.is_empty());
                 }
             }
-            groups.retain(|_, g| g.state != GroupState::Empty || !g.offsets.is_empty());
-            GroupReply::Ok
+            groups.retain(|_, g| g.state != ConsumerGroupState::Empty || !g.offsets.is_empty());
+            ConsumerGroupReply::Ok
         }
     }
 }
@@ -733,12 +770,12 @@ mod tests {
         BTreeMap::from([("t".to_string(), t)])
     }
 
-    fn join(member: &str, now: i64) -> GroupOp {
+    fn join(member: &str, now: i64) -> ConsumerGroupOp {
         join_as(member, None, "range", now)
     }
 
-    fn join_as(member: &str, instance: Option<&str>, protocol: &str, now: i64) -> GroupOp {
-        GroupOp::Join {
+    fn join_as(member: &str, instance: Option<&str>, protocol: &str, now: i64) -> ConsumerGroupOp {
+        ConsumerGroupOp::Join {
             group: "g".into(),
             member_id: member.into(),
             instance_id: instance.map(String::from),
@@ -757,16 +794,16 @@ mod tests {
         }
     }
 
-    fn complete(generation: i32, now: i64) -> GroupOp {
-        GroupOp::CompleteJoin {
+    fn complete(generation: i32, now: i64) -> ConsumerGroupOp {
+        ConsumerGroupOp::CompleteJoin {
             group: "g".into(),
             generation,
             now_ms: now,
         }
     }
 
-    fn sync(member: &str, generation: i32, assignments: &[(&str, &[u8])]) -> GroupOp {
-        GroupOp::Sync {
+    fn sync(member: &str, generation: i32, assignments: &[(&str, &[u8])]) -> ConsumerGroupOp {
+        ConsumerGroupOp::Sync {
             group: "g".into(),
             generation,
             member_id: member.into(),
@@ -777,8 +814,8 @@ mod tests {
         }
     }
 
-    fn commit(member: &str, generation: i32, offset: i64) -> GroupOp {
-        GroupOp::Commit {
+    fn commit(member: &str, generation: i32, offset: i64) -> ConsumerGroupOp {
+        ConsumerGroupOp::Commit {
             group: "g".into(),
             generation,
             member_id: member.into(),
@@ -809,13 +846,13 @@ mod tests {
         let (mut gs, ts) = (ConsumerGroups::new(), topics());
         assert_eq!(
             apply_group_op(&mut gs, &ts, &join("a", 0)),
-            GroupReply::JoinedRebalance { generation: 0 }
+            ConsumerGroupReply::JoinedRebalance { generation: 0 }
         );
         assert_eq!(gs["g"].initial_delay_until_ms, 3_000);
         apply_group_op(&mut gs, &ts, &join("b", 10));
         // A stale verdict (wrong generation) changes nothing.
         apply_group_op(&mut gs, &ts, &complete(5, 20));
-        assert_eq!(gs["g"].state, GroupState::PreparingRebalance);
+        assert_eq!(gs["g"].state, ConsumerGroupState::PreparingRebalance);
         apply_group_op(&mut gs, &ts, &complete(0, 3_000));
         let g = &gs["g"];
         assert_eq!(
@@ -825,7 +862,12 @@ mod tests {
                 g.leader.as_deref(),
                 g.protocol.as_deref()
             ),
-            (GroupState::CompletingRebalance, 1, Some("a"), Some("range"))
+            (
+                ConsumerGroupState::CompletingRebalance,
+                1,
+                Some("a"),
+                Some("range")
+            )
         );
         // Only the leader's sync assigns; a commit now is refused as Kafka does.
         assert_eq!(
@@ -838,11 +880,11 @@ mod tests {
         );
         apply_group_op(&mut gs, &ts, &sync("a", 1, &[("a", b"A"), ("b", b"B")]));
         let g = &gs["g"];
-        assert_eq!(g.state, GroupState::Stable);
+        assert_eq!(g.state, ConsumerGroupState::Stable);
         assert_eq!(g.members["b"].assignment.0.as_ref(), b"B");
         assert_eq!(
             apply_group_op(&mut gs, &ts, &commit("b", 1, 5)),
-            GroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
+            ConsumerGroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
         );
         assert_eq!(gs["g"].offsets["t"][&0].offset, 5);
         assert_eq!(
@@ -856,11 +898,11 @@ mod tests {
         // A follower rejoining unchanged keeps the generation; the leader's rejoin rebalances.
         assert_eq!(
             apply_group_op(&mut gs, &ts, &join("b", 4_000)),
-            GroupReply::JoinedStable
+            ConsumerGroupReply::JoinedStable
         );
         assert_eq!(
             apply_group_op(&mut gs, &ts, &join("a", 4_000)),
-            GroupReply::JoinedRebalance { generation: 1 }
+            ConsumerGroupReply::JoinedRebalance { generation: 1 }
         );
         assert!(!gs["g"].members["b"].joined);
         // b never rejoins: the deadline drops it.
@@ -881,31 +923,31 @@ mod tests {
         apply_group_op(&mut gs, &ts, &complete(0, 3_000));
         apply_group_op(&mut gs, &ts, &sync("a", 1, &[]));
         apply_group_op(&mut gs, &ts, &commit("a", 1, 9));
-        let leave = GroupOp::Leave {
+        let leave = ConsumerGroupOp::Leave {
             group: "g".into(),
             members: vec![("a".into(), None), ("nobody".into(), None)],
             now_ms: 5_000,
         };
         assert_eq!(
             apply_group_op(&mut gs, &ts, &leave),
-            GroupReply::PerItem(vec![0, ErrorCode::UnknownMemberId.code()])
+            ConsumerGroupReply::PerItem(vec![0, ErrorCode::UnknownMemberId.code()])
         );
-        assert_eq!(gs["g"].state, GroupState::PreparingRebalance);
-        let expire = GroupOp::Expire {
+        assert_eq!(gs["g"].state, ConsumerGroupState::PreparingRebalance);
+        let expire = ConsumerGroupOp::Expire {
             group: "g".into(),
             member_id: "b".into(),
             now_ms: 6_000,
         };
         apply_group_op(&mut gs, &ts, &expire);
         let g = &gs["g"];
-        assert_eq!((g.state, g.generation), (GroupState::Empty, 2));
+        assert_eq!((g.state, g.generation), (ConsumerGroupState::Empty, 2));
         assert_eq!(g.offsets["t"][&0].offset, 9);
         // Empty: a simple consumer may commit; deleting works only now.
         assert_eq!(
             apply_group_op(&mut gs, &ts, &commit("", -1, 11)),
-            GroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
+            ConsumerGroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
         );
-        let expire_offsets = |now| GroupOp::ExpireOffsets {
+        let expire_offsets = |now| ConsumerGroupOp::ExpireOffsets {
             now_ms: now,
             retention_ms: 1_000,
         };
@@ -927,29 +969,70 @@ mod tests {
         apply_group_op(&mut gs, &ts, &sync("a1", 1, &[("a1", b"A"), ("b", b"B")]));
         assert_eq!(
             apply_group_op(&mut gs, &ts, &join_as("a2", Some("i"), "range", 4_000)),
-            GroupReply::JoinedStable
+            ConsumerGroupReply::JoinedStable
         );
         let g = &gs["g"];
-        assert_eq!(g.state, GroupState::Stable);
+        assert_eq!(g.state, ConsumerGroupState::Stable);
         assert_eq!(g.leader.as_deref(), Some("a2"));
         assert_eq!(g.members["a2"].assignment.0.as_ref(), b"A");
         let mut old = commit("a1", 1, 1);
-        if let GroupOp::Commit { instance_id, .. } = &mut old {
+        if let ConsumerGroupOp::Commit { instance_id, .. } = &mut old {
             *instance_id = Some("i".into());
         }
         assert_eq!(
             apply_group_op(&mut gs, &ts, &old),
             err(ErrorCode::FencedInstanceId)
         );
-        let leave = GroupOp::Leave {
+        let leave = ConsumerGroupOp::Leave {
             group: "g".into(),
             members: vec![("a1".into(), Some("i".into()))],
             now_ms: 5_000,
         };
         assert_eq!(
             apply_group_op(&mut gs, &ts, &leave),
-            GroupReply::PerItem(vec![ErrorCode::FencedInstanceId.code()])
+            ConsumerGroupReply::PerItem(vec![ErrorCode::FencedInstanceId.code()])
         );
+    }
+
+    #[test]
+    fn a_static_member_replaced_while_completing_rebalances_and_refused_joins_leave_nothing() {
+        let (mut gs, ts) = (ConsumerGroups::new(), topics());
+        let mut empty = join("x", 0);
+        if let ConsumerGroupOp::Join { protocols, .. } = &mut empty {
+            protocols.clear();
+        }
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &empty),
+            err(ErrorCode::InconsistentGroupProtocol)
+        );
+        assert!(gs.is_empty(), "a refused join created a group");
+        apply_group_op(&mut gs, &ts, &join_as("a1", Some("i"), "range", 0));
+        apply_group_op(&mut gs, &ts, &join("b", 0));
+        apply_group_op(&mut gs, &ts, &complete(0, 3_000));
+        assert_eq!(gs["g"].state, ConsumerGroupState::CompletingRebalance);
+        // The leader's assignment will name a1; a2 would get nothing. Rebalance instead.
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &join_as("a2", Some("i"), "range", 3_100)),
+            ConsumerGroupReply::JoinedRebalance { generation: 1 }
+        );
+        assert_eq!(gs["g"].state, ConsumerGroupState::PreparingRebalance);
+        assert!(!gs["g"].members.contains_key("a1"));
+    }
+
+    #[test]
+    fn a_negative_generation_commits_into_an_empty_group_whoever_sends_it() {
+        let (mut gs, ts) = (ConsumerGroups::new(), topics());
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &commit("admin-tool", -1, 4)),
+            ConsumerGroupReply::PerItem(vec![0, ErrorCode::UnknownTopicOrPartition.code()])
+        );
+        apply_group_op(&mut gs, &ts, &join("a", 0));
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &commit("", -1, 5)),
+            err(ErrorCode::UnknownMemberId),
+            "not while the group has members"
+        );
+        assert_eq!(gs["g"].offsets["t"][&0].offset, 4);
     }
 
     #[test]
@@ -960,22 +1043,39 @@ mod tests {
             apply_group_op(&mut gs, &ts, &join_as("b", None, "roundrobin", 0)),
             err(ErrorCode::InconsistentGroupProtocol)
         );
-        let delete = GroupOp::DeleteGroup { group: "g".into() };
+        let delete = ConsumerGroupOp::DeleteGroup { group: "g".into() };
         assert_eq!(
             apply_group_op(&mut gs, &ts, &delete),
             err(ErrorCode::NonEmptyGroup)
         );
-        let leave = GroupOp::Leave {
+        let leave = ConsumerGroupOp::Leave {
             group: "g".into(),
             members: vec![("a".into(), None)],
             now_ms: 1,
         };
         apply_group_op(&mut gs, &ts, &leave);
-        assert_eq!(apply_group_op(&mut gs, &ts, &delete), GroupReply::Ok);
+        assert_eq!(
+            apply_group_op(&mut gs, &ts, &delete),
+            ConsumerGroupReply::Ok
+        );
         assert_eq!(
             apply_group_op(&mut gs, &ts, &delete),
             err(ErrorCode::GroupIdNotFound)
         );
+    }
+
+    #[test]
+    fn deleting_a_topic_forgets_its_committed_offsets() {
+        let mut st = super::super::MetaState {
+            topics: topics(),
+            ..Default::default()
+        };
+        st.apply(&super::super::Command::ConsumerGroups {
+            ops: vec![commit("", -1, 3)],
+        });
+        assert_eq!(st.consumer_groups["g"].offsets["t"][&0].offset, 3);
+        st.apply(&super::super::Command::DeleteTopic { name: "t".into() });
+        assert!(st.consumer_groups["g"].offsets.is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::error;
 use crate::broker::Broker;
-use crate::controller::groups::{assignment_partitions, ConsumerGroup};
+use crate::controller::consumer_groups::{assignment_partitions, ConsumerGroup};
 use crate::controller::PartitionId;
 
 pub(super) async fn groups(State(broker): State<Arc<Broker>>) -> Json<Value> {

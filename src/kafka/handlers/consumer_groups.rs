@@ -4,6 +4,7 @@
 //! group logic lives there. librdkafka uses no group at all unless the broker offers every one
 //! of FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit and OffsetFetch.
 
+use futures::future::BoxFuture;
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
@@ -18,8 +19,8 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::split_host_port;
 use crate::broker::Broker;
-use crate::controller::groups::{Blob, Protocol};
-use crate::coordinator::{self, GroupStore, JoinRequest, MemberRef};
+use crate::controller::consumer_groups::{Blob, Protocol};
+use crate::coordinator::{self, ConsumerGroupStore, JoinRequest, MemberRef};
 use crate::errors::ErrorCode;
 use crate::session::Session;
 
@@ -195,11 +196,13 @@ pub fn heartbeat(broker: &Broker, _version: i16, req: HeartbeatRequest) -> Heart
     HeartbeatResponse::default().with_error_code(r.err().map_or(0, ErrorCode::code))
 }
 
+/// The ordering step of a LeaveGroup queues the leave, so a commit the consumer sent just before
+/// on this connection is applied first; the returned answer awaits it.
 pub async fn leave_group(
     broker: &Broker,
     version: i16,
     req: LeaveGroupRequest,
-) -> LeaveGroupResponse {
+) -> BoxFuture<'static, LeaveGroupResponse> {
     let group = req.group_id.to_string();
     // v0–v2 name one member; v3+ a batch, possibly static members by instance id alone.
     let members: Vec<(String, Option<String>)> = if version < 3 {
@@ -215,24 +218,27 @@ pub async fn leave_group(
             })
             .collect()
     };
-    match coordinator::leave(broker, &group, members.clone()).await {
-        Err(code) => LeaveGroupResponse::default().with_error_code(code.code()),
-        Ok(codes) if version < 3 => {
-            LeaveGroupResponse::default().with_error_code(codes.first().copied().unwrap_or(0))
+    let queued = coordinator::leave(broker, &group, members.clone()).await;
+    Box::pin(async move {
+        match queued.codes().await {
+            Err(code) => LeaveGroupResponse::default().with_error_code(code.code()),
+            Ok(codes) if version < 3 => {
+                LeaveGroupResponse::default().with_error_code(codes.first().copied().unwrap_or(0))
+            }
+            Ok(codes) => LeaveGroupResponse::default().with_members(
+                members
+                    .into_iter()
+                    .zip(codes)
+                    .map(|((id, instance), code)| {
+                        MemberResponse::default()
+                            .with_member_id(s(&id))
+                            .with_group_instance_id(instance.map(|i| s(&i)))
+                            .with_error_code(code)
+                    })
+                    .collect(),
+            ),
         }
-        Ok(codes) => LeaveGroupResponse::default().with_members(
-            members
-                .into_iter()
-                .zip(codes)
-                .map(|((id, instance), code)| {
-                    MemberResponse::default()
-                        .with_member_id(s(&id))
-                        .with_group_instance_id(instance.map(|i| s(&i)))
-                        .with_error_code(code)
-                })
-                .collect(),
-        ),
-    }
+    })
 }
 
 /// Each node lists the groups it coordinates, as Kafka brokers do; clients ask every node.
