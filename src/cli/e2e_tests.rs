@@ -35,7 +35,7 @@ async fn single() -> TestCluster {
     c
 }
 
-fn connect_args(c: &TestCluster) -> ConnectArgs {
+pub(super) fn connect_args(c: &TestCluster) -> ConnectArgs {
     ConnectArgs {
         bootstrap_server: c.bootstrap(),
     }

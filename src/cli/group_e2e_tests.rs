@@ -7,6 +7,7 @@ use std::time::Duration;
 use kafka_protocol::messages::ApiKey;
 
 use super::client::Client;
+use super::e2e_tests::connect_args;
 use super::errors::KafkaError;
 use super::group::{ConsumerGroupClient, ConsumerGroupMember, MemberConfig};
 use super::*;
@@ -51,12 +52,6 @@ async fn cluster(n: usize) -> TestCluster {
         "cluster not ready"
     );
     c
-}
-
-fn connect_args(c: &TestCluster) -> ConnectArgs {
-    ConnectArgs {
-        bootstrap_server: c.bootstrap(),
-    }
 }
 
 async fn client(c: &TestCluster, caps: &[(ApiKey, i16)]) -> Client {

@@ -3,6 +3,7 @@ completely, parse kcat output. Every loop here has a deadline."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -229,3 +230,17 @@ def check_stored_once(got: list[Record], acked: dict[str, tuple[int, int]], fail
     lost = {v: at for v, at in acked.items() if where.get(v) != at}
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged values lost or moved, e.g. {list(lost.items())[:5]}"
     return where
+
+
+def cli_ok(r, what: str) -> str:
+    """A CLI run that must succeed; its output on failure."""
+    assert r.returncode == 0, f"{what}: exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-2000:]}"
+    return r.stdout
+
+
+def cli_fails(r, what: str, pattern: str) -> None:
+    """A CLI run that must fail with a message matching `pattern`, and never panic."""
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, f"{what}: expected a non-zero exit, got 0\n{out[-1500:]}"
+    assert re.search(pattern, out, re.I), f"{what}: message does not match /{pattern}/:\n{out[-1500:]}"
+    assert "panicked" not in out, f"{what}: the CLI panicked:\n{out[-1500:]}"

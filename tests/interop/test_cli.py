@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from conftest import Clients
-from helpers import Outbound, consume_all, produce, watermarks
+from helpers import Outbound, cli_fails, cli_ok, consume_all, produce, watermarks
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,6 @@ def cli(shared_broker) -> Clients:
     return Clients(shared_broker)
 
 
-def ok(r, what: str) -> str:
-    assert r.returncode == 0, f"{what}: exit {r.returncode}\nstdout: {r.stdout[-1500:]}\nstderr: {r.stderr[-1500:]}"
-    return r.stdout
-
-
-def fails(r, what: str, pattern: str) -> None:
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, f"{what}: expected a non-zero exit, got 0\n{out[-1500:]}"
-    assert re.search(pattern, out, re.I), f"{what}: message does not match /{pattern}/:\n{out[-1500:]}"
-    assert "panicked" not in out, f"{what}: the CLI panicked:\n{out[-1500:]}"
 
 
 DESCRIBE_HEAD = re.compile(r"^Topic:\s*(\S+)\s+PartitionCount:\s*(\d+)\s+ReplicationFactor:\s*(\d+)\s+Configs:\s*(.*)$")
@@ -35,7 +25,7 @@ DESCRIBE_PART = re.compile(r"^\s+Partition:\s*(\d+)\s+Leader:\s*(-?\d+)\s+Replic
 
 
 def describe(cli: Clients, topic: str) -> tuple[int, int, str, list[tuple[int, int, str, str]]]:
-    out = ok(cli.sluice("topics", "describe", topic), f"describe {topic}")
+    out = cli_ok(cli.sluice("topics", "describe", topic), f"describe {topic}")
     lines = [l for l in out.splitlines() if l.strip()]
     head = DESCRIBE_HEAD.match(lines[0])
     assert head and head.group(1) == topic, f"describe header: {lines[0]!r}"
@@ -51,11 +41,11 @@ def test_topic_admin_round_trip(cli, shared_broker):
     topic = "cli-admin"
 
     # --- create prints the Kafka tool's line
-    out = ok(cli.sluice("topics", "create", topic, "--partitions", "3", "--replication-factor", "1", "--config", "retention.ms=123456"), "create")
+    out = cli_ok(cli.sluice("topics", "create", topic, "--partitions", "3", "--replication-factor", "1", "--config", "retention.ms=123456"), "create")
     assert f"Created topic {topic}." in out
 
     # --- list shows it, one name per line
-    names = ok(cli.sluice("topics", "list"), "list").split("\n")
+    names = cli_ok(cli.sluice("topics", "list"), "list").split("\n")
     assert topic in [n.strip() for n in names], names
 
     # --- describe: 3 partitions, each led by node 1 with itself as the only replica and in sync
@@ -72,19 +62,19 @@ def test_topic_admin_round_trip(cli, shared_broker):
     assert entries["retention.ms"].value == "123456", {k: v.value for k, v in entries.items()}
 
     # --- alter to 5 partitions; the new ones are usable at once
-    ok(cli.sluice("topics", "alter", topic, "--partitions", "5"), "alter")
+    cli_ok(cli.sluice("topics", "alter", topic, "--partitions", "5"), "alter")
     count, _, _, parts = describe(cli, topic)
     assert count == 5 and [p[0] for p in parts] == [0, 1, 2, 3, 4], parts
     rep = produce(shared_broker.bootstrap, topic, [Outbound(value=b"into-p4", partition=4)], timeout_s=60)
     assert (rep[0].error, rep[0].partition, rep[0].offset) == (None, 4, 0), rep
 
     # --- delete; the name disappears and can be reused for a fresh, empty topic
-    ok(cli.sluice("topics", "delete", topic), "delete")
+    cli_ok(cli.sluice("topics", "delete", topic), "delete")
     deadline = time.monotonic() + 15
-    while topic in ok(cli.sluice("topics", "list"), "list").split() and time.monotonic() < deadline:
+    while topic in cli_ok(cli.sluice("topics", "list"), "list").split() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert topic not in ok(cli.sluice("topics", "list"), "list").split(), "deleted topic still listed after 15 s"
-    out = ok(cli.sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "1"), "re-create")
+    assert topic not in cli_ok(cli.sluice("topics", "list"), "list").split(), "deleted topic still listed after 15 s"
+    out = cli_ok(cli.sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "1"), "re-create")
     assert f"Created topic {topic}." in out
     assert watermarks(shared_broker.bootstrap, topic, 1)[0] == (0, 0), "re-created topic is not empty"
     count, _, configs, _ = describe(cli, topic)
@@ -93,33 +83,33 @@ def test_topic_admin_round_trip(cli, shared_broker):
 
 def test_topic_admin_errors(cli):
     topic = "cli-errors"
-    ok(cli.sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "1"), "create")
+    cli_ok(cli.sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "1"), "create")
 
     # --- each mistake exits non-zero with a message that names the problem
-    fails(cli.sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "1"), "duplicate create", r"already.?exists")
-    fails(cli.sluice("topics", "describe", "cli-no-such-topic"), "describe unknown", r"unknown|not exist|no such|not found")
-    fails(cli.sluice("topics", "delete", "cli-no-such-topic"), "delete unknown", r"unknown|not exist|no such|not found")
-    fails(cli.sluice("topics", "alter", "cli-no-such-topic", "--partitions", "4"), "alter unknown", r"unknown|not exist|no such|not found")
-    fails(cli.sluice("topics", "alter", topic, "--partitions", "1"), "shrink partitions", r"partition")
-    fails(cli.sluice("topics", "create", "cli-rf3", "--partitions", "1", "--replication-factor", "3"), "replication factor > brokers", r"replication")
-    fails(cli.sluice("topics", "create", "cli-zero", "--partitions", "0", "--replication-factor", "1"), "zero partitions", r"partition")
-    fails(cli.sluice("topics", "create", "bad name!", "--partitions", "1", "--replication-factor", "1"), "invalid name", r"invalid|illegal|name")
+    cli_fails(cli.sluice("topics", "create", topic, "--partitions", "2", "--replication-factor", "1"), "duplicate create", r"already.?exists")
+    cli_fails(cli.sluice("topics", "describe", "cli-no-such-topic"), "describe unknown", r"unknown|not exist|no such|not found")
+    cli_fails(cli.sluice("topics", "delete", "cli-no-such-topic"), "delete unknown", r"unknown|not exist|no such|not found")
+    cli_fails(cli.sluice("topics", "alter", "cli-no-such-topic", "--partitions", "4"), "alter unknown", r"unknown|not exist|no such|not found")
+    cli_fails(cli.sluice("topics", "alter", topic, "--partitions", "1"), "shrink partitions", r"partition")
+    cli_fails(cli.sluice("topics", "create", "cli-rf3", "--partitions", "1", "--replication-factor", "3"), "replication factor > brokers", r"replication")
+    cli_fails(cli.sluice("topics", "create", "cli-zero", "--partitions", "0", "--replication-factor", "1"), "zero partitions", r"partition")
+    cli_fails(cli.sluice("topics", "create", "bad name!", "--partitions", "1", "--replication-factor", "1"), "invalid name", r"invalid|illegal|name")
 
     # --- and none of them changed anything
-    names = ok(cli.sluice("topics", "list"), "list").split()
+    names = cli_ok(cli.sluice("topics", "list"), "list").split()
     assert topic in names and not {"cli-rf3", "cli-zero", "bad name!"} & set(names), names
     assert describe(cli, topic)[0] == 2
 
 
 def test_produce_consume_with_keys(cli, shared_broker):
     topic = "cli-data"
-    ok(cli.sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "1"), "create")
+    cli_ok(cli.sluice("topics", "create", topic, "--partitions", "1", "--replication-factor", "1"), "create")
     lines = [(f"user{i % 7}", f"event-{i:04d}") for i in range(200)]
 
     # --- produce keyed lines through the CLI, with each acks setting
     for acks, chunk in (("all", lines[:100]), ("1", lines[100:150]), ("0", lines[150:])):
         r = cli.sluice("produce", topic, "--key-separator", ":", "--acks", acks, input="".join(f"{k}:{v}\n" for k, v in chunk), timeout_s=60)
-        ok(r, f"produce --acks {acks}")
+        cli_ok(r, f"produce --acks {acks}")
 
     # --- a real client sees the keys and values split at the separator, in order
     deadline = time.monotonic() + 15
@@ -130,7 +120,7 @@ def test_produce_consume_with_keys(cli, shared_broker):
 
     # --- the CLI reads them back with keys and offsets
     r = cli.sluice("consume", topic, "--from-beginning", "--max-messages", str(len(lines)), "--print-key", "--print-offset", "--timeout-ms", "15000", timeout_s=60)
-    out = [l for l in ok(r, "consume").splitlines() if l.strip()]
+    out = [l for l in cli_ok(r, "consume").splitlines() if l.strip()]
     assert len(out) == len(lines), f"consume printed {len(out)} lines, want {len(lines)}: {out[:3]}"
     for off, (line, (k, v)) in enumerate(zip(out, lines)):
         assert line.endswith(v), f"line {off}: {line!r} does not end with the value {v!r}"
@@ -140,7 +130,7 @@ def test_produce_consume_with_keys(cli, shared_broker):
 
     # --- --partition/--offset start exactly there; --max-messages stops exactly then
     r = cli.sluice("consume", topic, "--partition", "0", "--offset", "150", "--max-messages", "5", "--timeout-ms", "15000", timeout_s=60)
-    out = [l for l in ok(r, "consume --offset").splitlines() if l.strip()]
+    out = [l for l in cli_ok(r, "consume --offset").splitlines() if l.strip()]
     assert out == [v for _, v in lines[150:155]], out
 
     # --- --timeout-ms ends a consume that runs out of messages, with what it read
@@ -155,8 +145,8 @@ def test_produce_to_new_topic_autocreates(cli, shared_broker):
     # --- auto.create.topics.enable defaults to true (as in Kafka): producing creates the topic
     topic = "cli-auto-created"
     r = cli.sluice("produce", topic, input="hello\n", timeout_s=60)
-    ok(r, "produce to a new topic")
-    names = ok(cli.sluice("topics", "list"), "list").split()
+    cli_ok(r, "produce to a new topic")
+    names = cli_ok(cli.sluice("topics", "list"), "list").split()
     assert topic in names
     got = consume_all(shared_broker.bootstrap, topic, 1, timeout_s=30)
     assert [x.value for x in got] == [b"hello"]

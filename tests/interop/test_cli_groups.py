@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from conftest import Clients
-from helpers import Outbound, produce
+from helpers import Outbound, cli_fails, cli_ok, produce
 
 TOPIC = "grp"
 PARTITIONS = 3
@@ -31,16 +31,6 @@ def cli(broker_factory) -> Clients:
     return Clients(broker_factory({"group.initial.rebalance.delay.ms": "0"}))
 
 
-def ok(r, what: str) -> str:
-    assert r.returncode == 0, f"{what}: exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-2000:]}"
-    return r.stdout
-
-
-def fails(r, what: str, pattern: str) -> None:
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, f"{what}: expected a non-zero exit, got 0\n{out[-1500:]}"
-    assert re.search(pattern, out, re.I), f"{what}: message does not match /{pattern}/:\n{out[-1500:]}"
-    assert "panicked" not in out, f"{what}: the CLI panicked:\n{out[-1500:]}"
 
 
 def group_consumer(bootstrap: str, **conf) -> Consumer:
@@ -58,7 +48,7 @@ def group_consumer(bootstrap: str, **conf) -> Consumer:
 
 def describe(cli: Clients) -> tuple[str, dict[int, tuple[int | None, int | None, int | None]]]:
     """(header line, {partition: (committed, end, lag)})"""
-    out = ok(cli.sluice("groups", "describe", GROUP), "groups describe")
+    out = cli_ok(cli.sluice("groups", "describe", GROUP), "groups describe")
     lines = out.splitlines()
     rows = {}
     for l in lines[1:]:
@@ -111,7 +101,7 @@ def test_groups_across_clients(cli):
     assert committed_by_confluent(bootstrap) == committed
 
     # --- list and describe: an empty group, lag = produced - committed
-    assert GROUP in ok(cli.sluice("groups", "list"), "groups list").split()
+    assert GROUP in cli_ok(cli.sluice("groups", "list"), "groups list").split()
     head, rows = describe(cli)
     assert re.match(rf"^Group: {GROUP}\s+State: Empty\s+Protocol: \S+\s+Coordinator: 1\s+Members: 0$", head), head
     assert rows == {p: (committed[p], ends[p], ends[p] - committed[p]) for p in range(PARTITIONS)}, rows
@@ -119,7 +109,7 @@ def test_groups_across_clients(cli):
 
     # --- sluice consume --group resumes exactly where the group left off (--from-beginning changes
     # nothing for partitions the group has offsets for, as with Kafka's tool), and commits what it printed
-    out = ok(
+    out = cli_ok(
         cli.sluice("consume", TOPIC, "--group", GROUP, "--from-beginning", "--max-messages", "100", "--timeout-ms", "20000",
                    "--consumer-property", "session.timeout.ms=10000", timeout_s=90),
         "consume --group",
@@ -144,7 +134,7 @@ def test_groups_across_clients(cli):
     assert sum(lag for (_, _, lag) in rows.values()) == RECORDS - FIRST - 100
 
     # --- the rest, then nothing
-    out = ok(cli.sluice("consume", TOPIC, "--group", GROUP, "--timeout-ms", "3000", timeout_s=90), "consume the rest")
+    out = cli_ok(cli.sluice("consume", TOPIC, "--group", GROUP, "--timeout-ms", "3000", timeout_s=90), "consume the rest")
     rest = out.split()
     assert sorted(processed + printed + rest) == sorted(where), "not every record exactly once across the clients"
     _, rows = describe(cli)
@@ -160,22 +150,22 @@ def test_groups_across_clients(cli):
             member.poll(0.2)
         head, _ = describe(cli)
         assert "State: Stable" in head and "Members: 1" in head, head
-        out = ok(cli.sluice("groups", "describe", GROUP), "describe with a member")
+        out = cli_ok(cli.sluice("groups", "describe", GROUP), "describe with a member")
         assert re.search(r"ClientId: interop-group\s+Host: /?127\.0\.0\.1", out), out
-        fails(cli.sluice("groups", "reset-offsets", GROUP, "--topic", TOPIC, "--to-earliest", "--execute"),
+        cli_fails(cli.sluice("groups", "reset-offsets", GROUP, "--topic", TOPIC, "--to-earliest", "--execute"),
               "reset while active", r"can only be reset if the group 'cg' is inactive, but the current state is Stable")
-        fails(cli.sluice("groups", "delete", GROUP), "delete while active", r"NON_EMPTY_GROUP")
+        cli_fails(cli.sluice("groups", "delete", GROUP), "delete while active", r"NON_EMPTY_GROUP")
     finally:
         member.close()
 
     # --- reset-offsets: a dry run prints the plan and changes nothing; --execute applies it
     before = committed_by_confluent(bootstrap)
-    out = ok(cli.sluice("groups", "reset-offsets", GROUP, "--topic", TOPIC, "--to-earliest"), "reset dry run")
+    out = cli_ok(cli.sluice("groups", "reset-offsets", GROUP, "--topic", TOPIC, "--to-earliest"), "reset dry run")
     plan = [PLAN_LINE.match(l) for l in out.splitlines()]
     assert all(plan) and len(plan) == PARTITIONS, out
     assert {int(m.group(3)): (int(m.group(4)), int(m.group(5))) for m in plan} == {p: (ends[p], 0) for p in range(PARTITIONS)}, out
     assert committed_by_confluent(bootstrap) == before
-    ok(cli.sluice("groups", "reset-offsets", GROUP, "--topic", f"{TOPIC}:0,1", "--to-offset", "2", "--execute"), "reset execute")
+    cli_ok(cli.sluice("groups", "reset-offsets", GROUP, "--topic", f"{TOPIC}:0,1", "--to-offset", "2", "--execute"), "reset execute")
     assert committed_by_confluent(bootstrap) == {0: 2, 1: 2, 2: before[2]}
     _, rows = describe(cli)
     assert rows[0][2] == ends[0] - 2 and rows[2][2] == 0, rows
@@ -195,10 +185,10 @@ def test_groups_across_clients(cli):
         c.close()
 
     # --- delete
-    assert ok(cli.sluice("groups", "delete", GROUP), "delete").strip() == f"Deleted group {GROUP}."
-    assert GROUP not in ok(cli.sluice("groups", "list"), "list after delete").split()
-    fails(cli.sluice("groups", "describe", GROUP), "describe deleted", r"group 'cg' does not exist \(GROUP_ID_NOT_FOUND\)")
-    fails(cli.sluice("groups", "delete", GROUP), "delete twice", r"GROUP_ID_NOT_FOUND")
+    assert cli_ok(cli.sluice("groups", "delete", GROUP), "delete").strip() == f"Deleted group {GROUP}."
+    assert GROUP not in cli_ok(cli.sluice("groups", "list"), "list after delete").split()
+    cli_fails(cli.sluice("groups", "describe", GROUP), "describe deleted", r"group 'cg' does not exist \(GROUP_ID_NOT_FOUND\)")
+    cli_fails(cli.sluice("groups", "delete", GROUP), "delete twice", r"GROUP_ID_NOT_FOUND")
 
 
 def test_sluice_and_confluent_share_a_group(cli, tmp_path):
@@ -232,7 +222,7 @@ def test_sluice_and_confluent_share_a_group(cli, tmp_path):
                 if m.error() is None:
                     mine.append(m.value().decode())
         conf_parts = {tp.partition for tp in c.assignment()}
-        out = ok(cli.sluice("groups", "describe", group), "describe a shared group")
+        out = cli_ok(cli.sluice("groups", "describe", group), "describe a shared group")
         assert "State: Stable" in out and "Members: 2" in out, out
         assert "ClientId: sluice-cli" in out and "ClientId: interop-group" in out, out
         reports = produce(bootstrap, topic, [Outbound(key=f"k{i}".encode(), value=f"v{i}".encode()) for i in range(400)], timeout_s=60)
