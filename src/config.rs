@@ -87,6 +87,11 @@ pub struct ServerConfig {
     pub offsets_retention_check_interval_ms: u64,
     /// Longest metadata string an offset commit may carry (`offset.metadata.max.bytes`).
     pub offset_metadata_max_bytes: usize,
+    /// Mutual TLS on the node-to-node port (`raft.tls.cert`, `raft.tls.key`, `raft.tls.ca`):
+    /// this node's certificate chain and key, and the cluster CA. All three or none.
+    pub raft_tls_cert: Option<PathBuf>,
+    pub raft_tls_key: Option<PathBuf>,
+    pub raft_tls_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +128,9 @@ impl Default for ServerConfig {
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
             offsets_retention_check_interval_ms: 600_000,
             offset_metadata_max_bytes: 4096,
+            raft_tls_cert: None,
+            raft_tls_key: None,
+            raft_tls_ca: None,
         }
     }
 }
@@ -194,6 +202,13 @@ pub fn check_hostport(key: &str, value: &str) -> Result<(), ConfigError> {
     port.parse::<u16>()
         .map_err(|_| invalid(key, value, "port must be a number 0-65535"))?;
     Ok(())
+}
+
+fn parse_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(invalid(key, value, "empty path"));
+    }
+    Ok(PathBuf::from(value.trim()))
 }
 
 /// `1@127.0.0.1:9093,2@127.0.0.1:19093` -> {1: .., 2: ..}
@@ -332,6 +347,9 @@ impl ServerConfig {
                 self.admin_addr = v.to_string()
             }
             "sluice.peers" => self.peers = parse_peers(v)?,
+            "raft.tls.cert" => self.raft_tls_cert = Some(parse_path(key, v)?),
+            "raft.tls.key" => self.raft_tls_key = Some(parse_path(key, v)?),
+            "raft.tls.ca" => self.raft_tls_ca = Some(parse_path(key, v)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -381,6 +399,14 @@ impl ServerConfig {
         }
         if self.peers.is_empty() {
             self.peers.insert(self.node_id, self.raft_addr.clone());
+        }
+        let tls = [&self.raft_tls_cert, &self.raft_tls_key, &self.raft_tls_ca];
+        if tls.iter().any(|f| f.is_some()) && !tls.iter().all(|f| f.is_some()) {
+            return Err(invalid(
+                "raft.tls",
+                &format!("{tls:?}"),
+                "set all of raft.tls.cert, raft.tls.key and raft.tls.ca (--raft-tls-cert/-key/-ca), or none",
+            ));
         }
         match self.peers.get(&self.node_id) {
             None => {

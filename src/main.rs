@@ -49,6 +49,16 @@ struct ServerArgs {
     /// ID@HOST:RAFTPORT,... — the same list on every node, including itself.
     #[arg(long)]
     peers: Option<String>,
+    /// This node's certificate chain (PEM) for mutual TLS on the Raft port; it must name
+    /// `node-<id>.sluice`. Needs --raft-tls-key and --raft-tls-ca.
+    #[arg(long, value_name = "FILE")]
+    raft_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --raft-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    raft_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present a certificate it issued.
+    #[arg(long, value_name = "FILE")]
+    raft_tls_ca: Option<PathBuf>,
 }
 
 fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -78,6 +88,15 @@ fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(v) = args.peers {
         cfg.peers = parse_peers(&v).context("invalid --peers")?;
+    }
+    if args.raft_tls_cert.is_some() {
+        cfg.raft_tls_cert = args.raft_tls_cert;
+    }
+    if args.raft_tls_key.is_some() {
+        cfg.raft_tls_key = args.raft_tls_key;
+    }
+    if args.raft_tls_ca.is_some() {
+        cfg.raft_tls_ca = args.raft_tls_ca;
     }
     cfg.finish()?;
     Ok(cfg)

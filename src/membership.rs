@@ -40,8 +40,17 @@ impl rpc::Service for Inbound {
             .boxed();
         };
         // Recorded on arrival, not when the future runs: liveness is about the peer, not us.
+        // Only a node's own heartbeat counts (`from` is the certificate's node id under TLS).
         if let AppRequest::Heartbeat { node_id } = &req {
-            broker.health.record_heartbeat(*node_id);
+            if *node_id == from {
+                broker.health.record_heartbeat(*node_id);
+            } else {
+                warn!(
+                    from,
+                    claimed = node_id,
+                    "ignored a heartbeat sent for another node"
+                );
+            }
         }
         async move { answer(&broker, from, req).await }.boxed()
     }
@@ -87,6 +96,10 @@ async fn answer(broker: &Broker, from: u64, req: AppRequest) -> AppResponse {
                     leader: broker.controller_id(),
                 };
             }
+            if let Err(message) = check_join(broker, from, node_id, &raft_addr) {
+                warn!(from, node_id, %raft_addr, reason = %message, "refused a join");
+                return AppResponse::Err { message };
+            }
             broker.raft.set_peer_addr(node_id, raft_addr.clone());
             not_leader_or(broker.raft.meta().add_voter(node_id, raft_addr).await)
         }
@@ -97,6 +110,29 @@ async fn answer(broker: &Broker, from: u64, req: AppRequest) -> AppResponse {
             Ok(()) => AppResponse::Ok,
             Err(message) => AppResponse::Err { message },
         },
+    }
+}
+
+/// A node joins only as itself, and a join never moves a node the cluster already knows: that
+/// would let whoever can reach the port redirect a member's replication to another address.
+fn check_join(broker: &Broker, from: u64, node_id: u64, raft_addr: &str) -> Result<(), String> {
+    if node_id != from {
+        return Err(format!(
+            "node {from} asked to add node {node_id}; a node may only join as itself"
+        ));
+    }
+    let known = broker
+        .raft
+        .meta()
+        .voters()
+        .get(&node_id)
+        .cloned()
+        .or_else(|| broker.cfg.peers.get(&node_id).cloned());
+    match known {
+        Some(addr) if addr != raft_addr => Err(format!(
+            "node {node_id} is already known at {addr}; a join cannot move it to {raft_addr}"
+        )),
+        _ => Ok(()),
     }
 }
 

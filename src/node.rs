@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_raft::tls::{PeerTls, PeerTlsFiles};
 use sluice_raft::{GroupId, MetaApp, PartitionStm, RaftError, RaftHost, RaftHostConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -36,6 +37,38 @@ pub enum NodeError {
     Raft(#[from] RaftError),
     #[error("{0}")]
     Refused(String),
+    #[error("raft TLS: {0}")]
+    Tls(#[from] sluice_raft::tls::TlsError),
+}
+
+/// The node-to-node TLS of `cfg`, loaded; `None` for plaintext, which is only announced as
+/// unsafe when the Raft port is reachable from other hosts.
+fn raft_tls(cfg: &ServerConfig) -> Result<Option<PeerTls>, NodeError> {
+    match (&cfg.raft_tls_cert, &cfg.raft_tls_key, &cfg.raft_tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let files = PeerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            Ok(Some(PeerTls::load(&files, cfg.node_id)?))
+        }
+        _ => {
+            let loopback = cfg
+                .raft_addr
+                .parse::<SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or_else(|_| cfg.raft_addr.starts_with("localhost:"));
+            if !loopback {
+                tracing::warn!(
+                    raft_addr = %cfg.raft_addr,
+                    "the Raft port is reachable from other hosts without TLS: anyone who reaches it \
+                     can change the cluster; set --raft-tls-cert/--raft-tls-key/--raft-tls-ca"
+                );
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// The node's three listening sockets, bound before anything else starts so that a port in use
@@ -121,6 +154,7 @@ impl Node {
                 raft_addr: cfg.raft_addr.clone(),
                 data_dir: cfg.data_dir.join("raft"),
                 peers: cfg.peers.clone(),
+                tls: raft_tls(&cfg)?,
             },
             raft,
             meta.clone() as Arc<dyn MetaApp>,

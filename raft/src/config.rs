@@ -42,6 +42,8 @@ pub struct RaftHostConfig {
     pub data_dir: PathBuf,
     /// Node id -> raft address, including this node; a single node is `{self}`.
     pub peers: BTreeMap<u64, String>,
+    /// Mutual TLS on the node-to-node port; `None` is plaintext.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 pub(crate) fn meta_config() -> Result<Arc<Config>, RaftError> {

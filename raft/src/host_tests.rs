@@ -46,12 +46,24 @@ async fn start_host(
     peers: BTreeMap<u64, String>,
     app: Arc<RecordingApp>,
 ) -> anyhow::Result<Arc<RaftHost>> {
+    start_host_with_tls(node_id, dir, listener, peers, app, None).await
+}
+
+async fn start_host_with_tls(
+    node_id: u64,
+    dir: &Path,
+    listener: TcpListener,
+    peers: BTreeMap<u64, String>,
+    app: Arc<RecordingApp>,
+    tls: Option<crate::tls::PeerTls>,
+) -> anyhow::Result<Arc<RaftHost>> {
     let addr = listener.local_addr()?.to_string();
     let cfg = RaftHostConfig {
         node_id,
         raft_addr: addr,
         data_dir: dir.to_path_buf(),
         peers,
+        tls,
     };
     let mut listener = Some(listener);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1575,7 +1587,7 @@ async fn a_peers_bad_frames_are_refused_and_the_group_keeps_serving() -> anyhow:
     let epoch = p.leader_epoch();
     let addr = host.local_addr().to_string();
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    let peer = Transport::new(2, BTreeMap::new(), rx);
+    let peer = Transport::new(2, BTreeMap::new(), None, rx);
 
     tracing::info!("--- a vote whose term no Kafka leader epoch can hold");
     let vote = VoteRequest::new(crate::Vote::new(i32::MAX as u64 + 1, 2), None);
@@ -1911,5 +1923,127 @@ async fn enqueue_order_is_log_order_and_registered_machines_see_it() -> anyhow::
         .is_none());
     assert!(p.machine(crate::HIGH_WATERMARK).is_some());
     host.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_cluster_works_and_refuses_strangers_and_impostors() -> anyhow::Result<()> {
+    use crate::codec::{ResponseStatus, RpcKind};
+    use crate::tls::test_certs::TestCa;
+    use crate::transport::Transport;
+    use openraft::raft::VoteRequest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let ca = TestCa::new("cluster ca");
+    let (listeners, peers) = bind_nodes(3).await?;
+    let mut hosts = BTreeMap::new();
+    let mut apps = BTreeMap::new();
+    for (id, l) in listeners {
+        let app = Arc::new(RecordingApp::default());
+        let h = start_host_with_tls(
+            id,
+            &dir.path().join(format!("n{id}")),
+            l,
+            peers.clone(),
+            app.clone(),
+            Some(ca.node(id)),
+        )
+        .await?;
+        hosts.insert(id, h);
+        apps.insert(id, app);
+    }
+
+    tracing::info!("--- the TLS cluster elects a leader and replicates to every node");
+    let leader = meta_leader(&hosts).await?;
+    let host = |id: u64| {
+        hosts
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no host {id}"))
+    };
+    host(leader)?
+        .meta()
+        .propose(b"create topic t".to_vec())
+        .await?;
+    wait_for(
+        "every node applied the command",
+        Duration::from_secs(10),
+        || {
+            apps.values()
+                .all(|a| a.commands() == vec![b"create topic t".to_vec()])
+        },
+    )
+    .await?;
+    let voters_before = host(leader)?.meta().voters();
+    let addr = peers
+        .get(&1)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no addr"))?;
+
+    tracing::info!("--- plaintext: the connection is closed in the handshake, no frame is read");
+    let mut plain = tokio::net::TcpStream::connect(&addr).await?;
+    let frame = crate::codec::finish_frame(crate::codec::begin_request(1, RpcKind::Ping, "2"))?;
+    plain.write_all(&frame).await?;
+    // At most a TLS alert record (type 0x15) comes back before the close, never a response.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut got)).await?;
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "plaintext peer got {got:?}"
+    );
+
+    let call_as = |tls: crate::tls::PeerTls, claimed: u64| {
+        let addr = addr.clone();
+        async move {
+            let (_stop, rx) = tokio::sync::watch::channel(false);
+            let t = Transport::new(claimed, BTreeMap::new(), Some(tls), rx);
+            let vote = VoteRequest::new(crate::Vote::new(1_000, claimed), None);
+            let res = t
+                .call(
+                    1,
+                    &addr,
+                    RpcKind::Vote,
+                    crate::META_GROUP,
+                    |out| Ok(serde_json::to_writer(bytes::BufMut::writer(out), &vote)?),
+                    Duration::from_secs(5),
+                )
+                .await;
+            t.shutdown_peers();
+            res
+        }
+    };
+
+    tracing::info!("--- a certificate from another CA fails the handshake");
+    let stranger = TestCa::new("another ca");
+    let res = call_as(stranger.node(2), 2).await;
+    assert!(res.is_err(), "a foreign CA's node got {res:?}");
+
+    tracing::info!("--- a client certificate of the cluster CA that names no node is refused");
+    let res = call_as(ca.peer_tls(&["alice".into()]), 2).await;
+    assert!(res.is_err(), "a certificate naming no node got {res:?}");
+
+    tracing::info!("--- node 4's certificate may not vote as node 2, with a term that would win");
+    let (status, why) = call_as(ca.node(4), 2).await?;
+    assert_eq!(
+        status,
+        ResponseStatus::Failed,
+        "{}",
+        String::from_utf8_lossy(&why)
+    );
+    assert!(String::from_utf8_lossy(&why).contains("node 4's"));
+
+    tracing::info!("--- nothing changed: same leader term, voters and commands");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(host(leader)?.meta().voters(), voters_before);
+    assert!(host(leader)?.meta().is_leader(), "the leader was deposed");
+    for a in apps.values() {
+        assert_eq!(a.commands(), vec![b"create topic t".to_vec()]);
+    }
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
     Ok(())
 }

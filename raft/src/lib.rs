@@ -31,6 +31,7 @@ mod ping;
 mod registry;
 mod stm;
 mod supervisor;
+pub mod tls;
 mod transport;
 
 use std::io::Cursor;

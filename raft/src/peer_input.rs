@@ -104,6 +104,57 @@ pub(crate) fn check_snapshot(
     crate::partition_store::check_snapshot_data(&req.data)
 }
 
+/// The largest metadata snapshot a node accepts from a peer.
+pub(crate) const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
+/// Per group, the snapshot being received and how many of its bytes have arrived. openraft
+/// writes a chunk at its offset into a growing buffer, so a chunk at a huge offset would make
+/// the receiver zero-fill memory up to it: a chunk may only start a snapshot (offset 0), repeat
+/// or continue the bytes received so far.
+#[derive(Default)]
+pub(crate) struct SnapshotChunks {
+    receiving: std::collections::HashMap<String, (String, u64)>,
+}
+
+impl SnapshotChunks {
+    pub(crate) fn check(
+        &mut self,
+        group: &str,
+        req: &InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<(), String> {
+        let id = &req.meta.snapshot_id;
+        let end = req.offset.saturating_add(req.data.len() as u64);
+        if end > MAX_SNAPSHOT_BYTES {
+            return Err(format!(
+                "snapshot chunk ends at byte {end}, past the {MAX_SNAPSHOT_BYTES} byte limit"
+            ));
+        }
+        let received = match self.receiving.get(group) {
+            _ if req.offset == 0 => 0,
+            Some((current, received)) if current == id => *received,
+            _ => {
+                return Err(format!(
+                    "snapshot {id} chunk at offset {} without its start",
+                    req.offset
+                ))
+            }
+        };
+        if req.offset > received {
+            return Err(format!(
+                "snapshot {id} chunk at offset {} leaves a gap after the {received} bytes received",
+                req.offset
+            ));
+        }
+        if req.done {
+            self.receiving.remove(group);
+        } else {
+            self.receiving
+                .insert(group.to_string(), (id.clone(), received.max(end)));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +206,39 @@ mod tests {
         assert!(check_append("p/t/0", &append(vec![normal(1, 1, unplaced)], 1)).is_err());
         // The metadata group's payloads are not Kafka batches.
         assert!(check_append("meta", &append(vec![normal(1, 1, b"cmd".to_vec())], 1)).is_ok());
+    }
+
+    fn chunk(id: &str, offset: u64, len: usize, done: bool) -> InstallSnapshotRequest<TypeConfig> {
+        InstallSnapshotRequest {
+            vote: Vote::new_committed(1, 1),
+            meta: openraft::SnapshotMeta {
+                last_log_id: None,
+                last_membership: Default::default(),
+                snapshot_id: id.to_string(),
+            },
+            offset,
+            data: vec![7; len],
+            done,
+        }
+    }
+
+    #[test]
+    fn snapshot_chunks_may_not_skip_ahead_of_what_was_received() {
+        let mut c = SnapshotChunks::default();
+        // A hostile first chunk far out: refused, nothing recorded.
+        assert!(c
+            .check("meta", &chunk("s1", u64::MAX - 3, 10, false))
+            .is_err());
+        assert!(c.check("meta", &chunk("s1", 1 << 40, 10, false)).is_err());
+        assert!(c.check("meta", &chunk("s1", 0, 100, false)).is_ok());
+        // A resend of the same chunk, then the next one.
+        assert!(c.check("meta", &chunk("s1", 0, 100, false)).is_ok());
+        assert!(c.check("meta", &chunk("s1", 100, 100, false)).is_ok());
+        // A gap, or another snapshot's middle, is refused.
+        assert!(c.check("meta", &chunk("s1", 300, 100, false)).is_err());
+        assert!(c.check("meta", &chunk("s2", 200, 100, false)).is_err());
+        assert!(c.check("meta", &chunk("s1", 200, 100, true)).is_ok());
+        // Done: a later chunk of it needs a new start.
+        assert!(c.check("meta", &chunk("s1", 300, 1, false)).is_err());
     }
 }

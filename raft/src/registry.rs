@@ -23,6 +23,8 @@ pub(crate) struct Registry {
     /// Partition groups this node's supervisor wants an election for (its leader is gone or
     /// silent); ping answers carry their last log ids.
     stalled: RwLock<std::collections::HashSet<GroupId>>,
+    /// How far each group's incoming chunked snapshot has come (see [`SnapshotChunks`]).
+    snapshot_chunks: std::sync::Mutex<crate::peer_input::SnapshotChunks>,
 }
 
 impl Registry {
@@ -38,6 +40,18 @@ impl Registry {
 
     pub(crate) fn app(&self) -> Option<Arc<dyn AppHandler>> {
         self.app.read().ok()?.clone()
+    }
+
+    /// Refuses a snapshot chunk that would make the receiver allocate past what it was sent.
+    pub(crate) fn check_snapshot_chunk(
+        &self,
+        group: &str,
+        req: &openraft::raft::InstallSnapshotRequest<crate::TypeConfig>,
+    ) -> Result<(), String> {
+        match self.snapshot_chunks.lock() {
+            Ok(mut chunks) => chunks.check(group, req),
+            Err(_) => Err("snapshot chunk table lock poisoned".into()),
+        }
     }
 
     pub(crate) fn get(&self, group: &str) -> Option<Raft> {

@@ -6,6 +6,10 @@
 //! on one connection and answered out of order. Each peer has a task that connects lazily (on the
 //! first RPC), reconnects with capped exponential backoff, and fails every in-flight RPC when the
 //! connection drops so that openraft retries instead of waiting for timeouts.
+//!
+//! With [`PeerTls`] configured, every connection is mutual TLS: the dialler checks that the peer
+//! holds the certificate of the node it meant to reach, the acceptor takes the caller's node id
+//! from its certificate, and each request is checked against that id before it reaches a group.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -24,7 +28,7 @@ use openraft::raft::{
 };
 use openraft::{AnyError, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -32,9 +36,13 @@ use tokio::task::JoinHandle;
 use crate::codec::{self, Frame, ResponseStatus, RpcKind, MAX_FRAME_BYTES};
 use crate::peer_input;
 use crate::registry::Registry;
+use crate::tls::{self, PeerTls};
 use crate::{GroupId, Node, NodeId, TypeConfig};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A peer that has not finished its TLS handshake by then is dropped: a stalled handshake must
+/// not hold a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Requests a peer may have in flight on one connection before we stop reading its frames; this
@@ -129,13 +137,19 @@ async fn write_frames<W: AsyncWriteExt + Unpin>(
 }
 
 impl PeerClient {
-    fn spawn(target: NodeId, addr: String, shutdown: watch::Receiver<bool>) -> PeerClient {
+    fn spawn(
+        target: NodeId,
+        addr: String,
+        tls: Option<PeerTls>,
+        shutdown: watch::Receiver<bool>,
+    ) -> PeerClient {
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Arc<Pending> = Arc::default();
         let state = Arc::new(AtomicU8::new(STATE_CONNECTING));
         let task = tokio::spawn(Self::run(
             target,
             addr.clone(),
+            tls,
             rx,
             pending.clone(),
             state.clone(),
@@ -154,6 +168,7 @@ impl PeerClient {
     async fn run(
         target: NodeId,
         addr: String,
+        tls: Option<PeerTls>,
         mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
         pending: Arc<Pending>,
         state: Arc<AtomicU8>,
@@ -169,19 +184,30 @@ impl PeerClient {
                 Ok(Ok(stream)) => {
                     // Heartbeats and votes are tiny and latency-bound.
                     let _ = stream.set_nodelay(true);
-                    tracing::debug!(target_node = target, %addr, "connected to peer");
-                    state.store(STATE_UP, Ordering::SeqCst);
-                    backoff = BACKOFF_MIN;
-                    let (r, w) = stream.into_split();
-                    let mut w = BufWriter::new(w);
-                    let reader = Self::read_responses(r, &pending);
-                    let writer = write_frames(&mut w, &mut rx, Some(&pending));
-                    let why = tokio::select! {
-                        res = reader => format!("connection lost: {res:?}"),
-                        res = writer => format!("write failed: {res:?}"),
-                        _ = stopped(shutdown.clone()) => "shutting down".to_string(),
+                    let why = match &tls {
+                        None => {
+                            backoff = BACKOFF_MIN;
+                            let (r, w) = stream.into_split();
+                            Self::connected(
+                                target, &addr, r, w, &mut rx, &pending, &state, &shutdown,
+                            )
+                            .await
+                        }
+                        Some(tls) => match Self::handshake(target, tls, stream).await {
+                            Ok(stream) => {
+                                backoff = BACKOFF_MIN;
+                                let (r, w) = tokio::io::split(stream);
+                                Self::connected(
+                                    target, &addr, r, w, &mut rx, &pending, &state, &shutdown,
+                                )
+                                .await
+                            }
+                            Err(why) => {
+                                tracing::warn!(target_node = target, %addr, %why, "TLS handshake with peer failed");
+                                why
+                            }
+                        },
                     };
-                    tracing::debug!(target_node = target, %addr, %why, "peer connection closed");
                     state.store(STATE_DOWN, Ordering::SeqCst);
                     fail_all(&pending, target, &why);
                 }
@@ -205,8 +231,53 @@ impl PeerClient {
         fail_all(&pending, target, "transport shut down");
     }
 
-    async fn read_responses(
-        mut r: tokio::net::tcp::OwnedReadHalf,
+    /// The client side of the handshake: the peer must prove it is `target`.
+    async fn handshake(
+        target: NodeId,
+        tls: &PeerTls,
+        stream: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let name = PeerTls::server_name(target)?;
+        let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+            Err(_) => Err("TLS handshake timed out".into()),
+        }
+    }
+
+    /// Runs one established connection until it fails; returns why it closed.
+    #[allow(clippy::too_many_arguments)]
+    async fn connected<R, W>(
+        target: NodeId,
+        addr: &str,
+        r: R,
+        w: W,
+        rx: &mut mpsc::UnboundedReceiver<(u64, Bytes)>,
+        pending: &Pending,
+        state: &AtomicU8,
+        shutdown: &watch::Receiver<bool>,
+    ) -> String
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        tracing::debug!(target_node = target, %addr, "connected to peer");
+        state.store(STATE_UP, Ordering::SeqCst);
+        let mut w = BufWriter::new(w);
+        let reader = Self::read_responses(r, pending);
+        let writer = write_frames(&mut w, rx, Some(pending));
+        let why = tokio::select! {
+            res = reader => format!("connection lost: {res:?}"),
+            res = writer => format!("write failed: {res:?}"),
+            _ = stopped(shutdown.clone()) => "shutting down".to_string(),
+        };
+        tracing::debug!(target_node = target, %addr, %why, "peer connection closed");
+        why
+    }
+
+    async fn read_responses<R: AsyncRead + Unpin>(
+        mut r: R,
         pending: &Pending,
     ) -> std::io::Result<()> {
         loop {
@@ -251,6 +322,7 @@ pub(crate) struct Transport {
     addrs: RwLock<BTreeMap<NodeId, String>>,
     peers: Mutex<HashMap<NodeId, Arc<PeerClient>>>,
     next_id: AtomicU64,
+    tls: Option<PeerTls>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -258,6 +330,7 @@ impl Transport {
     pub(crate) fn new(
         node_id: NodeId,
         addrs: BTreeMap<NodeId, String>,
+        tls: Option<PeerTls>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Transport {
@@ -265,6 +338,7 @@ impl Transport {
             addrs: RwLock::new(addrs),
             peers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            tls,
             shutdown,
         }
     }
@@ -305,6 +379,7 @@ impl Transport {
         let p = Arc::new(PeerClient::spawn(
             target,
             addr.to_string(),
+            self.tls.clone(),
             self.shutdown.clone(),
         ));
         peers.insert(target, p.clone());
@@ -394,6 +469,7 @@ impl Transport {
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
+    tls: Option<PeerTls>,
     shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -402,7 +478,17 @@ pub(crate) async fn serve(
                 Ok((stream, peer_addr)) => {
                     let _ = stream.set_nodelay(true);
                     tracing::debug!(%peer_addr, "accepted raft peer connection");
-                    tokio::spawn(serve_connection(stream, registry.clone(), shutdown.clone()));
+                    let registry = registry.clone();
+                    let shutdown = shutdown.clone();
+                    match &tls {
+                        None => {
+                            let (r, w) = stream.into_split();
+                            tokio::spawn(serve_connection(r, w, None, peer_addr.to_string(), registry, shutdown));
+                        }
+                        Some(tls) => {
+                            tokio::spawn(accept_tls(stream, peer_addr.to_string(), tls.clone(), registry, shutdown));
+                        }
+                    }
                 }
                 Err(e) => {
                     // Typically EMFILE; pausing keeps the loop from spinning on it.
@@ -415,16 +501,60 @@ pub(crate) async fn serve(
     }
 }
 
-async fn serve_connection(
+/// The server side of the handshake. A caller without a certificate from the cluster CA that
+/// names exactly one node is dropped here, before any frame is read.
+async fn accept_tls(
     stream: TcpStream,
+    peer_addr: String,
+    tls: PeerTls,
     registry: Arc<Registry>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let peer_addr = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let (mut r, w) = stream.into_split();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer_addr, error = %e, "refused a raft peer connection: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer_addr, "refused a raft peer connection: TLS handshake timed out");
+            return;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    let peer = match leaf.map(tls::node_id_of) {
+        Some(Ok(id)) => id,
+        Some(Err(why)) => {
+            tracing::warn!(%peer_addr, %why, "refused a raft peer connection");
+            return;
+        }
+        None => {
+            tracing::warn!(%peer_addr, "refused a raft peer connection: no client certificate");
+            return;
+        }
+    };
+    tracing::debug!(%peer_addr, peer, "raft peer authenticated");
+    let (r, w) = tokio::io::split(stream);
+    serve_connection(r, w, Some(peer), peer_addr, registry, shutdown).await
+}
+
+/// Serves one peer connection; `peer` is the caller's node id when its certificate proved it.
+async fn serve_connection<R, W>(
+    mut r: R,
+    w: W,
+    peer: Option<NodeId>,
+    peer_addr: String,
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Bytes)>();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(w);
@@ -464,7 +594,7 @@ async fn serve_connection(
             let registry = registry.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let (status, payload) = dispatch(&registry, kind, &group, payload).await;
+                let (status, payload) = dispatch(&registry, peer, kind, &group, payload).await;
                 match codec::response_frame(id, status, &payload) {
                     Ok(frame) => {
                         let _ = tx.send((id, frame));
@@ -492,13 +622,29 @@ fn json_reply<T: serde::Serialize>(v: &T) -> (ResponseStatus, Vec<u8>) {
     }
 }
 
+/// Refuses a request whose claimed sender is not the node its certificate names.
+fn check_sender(peer: Option<NodeId>, claimed: Option<NodeId>, what: &str) -> Result<(), String> {
+    match peer {
+        Some(p) if claimed != Some(p) => Err(format!(
+            "{what} claims to come from node {claimed:?}, but the connection's certificate is node {p}'s"
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn dispatch(
     registry: &Registry,
+    peer: Option<NodeId>,
     kind: RpcKind,
     group: &str,
     payload: Bytes,
 ) -> (ResponseStatus, Vec<u8>) {
     if kind == RpcKind::App {
+        // The frame's group field carries the caller's id; with TLS it must be the certificate's.
+        if let Err(why) = check_sender(peer, group.parse().ok(), "an application request") {
+            tracing::warn!(reason = %why, "refused a peer's request");
+            return (ResponseStatus::Failed, why.into_bytes());
+        }
         return dispatch_app(registry, group, payload).await;
     }
     if kind == RpcKind::Ping {
@@ -519,14 +665,18 @@ async fn dispatch(
     };
     match kind {
         RpcKind::AppendEntries => match codec::decode_append(&payload) {
-            Ok(req) => match peer_input::check_append(group, &req) {
+            Ok(req) => match check_sender(peer, req.vote.leader_id().voted_for(), "an append")
+                .and_then(|()| peer_input::check_append(group, &req))
+            {
                 Ok(()) => json_reply(&raft.append_entries(req).await),
                 Err(why) => refused(group, why),
             },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::Vote => match serde_json::from_slice::<VoteRequest<NodeId>>(&payload) {
-            Ok(req) => match peer_input::check_vote(&req) {
+            Ok(req) => match check_sender(peer, req.vote.leader_id().voted_for(), "a vote request")
+                .and_then(|()| peer_input::check_vote(&req))
+            {
                 Ok(()) if !registry.may_vote(group) => {
                     // A plain "not granted" with this replica's own state, as openraft would
                     // answer a candidate whose log is behind.
@@ -541,7 +691,10 @@ async fn dispatch(
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),
         },
         RpcKind::InstallSnapshot => match codec::decode_snapshot(&payload) {
-            Ok(req) => match peer_input::check_snapshot(group, &req) {
+            Ok(req) => match check_sender(peer, req.vote.leader_id().voted_for(), "a snapshot")
+                .and_then(|()| peer_input::check_snapshot(group, &req))
+                .and_then(|()| registry.check_snapshot_chunk(group, &req))
+            {
                 Ok(()) => json_reply(&raft.install_snapshot(req).await),
                 Err(why) => refused(group, why),
             },
@@ -731,7 +884,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, Arc::new(Registry::default()), rx));
+        tokio::spawn(serve(listener, Arc::new(Registry::default()), None, rx));
         Ok((addr, tx))
     }
 
@@ -739,7 +892,7 @@ mod tests {
     async fn unknown_group_gets_an_error_response_matched_by_request_id() -> anyhow::Result<()> {
         let (addr, _stop) = server().await?;
         let (_tx, rx) = watch::channel(false);
-        let t = Transport::new(1, BTreeMap::new(), rx);
+        let t = Transport::new(1, BTreeMap::new(), None, rx);
         let vote = VoteRequest::new(crate::Vote::new(1, 1), None);
         let (status, payload) = t
             .call(
@@ -777,7 +930,7 @@ mod tests {
             .local_addr()?
             .to_string();
         let (_tx, rx) = watch::channel(false);
-        let t = Transport::new(1, BTreeMap::new(), rx);
+        let t = Transport::new(1, BTreeMap::new(), None, rx);
         for _ in 0..2 {
             let started = std::time::Instant::now();
             let res = t

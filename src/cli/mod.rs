@@ -5,6 +5,7 @@
 
 use clap::{Args, Subcommand, ValueEnum};
 
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod conn;
@@ -52,6 +53,17 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
     },
+    /// Make a CA and node and client certificates for TLS on one machine.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CertsCommand {
+    /// Write ca.pem, node-<id>.pem/.key and client-<name>.pem/.key (reusing DIR's CA if any).
+    Create(certs::CertsCreateArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -265,6 +277,9 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Consume(args) => consume::run(args).await,
         ClientCommand::Groups { command } => groups::run(command).await,
         ClientCommand::Cluster { command } => cluster::run(command).await,
+        ClientCommand::Certs {
+            command: CertsCommand::Create(args),
+        } => certs::run(&args),
     }
 }
 

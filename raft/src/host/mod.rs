@@ -81,6 +81,7 @@ impl RaftHost {
         let transport = Arc::new(Transport::new(
             cfg.node_id,
             cfg.peers.clone(),
+            cfg.tls.clone(),
             shutdown_rx.clone(),
         ));
 
@@ -106,6 +107,7 @@ impl RaftHost {
         let server = tokio::spawn(transport::serve(
             listener,
             registry.clone(),
+            cfg.tls.clone(),
             shutdown_rx.clone(),
         ));
         let liveness = Arc::new(Liveness::default());
