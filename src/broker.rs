@@ -267,6 +267,8 @@ pub struct Broker {
     producer_ids: tokio::sync::Mutex<std::ops::Range<i64>>,
     /// The consumer-group coordinator's unreplicated state.
     pub consumer_groups: ConsumerGroupRuntime,
+    /// How requests are authorized against the replicated ACLs.
+    pub authorizer: crate::controller::acls::AuthorizerConfig,
 }
 
 /// Producer ids a node takes from the controller at once, as Kafka's brokers do.
@@ -275,7 +277,13 @@ const PRODUCER_ID_BLOCK: i64 = 1000;
 impl Broker {
     pub fn new(cfg: ServerConfig, raft: Arc<RaftHost>, meta: Arc<MetaMachine>) -> Broker {
         let fetch_budget = Arc::new(tokio::sync::Semaphore::new(cfg.fetch_memory_bytes));
+        let authorizer = crate::controller::acls::AuthorizerConfig {
+            enabled: cfg.authorizer_enabled,
+            super_users: cfg.super_users.iter().cloned().collect(),
+            allow_if_no_acl: cfg.allow_everyone_if_no_acl_found,
+        };
         Broker {
+            authorizer,
             cfg,
             raft,
             meta,
@@ -347,7 +355,7 @@ impl Broker {
             *block = match self.propose(&cmd).await? {
                 Reply::ProducerIds { first, count } => first..first + count,
                 Reply::Err { message, .. } => return Err(BrokerError::Other(message)),
-                Reply::Ok | Reply::Groups(_) => {
+                Reply::Ok | Reply::Groups(_) | Reply::AclsDeleted(_) => {
                     return Err(BrokerError::Other("no producer ids in the reply".into()))
                 }
             };

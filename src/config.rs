@@ -92,6 +92,13 @@ pub struct ServerConfig {
     pub raft_tls_cert: Option<PathBuf>,
     pub raft_tls_key: Option<PathBuf>,
     pub raft_tls_ca: Option<PathBuf>,
+    /// ACLs are enforced when set (`authorizer.class.name`: Kafka's StandardAuthorizer or
+    /// AclAuthorizer name the built-in one).
+    pub authorizer_enabled: bool,
+    /// Principals every check passes for (`super.users`, `User:a;User:b`).
+    pub super_users: Vec<String>,
+    /// A resource no ACL names is open to all (`allow.everyone.if.no.acl.found`).
+    pub allow_everyone_if_no_acl_found: bool,
 }
 
 impl Default for ServerConfig {
@@ -131,6 +138,9 @@ impl Default for ServerConfig {
             raft_tls_cert: None,
             raft_tls_key: None,
             raft_tls_ca: None,
+            authorizer_enabled: false,
+            super_users: Vec::new(),
+            allow_everyone_if_no_acl_found: false,
         }
     }
 }
@@ -347,6 +357,35 @@ impl ServerConfig {
                 self.admin_addr = v.to_string()
             }
             "sluice.peers" => self.peers = parse_peers(v)?,
+            "authorizer.class.name" => {
+                self.authorizer_enabled = match v {
+                    "" => false,
+                    "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+                    | "kafka.security.authorizer.AclAuthorizer"
+                    | "sluice" => true,
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            v,
+                            "the built-in authorizer is named \
+                             org.apache.kafka.metadata.authorizer.StandardAuthorizer (or empty: off)",
+                        ))
+                    }
+                }
+            }
+            "super.users" => {
+                let mut users = Vec::new();
+                for u in v.split(';').map(str::trim).filter(|u| !u.is_empty()) {
+                    match u.split_once(':') {
+                        Some((t, n)) if !t.is_empty() && !n.is_empty() => users.push(u.to_string()),
+                        _ => return Err(invalid(key, u, "expected Type:name, e.g. User:admin")),
+                    }
+                }
+                self.super_users = users;
+            }
+            "allow.everyone.if.no.acl.found" => {
+                self.allow_everyone_if_no_acl_found = parse_bool(key, v)?
+            }
             "raft.tls.cert" => self.raft_tls_cert = Some(parse_path(key, v)?),
             "raft.tls.key" => self.raft_tls_key = Some(parse_path(key, v)?),
             "raft.tls.ca" => self.raft_tls_ca = Some(parse_path(key, v)?),
@@ -463,6 +502,32 @@ mod tests {
         assert_eq!(c.num_partitions, 3);
         assert_eq!(c.log_retention_ms, 7_200_000);
         assert_eq!(c.log_retention_check_interval_ms, 250);
+    }
+
+    #[test]
+    fn authorizer_keys_as_in_kafka() {
+        let mut c = ServerConfig::default();
+        assert!(!c.authorizer_enabled);
+        let standard = "org.apache.kafka.metadata.authorizer.StandardAuthorizer";
+        assert!(c.apply_property("authorizer.class.name", standard).unwrap());
+        assert!(c.authorizer_enabled);
+        assert!(c
+            .apply_property("authorizer.class.name", "com.example.Mine")
+            .is_err());
+        c.apply_property("super.users", "User:admin; User:ops")
+            .unwrap();
+        assert_eq!(c.super_users, vec!["User:admin", "User:ops"]);
+        assert!(c.apply_property("super.users", "admin").is_err());
+        c.apply_property("allow.everyone.if.no.acl.found", "true")
+            .unwrap();
+        assert!(c.allow_everyone_if_no_acl_found);
+        let mut tls = ServerConfig::default();
+        tls.apply_property("raft.tls.cert", "/x/node-1.pem")
+            .unwrap();
+        assert!(
+            tls.finish().is_err(),
+            "a cert without key and CA was accepted"
+        );
     }
 
     #[test]

@@ -183,7 +183,8 @@ pub(super) async fn reassign(
         Ok(
             crate::controller::Reply::Ok
             | crate::controller::Reply::ProducerIds { .. }
-            | crate::controller::Reply::Groups(_),
+            | crate::controller::Reply::Groups(_)
+            | crate::controller::Reply::AclsDeleted(_),
         ) => (
             StatusCode::ACCEPTED,
             Json(json!({ "topic": topic, "partition": partition, "target": body.replicas })),
@@ -261,7 +262,8 @@ pub(super) async fn decommission(
                 Ok(
                     crate::controller::Reply::Ok
                     | crate::controller::Reply::ProducerIds { .. }
-                    | crate::controller::Reply::Groups(_),
+                    | crate::controller::Reply::Groups(_)
+                    | crate::controller::Reply::AclsDeleted(_),
                 ) => {}
                 Ok(crate::controller::Reply::Err { message, .. }) => {
                     return error(StatusCode::CONFLICT, message)

@@ -3,6 +3,7 @@
 //! It owns no tasks and does no I/O; the loops that propose commands live in `membership` and
 //! `partition`, and reach this state through `broker::Broker`.
 
+pub mod acls;
 pub mod consumer_groups;
 mod machine;
 mod partition_id;

@@ -117,6 +117,14 @@ pub enum Command {
     ConsumerGroups {
         ops: Vec<ConsumerGroupOp>,
     },
+    /// Adds ACLs (adding one that exists is a no-op, as in Kafka).
+    CreateAcls {
+        acls: Vec<super::acls::AclBinding>,
+    },
+    /// Removes the ACLs each filter matches; the reply lists them per filter.
+    DeleteAcls {
+        filters: Vec<super::acls::AclFilter>,
+    },
     /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
     CompleteReassignment {
         topic: String,
@@ -141,6 +149,8 @@ pub enum Reply {
     },
     /// One reply per operation of [`Command::ConsumerGroups`].
     Groups(Vec<ConsumerGroupReply>),
+    /// Per filter of [`Command::DeleteAcls`], the ACLs it removed.
+    AclsDeleted(Vec<Vec<super::acls::AclBinding>>),
 }
 
 impl Reply {
@@ -167,6 +177,9 @@ pub struct MetaState {
     /// Consumer groups: membership, assignments, committed offsets.
     #[serde(default)]
     pub consumer_groups: ConsumerGroups,
+    /// Access control lists (enforced when `authorizer.class.name` is set).
+    #[serde(default)]
+    pub acls: super::acls::Acls,
     /// Bumped on every applied command so watchers can tell that something changed.
     pub version: u64,
 }
@@ -246,6 +259,25 @@ impl MetaState {
                 let first = self.next_producer_id;
                 self.next_producer_id = end;
                 Reply::ProducerIds { first, count }
+            }
+            Command::CreateAcls { acls } => {
+                // Validated by the handler; checked again so a bad entry can never be stored.
+                if let Some(e) = acls.iter().find_map(|a| a.validate().err()) {
+                    return Reply::err(ErrorCode::InvalidRequest, e);
+                }
+                self.acls.extend(acls.iter().cloned());
+                Reply::Ok
+            }
+            Command::DeleteAcls { filters } => {
+                let mut out = Vec::with_capacity(filters.len());
+                for f in filters {
+                    let gone: Vec<_> = self.acls.iter().filter(|b| f.matches(b)).cloned().collect();
+                    for b in &gone {
+                        self.acls.remove(b);
+                    }
+                    out.push(gone);
+                }
+                Reply::AclsDeleted(out)
             }
             Command::ConsumerGroups { ops } => Reply::Groups(
                 ops.iter()

@@ -3,6 +3,9 @@
 //! framing and limits live in `net`; what each API does lives in `handlers`.
 
 #[cfg(test)]
+mod acl_tests;
+pub mod authz;
+#[cfg(test)]
 mod group_tests;
 #[cfg(test)]
 mod handler_tests;
@@ -175,6 +178,19 @@ pub(crate) fn decode_and_start(
         version,
         handler,
     };
+    if handlers::is_legacy(api_key, version)
+        && broker.authorizer.enabled
+        && !broker
+            .authorizer
+            .super_users
+            .contains(&conn.session.principal().to_string())
+    {
+        // These old versions bypass the per-resource checks of `authz`; with ACLs on, only a
+        // super user may use them (Kafka 4 no longer serves them at all).
+        return Err(format!(
+            "{api_key:?} v{version} is not served while ACLs are enforced; use a newer client"
+        ));
+    }
     if let Some(handler) = handlers::start_legacy(broker, api_key, version, &body)? {
         return Ok(started(handler));
     }

@@ -100,7 +100,7 @@ async fn move_replicas(
         })
         .await?;
     match reply {
-        Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_) => {
+        Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_) | Reply::AclsDeleted(_) => {
             info!(%topic, %partition, replicas = ?target, "reassignment complete");
             Ok(())
         }

@@ -62,7 +62,7 @@ async fn grow(
         })
         .await
     {
-        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_)) => {}
+        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_) | Reply::AclsDeleted(_)) => {}
         Ok(Reply::Err { code, message }) => return Err((code_from(code), message)),
         Err(e) => return Err((ErrorCode::RequestTimedOut, e.to_string())),
     }

@@ -81,7 +81,7 @@ pub async fn create_topic(
         reassigning: Default::default(),
     };
     match broker.propose(&Command::CreateTopic { topic }).await {
-        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_)) => {}
+        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_) | Reply::AclsDeleted(_)) => {}
         Ok(Reply::Err { code, message }) => return Err((code_from(code), message)),
         Err(e) => {
             return Err((

@@ -48,7 +48,12 @@ pub async fn handle(
                 .propose(&Command::DeleteTopic { name: n.clone() })
                 .await
             {
-                Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_)) => Ok(()),
+                Ok(
+                    Reply::Ok
+                    | Reply::ProducerIds { .. }
+                    | Reply::Groups(_)
+                    | Reply::AclsDeleted(_),
+                ) => Ok(()),
                 Ok(Reply::Err { code, message }) => {
                     Err((super::create_topics::code_from(code), message))
                 }

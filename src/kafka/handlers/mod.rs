@@ -1,6 +1,7 @@
 //! One module per Kafka API, each with the version range it serves beside it. ApiVersions is
 //! derived from [`SUPPORTED`], so what we advertise is exactly what we dispatch.
 
+pub mod acls;
 pub mod api_versions;
 pub mod consumer_groups;
 pub mod create_partitions;
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
 
-use super::{answer_only, Answer, Handler, Response};
+use super::{answer_only, authz, Answer, Handler, Response};
 use crate::broker::Broker;
 use crate::session::Session;
 
@@ -153,7 +154,22 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
         offsets::OFFSET_DELETE_VERSIONS.0,
         offsets::OFFSET_DELETE_VERSIONS.1,
     ),
+    (ApiKey::CreateAcls, acls::VERSIONS.0, acls::VERSIONS.1),
+    (ApiKey::DescribeAcls, acls::VERSIONS.0, acls::VERSIONS.1),
+    (ApiKey::DeleteAcls, acls::VERSIONS.0, acls::VERSIONS.1),
 ];
+
+/// Whether this version of `key` is decoded by hand ([`start_legacy`]), outside
+/// [`dispatch`] and so outside authorization.
+pub fn is_legacy(key: ApiKey, version: i16) -> bool {
+    matches!(
+        (key, version),
+        (ApiKey::Produce, 0..=2)
+            | (ApiKey::ListOffsets, 0)
+            | (ApiKey::OffsetCommit, 0..=1)
+            | (ApiKey::OffsetFetch, 0)
+    )
+}
 
 pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED
@@ -218,6 +234,35 @@ pub fn dispatch(
     request: RequestKind,
 ) -> Handler {
     let v = header.request_api_version;
+    match authz::check(&broker, &session, v, request) {
+        authz::Verdict::Deny(resp) => answer_only(async move { Some(kind(resp)) }.boxed()),
+        authz::Verdict::Serve(request, None) => serve(broker, session, v, request),
+        authz::Verdict::Serve(request, Some(patch)) => {
+            let handler = serve(broker, session, v, request);
+            Box::pin(patch_answer(handler, patch))
+        }
+    }
+}
+
+/// Runs `handler`'s ordering step, then yields its answer with the patch applied.
+async fn patch_answer(handler: Handler, patch: authz::Patch) -> Answer {
+    let answer = handler.await;
+    Box::pin(async move { answer.await.map(|r| patched(r, patch)) })
+}
+
+/// Applies an authorization patch to the response inside whatever holds it.
+fn patched(resp: Response, patch: authz::Patch) -> Response {
+    match resp {
+        Response::Kind(mut k) => {
+            patch(&mut k);
+            Response::Kind(k)
+        }
+        Response::Held(inner, held) => Response::Held(Box::new(patched(*inner, patch)), held),
+        raw @ Response::Raw(_) => raw,
+    }
+}
+
+fn serve(broker: Arc<Broker>, session: Arc<Session>, v: i16, request: RequestKind) -> Handler {
     let answer: Answer = match request {
         RequestKind::ApiVersions(r) => {
             let resp = api_versions::handle(&broker, v, r);
@@ -355,6 +400,22 @@ pub fn dispatch(
         RequestKind::OffsetDelete(r) => async move {
             Some(kind(ResponseKind::OffsetDelete(
                 offsets::offset_delete(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::CreateAcls(r) => async move {
+            Some(kind(ResponseKind::CreateAcls(
+                acls::create(&broker, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::DescribeAcls(r) => {
+            let resp = acls::describe(&broker, r);
+            async move { Some(kind(ResponseKind::DescribeAcls(resp))) }.boxed()
+        }
+        RequestKind::DeleteAcls(r) => async move {
+            Some(kind(ResponseKind::DeleteAcls(
+                acls::delete(&broker, r).await,
             )))
         }
         .boxed(),

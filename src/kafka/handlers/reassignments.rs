@@ -79,7 +79,9 @@ async fn alter_one(
         })
         .await
     {
-        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_)) => Ok(()),
+        Ok(Reply::Ok | Reply::ProducerIds { .. } | Reply::Groups(_) | Reply::AclsDeleted(_)) => {
+            Ok(())
+        }
         Ok(Reply::Err { code, message }) => Err((
             if code == ErrorCode::InvalidReplicaAssignment.code() {
                 ErrorCode::InvalidReplicaAssignment
