@@ -1,10 +1,11 @@
 //! Sluice: a Kafka-compatible streaming log coordinated by Raft. This crate is the broker and the
 //! `sluice` CLI's client verbs; ARCHITECTURE.md has the code map and the rules between modules.
-//! From the bottom up: `config`, `errors`, `clock`, `metrics`, `identity` · `controller` (the
+//! From the bottom up: `config`, `errors`, `acl_types`, `clock`, `metrics`, `identity` · `controller` (the
 //! replicated metadata) · `rpc` (node-to-node messages) · `broker` (what handlers and loops
 //! share), `session` · `membership`, `partition`, `coordinator` (consumer groups), `kafka`, `admin` · `net` · `node` (the composition root) ·
 //! `server`, `testkit`. `cli` stands apart: it speaks only the Kafka protocol.
 
+pub mod acl_types;
 pub mod admin;
 pub mod alloc_guard;
 pub mod broker;

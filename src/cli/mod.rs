@@ -5,6 +5,7 @@
 
 use clap::{Args, Subcommand, ValueEnum};
 
+pub mod acls;
 pub mod certs;
 pub mod client;
 pub mod cluster;
@@ -52,6 +53,11 @@ pub enum ClientCommand {
     Cluster {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
+    },
+    /// Create, list or delete ACLs (as kafka-acls does).
+    Acls {
+        #[command(subcommand)]
+        command: acls::AclsCommand,
     },
     /// Make a CA and node and client certificates for TLS on one machine.
     Certs {
@@ -277,6 +283,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Consume(args) => consume::run(args).await,
         ClientCommand::Groups { command } => groups::run(command).await,
         ClientCommand::Cluster { command } => cluster::run(command).await,
+        ClientCommand::Acls { command } => acls::run(command).await,
         ClientCommand::Certs {
             command: CertsCommand::Create(args),
         } => certs::run(&args),
