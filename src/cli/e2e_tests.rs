@@ -545,3 +545,91 @@ async fn offset_out_of_range_resets_to_log_end() {
     assert_eq!(consume_lines(&c, MODERN, &ca).await, vec!["a", "b"]);
     c.shutdown().await;
 }
+
+/// Three nodes whose Raft port is mutual TLS with `sluice certs create`'s certificates: the
+/// cluster forms, replicates an RF 3 topic, and a restarted node rejoins over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_mutual_tls_between_nodes_forms_replicates_and_rejoins() {
+    let certs = tempfile::tempdir().unwrap();
+    super::certs::create(&super::certs::CertsCreateArgs {
+        out: certs.path().to_path_buf(),
+        nodes: vec![1, 2, 3],
+        clients: vec![],
+        hosts: vec![],
+        days: 2,
+        force: false,
+    })
+    .unwrap();
+    let dir = certs.path().to_path_buf();
+    let mut c = TestCluster::start_with(3, move |cfg| {
+        cfg.raft_tls_cert = Some(dir.join(format!("node-{}.pem", cfg.node_id)));
+        cfg.raft_tls_key = Some(dir.join(format!("node-{}.key", cfg.node_id)));
+        cfg.raft_tls_ca = Some(dir.join("ca.pem"));
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(60)).await,
+        "TLS cluster not ready"
+    );
+    create(&c, "sec", 1, 3, &[]).await;
+    let mut pc = client(&c, MODERN).await;
+    let sent = produce::produce(
+        &mut pc,
+        &produce_args(&c, "sec"),
+        std::io::Cursor::new(b"a\nb\n".to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent, 2);
+    // A follower goes down and comes back: it catches up over a new TLS connection.
+    let follower = (0..3)
+        .find(|i| {
+            c.broker(*i)
+                .raft
+                .meta()
+                .leader()
+                .is_some_and(|l| l != *i as u64 + 1)
+        })
+        .unwrap();
+    c.kill(follower).await;
+    let mut pc = client(&c, MODERN).await;
+    produce::produce(
+        &mut pc,
+        &produce_args(&c, "sec"),
+        std::io::Cursor::new(b"c\n".to_vec()),
+    )
+    .await
+    .unwrap();
+    c.restart(follower).await.unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(60)).await,
+        "restarted node not ready"
+    );
+    // Its replica got the record it missed: replication reached it over TLS.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let end = c
+            .broker(follower)
+            .partitions
+            .get("sec", PartitionId::ZERO)
+            .map(|g| g.log_end_offset());
+        if end == Some(3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restarted replica's log end is {end:?}, not 3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ca = consume_args(&c, "sec");
+    ca.max_messages = Some(3);
+    ca.timeout_ms = Some(30_000);
+    let mut cc = client(&c, MODERN).await;
+    assert_eq!(
+        consume_with(&mut cc, &ca).await.unwrap(),
+        vec!["a", "b", "c"]
+    );
+    c.shutdown().await;
+}
