@@ -99,6 +99,12 @@ pub struct ServerConfig {
     pub super_users: Vec<String>,
     /// A resource no ACL names is open to all (`allow.everyone.if.no.acl.found`).
     pub allow_everyone_if_no_acl_found: bool,
+    /// Partitions the whole cluster may hold (`sluice.max.partitions`); CreateTopics,
+    /// CreatePartitions and auto-creation past it get POLICY_VIOLATION.
+    pub max_partitions: usize,
+    /// Topics one CreateTopics request may create (`sluice.create.topics.max.per.request`); the
+    /// rest get POLICY_VIOLATION.
+    pub create_topics_max_per_request: usize,
 }
 
 impl Default for ServerConfig {
@@ -141,6 +147,8 @@ impl Default for ServerConfig {
             authorizer_enabled: false,
             super_users: Vec::new(),
             allow_everyone_if_no_acl_found: false,
+            max_partitions: 100_000,
+            create_topics_max_per_request: 1_000,
         }
     }
 }
@@ -382,6 +390,10 @@ impl ServerConfig {
                     }
                 }
                 self.super_users = users;
+            }
+            "sluice.max.partitions" => self.max_partitions = parse_in(key, v, 1, 10_000_000)?,
+            "sluice.create.topics.max.per.request" => {
+                self.create_topics_max_per_request = parse_in(key, v, 1, 1_000_000)?
             }
             "allow.everyone.if.no.acl.found" => {
                 self.allow_everyone_if_no_acl_found = parse_bool(key, v)?

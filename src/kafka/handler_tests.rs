@@ -607,3 +607,70 @@ async fn a_new_leader_knows_the_producers_of_the_old_one() {
     assert_eq!(hw, 5);
     c.shutdown().await;
 }
+
+/// A hostile or careless client cannot create without bound: topics per CreateTopics request
+/// and partitions per cluster are capped, with POLICY_VIOLATION and a message naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_topics_and_partitions_are_capped_per_request_and_per_cluster() {
+    let c = TestCluster::start_with(1, |cfg| {
+        cfg.max_partitions = 5;
+        cfg.create_topics_max_per_request = 2;
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    let topic = |n: &str, p: i32| {
+        CreatableTopic::default()
+            .with_name(name(n))
+            .with_num_partitions(p)
+            .with_replication_factor(1)
+    };
+    let v = conn.version_for(ApiKey::CreateTopics).unwrap();
+    let resp: CreateTopicsResponse = conn
+        .call(
+            &CreateTopicsRequest::default()
+                .with_timeout_ms(10_000)
+                .with_topics(vec![topic("a", 1), topic("b", 1), topic("c", 1)]),
+            v,
+        )
+        .await
+        .unwrap();
+    let codes: Vec<i16> = resp.topics.iter().map(|t| t.error_code).collect();
+    let policy = ErrorCode::PolicyViolation.code();
+    assert_eq!(codes, vec![0, 0, policy], "{resp:?}");
+    assert!(resp.topics[2]
+        .error_message
+        .as_ref()
+        .is_some_and(|m| m.contains("sluice.create.topics.max.per.request")));
+    // Two partitions exist; four more would make six, past the cap of five.
+    let resp = create_topic(&mut conn, "d", 4).await;
+    assert_eq!(resp.topics[0].error_code, policy, "{resp:?}");
+    assert_eq!(
+        create_topic(&mut conn, "d", 3).await.topics[0].error_code,
+        0
+    );
+    let v = conn.version_for(ApiKey::CreatePartitions).unwrap();
+    let grown: CreatePartitionsResponse = conn
+        .call(
+            &CreatePartitionsRequest::default()
+                .with_timeout_ms(10_000)
+                .with_topics(vec![CreatePartitionsTopic::default()
+                    .with_name(name("a"))
+                    .with_count(2)]),
+            v,
+        )
+        .await
+        .unwrap();
+    assert_eq!(grown.results[0].error_code, policy, "{grown:?}");
+    assert!(c
+        .broker(0)
+        .state()
+        .topics
+        .get("a")
+        .is_some_and(|t| t.partitions.len() == 1));
+    c.shutdown().await;
+}

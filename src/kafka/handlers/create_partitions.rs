@@ -50,6 +50,7 @@ async fn grow(
             ),
         ));
     }
+    super::create_topics::check_partition_cap(broker, (count - current) as usize)?;
     if validate_only {
         return Ok(());
     }

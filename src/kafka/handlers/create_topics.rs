@@ -23,6 +23,28 @@ pub const PARTITIONS_MAX: i32 = 10_000;
 
 pub type CreateError = (ErrorCode, String);
 
+/// Refuses `adding` partitions when the cluster would then hold more than
+/// `sluice.max.partitions`. Checked when proposed (each node's configured cap may differ, so
+/// applying may not depend on it): concurrent creates can overshoot by what they add together.
+pub fn check_partition_cap(broker: &Broker, adding: usize) -> Result<(), CreateError> {
+    let have: usize = broker
+        .state()
+        .topics
+        .values()
+        .map(|t| t.partitions.len())
+        .sum();
+    let cap = broker.cfg.max_partitions;
+    if have + adding > cap {
+        return Err((
+            ErrorCode::PolicyViolation,
+            format!(
+                "the cluster holds {have} partitions; {adding} more would pass sluice.max.partitions ({cap})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn create_topic(
     broker: &Broker,
     name: &str,
@@ -69,6 +91,7 @@ pub async fn create_topic(
             format!("topic '{name}' already exists"),
         ));
     }
+    check_partition_cap(broker, partitions as usize)?;
     if validate_only {
         return Ok(());
     }
@@ -110,6 +133,7 @@ pub fn code_from(code: i16) -> ErrorCode {
         38 => ErrorCode::InvalidReplicationFactor,
         3 => ErrorCode::UnknownTopicOrPartition,
         40 => ErrorCode::InvalidConfig,
+        44 => ErrorCode::PolicyViolation,
         _ => ErrorCode::InvalidRequest,
     }
 }
@@ -120,7 +144,20 @@ pub async fn handle(
     req: CreateTopicsRequest,
 ) -> CreateTopicsResponse {
     let mut results = Vec::new();
-    for t in req.topics {
+    let cap = broker.cfg.create_topics_max_per_request;
+    for (i, t) in req.topics.into_iter().enumerate() {
+        if i >= cap {
+            let mut r = CreatableTopicResult::default()
+                .with_name(t.name.clone())
+                .with_error_code(ErrorCode::PolicyViolation.code());
+            if version >= 1 {
+                r = r.with_error_message(Some(StrBytes::from_string(format!(
+                    "at most {cap} topics per CreateTopics request (sluice.create.topics.max.per.request)"
+                ))));
+            }
+            results.push(r);
+            continue;
+        }
         let name = t.name.0.to_string();
         let configs: BTreeMap<String, String> = t
             .configs
