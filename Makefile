@@ -11,7 +11,7 @@ VENV_STAMP := $(VENV)/.stamp
 PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=3,<4' python-snappy lz4 zstandard
 
 
-.PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv
+.PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv fuzz fuzz-corpus
 
 all: build
 
@@ -62,6 +62,22 @@ test-rust:
 # Interop suite only, against the current release build.
 test-interop: venv build
 	$(VENV)/bin/pytest -q tests/interop
+
+# Longer fuzz runs (`make test` runs each target for a few thousand cases, ~20 s or less in a
+# debug build): FUZZ_CASES cases per target in a release build, printing executions per second
+# and corpus sizes. Targets: kafka_request, record_batch (src/kafka/fuzz_tests.rs), raft_frame
+# (raft/src/fuzz_tests.rs); seeds in fuzz/corpus/ (fuzz/README.md).
+FUZZ_CASES ?= 300000
+fuzz:
+	SLUICE_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p sluice --lib fuzz_ -- --nocapture
+	SLUICE_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p sluice-raft --lib fuzz_ -- --nocapture
+
+# Re-captures the Kafka request seeds from confluent-kafka and kafka-python through a capturing
+# proxy, then derives the record-batch and node-to-node seeds from them.
+fuzz-corpus: venv build
+	$(VENV)/bin/python scripts/capture_corpus.py --out fuzz/corpus/kafka_request
+	cargo test -p sluice --lib write_record_batch_corpus -- --ignored
+	cargo test -p sluice-raft --lib write_raft_frame_corpus -- --ignored
 
 run:
 	cargo run --release -- server

@@ -16,6 +16,34 @@ pub const HUGE_BYTES: usize = 1 << 30;
 
 pub struct GuardedAlloc;
 
+/// Tests only: the largest single allocation the current thread asked for since [`track::reset`],
+/// so fuzz targets can compare what a decoder reserves with the bytes it was given. A
+/// const-initialised `Cell` needs no allocation and no destructor, so the allocator may use it.
+#[cfg(test)]
+pub mod track {
+    use std::cell::Cell;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub fn reset() {
+        let _ = LARGEST.try_with(|c| c.set(0));
+    }
+
+    pub fn largest() -> usize {
+        LARGEST.try_with(Cell::get).unwrap_or(0)
+    }
+
+    pub(super) fn note(size: usize) {
+        let _ = LARGEST.try_with(|c| {
+            if size > c.get() {
+                c.set(size)
+            }
+        });
+    }
+}
+
 fn page_aligned(layout: &Layout) -> bool {
     layout.align() <= 4096
 }
@@ -41,6 +69,8 @@ unsafe fn map(size: usize) -> *mut u8 {
 
 unsafe impl GlobalAlloc for GuardedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        #[cfg(test)]
+        track::note(layout.size());
         if layout.size() >= HUGE_BYTES && page_aligned(&layout) {
             return unsafe { map(layout.size()) };
         }
@@ -48,6 +78,8 @@ unsafe impl GlobalAlloc for GuardedAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        #[cfg(test)]
+        track::note(layout.size());
         if layout.size() >= HUGE_BYTES && page_aligned(&layout) {
             // Fresh anonymous pages are already zero.
             return unsafe { map(layout.size()) };
@@ -68,6 +100,8 @@ unsafe impl GlobalAlloc for GuardedAlloc {
         let old_huge = layout.size() >= HUGE_BYTES && page_aligned(&layout);
         let new_huge = new_size >= HUGE_BYTES && page_aligned(&layout);
         if !old_huge && !new_huge {
+            #[cfg(test)]
+            track::note(new_size);
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
         // SAFETY: same alignment, new size non-zero (GlobalAlloc contract).

@@ -105,6 +105,38 @@ pub struct ServerConfig {
     /// Topics one CreateTopics request may create (`sluice.create.topics.max.per.request`); the
     /// rest get POLICY_VIOLATION.
     pub create_topics_max_per_request: usize,
+    /// The admin HTTP's bearer token (`admin.api.token`, or read from `admin.api.token.file` /
+    /// `--admin-token-file` by [`ServerConfig::finish`]); required on every mutating route.
+    pub admin_api_token: Option<AdminToken>,
+    pub admin_api_token_file: Option<PathBuf>,
+    /// Reads need the token too (`admin.api.require.auth.for.reads`); needs a token.
+    pub admin_api_require_auth_for_reads: bool,
+    /// HTTPS on the admin port (`admin.tls.cert`, `admin.tls.key`): both or neither.
+    pub admin_tls_cert: Option<PathBuf>,
+    pub admin_tls_key: Option<PathBuf>,
+}
+
+/// A secret that must never reach a log line: its `Debug` prints nothing of it, so printing a
+/// whole [`ServerConfig`] stays safe.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// `None` for an empty (or all-whitespace) token: an empty secret is no secret.
+    pub fn new(text: &str) -> Option<AdminToken> {
+        let t = text.trim();
+        (!t.is_empty()).then(|| AdminToken(t.to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 impl Default for ServerConfig {
@@ -149,6 +181,11 @@ impl Default for ServerConfig {
             allow_everyone_if_no_acl_found: false,
             max_partitions: 100_000,
             create_topics_max_per_request: 1_000,
+            admin_api_token: None,
+            admin_api_token_file: None,
+            admin_api_require_auth_for_reads: false,
+            admin_tls_cert: None,
+            admin_tls_key: None,
         }
     }
 }
@@ -401,6 +438,17 @@ impl ServerConfig {
             "raft.tls.cert" => self.raft_tls_cert = Some(parse_path(key, v)?),
             "raft.tls.key" => self.raft_tls_key = Some(parse_path(key, v)?),
             "raft.tls.ca" => self.raft_tls_ca = Some(parse_path(key, v)?),
+            // The value is not echoed back in the error: it is a secret.
+            "admin.api.token" => {
+                self.admin_api_token =
+                    Some(AdminToken::new(v).ok_or_else(|| invalid(key, "", "empty token"))?)
+            }
+            "admin.api.token.file" => self.admin_api_token_file = Some(parse_path(key, v)?),
+            "admin.api.require.auth.for.reads" => {
+                self.admin_api_require_auth_for_reads = parse_bool(key, v)?
+            }
+            "admin.tls.cert" => self.admin_tls_cert = Some(parse_path(key, v)?),
+            "admin.tls.key" => self.admin_tls_key = Some(parse_path(key, v)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -459,6 +507,7 @@ impl ServerConfig {
                 "set all of raft.tls.cert, raft.tls.key and raft.tls.ca (--raft-tls-cert/-key/-ca), or none",
             ));
         }
+        self.finish_admin()?;
         match self.peers.get(&self.node_id) {
             None => {
                 return Err(invalid(
@@ -484,6 +533,45 @@ impl ServerConfig {
                 ));
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// The admin HTTP's settings: the token file read, and the combinations that make sense.
+    fn finish_admin(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.admin_api_token_file {
+            if self.admin_api_token.is_some() {
+                return Err(invalid(
+                    "admin.api.token.file",
+                    &path.display().to_string(),
+                    "set admin.api.token or admin.api.token.file (--admin-token-file), not both",
+                ));
+            }
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            self.admin_api_token = Some(AdminToken::new(&text).ok_or_else(|| {
+                invalid(
+                    "admin.api.token.file",
+                    &path.display().to_string(),
+                    "the file holds no token",
+                )
+            })?);
+        }
+        if self.admin_api_require_auth_for_reads && self.admin_api_token.is_none() {
+            return Err(invalid(
+                "admin.api.require.auth.for.reads",
+                "true",
+                "needs a token: set admin.api.token or --admin-token-file",
+            ));
+        }
+        if self.admin_tls_cert.is_some() != self.admin_tls_key.is_some() {
+            return Err(invalid(
+                "admin.tls",
+                &format!("{:?}", (&self.admin_tls_cert, &self.admin_tls_key)),
+                "set both admin.tls.cert and admin.tls.key (--admin-tls-cert/--admin-tls-key), or neither",
+            ));
         }
         Ok(())
     }
@@ -621,6 +709,51 @@ mod tests {
         let mut c = ServerConfig::default();
         c.finish().unwrap();
         assert_eq!(c.peers[&1], "127.0.0.1:9093");
+    }
+
+    #[test]
+    fn admin_token_from_a_file_is_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret-token\n").unwrap();
+        let mut c = ServerConfig::default();
+        assert!(c
+            .apply_property("admin.api.token.file", path.to_str().unwrap())
+            .unwrap());
+        assert!(c
+            .apply_property("admin.api.require.auth.for.reads", "true")
+            .unwrap());
+        c.finish().unwrap();
+        assert_eq!(
+            c.admin_api_token.as_ref().map(AdminToken::expose),
+            Some("s3cret-token")
+        );
+        assert!(c.admin_api_require_auth_for_reads);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token leaks in Debug"
+        );
+        // Both sources, an empty file, reads without a token, half a TLS pair: refused.
+        c.admin_api_token_file = Some(path.clone());
+        assert!(c.finish().is_err());
+        std::fs::write(&path, " \n").unwrap();
+        let mut c = ServerConfig {
+            admin_api_token_file: Some(path),
+            ..ServerConfig::default()
+        };
+        assert!(c.finish().is_err());
+        assert!(c.apply_property("admin.api.token", "  ").is_err());
+        let mut c = ServerConfig {
+            admin_api_require_auth_for_reads: true,
+            ..ServerConfig::default()
+        };
+        assert!(c.finish().is_err());
+        let mut c = ServerConfig::default();
+        assert!(c.apply_property("admin.tls.cert", "/x/cert.pem").unwrap());
+        let e = c.finish().unwrap_err();
+        assert!(e.to_string().contains("admin.tls"), "{e}");
+        assert!(c.apply_property("admin.tls.key", "/x/key.pem").unwrap());
+        c.finish().unwrap();
     }
 
     #[test]

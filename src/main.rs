@@ -59,6 +59,16 @@ struct ServerArgs {
     /// The cluster CA (PEM): peers must present a certificate it issued.
     #[arg(long, value_name = "FILE")]
     raft_tls_ca: Option<PathBuf>,
+    /// A file holding the admin HTTP's bearer token (trimmed): every mutating admin route then
+    /// needs `Authorization: Bearer <token>` (`admin.api.token.file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Certificate chain (PEM) for HTTPS on the admin port; needs --admin-tls-key.
+    #[arg(long, value_name = "FILE")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --admin-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    admin_tls_key: Option<PathBuf>,
 }
 
 fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -97,6 +107,17 @@ fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     }
     if args.raft_tls_ca.is_some() {
         cfg.raft_tls_ca = args.raft_tls_ca;
+    }
+    if let Some(path) = args.admin_token_file {
+        // The flag replaces a token the config file may hold, as flags override the file.
+        cfg.admin_api_token = None;
+        cfg.admin_api_token_file = Some(path);
+    }
+    if args.admin_tls_cert.is_some() {
+        cfg.admin_tls_cert = args.admin_tls_cert;
+    }
+    if args.admin_tls_key.is_some() {
+        cfg.admin_tls_key = args.admin_tls_key;
     }
     cfg.finish()?;
     Ok(cfg)

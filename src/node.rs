@@ -39,6 +39,8 @@ pub enum NodeError {
     Refused(String),
     #[error("raft TLS: {0}")]
     Tls(#[from] sluice_raft::tls::TlsError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// The node-to-node TLS of `cfg`, loaded; `None` for plaintext, which is only announced as
@@ -177,11 +179,22 @@ impl Node {
             return Err(NodeError::Refused(reason));
         }
 
+        let admin_addr = admin.local_addr().map_err(dir_err)?;
+        let cancel = CancellationToken::new();
+        // Before any loop starts: a bad admin certificate fails the start with nothing to undo
+        // but Raft.
+        let admin_serving = match crate::admin::serve(admin, broker.clone(), cancel.clone()) {
+            Ok(serving) => serving,
+            Err(e) => {
+                raft_host.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let node = Node {
             kafka_addr: kafka.local_addr().map_err(dir_err)?,
-            admin_addr: admin.local_addr().map_err(dir_err)?,
+            admin_addr,
             broker,
-            cancel: CancellationToken::new(),
+            cancel,
             tasks: TaskTracker::new(),
         };
         let b = &node.broker;
@@ -207,16 +220,8 @@ impl Node {
         // The servers stop accepting on cancellation themselves (they drain, not drop).
         node.tasks
             .spawn(crate::net::serve(kafka, b.clone(), node.cancel.clone()));
-        let admin_app = crate::admin::router(b.clone());
-        let stop = node.cancel.clone();
-        node.tasks.spawn(async move {
-            let served = axum::serve(admin, admin_app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "admin HTTP server stopped");
-            }
-        });
+        // The admin server (HTTPS when configured) stops accepting on cancellation itself.
+        node.tasks.spawn(admin_serving);
         Ok(node)
     }
 

@@ -113,4 +113,6 @@ pub(crate) fn log_id(term: u64, index: u64) -> LogId {
 pub(crate) mod test_util;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod host_tests;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -10,10 +11,12 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error;
+use super::guard::optional_body;
 use crate::broker::Broker;
 use crate::controller::PartitionId;
 
 #[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct TransferBody {
     /// Node to move leadership to; default: the preferred leader (first replica).
     target: Option<u64>,
@@ -22,8 +25,13 @@ pub(super) struct TransferBody {
 pub(super) async fn transfer_leadership(
     State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, PartitionId)>,
-    body: Option<Json<TransferBody>>,
+    body: Bytes,
 ) -> Response {
+    // An empty body (the guard already required the JSON content type) means the default.
+    let body: TransferBody = match optional_body(&body) {
+        Ok(b) => b,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     let (replicas, gid) = {
         let st = broker.state();
         let Some(t) = st.topics.get(&topic) else {
@@ -40,9 +48,7 @@ pub(super) async fn transfer_leadership(
         };
         (r.clone(), crate::controller::group_id(t, partition))
     };
-    let target = body
-        .and_then(|Json(b)| b.target)
-        .or_else(|| replicas.first().copied());
+    let target = body.target.or_else(|| replicas.first().copied());
     let Some(target) = target else {
         return error(StatusCode::BAD_REQUEST, "no target replica");
     };
@@ -167,13 +173,16 @@ pub(super) struct ReassignBody {
 pub(super) async fn reassign(
     State(broker): State<Arc<Broker>>,
     Path((topic, partition)): Path<(String, PartitionId)>,
-    body: Option<Json<ReassignBody>>,
+    body: Bytes,
 ) -> Response {
-    let Some(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected a JSON body {\"replicas\": [broker ids]}",
-        );
+    let body: ReassignBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected a JSON body {{\"replicas\": [broker ids]}}: {e}"),
+            )
+        }
     };
     let cmd = crate::controller::Command::ReassignPartitions {
         topic: topic.clone(),
@@ -339,7 +348,7 @@ pub(super) fn storage_faults(
             json!({ "error": format!(
                 "storage faults are not enabled on this node: start it with {}=1 (chaos tests only)",
                 sluice_storage::fault::ENV
-            ) }),
+            ), "status": StatusCode::FORBIDDEN.as_u16() }),
         );
     };
     if let Some(body) = set {
@@ -348,7 +357,7 @@ pub(super) fn storage_faults(
             Err(e) => {
                 return (
                     StatusCode::BAD_REQUEST,
-                    json!({ "error": format!("bad body: {e}; expected {{\"rules\": [{{\"op\": \"write|fsync|any\", \"error\": \"eio|enospc\"}}]}}") }),
+                    json!({ "error": format!("bad body: {e}; expected {{\"rules\": [{{\"op\": \"write|fsync|any\", \"error\": \"eio|enospc\"}}]}}"), "status": StatusCode::BAD_REQUEST.as_u16() }),
                 )
             }
         }

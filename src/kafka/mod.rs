@@ -6,6 +6,8 @@
 mod acl_tests;
 pub mod authz;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod group_tests;
 #[cfg(test)]
 mod handler_tests;
@@ -16,7 +18,7 @@ pub mod wire;
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
 use kafka_protocol::protocol::Decodable;
@@ -133,6 +135,46 @@ fn in_turn(conn: &RequestContext, fetch: Answer) -> Handler {
     }))
 }
 
+/// The fixed start of every request header: (API key as sent, version, correlation id).
+/// Bounds-checked, so any frame (even one shorter than the 8 bytes `net` guarantees) is an
+/// error, never a panic.
+pub fn peek_header(frame: &Bytes) -> Result<(i16, i16, i32), String> {
+    let field = |at: usize, n: usize| {
+        frame
+            .get(at..at + n)
+            .ok_or_else(|| format!("request header too short ({} bytes)", frame.len()))
+    };
+    let key = field(0, 2)?;
+    let version = field(2, 2)?;
+    let correlation = field(4, 4)?;
+    Ok((
+        i16::from_be_bytes([key[0], key[1]]),
+        i16::from_be_bytes([version[0], version[1]]),
+        i32::from_be_bytes([
+            correlation[0],
+            correlation[1],
+            correlation[2],
+            correlation[3],
+        ]),
+    ))
+}
+
+/// Decodes a request's header and body with the codec crate (every version but the legacy ones
+/// handlers read by hand). Pure, so the fuzz target drives exactly this.
+pub fn decode_body(
+    api_key: ApiKey,
+    version: i16,
+    frame: Bytes,
+) -> Result<(RequestHeader, RequestKind), String> {
+    let mut body = frame;
+    let header_version = api_key.request_header_version(version);
+    let header = RequestHeader::decode(&mut body, header_version)
+        .map_err(|e| format!("malformed {api_key:?} v{version} request header: {e}"))?;
+    let request = RequestKind::decode(api_key, &mut body, version)
+        .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
+    Ok((header, request))
+}
+
 /// Decodes one frame and starts its handler. Errors close the connection, as Kafka does for
 /// requests it cannot parse.
 pub(crate) fn decode_and_start(
@@ -140,14 +182,7 @@ pub(crate) fn decode_and_start(
     conn: &RequestContext,
     frame: Bytes,
 ) -> Result<Started, String> {
-    let mut peek = frame.clone();
-    let api_key_raw = peek.get_i16();
-    let version = peek.get_i16();
-    let correlation_id = if peek.remaining() >= 4 {
-        peek.get_i32()
-    } else {
-        return Err("request header too short".into());
-    };
+    let (api_key_raw, version, correlation_id) = peek_header(&frame)?;
     let api_key = ApiKey::try_from(api_key_raw)
         .map_err(|_| format!("unknown API key {api_key_raw} (correlation id {correlation_id})"))?;
     let Some((min, max)) = handlers::supported_versions(api_key) else {
@@ -170,7 +205,6 @@ pub(crate) fn decode_and_start(
             "unsupported version {version} of {api_key:?} (supported {min}..={max})"
         ));
     }
-    let mut body = frame;
     // Old versions the codec crate dropped are decoded by hand inside their handlers.
     let started = |handler| Started {
         correlation_id,
@@ -191,14 +225,10 @@ pub(crate) fn decode_and_start(
             "{api_key:?} v{version} is not served while ACLs are enforced; use a newer client"
         ));
     }
-    if let Some(handler) = handlers::start_legacy(broker, api_key, version, &body)? {
+    if let Some(handler) = handlers::start_legacy(broker, api_key, version, &frame)? {
         return Ok(started(handler));
     }
-    let header_version = api_key.request_header_version(version);
-    let header = RequestHeader::decode(&mut body, header_version)
-        .map_err(|e| format!("malformed {api_key:?} v{version} request header: {e}"))?;
-    let request = RequestKind::decode(api_key, &mut body, version)
-        .map_err(|e| format!("malformed {api_key:?} v{version} request: {e}"))?;
+    let (header, request) = decode_body(api_key, version, frame)?;
     conn.session
         .note_client_id(header.client_id.as_ref().map(|c| c.as_str()));
     let handler = handlers::dispatch(broker.clone(), conn.session.clone(), header, request);

@@ -14,6 +14,9 @@
 pub mod batch;
 pub mod fault;
 pub mod file;
+/// The bounded proptest fuzz harness the workspace's fuzz targets share (tests only).
+#[cfg(any(test, feature = "testing"))]
+pub mod fuzzing;
 pub mod log;
 pub mod meta;
 

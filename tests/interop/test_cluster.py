@@ -204,13 +204,15 @@ def test_fourth_node_joins_and_is_decommissioned(cluster, tmp_path):
         assert any(g["group"] == "meta" for g in raft)
         # --- decommission: only on the controller, and it removes the broker everywhere
         controller = next(n for n in cluster if n.node_id == ctl)
-        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/4/decommission", method="POST")
+        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/4/decommission", method="POST",
+                                     headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
             assert json.loads(r.read()) == {"decommissioned": 4}
         wait_for("three brokers again", lambda: len(metadata(cluster[1].bootstrap).brokers) == 3)
         # --- a broker whose replicas have nowhere to go (RF 3 on 3 brokers) is refused with a reason
         Clients(cluster[0]).sluice("topics", "create", "pinned", "--partitions", "3", "--replication-factor", "3")
-        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/{cluster[1].node_id}/decommission", method="POST")
+        req = urllib.request.Request(f"http://{controller.admin}/v1/brokers/{cluster[1].node_id}/decommission", method="POST",
+                                     headers={"content-type": "application/json"})
         try:
             urllib.request.urlopen(req, timeout=30)
             raise AssertionError("decommission of a broker with replicas succeeded")
