@@ -25,6 +25,7 @@ pub mod node;
 pub mod partition;
 pub mod rpc;
 pub mod server;
+pub mod scram;
 pub mod session;
 pub mod testkit;
 
