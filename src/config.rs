@@ -216,9 +216,7 @@ impl SslConfig {
                 }
             }
             "ssl.keystore.location" => self.keystore_location = Some(parse_path(key, value)?),
-            "ssl.certificate.location" => {
-                self.certificate_location = Some(parse_path(key, value)?)
-            }
+            "ssl.certificate.location" => self.certificate_location = Some(parse_path(key, value)?),
             "ssl.key.location" => self.key_location = Some(parse_path(key, value)?),
             "ssl.truststore.location" => self.truststore_location = Some(parse_path(key, value)?),
             "ssl.client.auth" => {
@@ -286,7 +284,11 @@ pub fn parse_listener_list(key: &str, value: &str) -> Result<Vec<(String, String
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return Err(invalid(key, item, "listener names are letters, digits, '_' and '-'"));
+            return Err(invalid(
+                key,
+                item,
+                "listener names are letters, digits, '_' and '-'",
+            ));
         }
         let hostport = match hostport.strip_prefix(':') {
             Some(port) => format!("127.0.0.1:{port}"),
@@ -294,7 +296,11 @@ pub fn parse_listener_list(key: &str, value: &str) -> Result<Vec<(String, String
         };
         check_hostport(key, &hostport)?;
         if out.iter().any(|(n, _)| *n == name) {
-            return Err(invalid(key, value, format!("listener {name} is named twice")));
+            return Err(invalid(
+                key,
+                value,
+                format!("listener {name} is named twice"),
+            ));
         }
         out.push((name, hostport));
     }
@@ -305,9 +311,7 @@ pub fn parse_listener_list(key: &str, value: &str) -> Result<Vec<(String, String
 }
 
 /// `CLIENT:SASL_SSL,INTERNAL:PLAINTEXT` -> {CLIENT: SaslSsl, INTERNAL: Plaintext}.
-pub fn parse_protocol_map(
-    value: &str,
-) -> Result<BTreeMap<String, SecurityProtocol>, ConfigError> {
+pub fn parse_protocol_map(value: &str) -> Result<BTreeMap<String, SecurityProtocol>, ConfigError> {
     const KEY: &str = "listener.security.protocol.map";
     let mut map = BTreeMap::new();
     for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -1015,7 +1019,10 @@ mod tests {
         let err = |props: &[(&str, &str)]| listeners_of(props).unwrap_err().to_string();
         let e = err(&[("listeners", "CLIENT://127.0.0.1:1")]);
         assert!(e.contains("listener.security.protocol.map"), "{e}");
-        let e = err(&[("listeners", "PLAINTEXT://127.0.0.1:1,PLAINTEXT://127.0.0.1:2")]);
+        let e = err(&[(
+            "listeners",
+            "PLAINTEXT://127.0.0.1:1,PLAINTEXT://127.0.0.1:2",
+        )]);
         assert!(e.contains("named twice"), "{e}");
         let e = err(&[("listeners", "PLAINTEXT://127.0.0.1:1,SSL://127.0.0.1:1")]);
         assert!(e.contains("two listeners on"), "{e}");
@@ -1052,7 +1059,8 @@ mod tests {
         c.apply_property("sasl.enabled.mechanisms", "scram-sha-512")
             .unwrap();
         assert_eq!(c.sasl_enabled_mechanisms, vec!["SCRAM-SHA-512"]);
-        c.apply_property("connections.max.reauth.ms", "5000").unwrap();
+        c.apply_property("connections.max.reauth.ms", "5000")
+            .unwrap();
         assert_eq!(c.connections_max_reauth_ms, 5000);
     }
 }

@@ -36,6 +36,8 @@ pub enum ErrorCode {
     TopicAuthorizationFailed = 29,
     GroupAuthorizationFailed = 30,
     InvalidTimestamp = 32,
+    UnsupportedSaslMechanism = 33,
+    IllegalSaslState = 34,
     UnsupportedVersion = 35,
     TopicAlreadyExists = 36,
     InvalidPartitions = 37,
@@ -51,6 +53,7 @@ pub enum ErrorCode {
     InvalidProducerEpoch = 47,
     TransactionalIdAuthorizationFailed = 53,
     KafkaStorageError = 56,
+    SaslAuthenticationFailed = 58,
     UnknownProducerId = 59,
     NonEmptyGroup = 68,
     GroupIdNotFound = 69,
@@ -64,6 +67,9 @@ pub enum ErrorCode {
     GroupSubscribedToTopic = 86,
     InvalidRecord = 87,
     ProducerFenced = 90,
+    ResourceNotFound = 91,
+    DuplicateResource = 92,
+    UnacceptableCredential = 93,
     UnknownTopicId = 100,
 }
 
@@ -99,6 +105,8 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::TopicAuthorizationFailed,
     ErrorCode::GroupAuthorizationFailed,
     ErrorCode::InvalidTimestamp,
+    ErrorCode::UnsupportedSaslMechanism,
+    ErrorCode::IllegalSaslState,
     ErrorCode::UnsupportedVersion,
     ErrorCode::TopicAlreadyExists,
     ErrorCode::InvalidPartitions,
@@ -114,6 +122,7 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::InvalidProducerEpoch,
     ErrorCode::TransactionalIdAuthorizationFailed,
     ErrorCode::KafkaStorageError,
+    ErrorCode::SaslAuthenticationFailed,
     ErrorCode::UnknownProducerId,
     ErrorCode::NonEmptyGroup,
     ErrorCode::GroupIdNotFound,
@@ -127,6 +136,9 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::GroupSubscribedToTopic,
     ErrorCode::InvalidRecord,
     ErrorCode::ProducerFenced,
+    ErrorCode::ResourceNotFound,
+    ErrorCode::DuplicateResource,
+    ErrorCode::UnacceptableCredential,
     ErrorCode::UnknownTopicId,
 ];
 

@@ -24,8 +24,8 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod rpc;
-pub mod server;
 pub mod scram;
+pub mod server;
 pub mod session;
 pub mod testkit;
 

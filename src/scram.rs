@@ -255,7 +255,10 @@ impl ServerFirst {
             Some(c) => (c.salt.clone(), c.iterations),
             // A salt derived from the name, so asking twice gives the same answer, as for a user
             // who exists.
-            None => (mechanism.hash(username.as_bytes())[..16].to_vec(), MIN_ITERATIONS),
+            None => (
+                mechanism.hash(username.as_bytes())[..16].to_vec(),
+                MIN_ITERATIONS,
+            ),
         };
         let nonce = format!("{client_nonce}{}", random_nonce());
         let server_first = format!("r={nonce},s={},i={iterations}", B64.encode(&salt));
@@ -440,8 +443,7 @@ mod tests {
 
     #[test]
     fn client_matches_rfc7677_test_vector() {
-        let mut c =
-            ClientScram::with_nonce(Mechanism::ScramSha256, "user", "pencil", CLIENT_NONCE);
+        let mut c = ClientScram::with_nonce(Mechanism::ScramSha256, "user", "pencil", CLIENT_NONCE);
         assert_eq!(c.client_first(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         let fin = c.client_final(SERVER_FIRST.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(fin).unwrap(), CLIENT_FINAL);
@@ -507,8 +509,8 @@ mod tests {
     fn unknown_users_get_a_stable_made_up_salt() {
         let first = |n: &str| {
             let msg = format!("n,,n=ghost,r={n}");
-            let (_, out) = ServerFirst::start(Mechanism::ScramSha256, msg.as_bytes(), |_| None)
-                .unwrap();
+            let (_, out) =
+                ServerFirst::start(Mechanism::ScramSha256, msg.as_bytes(), |_| None).unwrap();
             let t = String::from_utf8(out).unwrap();
             attr(&t, 's').unwrap().to_string()
         };
