@@ -463,3 +463,109 @@ async fn scram_users_replicate_to_every_node_and_survive_a_restart() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_listeners_answer_with_their_own_advertised_address_and_share_max_connections() {
+    use crate::node::{Listeners, Node};
+    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let (plain, internal, admin, raft) = (bind().await, bind().await, bind().await, bind().await);
+    let addr = |l: &tokio::net::TcpListener| l.local_addr().unwrap().to_string();
+    let (plain_addr, internal_addr) = (addr(&plain), addr(&internal));
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig {
+        data_dir: root.path().join("n1"),
+        raft_addr: addr(&raft),
+        admin_addr: addr(&admin),
+        max_connections: 3,
+        ..ServerConfig::default()
+    };
+    cfg.apply_property(
+        "listeners",
+        &format!("PLAINTEXT://{plain_addr},INTERNAL://{internal_addr}"),
+    )
+    .unwrap();
+    cfg.apply_property(
+        "listener.security.protocol.map",
+        "PLAINTEXT:PLAINTEXT,INTERNAL:SASL_PLAINTEXT",
+    )
+    .unwrap();
+    cfg.apply_property("advertised.listeners", "INTERNAL://internal.example:1234")
+        .unwrap();
+    cfg.finish().unwrap();
+    // A port in use fails the bind, naming it.
+    let e = Listeners::bind(&cfg).await.err().expect("ports are taken");
+    assert!(e.to_string().contains(&plain_addr), "{e}");
+    let node = Node::start(
+        cfg,
+        Listeners {
+            kafka: vec![plain, internal],
+            admin,
+            raft,
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node.broker().is_ready()
+        || node
+            .broker()
+            .state()
+            .broker_listeners
+            .get(&1)
+            .map(|l| l.len())
+            != Some(2)
+    {
+        assert!(Instant::now() < deadline, "node not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hosts = |r: &kafka_protocol::messages::MetadataResponse| -> Vec<String> {
+        r.brokers
+            .iter()
+            .map(|b| format!("{}:{}", b.host.as_str(), b.port))
+            .collect()
+    };
+    // PLAINTEXT: its own address; INTERNAL (SASL) after authenticating: the advertised one.
+    let mut p = BrokerConn::connect(&plain_addr).await.unwrap();
+    let v = p
+        .version_for(kafka_protocol::messages::ApiKey::Metadata)
+        .unwrap();
+    let r = p.call(&MetadataRequest::default(), v).await.unwrap();
+    assert_eq!(hosts(&r), vec![plain_addr.clone()]);
+    node.broker()
+        .propose(&Command::AlterScramCredentials {
+            upsertions: vec![ScramUpsertion {
+                user: "u".into(),
+                mechanism: Mechanism::ScramSha256,
+                credential: ScramCredential::from_password(
+                    Mechanism::ScramSha256,
+                    "p",
+                    b"salt",
+                    4096,
+                ),
+            }],
+            deletions: vec![],
+        })
+        .await
+        .unwrap();
+    install_for(
+        &internal_addr,
+        ClientSecurity {
+            protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: "SCRAM-SHA-256".into(),
+            sasl_username: Some("u".into()),
+            sasl_password: Some("p".into()),
+            ..ClientSecurity::default()
+        },
+    );
+    let mut i = BrokerConn::connect(&internal_addr).await.unwrap();
+    let r = i.call(&MetadataRequest::default(), v).await.unwrap();
+    assert_eq!(hosts(&r), vec!["internal.example:1234".to_string()]);
+    // max.connections (3) counts both listeners: p and i hold two, one more fits, a fourth is
+    // closed at accept.
+    let mut third = TcpStream::connect(&plain_addr).await.unwrap();
+    let av = encode_request(&ApiVersionsRequest::default(), 3, 1).unwrap();
+    assert!(raw_call(&mut third, av.clone()).await.is_some());
+    let mut fourth = TcpStream::connect(&internal_addr).await.unwrap();
+    assert!(raw_call(&mut fourth, av).await.is_none());
+    node.stop().await;
+}
