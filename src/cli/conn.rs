@@ -26,8 +26,8 @@ use crate::errors::ErrorCode;
 use crate::scram::{plain_message, ClientScram, Mechanism};
 
 /// A plaintext socket or a TLS stream over one.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// Largest frame we accept. Checked before allocating so that a corrupt or
 /// hostile size prefix cannot make us reserve gigabytes.
