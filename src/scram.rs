@@ -292,7 +292,10 @@ impl ServerFirst {
                 "channel binding does not repeat the gs2 header".into(),
             ));
         }
-        if attr(without_proof, 'r') != Some(self.nonce.as_str()) {
+        // Kafka checks that the nonce *ends with* the server's, and so do we: librdkafka 2.0.2
+        // (Debian's kcat) sends its own nonce twice in front of it. The proof covers the message
+        // as sent, and the server's random part must still be there.
+        if !attr(without_proof, 'r').is_some_and(|n| n.ends_with(self.nonce.as_str())) {
             return Err(ScramError::Malformed(
                 "nonce does not match the server's".into(),
             ));
@@ -503,6 +506,33 @@ mod tests {
             assert!(!round_trip(m, "s3cret", "wrong", true), "{m:?}");
             assert!(!round_trip(m, "s3cret", "s3cret", false), "{m:?}");
         }
+    }
+
+    #[test]
+    fn a_client_final_nonce_that_ends_with_the_servers_is_accepted_as_kafka_does() {
+        // librdkafka 2.0.2 repeats its client nonce in front of the server's; Kafka accepts
+        // that, a nonce without the server's random part it does not.
+        let m = Mechanism::ScramSha256;
+        let cred = ScramCredential::from_password(m, "pw", b"salt", 4096);
+        let (s, first) = ServerFirst::start(m, b"n,,n=u,r=abc", |_| Some(cred.clone())).unwrap();
+        let first = String::from_utf8(first).unwrap();
+        let server_nonce = attr(&first, 'r').unwrap().to_string();
+        let proof_for = |nonce: &str| {
+            let salted = m.salted_password(b"pw", b"salt", 4096);
+            let client_key = m.hmac(&salted, b"Client Key");
+            let without = format!("c=biws,r={nonce}");
+            let auth = format!("n=u,r=abc,{first},{without}");
+            let sig = m.hmac(&m.hash(&client_key), auth.as_bytes());
+            format!("{without},p={}", B64.encode(xor(&client_key, &sig)))
+        };
+        assert!(s
+            .finish(proof_for(&format!("abc{server_nonce}")).as_bytes())
+            .is_ok());
+        assert!(s.finish(proof_for(&server_nonce).as_bytes()).is_ok());
+        assert!(matches!(
+            s.finish(proof_for("abc").as_bytes()),
+            Err(ScramError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -18,15 +18,17 @@ use crate::errors::ErrorCode;
 use crate::scram::{parse_plain, Mechanism, ScramError, ServerFirst};
 use crate::session::{Principal, SaslStage, Session};
 
-/// v0 is followed by raw SASL tokens without Kafka framing, which every client we test skips
-/// for v1 when the broker offers SaslAuthenticate; a v0 handshake is refused as unsupported.
-pub const HANDSHAKE_VERSIONS: (i16, i16) = (1, 1);
+/// v0 is followed by raw SASL tokens without Kafka framing, which every client we test skips for
+/// v1. v0 is still advertised because librdkafka (2.0.2, Debian's kcat) only offers SASL at all
+/// when the broker lists SaslHandshake v0; a v0 handshake itself is answered ILLEGAL_SASL_STATE
+/// with a log line saying why, and the connection closed.
+pub const HANDSHAKE_VERSIONS: (i16, i16) = (0, 1);
 pub const AUTHENTICATE_VERSIONS: (i16, i16) = (0, 2);
 
 pub fn handshake(
     broker: &Broker,
     session: &Session,
-    _version: i16,
+    version: i16,
     req: SaslHandshakeRequest,
 ) -> SaslHandshakeResponse {
     let enabled = &broker.cfg.sasl_enabled_mechanisms;
@@ -37,6 +39,14 @@ pub fn handshake(
             .collect(),
     );
     if !session.protocol.uses_sasl() {
+        info!(peer = %session.peer, listener = %session.listener, "SaslHandshake on a listener without SASL");
+        session.fail_authentication();
+        return resp.with_error_code(ErrorCode::IllegalSaslState.code());
+    }
+    if version == 0 {
+        info!(peer = %session.peer, listener = %session.listener,
+            "SaslHandshake v0 (raw SASL tokens without Kafka framing) is not supported; \
+             use a client that sends SaslHandshake v1 and SaslAuthenticate (Kafka 1.0+)");
         session.fail_authentication();
         return resp.with_error_code(ErrorCode::IllegalSaslState.code());
     }
