@@ -201,7 +201,7 @@ fn encode_saslname(s: &str) -> String {
 }
 
 /// The value of attribute `key` (`k=value`) in a comma-separated SCRAM message.
-fn attr<'a>(msg: &'a str, key: char) -> Option<&'a str> {
+fn attr(msg: &str, key: char) -> Option<&str> {
     msg.split(',').find_map(|part| {
         let mut chars = part.chars();
         (chars.next() == Some(key) && chars.next() == Some('=')).then(|| &part[2..])

@@ -51,7 +51,7 @@ pub fn handshake(
         return resp.with_error_code(ErrorCode::IllegalSaslState.code());
     }
     let asked = req.mechanism.to_ascii_uppercase();
-    if !enabled.iter().any(|m| *m == asked) {
+    if !enabled.contains(&asked) {
         // Kafka answers and lets the client choose again; it does not close.
         return resp.with_error_code(ErrorCode::UnsupportedSaslMechanism.code());
     }
