@@ -736,6 +736,11 @@ impl ServerConfig {
                 l.advertised = Some(addr);
             }
         }
+        // --advertised-kafka-addr still names the first listener's address when
+        // advertised.listeners does not.
+        if listeners[0].advertised.is_none() {
+            listeners[0].advertised = self.advertised_kafka_addr.clone();
+        }
         self.kafka_addr = listeners[0].addr.clone();
         self.advertised_kafka_addr = listeners[0].advertised.clone();
         self.listeners = listeners;

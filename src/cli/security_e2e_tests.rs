@@ -569,3 +569,50 @@ async fn several_listeners_answer_with_their_own_advertised_address_and_share_ma
     assert!(raw_call(&mut fourth, av).await.is_none());
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssl_listener_requiring_client_certificates_refuses_clients_without_one() {
+    let dir = certs(1);
+    let d = dir.path().to_path_buf();
+    let c = secure_cluster(1, SecurityProtocol::Ssl, dir.path(), move |cfg| {
+        if let Some(ssl) = cfg.listeners[0].ssl.as_mut() {
+            ssl.client_auth = Some(ClientAuth::Required);
+            // One PEM file with key and chain, as Kafka's PEM keystore.
+            let ks = d.join("node-1-keystore.pem");
+            let text = std::fs::read_to_string(d.join("node-1.key")).unwrap()
+                + &std::fs::read_to_string(d.join("node-1.pem")).unwrap();
+            std::fs::write(&ks, text).unwrap();
+            ssl.keystore_location = Some(ks);
+            ssl.certificate_location = None;
+            ssl.key_location = None;
+        }
+    })
+    .await;
+    let addr = c.kafka_addr(0);
+    let ssl = |cert: bool| ClientSecurity {
+        protocol: SecurityProtocol::Ssl,
+        ssl_ca_location: Some(dir.path().join("ca.pem")),
+        ssl_certificate_location: cert.then(|| dir.path().join("client-alice.pem")),
+        ssl_key_location: cert.then(|| dir.path().join("client-alice.key")),
+        ..ClientSecurity::default()
+    };
+    install_for(&addr, ssl(false));
+    assert!(
+        BrokerConn::connect(&addr).await.is_err(),
+        "no client certificate"
+    );
+    // A plaintext client gets nowhere either, and the listener keeps serving.
+    install_for(&addr, ClientSecurity::default());
+    assert!(
+        BrokerConn::connect(&addr).await.is_err(),
+        "plaintext on a TLS port"
+    );
+    install_for(&addr, ssl(true));
+    let mut conn = BrokerConn::connect(&addr).await.unwrap();
+    let v = conn
+        .version_for(kafka_protocol::messages::ApiKey::Metadata)
+        .unwrap();
+    let r = conn.call(&MetadataRequest::default(), v).await.unwrap();
+    assert_eq!(r.brokers.len(), 1);
+    c.shutdown().await;
+}
