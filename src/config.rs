@@ -114,6 +114,24 @@ pub struct ServerConfig {
     /// HTTPS on the admin port (`admin.tls.cert`, `admin.tls.key`): both or neither.
     pub admin_tls_cert: Option<PathBuf>,
     pub admin_tls_key: Option<PathBuf>,
+    /// The Kafka listeners, resolved by [`ServerConfig::finish`] from `listeners`,
+    /// `advertised.listeners` and `listener.security.protocol.map`. Empty means one PLAINTEXT
+    /// listener on `kafka_addr` (see [`ServerConfig::kafka_listeners`]).
+    pub listeners: Vec<ListenerConfig>,
+    /// The raw `listeners` / `advertised.listeners` / `listener.security.protocol.map` values,
+    /// kept until `finish` because a file may name them in any order.
+    pub listeners_spec: Option<String>,
+    pub advertised_listeners_spec: Option<String>,
+    pub listener_protocol_map_spec: Option<String>,
+    /// `ssl.*` for every TLS listener, and `listener.name.<name>.ssl.*` overrides per listener
+    /// (keyed by the lower-case listener name, as Kafka writes these keys).
+    pub ssl: SslConfig,
+    pub listener_ssl: BTreeMap<String, SslConfig>,
+    /// SASL mechanisms SASL listeners offer (`sasl.enabled.mechanisms`).
+    pub sasl_enabled_mechanisms: Vec<String>,
+    /// KIP-368 (`connections.max.reauth.ms`): 0 = sessions never expire; otherwise a SASL
+    /// session must re-authenticate within this long or its connection is closed.
+    pub connections_max_reauth_ms: u64,
 }
 
 /// A secret that must never reach a log line: its `Debug` prints nothing of it, so printing a
@@ -138,6 +156,227 @@ impl std::fmt::Debug for AdminToken {
         f.write_str("AdminToken(<redacted>)")
     }
 }
+
+/// Kafka's security protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn parse(s: &str) -> Option<SecurityProtocol> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "PLAINTEXT" => Some(SecurityProtocol::Plaintext),
+            "SSL" => Some(SecurityProtocol::Ssl),
+            "SASL_PLAINTEXT" => Some(SecurityProtocol::SaslPlaintext),
+            "SASL_SSL" => Some(SecurityProtocol::SaslSsl),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "PLAINTEXT",
+            SecurityProtocol::Ssl => "SSL",
+            SecurityProtocol::SaslPlaintext => "SASL_PLAINTEXT",
+            SecurityProtocol::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+impl std::fmt::Display for SecurityProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a TLS listener asks for client certificates (`ssl.client.auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientAuth {
+    #[default]
+    None,
+    Requested,
+    Required,
+}
+
+/// The PEM files of a TLS listener. `keystore` holds the private key and the certificate chain
+/// (`ssl.keystore.location`, or `ssl.certificate.location` + `ssl.key.location` as two files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SslConfig {
+    pub keystore_location: Option<PathBuf>,
+    pub certificate_location: Option<PathBuf>,
+    pub key_location: Option<PathBuf>,
+    pub truststore_location: Option<PathBuf>,
+    pub client_auth: Option<ClientAuth>,
+}
+
+impl SslConfig {
+    /// `self` with the fields `over` sets replaced (a listener's overrides over the global keys).
+    fn overridden_by(&self, over: Option<&SslConfig>) -> SslConfig {
+        let Some(o) = over else {
+            return self.clone();
+        };
+        SslConfig {
+            keystore_location: o
+                .keystore_location
+                .clone()
+                .or_else(|| self.keystore_location.clone()),
+            certificate_location: o
+                .certificate_location
+                .clone()
+                .or_else(|| self.certificate_location.clone()),
+            key_location: o.key_location.clone().or_else(|| self.key_location.clone()),
+            truststore_location: o
+                .truststore_location
+                .clone()
+                .or_else(|| self.truststore_location.clone()),
+            client_auth: o.client_auth.or(self.client_auth),
+        }
+    }
+
+    /// Applies one `ssl.*` key (without a `listener.name.<name>.` prefix).
+    fn apply(&mut self, key: &str, value: &str) -> Result<bool, ConfigError> {
+        match key {
+            "ssl.keystore.type" | "ssl.truststore.type" => {
+                if !value.eq_ignore_ascii_case("PEM") {
+                    return Err(invalid(
+                        key,
+                        value,
+                        "only PEM is supported (a PEM file with the key and certificate chain)",
+                    ));
+                }
+            }
+            "ssl.keystore.location" => self.keystore_location = Some(parse_path(key, value)?),
+            "ssl.certificate.location" => self.certificate_location = Some(parse_path(key, value)?),
+            "ssl.key.location" => self.key_location = Some(parse_path(key, value)?),
+            "ssl.truststore.location" => self.truststore_location = Some(parse_path(key, value)?),
+            "ssl.client.auth" => {
+                self.client_auth = Some(match value.to_ascii_lowercase().as_str() {
+                    "none" => ClientAuth::None,
+                    "requested" => ClientAuth::Requested,
+                    "required" => ClientAuth::Required,
+                    _ => return Err(invalid(key, value, "expected required, requested or none")),
+                })
+            }
+            "ssl.keystore.password" | "ssl.key.password" | "ssl.truststore.password" => {
+                return Err(invalid(
+                    key,
+                    "(hidden)",
+                    "encrypted PEM keys are not supported; give an unencrypted key file",
+                ))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// One Kafka listener, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// `PLAINTEXT`, `SASL_SSL`, or a name of the protocol map such as `CLIENT`.
+    pub name: String,
+    pub protocol: SecurityProtocol,
+    /// host:port to bind.
+    pub addr: String,
+    /// host:port clients are told for this listener; `None`: `addr`.
+    pub advertised: Option<String>,
+    /// The TLS files (global keys with this listener's overrides); `None` without TLS.
+    pub ssl: Option<SslConfig>,
+}
+
+impl ListenerConfig {
+    pub fn plaintext(addr: &str, advertised: Option<String>) -> ListenerConfig {
+        ListenerConfig {
+            name: "PLAINTEXT".into(),
+            protocol: SecurityProtocol::Plaintext,
+            addr: addr.to_string(),
+            advertised,
+            ssl: None,
+        }
+    }
+
+    pub fn advertised_addr(&self) -> String {
+        self.advertised.clone().unwrap_or_else(|| self.addr.clone())
+    }
+}
+
+/// Splits `NAME://host:port,...` into (NAME, host:port) pairs; an empty host means loopback (the
+/// safe default; Kafka would bind every interface).
+pub fn parse_listener_list(key: &str, value: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, hostport) = item
+            .split_once("://")
+            .ok_or_else(|| invalid(key, item, "expected NAME://HOST:PORT"))?;
+        let name = name.trim().to_ascii_uppercase();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                key,
+                item,
+                "listener names are letters, digits, '_' and '-'",
+            ));
+        }
+        let hostport = match hostport.strip_prefix(':') {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => hostport.to_string(),
+        };
+        check_hostport(key, &hostport)?;
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(invalid(
+                key,
+                value,
+                format!("listener {name} is named twice"),
+            ));
+        }
+        out.push((name, hostport));
+    }
+    if out.is_empty() {
+        return Err(invalid(key, value, "no listener"));
+    }
+    Ok(out)
+}
+
+/// `CLIENT:SASL_SSL,INTERNAL:PLAINTEXT` -> {CLIENT: SaslSsl, INTERNAL: Plaintext}.
+pub fn parse_protocol_map(value: &str) -> Result<BTreeMap<String, SecurityProtocol>, ConfigError> {
+    const KEY: &str = "listener.security.protocol.map";
+    let mut map = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, proto) = item
+            .split_once(':')
+            .ok_or_else(|| invalid(KEY, item, "expected NAME:PROTOCOL"))?;
+        let proto = SecurityProtocol::parse(proto).ok_or_else(|| {
+            invalid(
+                KEY,
+                item,
+                "protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+            )
+        })?;
+        map.insert(name.trim().to_ascii_uppercase(), proto);
+    }
+    Ok(map)
+}
+
+/// SASL mechanisms this broker implements.
+pub const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -186,6 +425,14 @@ impl Default for ServerConfig {
             admin_api_require_auth_for_reads: false,
             admin_tls_cert: None,
             admin_tls_key: None,
+            listeners: Vec::new(),
+            listeners_spec: None,
+            advertised_listeners_spec: None,
+            listener_protocol_map_spec: None,
+            ssl: SslConfig::default(),
+            listener_ssl: BTreeMap::new(),
+            sasl_enabled_mechanisms: SASL_MECHANISMS.iter().map(|m| m.to_string()).collect(),
+            connections_max_reauth_ms: 0,
         }
     }
 }
@@ -227,23 +474,6 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
         "false" => Ok(false),
         _ => Err(invalid(key, value, "expected true or false")),
     }
-}
-
-/// `PLAINTEXT://host:port[,OTHER://...]` -> `host:port` of the first listener. Kafka allows an empty
-/// host meaning "all interfaces"; we keep loopback as the safe default for that case.
-fn parse_listener(key: &str, value: &str) -> Result<String, ConfigError> {
-    let first = value.split(',').next().unwrap_or("").trim();
-    let hostport = match first.split_once("://") {
-        Some((_proto, rest)) => rest,
-        None => first,
-    };
-    let hostport = if let Some(port) = hostport.strip_prefix(':') {
-        format!("127.0.0.1:{port}")
-    } else {
-        hostport.to_string()
-    };
-    check_hostport(key, &hostport)?;
-    Ok(hostport)
 }
 
 /// Accepts `host:port` where host is a name or an IP; the port must be a number.
@@ -295,8 +525,56 @@ impl ServerConfig {
         let v = value.trim();
         match key {
             "node.id" | "broker.id" => self.node_id = parse_num(key, v)?,
-            "listeners" => self.kafka_addr = parse_listener(key, v)?,
-            "advertised.listeners" => self.advertised_kafka_addr = Some(parse_listener(key, v)?),
+            // Checked here for a clear error at the line that is wrong; resolved in `finish`.
+            "listeners" => {
+                parse_listener_list(key, v)?;
+                self.listeners_spec = Some(v.to_string());
+            }
+            "advertised.listeners" => {
+                parse_listener_list(key, v)?;
+                self.advertised_listeners_spec = Some(v.to_string());
+            }
+            "listener.security.protocol.map" => {
+                parse_protocol_map(v)?;
+                self.listener_protocol_map_spec = Some(v.to_string());
+            }
+            "sasl.enabled.mechanisms" => {
+                let mut mechs = Vec::new();
+                for m in v.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                    let m = m.to_ascii_uppercase();
+                    if !SASL_MECHANISMS.contains(&m.as_str()) {
+                        return Err(invalid(
+                            key,
+                            v,
+                            format!("unsupported mechanism {m}; supported: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+                        ));
+                    }
+                    mechs.push(m);
+                }
+                if mechs.is_empty() {
+                    return Err(invalid(key, v, "no mechanism"));
+                }
+                self.sasl_enabled_mechanisms = mechs;
+            }
+            "connections.max.reauth.ms" => {
+                self.connections_max_reauth_ms = parse_in(key, v, 0, i64::MAX as u64)?;
+            }
+            k if k.starts_with("ssl.") => return self.ssl.apply(k, v),
+            k if k.starts_with("listener.name.") => {
+                // listener.name.<name>.ssl.<key>
+                let rest = &k["listener.name.".len()..];
+                let Some((name, sub)) = rest.split_once('.') else {
+                    return Ok(false);
+                };
+                if !sub.starts_with("ssl.") {
+                    return Ok(false);
+                }
+                return self
+                    .listener_ssl
+                    .entry(name.to_ascii_lowercase())
+                    .or_default()
+                    .apply(sub, v);
+            }
             "log.dirs" | "log.dir" => {
                 let first = v.split(',').next().unwrap_or("").trim();
                 if first.is_empty() {
@@ -488,8 +766,129 @@ impl ServerConfig {
             .unwrap_or_else(|| self.kafka_addr.clone())
     }
 
+    /// The Kafka listeners to bind: the resolved ones, or one PLAINTEXT listener on `kafka_addr`
+    /// (a config that never went through `finish`, as the test kit builds them).
+    pub fn kafka_listeners(&self) -> Vec<ListenerConfig> {
+        if self.listeners.is_empty() {
+            vec![ListenerConfig::plaintext(
+                &self.kafka_addr,
+                self.advertised_kafka_addr.clone(),
+            )]
+        } else {
+            self.listeners.clone()
+        }
+    }
+
+    /// Resolves `listeners`, `advertised.listeners`, the protocol map and each TLS listener's
+    /// files into [`ServerConfig::listeners`].
+    pub fn resolve_listeners(&mut self) -> Result<(), ConfigError> {
+        let Some(spec) = self.listeners_spec.clone() else {
+            self.listeners = vec![ListenerConfig::plaintext(
+                &self.kafka_addr,
+                self.advertised_kafka_addr.clone(),
+            )];
+            return self.check_listener_files();
+        };
+        let map = match &self.listener_protocol_map_spec {
+            Some(m) => parse_protocol_map(m)?,
+            None => BTreeMap::new(),
+        };
+        let mut listeners = Vec::new();
+        for (name, addr) in parse_listener_list("listeners", &spec)? {
+            let protocol = match map.get(&name) {
+                Some(p) => *p,
+                None => SecurityProtocol::parse(&name).ok_or_else(|| {
+                    invalid(
+                        "listeners",
+                        &spec,
+                        format!(
+                            "listener {name} is not a security protocol and not in \
+                             listener.security.protocol.map"
+                        ),
+                    )
+                })?,
+            };
+            if listeners.iter().any(|l: &ListenerConfig| l.addr == addr) {
+                return Err(invalid(
+                    "listeners",
+                    &spec,
+                    format!("two listeners on {addr}"),
+                ));
+            }
+            listeners.push(ListenerConfig {
+                name,
+                protocol,
+                addr,
+                advertised: None,
+                ssl: None,
+            });
+        }
+        if let Some(adv) = &self.advertised_listeners_spec {
+            for (name, addr) in parse_listener_list("advertised.listeners", adv)? {
+                let Some(l) = listeners.iter_mut().find(|l| l.name == name) else {
+                    return Err(invalid(
+                        "advertised.listeners",
+                        adv,
+                        format!("{name} is not one of the listeners"),
+                    ));
+                };
+                l.advertised = Some(addr);
+            }
+        }
+        // --advertised-kafka-addr still names the first listener's address when
+        // advertised.listeners does not.
+        if listeners[0].advertised.is_none() {
+            listeners[0].advertised = self.advertised_kafka_addr.clone();
+        }
+        self.kafka_addr = listeners[0].addr.clone();
+        self.advertised_kafka_addr = listeners[0].advertised.clone();
+        self.listeners = listeners;
+        self.check_listener_files()
+    }
+
+    /// Gives every TLS listener its files and refuses a TLS listener without a key.
+    fn check_listener_files(&mut self) -> Result<(), ConfigError> {
+        for l in &mut self.listeners {
+            if !l.protocol.uses_tls() {
+                continue;
+            }
+            let ssl = self
+                .ssl
+                .overridden_by(self.listener_ssl.get(&l.name.to_ascii_lowercase()));
+            let has_key = ssl.keystore_location.is_some()
+                || (ssl.certificate_location.is_some() && ssl.key_location.is_some());
+            if !has_key {
+                return Err(invalid(
+                    "ssl.keystore.location",
+                    "",
+                    format!(
+                        "listener {} is {} and needs ssl.keystore.location (a PEM file with the \
+                         private key and certificate chain)",
+                        l.name, l.protocol
+                    ),
+                ));
+            }
+            if ssl.client_auth.unwrap_or_default() != ClientAuth::None
+                && ssl.truststore_location.is_none()
+            {
+                return Err(invalid(
+                    "ssl.truststore.location",
+                    "",
+                    format!(
+                        "listener {} checks client certificates (ssl.client.auth) and needs \
+                         ssl.truststore.location (the PEM CA)",
+                        l.name
+                    ),
+                ));
+            }
+            l.ssl = Some(ssl);
+        }
+        Ok(())
+    }
+
     /// Final consistency checks once every source has been applied.
     pub fn finish(&mut self) -> Result<(), ConfigError> {
+        self.resolve_listeners()?;
         check_hostport("kafka-addr", &self.kafka_addr)?;
         check_hostport("raft-addr", &self.raft_addr)?;
         check_hostport("admin-addr", &self.admin_addr)?;
@@ -597,6 +996,7 @@ mod tests {
             .apply_property("log.retention.check.interval.ms", "0")
             .is_err());
         assert!(!c.apply_property("some.unknown.key", "x").unwrap());
+        c.resolve_listeners().unwrap();
         assert_eq!(c.node_id, 7);
         assert_eq!(c.kafka_addr, "127.0.0.1:19092");
         assert_eq!(c.num_partitions, 3);
@@ -772,5 +1172,110 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         std::fs::write(&path, "garbage line\n").unwrap();
         assert!(ServerConfig::default().apply_file(&path).is_err());
+    }
+
+    fn listeners_of(props: &[(&str, &str)]) -> Result<Vec<ListenerConfig>, ConfigError> {
+        let mut c = ServerConfig::default();
+        for (k, v) in props {
+            c.apply_property(k, v)?;
+        }
+        c.resolve_listeners()?;
+        Ok(c.listeners)
+    }
+
+    #[test]
+    fn listeners_parse_as_kafka_writes_them() {
+        // No listeners key: one PLAINTEXT listener on the default address.
+        let l = listeners_of(&[]).unwrap();
+        assert_eq!(l, vec![ListenerConfig::plaintext("127.0.0.1:9092", None)]);
+        let l = listeners_of(&[
+            (
+                "listeners",
+                "PLAINTEXT://127.0.0.1:9092, sasl_ssl://localhost:9094,SSL://:9095",
+            ),
+            ("advertised.listeners", "SASL_SSL://broker.example:19094"),
+            ("ssl.keystore.location", "/k.pem"),
+        ])
+        .unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[1].name, "SASL_SSL");
+        assert_eq!(l[1].protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(l[1].advertised_addr(), "broker.example:19094");
+        assert_eq!(l[2].addr, "127.0.0.1:9095");
+        assert_eq!(l[0].advertised_addr(), "127.0.0.1:9092");
+        assert!(l[0].ssl.is_none());
+        assert_eq!(
+            l[2].ssl.as_ref().unwrap().keystore_location,
+            Some(PathBuf::from("/k.pem"))
+        );
+        // Named listeners through the protocol map, with a per-listener TLS override.
+        let l = listeners_of(&[
+            ("listeners", "CLIENT://127.0.0.1:1,INTERNAL://127.0.0.1:2"),
+            (
+                "listener.security.protocol.map",
+                "CLIENT:SASL_SSL,INTERNAL:PLAINTEXT",
+            ),
+            ("ssl.keystore.location", "/global.pem"),
+            ("listener.name.client.ssl.keystore.location", "/client.pem"),
+            ("listener.name.client.ssl.client.auth", "requested"),
+            ("ssl.truststore.location", "/ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(l[0].protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(l[1].protocol, SecurityProtocol::Plaintext);
+        let ssl = l[0].ssl.as_ref().unwrap();
+        assert_eq!(ssl.keystore_location, Some(PathBuf::from("/client.pem")));
+        assert_eq!(ssl.client_auth, Some(ClientAuth::Requested));
+        assert_eq!(ssl.truststore_location, Some(PathBuf::from("/ca.pem")));
+    }
+
+    #[test]
+    fn listener_and_security_errors_are_clear() {
+        let err = |props: &[(&str, &str)]| listeners_of(props).unwrap_err().to_string();
+        let e = err(&[("listeners", "CLIENT://127.0.0.1:1")]);
+        assert!(e.contains("listener.security.protocol.map"), "{e}");
+        let e = err(&[(
+            "listeners",
+            "PLAINTEXT://127.0.0.1:1,PLAINTEXT://127.0.0.1:2",
+        )]);
+        assert!(e.contains("named twice"), "{e}");
+        let e = err(&[("listeners", "PLAINTEXT://127.0.0.1:1,SSL://127.0.0.1:1")]);
+        assert!(e.contains("two listeners on"), "{e}");
+        let e = err(&[("listeners", "127.0.0.1:1")]);
+        assert!(e.contains("NAME://HOST:PORT"), "{e}");
+        let e = err(&[("listeners", "SSL://127.0.0.1:1")]);
+        assert!(e.contains("needs ssl.keystore.location"), "{e}");
+        let e = err(&[
+            ("listeners", "PLAINTEXT://127.0.0.1:1"),
+            ("advertised.listeners", "SSL://h:1"),
+        ]);
+        assert!(e.contains("not one of the listeners"), "{e}");
+        let e = err(&[
+            ("listeners", "SSL://127.0.0.1:1"),
+            ("ssl.keystore.location", "/k.pem"),
+            ("ssl.client.auth", "required"),
+        ]);
+        assert!(e.contains("ssl.truststore.location"), "{e}");
+        let e = err(&[("listener.security.protocol.map", "A:TLS")]);
+        assert!(e.contains("protocol must be"), "{e}");
+        let e = err(&[("ssl.keystore.type", "JKS")]);
+        assert!(e.contains("only PEM"), "{e}");
+        let e = err(&[("ssl.client.auth", "always")]);
+        assert!(e.contains("required, requested or none"), "{e}");
+        let e = err(&[("sasl.enabled.mechanisms", "GSSAPI")]);
+        assert!(e.contains("unsupported mechanism GSSAPI"), "{e}");
+        let e = err(&[("connections.max.reauth.ms", "-1")]);
+        assert!(e.contains("connections.max.reauth.ms"), "{e}");
+        let mut c = ServerConfig::default();
+        assert_eq!(
+            c.sasl_enabled_mechanisms,
+            vec!["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+        );
+        c.apply_property("sasl.enabled.mechanisms", "scram-sha-512")
+            .unwrap();
+        assert_eq!(c.sasl_enabled_mechanisms, vec!["SCRAM-SHA-512"]);
+        c.apply_property("connections.max.reauth.ms", "5000")
+            .unwrap();
+        assert_eq!(c.connections_max_reauth_ms, 5000);
     }
 }

@@ -37,6 +37,8 @@ pub enum ErrorCode {
     GroupAuthorizationFailed = 30,
     ClusterAuthorizationFailed = 31,
     InvalidTimestamp = 32,
+    UnsupportedSaslMechanism = 33,
+    IllegalSaslState = 34,
     UnsupportedVersion = 35,
     TopicAlreadyExists = 36,
     InvalidPartitions = 37,
@@ -53,6 +55,7 @@ pub enum ErrorCode {
     TransactionalIdAuthorizationFailed = 53,
     SecurityDisabled = 54,
     KafkaStorageError = 56,
+    SaslAuthenticationFailed = 58,
     UnknownProducerId = 59,
     NonEmptyGroup = 68,
     GroupIdNotFound = 69,
@@ -66,6 +69,9 @@ pub enum ErrorCode {
     GroupSubscribedToTopic = 86,
     InvalidRecord = 87,
     ProducerFenced = 90,
+    ResourceNotFound = 91,
+    DuplicateResource = 92,
+    UnacceptableCredential = 93,
     UnknownTopicId = 100,
 }
 
@@ -102,6 +108,8 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::GroupAuthorizationFailed,
     ErrorCode::ClusterAuthorizationFailed,
     ErrorCode::InvalidTimestamp,
+    ErrorCode::UnsupportedSaslMechanism,
+    ErrorCode::IllegalSaslState,
     ErrorCode::UnsupportedVersion,
     ErrorCode::TopicAlreadyExists,
     ErrorCode::InvalidPartitions,
@@ -118,6 +126,7 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::TransactionalIdAuthorizationFailed,
     ErrorCode::SecurityDisabled,
     ErrorCode::KafkaStorageError,
+    ErrorCode::SaslAuthenticationFailed,
     ErrorCode::UnknownProducerId,
     ErrorCode::NonEmptyGroup,
     ErrorCode::GroupIdNotFound,
@@ -131,6 +140,9 @@ const ALL: &[ErrorCode] = &[
     ErrorCode::GroupSubscribedToTopic,
     ErrorCode::InvalidRecord,
     ErrorCode::ProducerFenced,
+    ErrorCode::ResourceNotFound,
+    ErrorCode::DuplicateResource,
+    ErrorCode::UnacceptableCredential,
     ErrorCode::UnknownTopicId,
 ];
 

@@ -25,6 +25,7 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod rpc;
+pub mod scram;
 pub mod server;
 pub mod session;
 pub mod testkit;

@@ -38,8 +38,16 @@ struct ServerArgs {
     node_id: Option<u64>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long)]
+    /// One PLAINTEXT Kafka listener on HOST:PORT (replaces `listeners` of --config).
+    #[arg(long, conflicts_with = "listeners")]
     kafka_addr: Option<String>,
+    /// Kafka listeners as in Kafka: `PLAINTEXT://h:p,SASL_SSL://h:p` or named ones with
+    /// `listener.security.protocol.map` in --config.
+    #[arg(long, value_name = "LISTENERS")]
+    listeners: Option<String>,
+    /// What clients are told per listener: `SASL_SSL://host:port,...`.
+    #[arg(long, value_name = "LISTENERS")]
+    advertised_listeners: Option<String>,
     #[arg(long)]
     advertised_kafka_addr: Option<String>,
     #[arg(long)]
@@ -86,6 +94,15 @@ fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(v) = args.kafka_addr {
         cfg.kafka_addr = v;
+        // --kafka-addr is one PLAINTEXT listener, whatever the file said.
+        cfg.listeners_spec = None;
+        cfg.advertised_listeners_spec = None;
+    }
+    if let Some(v) = args.listeners {
+        cfg.apply_property("listeners", &v)?;
+    }
+    if let Some(v) = args.advertised_listeners {
+        cfg.apply_property("advertised.listeners", &v)?;
     }
     if let Some(v) = args.advertised_kafka_addr {
         cfg.advertised_kafka_addr = Some(v);

@@ -337,6 +337,11 @@ pub async fn register_loop(broker: Arc<Broker>) {
         raft_addr: cfg.raft_addr.clone(),
         registered_at_ms: 0,
     };
+    let listeners: std::collections::BTreeMap<String, String> = cfg
+        .kafka_listeners()
+        .iter()
+        .map(|l| (l.name.clone(), l.advertised_addr()))
+        .collect();
     loop {
         let (need_cluster, need_register) = {
             let st = broker.state();
@@ -344,7 +349,8 @@ pub async fn register_loop(broker: Arc<Broker>) {
                 b.kafka_addr != me.kafka_addr
                     || b.admin_addr != me.admin_addr
                     || b.raft_addr != me.raft_addr
-            });
+            }) || st.broker_listeners.get(&me.id).cloned().unwrap_or_default()
+                != listeners;
             (st.cluster_id.is_none(), stale)
         };
         if !need_cluster && !need_register {
@@ -370,7 +376,13 @@ pub async fn register_loop(broker: Arc<Broker>) {
         if need_register {
             let mut b = me.clone();
             b.registered_at_ms = now_ms();
-            match broker.propose(&Command::RegisterBroker { broker: b }).await {
+            match broker
+                .propose(&Command::RegisterBroker {
+                    broker: b,
+                    listeners: listeners.clone(),
+                })
+                .await
+            {
                 Ok(_) => info!(node_id = me.id, addr = %me.kafka_addr, "broker registered"),
                 Err(e) => warn!(error = %e, "broker registration failed, will retry"),
             }

@@ -41,6 +41,8 @@ pub enum NodeError {
     Tls(#[from] sluice_raft::tls::TlsError),
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("Kafka {0}")]
+    Listener(#[from] crate::net::ListenerSetupError),
 }
 
 /// The node-to-node TLS of `cfg`, loaded; `None` for plaintext, which is only announced as
@@ -73,10 +75,11 @@ fn raft_tls(cfg: &ServerConfig) -> Result<Option<PeerTls>, NodeError> {
     }
 }
 
-/// The node's three listening sockets, bound before anything else starts so that a port in use
+/// The node's listening sockets, bound before anything else starts so that a port in use
 /// fails fast with a clear error.
 pub struct Listeners {
-    pub kafka: TcpListener,
+    /// One per Kafka listener, in the order of [`ServerConfig::kafka_listeners`].
+    pub kafka: Vec<TcpListener>,
     pub admin: TcpListener,
     pub raft: TcpListener,
 }
@@ -92,8 +95,12 @@ impl Listeners {
                     source,
                 })
         }
+        let mut kafka = Vec::new();
+        for l in cfg.kafka_listeners() {
+            kafka.push(one("Kafka clients", &l.addr).await?);
+        }
         Ok(Listeners {
-            kafka: one("Kafka clients", &cfg.kafka_addr).await?,
+            kafka,
             admin: one("admin HTTP", &cfg.admin_addr).await?,
             raft: one("Raft peers", &cfg.raft_addr).await?,
         })
@@ -124,7 +131,21 @@ fn resolve_port_zero(configured: &mut String, bound: &TcpListener) {
 impl Node {
     pub async fn start(mut cfg: ServerConfig, listeners: Listeners) -> Result<Node, NodeError> {
         let Listeners { kafka, admin, raft } = listeners;
-        resolve_port_zero(&mut cfg.kafka_addr, &kafka);
+        let mut kafka_listeners = cfg.kafka_listeners();
+        if kafka_listeners.len() != kafka.len() {
+            return Err(NodeError::Refused(format!(
+                "{} Kafka listeners configured but {} sockets bound",
+                kafka_listeners.len(),
+                kafka.len()
+            )));
+        }
+        for (l, socket) in kafka_listeners.iter_mut().zip(&kafka) {
+            resolve_port_zero(&mut l.addr, socket);
+        }
+        // The first listener is the node's primary address (logs, the admin views).
+        cfg.kafka_addr = kafka_listeners[0].addr.clone();
+        cfg.advertised_kafka_addr = kafka_listeners[0].advertised.clone();
+        cfg.listeners = kafka_listeners.clone();
         resolve_port_zero(&mut cfg.admin_addr, &admin);
         let configured_raft = cfg.raft_addr.clone();
         resolve_port_zero(&mut cfg.raft_addr, &raft);
@@ -179,6 +200,19 @@ impl Node {
             return Err(NodeError::Refused(reason));
         }
 
+        let bound: Vec<crate::net::BoundListener> = kafka_listeners
+            .into_iter()
+            .zip(kafka)
+            .map(|(config, socket)| crate::net::BoundListener { config, socket })
+            .collect();
+        let kafka_addr = bound[0].socket.local_addr().map_err(dir_err)?;
+        let ready = match crate::net::prepare(bound) {
+            Ok(r) => r,
+            Err(e) => {
+                raft_host.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let admin_addr = admin.local_addr().map_err(dir_err)?;
         let cancel = CancellationToken::new();
         // Before any loop starts: a bad admin certificate fails the start with nothing to undo
@@ -191,7 +225,7 @@ impl Node {
             }
         };
         let node = Node {
-            kafka_addr: kafka.local_addr().map_err(dir_err)?,
+            kafka_addr,
             admin_addr,
             broker,
             cancel,
@@ -219,7 +253,7 @@ impl Node {
 
         // The servers stop accepting on cancellation themselves (they drain, not drop).
         node.tasks
-            .spawn(crate::net::serve(kafka, b.clone(), node.cancel.clone()));
+            .spawn(crate::net::serve(ready, b.clone(), node.cancel.clone()));
         // The admin server (HTTPS when configured) stops accepting on cancellation itself.
         node.tasks.spawn(admin_serving);
         Ok(node)

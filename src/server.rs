@@ -23,6 +23,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         data_dir = %cfg.data_dir.display(),
         "sluice started"
     );
+    for l in &cfg.listeners {
+        info!(listener = %l.name, protocol = %l.protocol, addr = %l.addr, advertised = %l.advertised_addr(), "Kafka listener");
+    }
     let failure = tokio::select! {
         _ = wait_for_signal() => None,
         reason = node.failed() => Some(reason),

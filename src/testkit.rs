@@ -67,7 +67,7 @@ impl TestCluster {
         let mut bound = Vec::with_capacity(n);
         for _ in 0..n {
             bound.push(Listeners {
-                kafka: bind_any().await?,
+                kafka: vec![bind_any().await?],
                 admin: bind_any().await?,
                 raft: bind_any().await?,
             });
@@ -87,7 +87,7 @@ impl TestCluster {
             let mut cfg = ServerConfig {
                 node_id: id,
                 data_dir: cluster.root.join(format!("node{id}")),
-                kafka_addr: addr_of(&l.kafka),
+                kafka_addr: addr_of(&l.kafka[0]),
                 admin_addr: addr_of(&l.admin),
                 raft_addr: addr_of(&l.raft),
                 peers: peers.clone(),

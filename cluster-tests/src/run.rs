@@ -149,6 +149,7 @@ async fn create_topic(bootstrap: &str, partitions: i32, rf: i16) -> Result<()> {
         configs: Vec::new(),
         connect: sluice::cli::ConnectArgs {
             bootstrap_server: bootstrap.to_string(),
+            command_config: None,
         },
     };
     let mut c = sluice::cli::client::Client::connect(bootstrap).await?;

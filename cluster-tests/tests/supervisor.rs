@@ -31,6 +31,7 @@ async fn single_node_lifecycle() {
         configs: Vec::new(),
         connect: sluice::cli::ConnectArgs {
             bootstrap_server: bootstrap[0].clone(),
+            command_config: None,
         },
     };
     let mut admin = sluice::cli::client::Client::connect(&bootstrap[0])

@@ -1,5 +1,5 @@
-//! One TCP connection to one broker: framing, correlation ids, API version
-//! negotiation and request pipelining.
+//! One connection to one broker: TLS and SASL as the process's `--command-config` says (see
+//! `security`), framing, correlation ids, API version negotiation and request pipelining.
 //!
 //! Kafka answers requests on a connection strictly in the order they were
 //! sent, so pipelining needs no demultiplexer: we remember what we sent in a
@@ -12,15 +12,22 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader,
+    SaslAuthenticateRequest, SaslHandshakeRequest,
 };
 use kafka_protocol::protocol::{
     encode_request_header_into_buffer, Decodable, Request, StrBytes, VersionRange,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::errors;
+use super::security::{self, ClientSecurity};
 use crate::errors::ErrorCode;
+use crate::scram::{plain_message, ClientScram, Mechanism};
+
+/// A plaintext socket or a TLS stream over one.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// Largest frame we accept. Checked before allocating so that a corrupt or
 /// hostile size prefix cannot make us reserve gigabytes.
@@ -80,7 +87,7 @@ struct Pending {
 /// A connection to a single broker, after the ApiVersions handshake.
 pub struct BrokerConn {
     pub addr: String,
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     next_correlation_id: i32,
     pending: VecDeque<Pending>,
     /// The broker's advertised range per API key.
@@ -96,6 +103,20 @@ impl BrokerConn {
             .with_context(|| format!("cannot connect to broker at {addr}"))?;
         // Requests are written whole, so Nagle only adds latency.
         stream.set_nodelay(true).ok();
+        let sec = security::for_addr(addr);
+        let stream: Box<dyn Io> = if sec.protocol.uses_tls() {
+            let connector = tokio_rustls::TlsConnector::from(sec.tls_config()?);
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connector.connect(security::server_name(addr)?, stream),
+            )
+            .await
+            .map_err(|_| anyhow!("TLS handshake with {addr} timed out"))?
+            .with_context(|| format!("TLS handshake with {addr} failed"))?;
+            Box::new(tls)
+        } else {
+            Box::new(stream)
+        };
         let mut conn = BrokerConn {
             addr: addr.to_string(),
             stream,
@@ -106,7 +127,58 @@ impl BrokerConn {
         conn.handshake()
             .await
             .with_context(|| format!("ApiVersions handshake with {addr} failed"))?;
+        if sec.protocol.uses_sasl() {
+            tokio::time::timeout(RESPONSE_TIMEOUT, conn.authenticate(&sec))
+                .await
+                .map_err(|_| anyhow!("SASL authentication with {addr} timed out"))?
+                .with_context(|| format!("SASL authentication with {addr} failed"))?;
+        }
         Ok(conn)
+    }
+
+    /// SaslHandshake, then SaslAuthenticate rounds: one for PLAIN, two for SCRAM (whose
+    /// server-final message proves the broker knows our credential too).
+    pub(crate) async fn authenticate(&mut self, sec: &ClientSecurity) -> Result<()> {
+        let user = sec.sasl_username.as_deref().unwrap_or_default();
+        let password = sec.sasl_password.as_deref().unwrap_or_default();
+        let mech = sec.sasl_mechanism.as_str();
+        let v = self.version_for(ApiKey::SaslHandshake)?;
+        let hs = self
+            .call(
+                &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_string(mech.into())),
+                v,
+            )
+            .await?;
+        if hs.error_code != 0 {
+            let offered: Vec<&str> = hs.mechanisms.iter().map(|m| m.as_str()).collect();
+            errors::check(
+                hs.error_code,
+                "SaslHandshake",
+                Some(&format!(
+                    "{mech} asked, broker offers {}",
+                    offered.join(", ")
+                )),
+            )?;
+        }
+        let v = self.version_for(ApiKey::SaslAuthenticate)?;
+        let round =
+            |bytes: Vec<u8>| SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(bytes));
+        let check = |code: i16, msg: Option<&StrBytes>| {
+            errors::check(code, "SaslAuthenticate", msg.map(|m| m.as_str()))
+        };
+        if mech == "PLAIN" {
+            let r = self.call(&round(plain_message(user, password)), v).await?;
+            check(r.error_code, r.error_message.as_ref())?;
+            return Ok(());
+        }
+        let mut scram = ClientScram::new(Mechanism::from_name(mech)?, user, password);
+        let r = self.call(&round(scram.client_first()), v).await?;
+        check(r.error_code, r.error_message.as_ref())?;
+        let fin = scram.client_final(&r.auth_bytes)?;
+        let r = self.call(&round(fin), v).await?;
+        check(r.error_code, r.error_message.as_ref())?;
+        scram.verify_server_final(&r.auth_bytes)?;
+        Ok(())
     }
 
     /// ApiVersions: ask at our highest version; a broker that does not know it
@@ -241,6 +313,11 @@ impl BrokerConn {
         let frame = encode_request(req, version, correlation_id)?;
         self.stream
             .write_all(&frame)
+            .await
+            .with_context(|| format!("writing to broker at {}", self.addr))?;
+        // TLS holds records until flushed; a no-op on a plain socket.
+        self.stream
+            .flush()
             .await
             .with_context(|| format!("writing to broker at {}", self.addr))?;
         if expect_response {

@@ -38,6 +38,7 @@ async fn single() -> TestCluster {
 pub(super) fn connect_args(c: &TestCluster) -> ConnectArgs {
     ConnectArgs {
         bootstrap_server: c.bootstrap(),
+        command_config: None,
     }
 }
 

@@ -16,7 +16,9 @@ pub mod group;
 pub mod groups;
 pub mod produce;
 pub mod records;
+pub mod security;
 pub mod topics;
+pub mod users;
 
 /// Where to find the cluster; shared by every verb.
 #[derive(Debug, Clone, Args)]
@@ -29,6 +31,14 @@ pub struct ConnectArgs {
         value_name = "HOST:PORT"
     )]
     pub bootstrap_server: String,
+    /// Client properties (librdkafka names): security.protocol, sasl.mechanism, sasl.username,
+    /// sasl.password, ssl.ca.location, ssl.certificate.location, ssl.key.location.
+    #[arg(
+        long = "command-config",
+        env = "SLUICE_COMMAND_CONFIG",
+        value_name = "FILE"
+    )]
+    pub command_config: Option<std::path::PathBuf>,
 }
 
 /// Client subcommands, meant to be flattened into the top-level `sluice`
@@ -59,6 +69,11 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: acls::AclsCommand,
     },
+    /// Create, list or delete SASL/SCRAM users (salted on this side, as Kafka's tools do).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Make a CA and node and client certificates for TLS on one machine.
     Certs {
         #[command(subcommand)]
@@ -70,6 +85,16 @@ pub enum ClientCommand {
 pub enum CertsCommand {
     /// Write ca.pem, node-<id>.pem/.key and client-<name>.pem/.key (reusing DIR's CA if any).
     Create(certs::CertsCreateArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user, or set a new password (one SCRAM mechanism per call).
+    Create(users::UsersCreateArgs),
+    /// List users and their SCRAM mechanisms and iterations.
+    List(TopicsListArgs),
+    /// Delete a user's credentials (every mechanism unless --mechanism).
+    Delete(users::UsersDeleteArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -277,6 +302,9 @@ pub struct ConsumeArgs {
 /// Runs a client verb. Errors carry a readable message (naming the Kafka
 /// error code where there is one); the caller exits non-zero on `Err`.
 pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
+    if let Some(path) = connect_args(&cmd).and_then(|c| c.command_config.clone()) {
+        security::install_default(security::ClientSecurity::from_file(&path)?);
+    }
     match cmd {
         ClientCommand::Topics { command } => topics::run(command).await,
         ClientCommand::Produce(args) => produce::run(args).await,
@@ -284,10 +312,41 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Groups { command } => groups::run(command).await,
         ClientCommand::Cluster { command } => cluster::run(command).await,
         ClientCommand::Acls { command } => acls::run(command).await,
+        ClientCommand::Users { command } => users::run(command).await,
         ClientCommand::Certs {
             command: CertsCommand::Create(args),
         } => certs::run(&args),
     }
+}
+
+/// The connection settings of a verb that talks Kafka.
+fn connect_args(cmd: &ClientCommand) -> Option<&ConnectArgs> {
+    Some(match cmd {
+        ClientCommand::Topics { command } => match command {
+            TopicsCommand::Create(a) => &a.connect,
+            TopicsCommand::List(a) => &a.connect,
+            TopicsCommand::Describe(a) | TopicsCommand::Delete(a) => &a.connect,
+            TopicsCommand::Alter(a) => &a.connect,
+        },
+        ClientCommand::Produce(a) => &a.connect,
+        ClientCommand::Consume(a) => &a.connect,
+        ClientCommand::Groups { command } => match command {
+            GroupsCommand::List(a) => &a.connect,
+            GroupsCommand::Describe(a) | GroupsCommand::Delete(a) => &a.connect,
+            GroupsCommand::ResetOffsets(a) => &a.connect,
+        },
+        ClientCommand::Users { command } => match command {
+            UsersCommand::Create(a) => &a.connect,
+            UsersCommand::List(a) => &a.connect,
+            UsersCommand::Delete(a) => &a.connect,
+        },
+        ClientCommand::Acls { command } => match command {
+            acls::AclsCommand::Create(a)
+            | acls::AclsCommand::List(a)
+            | acls::AclsCommand::Delete(a) => &a.connect,
+        },
+        ClientCommand::Cluster { .. } | ClientCommand::Certs { .. } => return None,
+    })
 }
 
 fn parse_topic_partitions(s: &str) -> Result<(String, Option<Vec<i32>>), String> {
@@ -711,3 +770,5 @@ mod tests {
 mod e2e_tests;
 #[cfg(test)]
 mod group_e2e_tests;
+#[cfg(test)]
+mod security_e2e_tests;

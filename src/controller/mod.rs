@@ -7,6 +7,7 @@ pub mod acls;
 pub mod consumer_groups;
 mod machine;
 mod partition_id;
+pub mod scram_users;
 mod state;
 pub mod topic_config;
 

@@ -8,8 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::consumer_groups::{self, ConsumerGroupOp, ConsumerGroupReply, ConsumerGroups};
+use super::scram_users::{self, ScramUpsertion, ScramUsers};
 use super::PartitionId;
 use crate::errors::ErrorCode;
+use crate::scram::Mechanism;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BrokerInfo {
@@ -75,6 +77,10 @@ pub enum Command {
     },
     RegisterBroker {
         broker: BrokerInfo,
+        /// Listener name -> the address advertised on it (Metadata answers a client with the
+        /// addresses of the listener it came in on). Empty from nodes older than listeners.
+        #[serde(default)]
+        listeners: BTreeMap<String, String>,
     },
     CreateTopic {
         topic: TopicMeta,
@@ -124,6 +130,12 @@ pub enum Command {
     /// Removes the ACLs each filter matches; the reply lists them per filter.
     DeleteAcls {
         filters: Vec<super::acls::AclFilter>,
+    },
+    /// SCRAM credentials (AlterUserScramCredentials): deletions, then upsertions, as validated
+    /// by the proposer. Only salted keys travel and are stored, never a password.
+    AlterScramCredentials {
+        upsertions: Vec<ScramUpsertion>,
+        deletions: Vec<(String, Mechanism)>,
     },
     /// The partition's Raft group now has exactly `replicas` as voters: the move is done.
     CompleteReassignment {
@@ -180,6 +192,12 @@ pub struct MetaState {
     /// Access control lists (enforced when `authorizer.class.name` is set).
     #[serde(default)]
     pub acls: super::acls::Acls,
+    /// SASL/SCRAM users: name -> mechanism -> salted credential.
+    #[serde(default)]
+    pub scram_users: ScramUsers,
+    /// Per broker: listener name -> advertised host:port.
+    #[serde(default)]
+    pub broker_listeners: BTreeMap<u64, BTreeMap<String, String>>,
     /// Bumped on every applied command so watchers can tell that something changed.
     pub version: u64,
 }
@@ -210,6 +228,16 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
 }
 
 impl MetaState {
+    /// Where clients of `listener` reach broker `b`: its address on that listener, or its
+    /// primary address when it has no listener of that name.
+    pub fn kafka_addr_for<'a>(&'a self, b: &'a BrokerInfo, listener: &str) -> &'a str {
+        self.broker_listeners
+            .get(&b.id)
+            .and_then(|l| l.get(listener))
+            .map(String::as_str)
+            .unwrap_or(&b.kafka_addr)
+    }
+
     /// Registered and not fenced.
     pub fn live_brokers(&self) -> BTreeSet<u64> {
         self.brokers
@@ -286,8 +314,20 @@ impl MetaState {
                     })
                     .collect(),
             ),
-            Command::RegisterBroker { broker } => {
+            Command::AlterScramCredentials {
+                upsertions,
+                deletions,
+            } => {
+                scram_users::apply(&mut self.scram_users, upsertions, deletions);
+                Reply::Ok
+            }
+            Command::RegisterBroker { broker, listeners } => {
                 self.brokers.insert(broker.id, broker.clone());
+                if listeners.is_empty() {
+                    self.broker_listeners.remove(&broker.id);
+                } else {
+                    self.broker_listeners.insert(broker.id, listeners.clone());
+                }
                 // Registering is proof of life.
                 self.fenced.remove(&broker.id);
                 Reply::Ok
@@ -308,6 +348,7 @@ impl MetaState {
             }
             Command::UnregisterBroker { id } => {
                 self.brokers.remove(id);
+                self.broker_listeners.remove(id);
                 self.fenced.remove(id);
                 Reply::Ok
             }
@@ -511,6 +552,7 @@ mod tests {
                     raft_addr: String::new(),
                     registered_at_ms: 0,
                 },
+                listeners: BTreeMap::new(),
             });
         }
         s.apply(&Command::CreateTopic {

@@ -408,6 +408,31 @@ pub fn check(broker: &Broker, session: &Session, version: i16, request: RequestK
                 DeleteAclsResponse::default().with_filter_results(results),
             ))
         }
+        R::AlterUserScramCredentials(r) if !a.may_cluster(Op::Alter) => {
+            let users: BTreeSet<String> = r
+                .deletions
+                .iter()
+                .map(|d| d.name.to_string())
+                .chain(r.upsertions.iter().map(|u| u.name.to_string()))
+                .collect();
+            let results = users
+                .into_iter()
+                .map(|u| {
+                    alter_user_scram_credentials_response::AlterUserScramCredentialsResult::default(
+                    )
+                    .with_user(StrBytes::from_string(u))
+                    .with_error_code(CLUSTER_DENIED)
+                })
+                .collect();
+            Deny(ResponseKind::AlterUserScramCredentials(
+                AlterUserScramCredentialsResponse::default().with_results(results),
+            ))
+        }
+        R::DescribeUserScramCredentials(_) if !a.may_cluster(Op::Describe) => {
+            Deny(ResponseKind::DescribeUserScramCredentials(
+                DescribeUserScramCredentialsResponse::default().with_error_code(CLUSTER_DENIED),
+            ))
+        }
         R::DescribeAcls(_) if !a.may_cluster(Op::Describe) => Deny(ResponseKind::DescribeAcls(
             DescribeAclsResponse::default().with_error_code(CLUSTER_DENIED),
         )),

@@ -4,6 +4,7 @@
 
 #[cfg(test)]
 mod acl_tests;
+mod advertised;
 pub mod authz;
 #[cfg(test)]
 mod fuzz_tests;
@@ -185,6 +186,20 @@ pub(crate) fn decode_and_start(
     let (api_key_raw, version, correlation_id) = peek_header(&frame)?;
     let api_key = ApiKey::try_from(api_key_raw)
         .map_err(|_| format!("unknown API key {api_key_raw} (correlation id {correlation_id})"))?;
+    // A SASL listener serves only the SASL exchange (and ApiVersions, which clients send first)
+    // until it succeeds, and again once a KIP-368 session has expired; anything else closes the
+    // connection, as Kafka does (ILLEGAL_SASL_STATE in its log).
+    if !matches!(
+        api_key,
+        ApiKey::ApiVersions | ApiKey::SaslHandshake | ApiKey::SaslAuthenticate
+    ) && conn.session.needs_authentication(std::time::Instant::now())
+    {
+        return Err(format!(
+            "{api_key:?} on {} listener {} without (or after the expiry of) SASL authentication \
+             (ILLEGAL_SASL_STATE)",
+            conn.session.protocol, conn.session.listener
+        ));
+    }
     let Some((min, max)) = handlers::supported_versions(api_key) else {
         return Err(format!(
             "unsupported API {api_key:?} (key {api_key_raw}); see ApiVersions for what this broker serves"

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use kafka_protocol::messages::ApiKey;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -54,13 +53,18 @@ impl Activity {
 }
 
 /// Serves one connection until the client leaves, it breaks a limit, or the node shuts down.
-pub(super) async fn run(
-    stream: TcpStream,
+/// Generic over the stream's halves: a plaintext socket's own halves or a TLS stream's.
+pub(super) async fn run<R, W>(
+    mut rd: R,
+    mut wr: W,
     broker: Arc<Broker>,
     session: Arc<Session>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    let (mut rd, mut wr) = stream.into_split();
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Pending>(broker.cfg.max_in_flight_requests_per_connection);
     let activity = Arc::new(Activity::new());
     // Never sent on: dropped with the writer, which tells waiting fetches nobody will answer them.
@@ -70,6 +74,7 @@ pub(super) async fn run(
     let metrics_node = broker.clone();
     let writer_activity = activity.clone();
     let stall = Duration::from_millis(broker.cfg.socket_write_timeout_ms);
+    let writer_session = session.clone();
     let writer = tokio::spawn(async move {
         let metrics = &metrics_node.metrics;
         let activity = writer_activity;
@@ -96,6 +101,15 @@ pub(super) async fn run(
             if let Some(resp) = resp {
                 let chunks = respond::encode(correlation_id, api_key, version, resp)?;
                 respond::write_all(&mut wr, chunks, stall).await?;
+                // TLS buffers records until flushed; for a plain socket this is a no-op.
+                tokio::time::timeout(stall, wr.flush())
+                    .await
+                    .map_err(|_| "no progress flushing a response".to_string())?
+                    .map_err(|e| format!("write failed: {e}"))?;
+            }
+            if writer_session.authentication_failed() {
+                // As Kafka: the failure's answer goes out, then the connection closes.
+                return Err("SASL authentication failed".to_string());
             }
             drop(held);
             activity.touch();
@@ -127,8 +141,8 @@ struct Conn {
     requests: RequestContext,
 }
 
-async fn read_loop(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
     broker: &Arc<Broker>,
     conn: &Conn,
     tx: &mpsc::Sender<Pending>,

@@ -18,6 +18,8 @@ pub mod offset_for_leader_epoch;
 pub mod offsets;
 pub mod produce;
 pub mod reassignments;
+pub mod sasl;
+pub mod scram_users;
 
 use std::sync::Arc;
 
@@ -25,7 +27,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
 
-use super::{answer_only, authz, Answer, Handler, Response};
+use super::{advertised, answer_only, authz, Answer, Handler, Response};
 use crate::broker::Broker;
 use crate::session::Session;
 
@@ -157,6 +159,26 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateAcls, acls::VERSIONS.0, acls::VERSIONS.1),
     (ApiKey::DescribeAcls, acls::VERSIONS.0, acls::VERSIONS.1),
     (ApiKey::DeleteAcls, acls::VERSIONS.0, acls::VERSIONS.1),
+    (
+        ApiKey::SaslHandshake,
+        sasl::HANDSHAKE_VERSIONS.0,
+        sasl::HANDSHAKE_VERSIONS.1,
+    ),
+    (
+        ApiKey::SaslAuthenticate,
+        sasl::AUTHENTICATE_VERSIONS.0,
+        sasl::AUTHENTICATE_VERSIONS.1,
+    ),
+    (
+        ApiKey::AlterUserScramCredentials,
+        scram_users::ALTER_VERSIONS.0,
+        scram_users::ALTER_VERSIONS.1,
+    ),
+    (
+        ApiKey::DescribeUserScramCredentials,
+        scram_users::DESCRIBE_VERSIONS.0,
+        scram_users::DESCRIBE_VERSIONS.1,
+    ),
 ];
 
 /// Whether this version of `key` is decoded by hand ([`start_legacy`]), outside
@@ -269,9 +291,9 @@ fn serve(broker: Arc<Broker>, session: Arc<Session>, v: i16, request: RequestKin
             async move { Some(Response::Kind(Box::new(ResponseKind::ApiVersions(resp)))) }.boxed()
         }
         RequestKind::Metadata(r) => async move {
-            Some(Response::Kind(Box::new(ResponseKind::Metadata(
-                metadata::handle(&broker, v, r).await,
-            ))))
+            let resp = metadata::handle(&broker, v, r).await;
+            let resp = advertised::metadata(&broker, &session, resp);
+            Some(Response::Kind(Box::new(ResponseKind::Metadata(resp))))
         }
         .boxed(),
         // The one handler with an ordering step of its own.
@@ -337,8 +359,10 @@ fn serve(broker: Arc<Broker>, session: Arc<Session>, v: i16, request: RequestKin
         }
         .boxed(),
         RequestKind::DescribeCluster(r) => async move {
+            let resp = describe_cluster::handle(&broker, v, r);
+            let resp = advertised::describe_cluster(&broker, &session, resp);
             Some(Response::Kind(Box::new(ResponseKind::DescribeCluster(
-                describe_cluster::handle(&broker, v, r),
+                resp,
             ))))
         }
         .boxed(),
@@ -358,6 +382,7 @@ fn serve(broker: Arc<Broker>, session: Arc<Session>, v: i16, request: RequestKin
         .boxed(),
         RequestKind::FindCoordinator(r) => {
             let resp = consumer_groups::find_coordinator(&broker, v, r);
+            let resp = advertised::find_coordinator(&broker, &session, resp);
             async move { Some(kind(ResponseKind::FindCoordinator(resp))) }.boxed()
         }
         RequestKind::JoinGroup(r) => async move {
@@ -419,6 +444,26 @@ fn serve(broker: Arc<Broker>, session: Arc<Session>, v: i16, request: RequestKin
             )))
         }
         .boxed(),
+        // The SASL exchange runs in its ordering step: a pipelined request behind it must see
+        // the session already authenticated (or failed).
+        RequestKind::SaslHandshake(r) => {
+            let resp = sasl::handshake(&broker, &session, v, r);
+            async move { Some(kind(ResponseKind::SaslHandshake(resp))) }.boxed()
+        }
+        RequestKind::SaslAuthenticate(r) => {
+            let resp = sasl::authenticate(&broker, &session, v, r);
+            async move { Some(kind(ResponseKind::SaslAuthenticate(resp))) }.boxed()
+        }
+        RequestKind::AlterUserScramCredentials(r) => async move {
+            Some(kind(ResponseKind::AlterUserScramCredentials(
+                scram_users::alter(&broker, v, r).await,
+            )))
+        }
+        .boxed(),
+        RequestKind::DescribeUserScramCredentials(r) => {
+            let resp = scram_users::describe(&broker, v, r);
+            async move { Some(kind(ResponseKind::DescribeUserScramCredentials(resp))) }.boxed()
+        }
         // supported_versions() filtered everything else before decoding.
         other => {
             tracing::warn!(request = ?std::mem::discriminant(&other), "request without handler");
