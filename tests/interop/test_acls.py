@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from conftest import Clients
-from helpers import Outbound, assert_all_delivered, cli_fails, cli_ok, produce
+from helpers import Outbound, assert_all_delivered, cli_fails, cli_ok, produce, producer
 
 ME = "User:ANONYMOUS"
 RECORDS = 20
@@ -132,3 +132,83 @@ def test_without_an_authorizer_acl_commands_say_security_is_disabled(broker_fact
     cli = Clients(broker_factory())
     cli_fails(cli.sluice("acls", "create", "--allow-principal", ME, "--operation", "Read", "--topic", "x"), "create", "SECURITY_DISABLED|authorizer")
     cli_fails(cli.sluice("acls", "list"), "list", "SECURITY_DISABLED|authorizer")
+
+
+# --- The same rules for a real principal: alice, authenticated with SCRAM over SASL_SSL. The
+#     PLAINTEXT listener is the operator's (its anonymous principal is a super user).
+from test_security import _start, certs, sasl_conf  # noqa: E402,F401  (certs is a fixture)
+
+
+def test_sasl_user_with_read_on_a_reads_a_only_and_deny_beats_allow(tmp_path, certs, request):  # noqa: F811
+    b = _start(
+        tmp_path,
+        certs,
+        request,
+        {
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": ME,
+            "group.initial.rebalance.delay.ms": "0",
+        },
+    )
+    try:
+        admin = Clients(b)
+        for t in ("a", "b"):
+            admin.create_topic(t)
+            assert_all_delivered(produce(b.bootstrap, t, [Outbound(value=f"{t}{i}".encode()) for i in range(RECORDS)]))
+        cli_ok(admin.sluice("acls", "create", "--allow-principal", "User:alice", "--operation", "Read", "--topic", "a", "--group", "g"), "alice reads a")
+        alice = sasl_conf(certs)
+
+        def alice_read(topic: str, want: int):
+            c = Consumer({"bootstrap.servers": b.sasl_ssl, "group.id": "g", "auto.offset.reset": "earliest", "enable.auto.commit": False, **alice})
+            got, err = 0, None
+            try:
+                c.subscribe([topic])
+                deadline = time.monotonic() + 30
+                while got < want and time.monotonic() < deadline:
+                    m = c.poll(0.5)
+                    if m is None:
+                        continue
+                    if m.error():
+                        err = m.error().code()
+                        break
+                    got += 1
+            finally:
+                c.close()
+            return got, err
+
+        assert alice_read("a", RECORDS) == (RECORDS, None)
+        assert alice_read("b", 1) == (0, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+        md = AdminClient({"bootstrap.servers": b.sasl_ssl, **alice}).list_topics(timeout=15)
+        assert "a" in md.topics and "b" not in md.topics, sorted(md.topics)
+        alice_admin = AdminClient({"bootstrap.servers": b.sasl_ssl, **alice})  # kept: a dropped handle fails its futures
+        fut = alice_admin.delete_topics(["a"], operation_timeout=10)["a"]
+        with pytest.raises(Exception) as e:
+            fut.result(timeout=30)
+        assert "AUTHORIZATION" in str(e.value).upper(), str(e.value)
+        # alice's produce to a is refused too: Read is not Write.
+        p = producer(b.sasl_ssl, **alice)
+        errors = []
+        p.produce("a", b"x", on_delivery=lambda err, msg: errors.append(err))
+        p.flush(30)
+        assert errors and errors[0] is not None and errors[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, errors
+
+        # Deny beats allow: an allow-all for every user, and a deny of Read on a for alice.
+        cli_ok(admin.sluice("acls", "create", "--allow-principal", "User:*", "--operation", "All", "--topic", "a"), "allow all")
+        cli_ok(admin.sluice("acls", "create", "--deny-principal", "User:alice", "--operation", "Read", "--topic", "a"), "deny alice")
+        assert alice_read("a", 1) == (0, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+        # bob, allowed by User:* and not denied, reads a (with his own group ACL).
+        cli_ok(admin.sluice("acls", "create", "--allow-principal", "User:bob", "--operation", "Read", "--group", "g2"), "bob's group")
+        c = Consumer({"bootstrap.servers": b.sasl_ssl, "group.id": "g2", "auto.offset.reset": "earliest", **sasl_conf(certs, "SCRAM-SHA-512", "bob")})
+        try:
+            c.subscribe(["a"])
+            got, deadline = 0, time.monotonic() + 30
+            while got < RECORDS and time.monotonic() < deadline:
+                m = c.poll(0.5)
+                if m is not None and not m.error():
+                    got += 1
+            assert got == RECORDS
+        finally:
+            c.close()
+    finally:
+        assert b.stop() == 0
+        assert not b.panics(), b.panics()[:10]
