@@ -269,6 +269,9 @@ pub struct Broker {
     pub consumer_groups: ConsumerGroupRuntime,
     /// How requests are authorized against the replicated ACLs.
     pub authorizer: crate::controller::acls::AuthorizerConfig,
+    /// Bytes of requests read and not yet answered, across connections
+    /// (`queued.max.request.bytes`); `None`: unbounded.
+    pub request_budget: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Producer ids a node takes from the controller at once, as Kafka's brokers do.
@@ -282,8 +285,15 @@ impl Broker {
             super_users: cfg.super_users.iter().cloned().collect(),
             allow_if_no_acl: cfg.allow_everyone_if_no_acl_found,
         };
+        // Semaphore permits are u32-counted per acquire; the cap keeps one request's ask in range.
+        let request_budget = (cfg.queued_max_request_bytes > 0).then(|| {
+            Arc::new(tokio::sync::Semaphore::new(
+                cfg.queued_max_request_bytes.min(u32::MAX as usize),
+            ))
+        });
         Broker {
             authorizer,
+            request_budget,
             cfg,
             raft,
             meta,

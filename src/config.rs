@@ -105,6 +105,13 @@ pub struct ServerConfig {
     /// Topics one CreateTopics request may create (`sluice.create.topics.max.per.request`); the
     /// rest get POLICY_VIOLATION.
     pub create_topics_max_per_request: usize,
+    /// Connections one client address may hold (`max.connections.per.ip`), with per-address
+    /// exceptions (`max.connections.per.ip.overrides`, `host:count,...`).
+    pub max_connections_per_ip: usize,
+    pub max_connections_per_ip_overrides: BTreeMap<std::net::IpAddr, usize>,
+    /// Bytes of requests read and not yet answered, across all connections
+    /// (`queued.max.request.bytes`; 0 or negative: unbounded, as Kafka's -1).
+    pub queued_max_request_bytes: usize,
     /// The admin HTTP's bearer token (`admin.api.token`, or read from `admin.api.token.file` /
     /// `--admin-token-file` by [`ServerConfig::finish`]); required on every mutating route.
     pub admin_api_token: Option<AdminToken>,
@@ -420,6 +427,9 @@ impl Default for ServerConfig {
             allow_everyone_if_no_acl_found: false,
             max_partitions: 100_000,
             create_topics_max_per_request: 1_000,
+            max_connections_per_ip: i32::MAX as usize,
+            max_connections_per_ip_overrides: BTreeMap::new(),
+            queued_max_request_bytes: 512 << 20,
             admin_api_token: None,
             admin_api_token_file: None,
             admin_api_require_auth_for_reads: false,
@@ -705,6 +715,26 @@ impl ServerConfig {
                     }
                 }
                 self.super_users = users;
+            }
+            "max.connections.per.ip" => {
+                self.max_connections_per_ip = parse_in(key, v, 0, i32::MAX as usize)?
+            }
+            "max.connections.per.ip.overrides" => {
+                let mut map = BTreeMap::new();
+                for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                    let (host, n) = item
+                        .rsplit_once(':')
+                        .ok_or_else(|| invalid(key, item, "expected IP:COUNT"))?;
+                    let ip = host
+                        .parse::<std::net::IpAddr>()
+                        .map_err(|_| invalid(key, item, "the host must be an IP address"))?;
+                    map.insert(ip, parse_in(key, n, 0, i32::MAX as usize)?);
+                }
+                self.max_connections_per_ip_overrides = map;
+            }
+            "queued.max.request.bytes" => {
+                let n: i64 = parse_num(key, v)?;
+                self.queued_max_request_bytes = usize::try_from(n).unwrap_or(0);
             }
             "sluice.max.partitions" => self.max_partitions = parse_in(key, v, 1, 10_000_000)?,
             "sluice.create.topics.max.per.request" => {
@@ -1002,6 +1032,31 @@ mod tests {
         assert_eq!(c.num_partitions, 3);
         assert_eq!(c.log_retention_ms, 7_200_000);
         assert_eq!(c.log_retention_check_interval_ms, 250);
+    }
+
+    #[test]
+    fn connection_and_request_limits_parse_as_in_kafka() {
+        let mut c = ServerConfig::default();
+        c.apply_property("max.connections.per.ip", "5").unwrap();
+        c.apply_property("max.connections.per.ip.overrides", "127.0.0.1:50, ::1:7")
+            .unwrap();
+        assert_eq!(c.max_connections_per_ip, 5);
+        assert_eq!(
+            c.max_connections_per_ip_overrides
+                .get(&"::1".parse::<std::net::IpAddr>().unwrap()),
+            Some(&7)
+        );
+        assert!(c
+            .apply_property("max.connections.per.ip.overrides", "host.example:3")
+            .is_err());
+        c.apply_property("queued.max.request.bytes", "-1").unwrap();
+        assert_eq!(
+            c.queued_max_request_bytes, 0,
+            "-1 is unbounded, as in Kafka"
+        );
+        c.apply_property("queued.max.request.bytes", "1048576")
+            .unwrap();
+        assert_eq!(c.queued_max_request_bytes, 1 << 20);
     }
 
     #[test]

@@ -674,3 +674,99 @@ async fn create_topics_and_partitions_are_capped_per_request_and_per_cluster() {
         .is_some_and(|t| t.partitions.len() == 1));
     c.shutdown().await;
 }
+
+/// `max.connections.per.ip`: a third connection from one address is closed at accept, the first
+/// two keep working, and a slot comes back when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_ip_are_capped() {
+    use tokio::io::AsyncReadExt;
+    let c = TestCluster::start_with(1, |cfg| cfg.max_connections_per_ip = 2)
+        .await
+        .unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let mut a = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    let b = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(c.bootstrap()).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("the third connection is closed, not left hanging");
+    assert!(matches!(n, Ok(0) | Err(_)), "third connection got {n:?}");
+    assert_eq!(create_topic(&mut a, "ip", 1).await.topics[0].error_code, 0);
+    drop(b);
+    // The freed slot is usable again (the close reaches the broker asynchronously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match BrokerConn::connect(&c.bootstrap()).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no slot came back: {e:#}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}
+
+/// `queued.max.request.bytes`: while one connection's request holds the whole budget (a fetch
+/// waiting for data), another connection's request is not read, let alone answered; it is once
+/// the first is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_request_bytes_bound_what_all_connections_have_in_flight() {
+    let c = TestCluster::start_with(1, |cfg| cfg.queued_max_request_bytes = 64)
+        .await
+        .unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let mut a = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    let mut b = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    assert_eq!(
+        create_topic(&mut a, "quiet", 1).await.topics[0].error_code,
+        0
+    );
+    // A fetch of an empty partition waits up to 4 s; its frame is over 64 bytes, so it holds
+    // the whole budget until answered.
+    let fetch = FetchRequest::default()
+        .with_replica_id((-1).into())
+        .with_max_wait_ms(4_000)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(name("quiet"))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_partition_max_bytes(1 << 20)])]);
+    let fv = a.version_for_max(ApiKey::Fetch, 12).unwrap();
+    a.send(&fetch, fv, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mv = b.version_for_max(ApiKey::Metadata, 9).unwrap();
+    b.send(&MetadataRequest::default().with_topics(None), mv, true)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let m: MetadataResponse = b.recv::<MetadataRequest>(Duration::from_secs(10)).await?;
+        anyhow::Ok(m)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered while the budget was spent"
+    );
+    let f: FetchResponse = a
+        .recv::<FetchRequest>(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(f.responses[0].partitions[0].error_code, 0);
+    let m = waiting.await.unwrap().unwrap();
+    assert!(m
+        .topics
+        .iter()
+        .any(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == "quiet")));
+    c.shutdown().await;
+}

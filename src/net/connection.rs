@@ -190,6 +190,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 "invalid request size {size} (must be 8..={max}, socket.request.max.bytes)"
             ));
         }
+        // queued.max.request.bytes: the request's bytes are taken from the node's budget before
+        // they are allocated, and go back once it is answered; while the budget is spent, this
+        // connection stops reading (as Kafka's request memory pool mutes it).
+        let permit = match &broker.request_budget {
+            None => None,
+            Some(budget) => {
+                let want = (size as usize).min(broker.cfg.queued_max_request_bytes) as u32;
+                tokio::select! {
+                    p = budget.clone().acquire_many_owned(want) => {
+                        Some(p.map_err(|_| "request budget closed".to_string())?)
+                    }
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        };
         let mut frame = BytesMut::zeroed(size as usize);
         tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut frame))
             .await
@@ -201,6 +216,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let pending = kafka::decode_and_start(broker, &conn.requests, frame)?
             .order()
             .await;
+        let pending: kafka::Pending = match permit {
+            None => pending,
+            Some(permit) => Box::pin(async move {
+                let answered = pending.await;
+                drop(permit);
+                answered
+            }),
+        };
         conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         if tx.send(pending).await.is_err() {
             return Err("response writer stopped".into());

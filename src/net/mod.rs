@@ -80,13 +80,14 @@ pub async fn serve(listeners: Vec<Ready>, broker: Arc<Broker>, shutdown: Cancell
     let connections = TaskTracker::new();
     // One limit for all listeners together, as Kafka's max.connections.
     let limit = Arc::new(Semaphore::new(broker.cfg.max_connections));
+    let per_ip = Arc::new(PerIp::default());
     let accepting = TaskTracker::new();
     for ready in listeners {
         accepting.spawn(accept_loop(
             ready,
             broker.clone(),
             shutdown.clone(),
-            limit.clone(),
+            (limit.clone(), per_ip.clone()),
             connections.clone(),
         ));
     }
@@ -98,11 +99,50 @@ pub async fn serve(listeners: Vec<Ready>, broker: Arc<Broker>, shutdown: Cancell
     let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
 }
 
+/// Open connections per client address (`max.connections.per.ip`), across listeners.
+#[derive(Default)]
+struct PerIp {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`PerIp`]; gives it back when dropped.
+struct IpSlot {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn enter(table: &Arc<PerIp>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut open = table.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     ready: Ready,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    limit: Arc<Semaphore>,
+    (limit, per_ip): (Arc<Semaphore>, Arc<PerIp>),
     connections: TaskTracker,
 ) {
     let Ready { bound, tls } = ready;
@@ -121,6 +161,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        let ip = peer.ip();
+        let max_here = broker
+            .cfg
+            .max_connections_per_ip_overrides
+            .get(&ip)
+            .copied()
+            .unwrap_or(broker.cfg.max_connections_per_ip);
+        let Some(slot) = PerIp::enter(&per_ip, ip, max_here) else {
+            warn!(%peer, max = max_here, "max.connections.per.ip reached, closing new connection");
+            drop(stream);
+            continue;
+        };
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -137,7 +189,7 @@ async fn accept_loop(
             tls.clone(),
             broker.clone(),
             shutdown.clone(),
-            permit,
+            (permit, slot),
         ));
     }
 }
@@ -149,7 +201,7 @@ async fn one_connection(
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, IpSlot),
 ) {
     let session = Arc::new(Session::on_listener(
         peer,
