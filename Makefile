@@ -67,7 +67,7 @@ test-interop: venv build
 # debug build): FUZZ_CASES cases per target in a release build, printing executions per second
 # and corpus sizes. Targets: kafka_request, record_batch (src/kafka/fuzz_tests.rs), raft_frame
 # (raft/src/fuzz_tests.rs); seeds in fuzz/corpus/ (fuzz/README.md).
-FUZZ_CASES ?= 300000
+FUZZ_CASES ?= 3000000
 fuzz:
 	SLUICE_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p sluice --lib fuzz_ -- --nocapture
 	SLUICE_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p sluice-raft --lib fuzz_ -- --nocapture

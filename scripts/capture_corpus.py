@@ -3,7 +3,7 @@
 
 Starts `target/release/sluice server` on free loopback ports, advertising a capturing TCP proxy as
 its Kafka address (so clients reach the broker only through the proxy, bootstrap and after), then
-drives confluent-kafka and kafka-python through it: topic creation, produce with every codec,
+drives confluent-kafka, kafka-python and kcat (librdkafka 2.0.2) through it: topic creation, produce with every codec,
 consume in a group with commits, metadata and offsets lookups. Every client->broker frame (the
 bytes after the 4-byte size prefix) is written as one file, at most PER_KEY per client, API and
 version (PER_KEY_PRODUCE for Produce), and only frames up to MAX_FRAME bytes. Everything is bounded by timeouts, and the
@@ -178,6 +178,24 @@ def drive_kafka_python(bootstrap: str) -> None:
     admin.close()
 
 
+def drive_kcat(bootstrap: str) -> None:
+    """kcat links Debian's librdkafka 2.0.2, older than confluent-kafka's: other API versions."""
+    import shutil
+
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if kcat is None:
+        return
+    lines = "".join(f"k{i}:kcat-value-{i}\n" for i in range(20)).encode()
+    for codec in ("none", "gzip", "snappy", "lz4", "zstd"):
+        subprocess.run([kcat, "-b", bootstrap, "-P", "-t", "cap-kc", "-K", ":", "-z", codec],
+                       input=lines, timeout=60, capture_output=True)
+    subprocess.run([kcat, "-b", bootstrap, "-C", "-t", "cap-kc", "-o", "beginning", "-e", "-q"],
+                   timeout=60, capture_output=True)
+    subprocess.run([kcat, "-b", bootstrap, "-L"], timeout=60, capture_output=True)
+    subprocess.run([kcat, "-b", bootstrap, "-G", "cap-kc-group", "-o", "beginning", "-e", "-q", "cap-kc"],
+                   timeout=60, capture_output=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "fuzz" / "corpus" / "kafka_request"))
@@ -214,6 +232,8 @@ def main() -> int:
         drive_confluent(bootstrap)
         capture.tag = "kafkapython"
         drive_kafka_python(bootstrap)
+        capture.tag = "kcat"
+        drive_kcat(bootstrap)
     finally:
         stop.set()
         t.join(timeout=5)

@@ -176,3 +176,125 @@ fn write_raft_frame_corpus() {
         std::fs::write(dir.join(format!("built-{i:02}.bin")), seed).unwrap();
     }
 }
+
+/// Structured inputs for what byte mutations rarely reach behind the JSON headers: any vote,
+/// log ids (terms past what a partition log stores among them) and entries whose batches are
+/// captured ones mutated, encoded by the real encoder, then decoded and checked as received.
+#[test]
+fn fuzz_raft_append_and_snapshot_fields() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let mut batches = Corpus::load(&corpus_dir().join("../record_batch")).seeds;
+    batches.push(sluice_storage::batch::testutil::data_batch(
+        1_700_000_000_000,
+        &[1, 2],
+    ));
+    let term = prop_oneof![
+        0u64..8,
+        Just(i32::MAX as u64),
+        Just(i32::MAX as u64 + 1),
+        any::<u64>()
+    ];
+    let index = prop_oneof![0u64..64, any::<u64>()];
+    let entry = (
+        term.clone(),
+        index.clone(),
+        0u8..3,
+        0..batches.len(),
+        prop::collection::vec(any::<u64>(), 0..4),
+        any::<i64>(),
+    );
+    let append = (
+        term.clone(),
+        any::<u64>(),
+        any::<bool>(),
+        prop::option::of((term.clone(), index.clone())),
+        prop::collection::vec(entry, 0..4),
+    );
+    let snapshot = (
+        term,
+        index,
+        prop_oneof![
+            Just(0u64),
+            any::<u64>(),
+            Just(crate::peer_input::MAX_SNAPSHOT_BYTES)
+        ],
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    );
+    let n = fuzzing::cases(20_000);
+    let mut runner = TestRunner::new(Config {
+        cases: n,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let started = std::time::Instant::now();
+    let result = runner.run(
+        &(append, snapshot),
+        |((vterm, vnode, committed, prev, entries), (sterm, sindex, offset, done, data))| {
+            let vote = if committed {
+                Vote::new_committed(vterm, vnode)
+            } else {
+                Vote::new(vterm, vnode)
+            };
+            let entries = entries
+                .into_iter()
+                .map(|(t, i, kind, b, ops, base)| Entry {
+                    log_id: log_id(t, i),
+                    payload: match kind {
+                        0 => EntryPayload::Blank,
+                        1 => EntryPayload::Membership(Membership::new(
+                            vec![[1u64, 2].into_iter().collect()],
+                            (),
+                        )),
+                        _ => {
+                            let mut bytes = fuzzing::mutate(&batches[b], &ops);
+                            if bytes.len() >= sluice_storage::batch::BATCH_HEADER_LEN {
+                                sluice_storage::batch::set_base_offset(&mut bytes, base);
+                            }
+                            EntryPayload::Normal(Bytes::from(bytes))
+                        }
+                    },
+                })
+                .collect();
+            let req = AppendEntriesRequest::<TypeConfig> {
+                vote,
+                prev_log_id: prev.map(|(t, i)| log_id(t, i)),
+                entries,
+                leader_commit: prev.map(|(t, i)| log_id(t, i / 2)),
+            };
+            let mut out = BytesMut::new();
+            if codec::encode_append(&req, &mut out).is_ok() {
+                let body = frame(RpcKind::AppendEntries, "p/t/0", &out);
+                check_frame(&body).map_err(TestCaseError::fail)?;
+            }
+            let snap = InstallSnapshotRequest::<TypeConfig> {
+                vote,
+                meta: SnapshotMeta {
+                    last_log_id: Some(log_id(sterm, sindex)),
+                    last_membership: Default::default(),
+                    snapshot_id: format!("{sterm}-{sindex}"),
+                },
+                offset,
+                data,
+                done,
+            };
+            let mut out = BytesMut::new();
+            if codec::encode_snapshot(&snap, &mut out).is_ok() {
+                let body = frame(RpcKind::InstallSnapshot, "meta", &out);
+                check_frame(&body).map_err(TestCaseError::fail)?;
+            }
+            Ok(())
+        },
+    );
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "fuzz raft_fields: {n} cases in {secs:.1} s = {:.0} exec/s; seeds {} captured batches",
+        f64::from(n) / secs.max(1e-9),
+        batches.len()
+    );
+    if let Err(e) = result {
+        panic!("fuzz target raft_fields failed: {e}");
+    }
+}

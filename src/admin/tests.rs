@@ -226,6 +226,34 @@ async fn without_a_token_a_loopback_node_serves_changes_but_only_as_json() {
     )
     .await;
     assert_json_error(status, &v, 404);
+
+    // The same router as a listener other hosts could reach sees it (tests bind only loopback,
+    // so the access is built as `serve` builds it for a routable address): without a token,
+    // every change is 403 with a body saying how to set one, reads are served.
+    let exposed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let exposed_addr = exposed.local_addr().unwrap();
+    let app = super::router(c.broker(0).clone(), super::Access::new(None, false, true));
+    let server = tokio::spawn(async move { axum::serve(exposed, app).await });
+    let (status, _, v) = http(
+        exposed_addr,
+        "POST",
+        "/v1/brokers/1/decommission",
+        &[("Content-Type", "application/json")],
+        "{}",
+    )
+    .await;
+    assert_json_error(status, &v, 403);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--admin-token-file"),
+        "{v}"
+    );
+    assert!(c.broker(0).state().brokers.contains_key(&1));
+    let (status, _, v) = http(exposed_addr, "GET", "/v1/brokers", &[], "").await;
+    assert_eq!(status, 200, "{v}");
+    server.abort();
     c.shutdown().await;
 }
 

@@ -63,8 +63,10 @@ struct Reserved {
     bound: fn(usize) -> usize,
     /// (bytes reserved, input length) of the input that reserved most per input byte.
     worst: Cell<(usize, usize)>,
-    /// Inputs that reserved more than [`Reserved::bound`].
+    /// Inputs that reserved more than the bound.
     over: Cell<u64>,
+    /// Inputs the code under test accepted (a request that decoded).
+    accepted: Cell<u64>,
 }
 
 impl Reserved {
@@ -73,6 +75,7 @@ impl Reserved {
             bound,
             worst: Cell::default(),
             over: Cell::default(),
+            accepted: Cell::default(),
         }
     }
 
@@ -109,9 +112,13 @@ impl Reserved {
 
     fn report(&self, target: &str) {
         let (w, wl) = self.worst.get();
+        let accepted = match self.accepted.get() {
+            0 => String::new(),
+            n => format!("; {n} accepted"),
+        };
         println!(
             "fuzz {target}: largest reservation per input byte: {w} bytes for a {wl}-byte input; \
-             {} inputs reserved more than their bound (refused inputs only)",
+             {} inputs reserved more than their bound (refused inputs only){accepted}",
             self.over.get()
         );
     }
@@ -137,6 +144,9 @@ fn check_request(input: &[u8], reserved: &Reserved) -> Result<(), String> {
             // have been given the bytes for what it holds.
             if let (Ok(_), Err(why)) = (&decoded, bounded) {
                 return Err(format!("{api:?} v{version} decoded but {why}"));
+            }
+            if decoded.is_ok() {
+                reserved.accepted.set(reserved.accepted.get() + 1);
             }
         }
         _ => {}
@@ -195,25 +205,57 @@ fn with_length_and_crc(b: &[u8]) -> Vec<u8> {
     with_crc(&b)
 }
 
+/// How deep the record-batch inputs went: past storage's checks (CRC and lengths) per codec,
+/// and accepted by the record checks, so a run shows it reaches every decompression path.
+#[derive(Default)]
+struct Depth {
+    valid_header: [Cell<u64>; 8],
+    accepted: [Cell<u64>; 8],
+}
+
+impl Depth {
+    fn report(&self) {
+        let show = |c: &[Cell<u64>; 8]| {
+            ["none", "gzip", "snappy", "lz4", "zstd"]
+                .iter()
+                .zip(c.iter())
+                .map(|(n, v)| format!("{n} {}", v.get()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "fuzz record_batch: passed storage's checks by codec: {}; accepted by the record checks: {}",
+            show(&self.valid_header),
+            show(&self.accepted)
+        );
+    }
+}
+
 /// The produce path's checks on one batch, as stored bytes.
-fn check_one_batch(b: &[u8]) {
+fn check_one_batch(b: &[u8], depth: &Depth) {
     for one in batch::split(b).take(64).flatten() {
         let _ = batch::validate(one);
     }
     let _ = batch::internal_payload(b);
     if let Ok(h) = batch::validate(b) {
+        let codec = (h.attributes & 0x7) as usize;
         // The produce handler's cap for the default message.max.bytes.
         let cap = records::decompressed_cap(MESSAGE_MAX_BYTES);
-        let _ = records::validate(b, &h, cap);
+        let accepted = records::validate(b, &h, cap).is_ok();
         let _ = records::first_at_or_after(b, &h, h.base_timestamp);
+        let bump = |c: &Cell<u64>| c.set(c.get() + 1);
+        bump(&depth.valid_header[codec]);
+        if accepted {
+            bump(&depth.accepted[codec]);
+        }
     }
 }
 
-fn check_batch(input: &[u8], reserved: &Reserved) -> Result<(), String> {
+fn check_batch(input: &[u8], reserved: &Reserved, depth: &Depth) -> Result<(), String> {
     for b in [input.to_vec(), with_crc(input), with_length_and_crc(input)] {
         // Our own decoders: every reservation within the input's bounds (decompression grows
         // its output as it goes, up to the cap), refused or not.
-        reserved.measure(b.len(), || check_one_batch(&b)).1?;
+        reserved.measure(b.len(), || check_one_batch(&b, depth)).1?;
     }
     Ok(())
 }
@@ -242,10 +284,16 @@ fn fuzz_record_batch_validation() {
         .seeds
         .push(batch::testutil::data_batch(1_700_000_000_000, &[0, 3, 100]));
     let reserved = Reserved::new(Reserved::validated);
+    let depth = Depth::default();
     fuzzing::run("record_batch", &corpus, 30_000, |i| {
-        check_batch(i, &reserved)
+        check_batch(i, &reserved, &depth)
     });
     reserved.report("record_batch");
+    depth.report();
+    // Every codec's record checks were reached and passed (the captured seeds alone do that).
+    for (codec, accepted) in depth.accepted.iter().enumerate().take(5) {
+        assert!(accepted.get() > 0, "codec {codec} never accepted");
+    }
 }
 
 /// Writes the batches of the captured Produce requests to `fuzz/corpus/record_batch/` (run by
