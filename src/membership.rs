@@ -65,13 +65,13 @@ async fn answer(broker: &Broker, from: u64, req: AppRequest) -> AppResponse {
         },
     };
     match req {
-        AppRequest::Propose { command } => match broker.raft.meta().propose(command).await {
-            Ok(reply) => AppResponse::Proposed { reply },
-            Err(RaftError::NotLeader { leader }) => AppResponse::NotLeader { leader },
-            Err(e) => AppResponse::Err {
-                message: e.to_string(),
-            },
-        },
+        AppRequest::Propose { command } => {
+            if let Err(message) = check_forwarded(from, &command) {
+                warn!(from, reason = %message, "refused a forwarded proposal");
+                return AppResponse::Err { message };
+            }
+            forward_proposal(broker, command).await
+        }
         AppRequest::Heartbeat { .. } => {
             if broker.raft.meta().is_leader() {
                 AppResponse::Ok
@@ -110,6 +110,36 @@ async fn answer(broker: &Broker, from: u64, req: AppRequest) -> AppResponse {
             Ok(()) => AppResponse::Ok,
             Err(message) => AppResponse::Err { message },
         },
+    }
+}
+
+async fn forward_proposal(broker: &Broker, command: Vec<u8>) -> AppResponse {
+    match broker.raft.meta().propose(command).await {
+        Ok(reply) => AppResponse::Proposed { reply },
+        Err(RaftError::NotLeader { leader }) => AppResponse::NotLeader { leader },
+        Err(e) => AppResponse::Err {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// A node may forward proposals about the cluster, but not speak for another node: it
+/// registers and fences only itself, and the fencing verdict is the controller's own (it
+/// proposes it locally, so a forwarded one comes from a node that is not the controller).
+fn check_forwarded(from: u64, command: &[u8]) -> Result<(), String> {
+    let cmd: Command = serde_json::from_slice(command)
+        .map_err(|e| format!("undecodable metadata command from node {from}: {e}"))?;
+    match cmd {
+        Command::RegisterBroker { broker, .. } if broker.id != from => {
+            Err(format!("node {from} may not register broker {}", broker.id))
+        }
+        Command::FenceBroker { id } if id != from => {
+            Err(format!("node {from} may not fence broker {id}"))
+        }
+        Command::SetFenced { .. } => Err(format!(
+            "node {from} is not the controller; the fencing verdict is the controller's"
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -117,11 +117,49 @@ pub(crate) struct SnapshotChunks {
 }
 
 impl SnapshotChunks {
+    /// Whether the chunk may be handed to openraft; nothing is recorded until it accepted it
+    /// ([`SnapshotChunks::record`]), so a stray chunk (a deposed leader's) cannot reset the
+    /// progress of the snapshot the current leader streams.
+    pub(crate) fn admit(
+        &self,
+        group: &str,
+        req: &InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<(), String> {
+        self.received(group, req).map(|_| ())
+    }
+
+    /// Notes a chunk openraft accepted.
+    pub(crate) fn record(&mut self, group: &str, req: &ChunkSeen) {
+        if req.done {
+            self.receiving.remove(group);
+            return;
+        }
+        let before = match self.receiving.get(group) {
+            Some((id, n)) if *id == req.snapshot_id && req.offset != 0 => *n,
+            _ => 0,
+        };
+        self.receiving.insert(
+            group.to_string(),
+            (req.snapshot_id.clone(), before.max(req.end)),
+        );
+    }
+
+    #[cfg(test)]
     pub(crate) fn check(
         &mut self,
         group: &str,
         req: &InstallSnapshotRequest<TypeConfig>,
     ) -> Result<(), String> {
+        self.admit(group, req)?;
+        self.record(group, &ChunkSeen::of(req));
+        Ok(())
+    }
+
+    fn received(
+        &self,
+        group: &str,
+        req: &InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<u64, String> {
         let id = &req.meta.snapshot_id;
         let end = req.offset.saturating_add(req.data.len() as u64);
         if end > MAX_SNAPSHOT_BYTES {
@@ -145,13 +183,26 @@ impl SnapshotChunks {
                 req.offset
             ));
         }
-        if req.done {
-            self.receiving.remove(group);
-        } else {
-            self.receiving
-                .insert(group.to_string(), (id.clone(), received.max(end)));
+        Ok(received)
+    }
+}
+
+/// What [`SnapshotChunks::record`] needs of a chunk, kept while openraft owns the request.
+pub(crate) struct ChunkSeen {
+    snapshot_id: String,
+    offset: u64,
+    end: u64,
+    done: bool,
+}
+
+impl ChunkSeen {
+    pub(crate) fn of(req: &InstallSnapshotRequest<TypeConfig>) -> ChunkSeen {
+        ChunkSeen {
+            snapshot_id: req.meta.snapshot_id.clone(),
+            offset: req.offset,
+            end: req.offset.saturating_add(req.data.len() as u64),
+            done: req.done,
         }
-        Ok(())
     }
 }
 

@@ -49,8 +49,15 @@ impl Registry {
         req: &openraft::raft::InstallSnapshotRequest<crate::TypeConfig>,
     ) -> Result<(), String> {
         match self.snapshot_chunks.lock() {
-            Ok(mut chunks) => chunks.check(group, req),
+            Ok(chunks) => chunks.admit(group, req),
             Err(_) => Err("snapshot chunk table lock poisoned".into()),
+        }
+    }
+
+    /// Notes a chunk openraft accepted.
+    pub(crate) fn record_snapshot_chunk(&self, group: &str, seen: &crate::peer_input::ChunkSeen) {
+        if let Ok(mut chunks) = self.snapshot_chunks.lock() {
+            chunks.record(group, seen);
         }
     }
 

@@ -80,7 +80,7 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
     let mut ids = names.iter().filter_map(|n| {
         n.strip_prefix("node-")
             .and_then(|rest| rest.strip_suffix(".sluice"))
-            .and_then(|id| id.parse::<NodeId>().ok())
+            .and_then(|id| id.parse::<NodeId>().ok().filter(|n| n.to_string() == id))
     });
     match (ids.next(), ids.next()) {
         (Some(id), None) => Ok(id),
@@ -263,6 +263,11 @@ mod tests {
         assert_eq!(node_id_of(&der(&cert)), Ok(7));
         let (client, _) = ca.leaf(&["alice".into()]);
         assert!(node_id_of(&der(&client)).is_err());
+        let (padded, _) = ca.leaf(&["node-07.sluice".into(), "node-+7.sluice".into()]);
+        assert!(
+            node_id_of(&der(&padded)).is_err(),
+            "non-canonical ids name a node"
+        );
         let (two, _) = ca.leaf(&[node_dns_name(1), node_dns_name(2)]);
         assert!(node_id_of(&der(&two)).is_err());
     }

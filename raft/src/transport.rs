@@ -695,7 +695,17 @@ async fn dispatch(
                 .and_then(|()| peer_input::check_snapshot(group, &req))
                 .and_then(|()| registry.check_snapshot_chunk(group, &req))
             {
-                Ok(()) => json_reply(&raft.install_snapshot(req).await),
+                Ok(()) => {
+                    let seen = peer_input::ChunkSeen::of(&req);
+                    let vote = req.vote;
+                    let res = raft.install_snapshot(req).await;
+                    // A chunk from a stale leader is answered Ok with this node's newer vote:
+                    // only a chunk the node took as its leader's counts.
+                    if res.as_ref().is_ok_and(|r| r.vote == vote) {
+                        registry.record_snapshot_chunk(group, &seen);
+                    }
+                    json_reply(&res)
+                }
                 Err(why) => refused(group, why),
             },
             Err(e) => (ResponseStatus::Failed, e.to_string().into_bytes()),

@@ -315,6 +315,17 @@ async fn a_request_before_authentication_closes_the_connection_and_so_does_a_fai
     assert!(raw_call(&mut s, md).await.is_none());
     assert!(closed(&mut s).await);
 
+    // A big frame before authentication is refused from its size alone: nothing is allocated
+    // for it or taken from the request budget (the body is never sent).
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, &(1_000_000i32).to_be_bytes())
+        .await
+        .unwrap();
+    assert!(
+        closed(&mut s).await,
+        "a 1 MB frame before authentication was waited for"
+    );
+
     // A failed SaslAuthenticate is answered (SASL_AUTHENTICATION_FAILED), then the broker
     // closes: the client cannot try passwords on the same connection.
     let mut s = TcpStream::connect(&addr).await.unwrap();

@@ -388,3 +388,72 @@ async fn without_an_authorizer_the_acl_apis_answer_security_disabled() {
     assert_eq!(create_topic(&mut conn, "a").await, 0);
     c.shutdown().await;
 }
+
+/// Metadata v0-3 implies auto-creation; a principal that may describe a missing topic but not
+/// create it does not get it created, whatever the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_auto_creation_needs_create_at_every_version() {
+    use AclOperation::*;
+    use AclPermission::*;
+    use PatternType::*;
+    use ResourceType::*;
+    let c = TestCluster::start_with(1, |cfg| {
+        cfg.authorizer_enabled = true;
+        cfg.allow_everyone_if_no_acl_found = true;
+        cfg.auto_create_topics_enable = true;
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    // The cluster resource gets an ACL (anonymous may alter ACLs, not create topics), so
+    // allow.everyone.if.no.acl.found no longer grants Create on it.
+    let codes = create_acls(
+        &mut conn,
+        vec![
+            acl(Topic, "mine-", Prefixed, ME, Read, Allow),
+            acl(Cluster, "kafka-cluster", Literal, ME, Alter, Allow),
+        ],
+    )
+    .await;
+    assert_eq!(codes, vec![0, 0]);
+    for v in [3i16, 9] {
+        let topic = format!("mine-{v}");
+        let req = MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default().with_name(Some(name(&topic))),
+        ]));
+        let resp: MetadataResponse = conn.call(&req, v).await.unwrap();
+        assert_eq!(
+            resp.topics[0].error_code,
+            ErrorCode::UnknownTopicOrPartition as i16,
+            "v{v}: {resp:?}"
+        );
+        assert!(
+            !c.broker(0).state().topics.contains_key(&topic),
+            "v{v} auto-created {topic}"
+        );
+    }
+    // With Create on the prefix, the same request creates it.
+    let codes = create_acls(
+        &mut conn,
+        vec![acl(Topic, "mine-", Prefixed, ME, Create, Allow)],
+    )
+    .await;
+    assert_eq!(codes, vec![0]);
+    let req = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default().with_name(Some(name("mine-3")))
+    ]));
+    let _: MetadataResponse = conn.call(&req, 3).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.broker(0).state().topics.contains_key("mine-3") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not created with Create allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}

@@ -41,7 +41,8 @@ impl<'a> Asker<'a> {
         Asker {
             broker,
             principal: session.principal().to_string(),
-            host: session.peer.ip().to_string(),
+            // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; ACLs name a.b.c.d.
+            host: session.peer.ip().to_canonical().to_string(),
         }
     }
 
@@ -752,8 +753,32 @@ fn offset_fetch(a: &Asker<'_>, version: i16, mut r: OffsetFetchRequest) -> Verdi
     let may_topic = |t: &str| a.may(Op::Describe, Res::Topic, t);
     if version < 8 {
         if !a.may(Op::Describe, Res::Group, r.group_id.0.as_str()) {
+            // v0-1 carry no top-level error: each asked partition says it instead.
+            let topics = r
+                .topics
+                .iter()
+                .flatten()
+                .map(|t| {
+                    let parts = t
+                        .partition_indexes
+                        .iter()
+                        .map(|p| {
+                            offset_fetch_response::OffsetFetchResponsePartition::default()
+                                .with_partition_index(*p)
+                                .with_committed_offset(-1)
+                                .with_committed_leader_epoch(-1)
+                                .with_error_code(GROUP_DENIED)
+                        })
+                        .collect();
+                    offset_fetch_response::OffsetFetchResponseTopic::default()
+                        .with_name(t.name.clone())
+                        .with_partitions(parts)
+                })
+                .collect();
             return Verdict::Deny(ResponseKind::OffsetFetch(
-                OffsetFetchResponse::default().with_error_code(GROUP_DENIED),
+                OffsetFetchResponse::default()
+                    .with_error_code(GROUP_DENIED)
+                    .with_topics(topics),
             ));
         }
         let all = r.topics.is_none();

@@ -21,6 +21,9 @@ use crate::broker::Broker;
 use crate::kafka::{self, respond, Pending, RequestContext, Response};
 use crate::session::Session;
 
+/// The largest request a connection may send before it has authenticated on a SASL listener.
+const SASL_MAX_RECEIVE_SIZE: usize = 512 * 1024;
+
 /// When a connection last did something, and how many of its requests are not yet answered.
 struct Activity {
     origin: Instant,
@@ -188,6 +191,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if size < 8 || size as usize > max {
             return Err(format!(
                 "invalid request size {size} (must be 8..={max}, socket.request.max.bytes)"
+            ));
+        }
+        // Before SASL authentication only the small SASL exchange is expected; a big frame from
+        // an unauthenticated client is refused before it can take budget or memory (Kafka's
+        // sasl.server.max.receive.size).
+        if size as usize > SASL_MAX_RECEIVE_SIZE
+            && conn.requests.session.needs_authentication(Instant::now())
+        {
+            return Err(format!(
+                "a {size}-byte request before SASL authentication (at most {SASL_MAX_RECEIVE_SIZE})"
             ));
         }
         // queued.max.request.bytes: the request's bytes are taken from the node's budget before

@@ -161,7 +161,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let ip = peer.ip();
+        let ip = peer.ip().to_canonical();
         let max_here = broker
             .cfg
             .max_connections_per_ip_overrides

@@ -28,9 +28,9 @@ pub async fn handle(broker: &Broker, version: i16, req: MetadataRequest) -> Meta
                 .collect(),
         ),
     };
-    // v4+ lets the client refuse auto-creation; before v4 it was implied.
-    let allow_auto =
-        broker.cfg.auto_create_topics_enable && (version < 4 || req.allow_auto_topic_creation);
+    // v4+ lets the client refuse auto-creation; before v4 the codec decodes it as true, and
+    // authorization may have turned it off for a principal without Create.
+    let allow_auto = broker.cfg.auto_create_topics_enable && req.allow_auto_topic_creation;
 
     let mut auto_create_errors = std::collections::BTreeMap::new();
     if let Some(names) = &requested {
