@@ -145,6 +145,17 @@ async fn metadata(conn: &mut BrokerConn, topics: Option<&[&str]>) -> Vec<(String
     out
 }
 
+/// One node with `tweak`'s config, ready, and a client connection to it.
+async fn acl_node(tweak: impl Fn(&mut crate::config::ServerConfig)) -> (TestCluster, BrokerConn) {
+    let c = TestCluster::start_with(1, tweak).await.unwrap();
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "node not ready"
+    );
+    let conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    (c, conn)
+}
+
 const TOPIC_DENIED: i16 = ErrorCode::TopicAuthorizationFailed as i16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,18 +164,12 @@ async fn acls_allow_deny_hide_and_guard_the_cluster() {
     use AclPermission::*;
     use PatternType::*;
     use ResourceType::*;
-    let c = TestCluster::start_with(1, |cfg| {
+    let (c, mut conn) = acl_node(|cfg| {
         cfg.authorizer_enabled = true;
         cfg.allow_everyone_if_no_acl_found = true;
         cfg.auto_create_topics_enable = false;
     })
-    .await
-    .unwrap();
-    assert!(
-        c.wait_ready(Duration::from_secs(30)).await,
-        "node not ready"
-    );
-    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    .await;
 
     // No ACL names anything yet: open, by allow.everyone.if.no.acl.found.
     assert_eq!(create_topic(&mut conn, "a").await, 0);
@@ -268,17 +273,11 @@ async fn deny_beats_allow_and_acls_can_be_listed_and_deleted() {
     use AclPermission::*;
     use PatternType::*;
     use ResourceType::*;
-    let c = TestCluster::start_with(1, |cfg| {
+    let (c, mut conn) = acl_node(|cfg| {
         cfg.authorizer_enabled = true;
         cfg.super_users = vec![ME.to_string()];
     })
-    .await
-    .unwrap();
-    assert!(
-        c.wait_ready(Duration::from_secs(30)).await,
-        "node not ready"
-    );
-    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    .await;
     assert_eq!(
         create_topic(&mut conn, "t").await,
         0,
@@ -397,18 +396,12 @@ async fn metadata_auto_creation_needs_create_at_every_version() {
     use AclPermission::*;
     use PatternType::*;
     use ResourceType::*;
-    let c = TestCluster::start_with(1, |cfg| {
+    let (c, mut conn) = acl_node(|cfg| {
         cfg.authorizer_enabled = true;
         cfg.allow_everyone_if_no_acl_found = true;
         cfg.auto_create_topics_enable = true;
     })
-    .await
-    .unwrap();
-    assert!(
-        c.wait_ready(Duration::from_secs(30)).await,
-        "node not ready"
-    );
-    let mut conn = BrokerConn::connect(&c.bootstrap()).await.unwrap();
+    .await;
     // The cluster resource gets an ACL (anonymous may alter ACLs, not create topics), so
     // allow.everyone.if.no.acl.found no longer grants Create on it.
     let codes = create_acls(
