@@ -146,11 +146,6 @@ fn check_forwarded(from: u64, command: &[u8]) -> Result<(), String> {
 /// A node joins only as itself, and a join never moves a node the cluster already knows: that
 /// would let whoever can reach the port redirect a member's replication to another address.
 fn check_join(broker: &Broker, from: u64, node_id: u64, raft_addr: &str) -> Result<(), String> {
-    if node_id != from {
-        return Err(format!(
-            "node {from} asked to add node {node_id}; a node may only join as itself"
-        ));
-    }
     let known = broker
         .raft
         .meta()
@@ -158,6 +153,21 @@ fn check_join(broker: &Broker, from: u64, node_id: u64, raft_addr: &str) -> Resu
         .get(&node_id)
         .cloned()
         .or_else(|| broker.cfg.peers.get(&node_id).cloned());
+    join_allowed(from, node_id, raft_addr, known.as_deref())
+}
+
+/// The join rule itself; `known` is where the cluster already has `node_id`, if anywhere.
+fn join_allowed(
+    from: u64,
+    node_id: u64,
+    raft_addr: &str,
+    known: Option<&str>,
+) -> Result<(), String> {
+    if node_id != from {
+        return Err(format!(
+            "node {from} asked to add node {node_id}; a node may only join as itself"
+        ));
+    }
     match known {
         Some(addr) if addr != raft_addr => Err(format!(
             "node {node_id} is already known at {addr}; a join cannot move it to {raft_addr}"
@@ -442,5 +452,43 @@ mod tests {
             brokers_to_fence([1, 2, 3, 4], 1, &seen, Duration::from_secs(1)),
             [3].into_iter().collect()
         );
+    }
+
+    #[test]
+    fn a_node_joins_only_as_itself_and_never_moves_a_known_node() {
+        assert!(join_allowed(4, 4, "10.0.0.4:9093", None).is_ok());
+        assert!(
+            join_allowed(4, 4, "10.0.0.4:9093", Some("10.0.0.4:9093")).is_ok(),
+            "a retry"
+        );
+        let e = join_allowed(4, 1, "10.0.0.9:9093", None).unwrap_err();
+        assert!(e.contains("only join as itself"), "{e}");
+        let e = join_allowed(1, 1, "10.0.0.9:9093", Some("10.0.0.1:9093")).unwrap_err();
+        assert!(e.contains("cannot move it"), "{e}");
+    }
+
+    #[test]
+    fn a_node_forwards_proposals_only_in_its_own_name() {
+        let enc = |c: &Command| serde_json::to_vec(c).unwrap();
+        let register = |id: u64| Command::RegisterBroker {
+            broker: crate::controller::BrokerInfo {
+                id,
+                kafka_addr: "127.0.0.1:9092".into(),
+                admin_addr: "127.0.0.1:9644".into(),
+                raft_addr: "127.0.0.1:9093".into(),
+                registered_at_ms: 0,
+            },
+            listeners: Default::default(),
+        };
+        assert!(check_forwarded(2, &enc(&register(2))).is_ok());
+        assert!(check_forwarded(2, &enc(&register(1))).is_err());
+        assert!(check_forwarded(2, &enc(&Command::FenceBroker { id: 2 })).is_ok());
+        assert!(check_forwarded(2, &enc(&Command::FenceBroker { id: 1 })).is_err());
+        let fenced = Command::SetFenced {
+            fenced: [1].into_iter().collect(),
+        };
+        assert!(check_forwarded(2, &enc(&fenced)).is_err());
+        assert!(check_forwarded(2, &enc(&Command::DeleteTopic { name: "t".into() })).is_ok());
+        assert!(check_forwarded(2, b"not json").is_err());
     }
 }
