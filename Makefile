@@ -89,14 +89,17 @@ lint:
 fmt:
 	cargo fmt --all
 
-# Throughput (kcat, 1,000,000 x 100 B), then the hot-path runs: 16 small acks=all producers on one
-# partition at RF 1 and RF 3 (acked rate, batches per fsync), and paced produce-to-ack latency.
+# The benchmark matrix with its ceilings (scripts/bench_matrix.py, all figures from `sluice bench`):
+# the disk's fdatasync ceiling, single node RF 1 and 3 nodes RF 3, latency at half the measured
+# maximum, a restart holding BENCH_RESTART_GIB GiB of log, and the same RF 1 rows against Tansu
+# (built once into target/bench-tools by scripts/other_broker.sh). Then many small producers
+# sharing fsyncs, and kcat's figures for a third-party client. About 20 minutes here.
+BENCH_RESTART_GIB ?= 10
 bench: deps venv build
-	scripts/bench.sh
+	$(VENV)/bin/python scripts/bench_matrix.py --restart-gib $(BENCH_RESTART_GIB)
 	$(VENV)/bin/python scripts/hotpath_bench.py small-producers --rf 1
 	$(VENV)/bin/python scripts/hotpath_bench.py small-producers --rf 3
-	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 1000 --seconds 20
-	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 10000 --seconds 20
+	scripts/bench.sh
 
 # Idle cost of many partitions: a 3-node loopback cluster with PARTITIONS (default 1000) at RF 3.
 idle: build

@@ -276,6 +276,11 @@ impl Client {
             .ok_or_else(|| anyhow!("broker {node_id} connection vanished"))
     }
 
+    /// The advertised `host:port` of broker `node_id`, from the latest metadata.
+    pub fn broker_addr(&self, node_id: i32) -> Option<String> {
+        self.brokers.get(&node_id).cloned()
+    }
+
     /// Forgets the connection to `node_id` after an I/O error so the next
     /// use reconnects.
     pub fn drop_broker(&mut self, node_id: i32) {

@@ -26,7 +26,7 @@ use crate::errors::ErrorCode;
 use crate::scram::{plain_message, ClientScram, Mechanism};
 
 /// A plaintext socket or a TLS stream over one.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// Largest frame we accept. Checked before allocating so that a corrupt or
@@ -295,6 +295,23 @@ impl BrokerConn {
         })
     }
 
+    /// Takes the handshaken (and authenticated) connection apart so that one task can write
+    /// requests while another reads responses: the benchmark keeps many requests in flight
+    /// without a request ever waiting for a response to be read. Nothing may be in flight.
+    pub fn into_split(self) -> Result<SplitConn> {
+        if !self.pending.is_empty() {
+            bail!("internal error: splitting a connection with requests in flight");
+        }
+        let (reader, writer) = tokio::io::split(self.stream);
+        Ok(SplitConn {
+            addr: self.addr,
+            reader,
+            writer,
+            next_correlation_id: self.next_correlation_id,
+            broker_versions: self.broker_versions,
+        })
+    }
+
     /// Number of requests sent whose responses have not been read yet.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -389,6 +406,57 @@ impl BrokerConn {
         }
         Ok(frame)
     }
+}
+
+/// A connection after [`BrokerConn::into_split`]: correlation ids and response matching are
+/// the caller's (Kafka answers in request order, so a FIFO of what was sent suffices).
+pub struct SplitConn {
+    pub addr: String,
+    pub reader: tokio::io::ReadHalf<Box<dyn Io>>,
+    pub writer: tokio::io::WriteHalf<Box<dyn Io>>,
+    pub next_correlation_id: i32,
+    broker_versions: HashMap<i16, VersionRange>,
+}
+
+impl SplitConn {
+    /// The version to use for `key`, never above `cap` (see [`BrokerConn::version_for_max`]).
+    pub fn version_for_max(&self, key: ApiKey, cap: i16) -> Result<i16> {
+        let theirs = self
+            .broker_versions
+            .get(&(key as i16))
+            .copied()
+            .ok_or_else(|| anyhow!("broker at {} does not support {key:?}", self.addr))?;
+        let ours = our_versions(key);
+        let ours = VersionRange {
+            min: ours.min,
+            max: ours.max.min(cap),
+        };
+        negotiate(ours, theirs).ok_or_else(|| {
+            anyhow!(
+                "broker at {} supports {key:?} versions {theirs}, this client {ours}",
+                self.addr
+            )
+        })
+    }
+}
+
+/// Reads one response frame and checks its header against what was sent.
+pub async fn read_response<R: AsyncRead + Unpin>(
+    r: &mut R,
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+) -> Result<Bytes> {
+    let mut frame = read_frame(r, MAX_FRAME_SIZE).await?;
+    let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
+        .context("decoding response header")?;
+    if header.correlation_id != correlation_id {
+        bail!(
+            "broker answered correlation id {} but {correlation_id} was expected",
+            header.correlation_id
+        );
+    }
+    Ok(frame)
 }
 
 /// Builds a complete request frame: size prefix, header, body.

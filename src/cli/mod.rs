@@ -6,6 +6,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 
 pub mod acls;
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod cluster;
@@ -73,6 +74,12 @@ pub enum ClientCommand {
     Users {
         #[command(subcommand)]
         command: UsersCommand,
+    },
+    /// Load generator: produce, consume or end-to-end figures against any Kafka-compatible
+    /// broker (records/s, MB/s, latency percentiles).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Make a CA and node and client certificates for TLS on one machine.
     Certs {
@@ -316,6 +323,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Certs {
             command: CertsCommand::Create(args),
         } => certs::run(&args),
+        ClientCommand::Bench { command } => bench::run(command).await,
     }
 }
 
@@ -344,6 +352,11 @@ fn connect_args(cmd: &ClientCommand) -> Option<&ConnectArgs> {
             acls::AclsCommand::Create(a)
             | acls::AclsCommand::List(a)
             | acls::AclsCommand::Delete(a) => &a.connect,
+        },
+        ClientCommand::Bench { command } => match command {
+            bench::BenchCommand::Produce(a)
+            | bench::BenchCommand::Consume(a)
+            | bench::BenchCommand::E2e(a) => &a.connect,
         },
         ClientCommand::Cluster { .. } | ClientCommand::Certs { .. } => return None,
     })
@@ -487,7 +500,7 @@ fn parse_separator(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_acks(s: &str) -> Result<i16, String> {
+pub(crate) fn parse_acks(s: &str) -> Result<i16, String> {
     match s {
         "all" | "-1" => Ok(-1),
         "0" => Ok(0),
