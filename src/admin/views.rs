@@ -153,6 +153,14 @@ pub(super) async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoRespo
     use std::fmt::Write;
     let _ = writeln!(out, "# TYPE sluice_partitions gauge");
     let _ = writeln!(out, "sluice_partitions {}", broker.partitions.len());
+    // What fetch responses may still take of sluice.fetch.memory.bytes: near 0 for long means
+    // responses are held by clients that do not read.
+    let _ = writeln!(out, "# TYPE sluice_fetch_budget_available_bytes gauge");
+    let _ = writeln!(
+        out,
+        "sluice_fetch_budget_available_bytes {}",
+        broker.fetch_budget.available_permits()
+    );
     // A term bump is an election, so the term is the election counter per group.
     let _ = writeln!(out, "# TYPE sluice_raft_term counter");
     for s in broker.raft.status() {

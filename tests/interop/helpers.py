@@ -4,6 +4,7 @@ completely, parse kcat output. Every loop here has a deadline."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -124,12 +125,24 @@ def watermarks(bootstrap: str, topic: str, partitions: int, timeout_s: float = 1
                 except KafkaException as e:
                     # A fresh client answers "unknown partition" until its first metadata reply
                     # names the topic (seen on a loaded machine); ask again until the deadline.
-                    if e.args[0].code() != KafkaError._UNKNOWN_PARTITION or time.monotonic() >= deadline:
+                    if e.args[0].code() != KafkaError._UNKNOWN_PARTITION:
                         raise
+                    if time.monotonic() >= deadline:
+                        # Seen once under heavy load on a topic re-created right after its delete:
+                        # show what the broker's Metadata says now, beside librdkafka's view.
+                        raise AssertionError(f"{topic} partition {p}: {e}; the broker says:\n{describe_for_diagnosis(bootstrap, topic)}") from e
                     time.sleep(0.1)
         return out
     finally:
         c.close()
+
+
+def describe_for_diagnosis(bootstrap: str, topic: str) -> str:
+    from conftest import SLUICE_BIN
+
+    r = subprocess.run([str(SLUICE_BIN), "topics", "describe", topic, "--bootstrap-server", bootstrap],
+                       capture_output=True, text=True, timeout=30)
+    return (r.stdout + r.stderr).strip()
 
 
 def consume_all(bootstrap: str, topic: str, partitions: int, timeout_s: float = 120.0, start: dict[int, int] | None = None, **conf) -> list[Record]:

@@ -5,10 +5,12 @@ wake on new data and on retention moving the log start, and idle connections are
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
 import time
+import urllib.request
 
 from conftest import Clients
 from helpers import Outbound, assert_all_delivered, produce
@@ -232,7 +234,11 @@ def test_fetch_limits_with_small_caps_and_clients_that_never_read(broker_factory
         #     Judged from the broker's log: reading the sockets would un-stall them.
         deadline = time.monotonic() + 60
         while (n := broker.log_text().count("sluice.socket.write.timeout.ms")) < len(stuck):
-            assert time.monotonic() < deadline, f"only {n} of {len(stuck)} stalled connections were closed"
+            if time.monotonic() >= deadline:
+                # Seen once under heavy load (no stall at all): say what the broker held.
+                metrics = urllib.request.urlopen(f"http://{broker.admin}/metrics", timeout=10).read().decode()
+                held = [l for l in metrics.splitlines() if re.match(r"sluice_(fetch_budget|requests_total\{api=\"Fetch|bytes_out|partition_high_watermark)", l)]
+                raise AssertionError(f"only {n} of {len(stuck)} stalled connections were closed; broker metrics:\n" + "\n".join(held))
             time.sleep(0.2)
     finally:
         for s in stuck:
