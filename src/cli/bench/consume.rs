@@ -204,6 +204,7 @@ impl Fetcher {
 
 async fn fetch_loop(mut f: Fetcher, stats: Arc<Stats>, shared: Arc<Shared>) -> Result<()> {
     let mut last_progress = Instant::now();
+    let mut last_total = stats.records();
     while !shared.finished(&stats) {
         let req = f.request();
         let correlation_id = f.conn.next_correlation_id;
@@ -265,7 +266,11 @@ async fn fetch_loop(mut f: Fetcher, stats: Arc<Stats>, shared: Arc<Shared>) -> R
                 }
             }
         }
-        if progressed {
+        // Judged on the whole run's count: this loop's partitions may be done while others
+        // still deliver.
+        let total = stats.records();
+        if progressed || total != last_total {
+            last_total = total;
             last_progress = Instant::now();
         } else if last_progress.elapsed() > IDLE_LIMIT {
             bail!(
