@@ -38,10 +38,11 @@ NAMES = {0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "OffsetCo
          10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat", 13: "LeaveGroup", 14: "SyncGroup",
          15: "DescribeGroups", 16: "ListGroups", 17: "SaslHandshake", 18: "ApiVersions", 19: "CreateTopics",
          20: "DeleteTopics", 21: "DeleteRecords", 22: "InitProducerId", 24: "AddPartitionsToTxn",
-         25: "AddOffsetsToTxn", 26: "EndTxn", 28: "TxnOffsetCommit", 29: "DescribeAcls", 32: "DescribeConfigs",
+         25: "AddOffsetsToTxn", 26: "EndTxn", 28: "TxnOffsetCommit", 29: "DescribeAcls", 30: "CreateAcls", 32: "DescribeConfigs",
          33: "AlterConfigs", 36: "SaslAuthenticate", 37: "CreatePartitions", 42: "DeleteGroups",
-         44: "IncrementalAlterConfigs", 47: "OffsetDelete", 60: "DescribeCluster", 68: "ConsumerGroupHeartbeat",
-         69: "ConsumerGroupDescribe", 75: "DescribeTopicPartitions"}
+         44: "IncrementalAlterConfigs", 46: "ListPartitionReassignments", 47: "OffsetDelete", 50: "DescribeUserScramCredentials",
+         51: "AlterUserScramCredentials", 60: "DescribeCluster", 68: "ConsumerGroupHeartbeat",
+         69: "ConsumerGroupDescribe", 71: "GetTelemetrySubscriptions", 75: "DescribeTopicPartitions"}
 client = b"other_broker.sh"
 body = struct.pack(">hhih", 18, 0, 1, len(client)) + client
 try:
@@ -66,8 +67,7 @@ if corr != 1 or err != 0:
     print(f"ApiVersions: correlation id {corr}, error code {err}", file=sys.stderr)
     sys.exit(1)
 if mode == "table":
-    for i in range(n):
-        key, lo, hi = struct.unpack(">hhh", resp[10 + 6 * i:16 + 6 * i])
+    for key, lo, hi in sorted(struct.unpack(">hhh", resp[10 + 6 * i:16 + 6 * i]) for i in range(n)):
         print(f"{key:3d} {NAMES.get(key, '?'):24s} v{lo}-v{hi}")
 EOF
 }
