@@ -85,9 +85,8 @@ cmd_install() {
     fi
     command -v cargo >/dev/null || die "cargo not found: Tansu is built from crates.io with cargo install"
     mkdir -p "$CACHE" || die "cannot create $CACHE"
-    local scratch
+    # The build tree (about 1.4 GB) is scratch, removed on every exit: only the binary is kept.
     scratch=$(mktemp -d /tmp/tansu-build.XXXXXX) || die "mktemp failed"
-    # The build tree (about 2-3 GB) is scratch: only the installed binary is kept.
     trap 'rm -rf "$scratch"' EXIT
     echo "other_broker.sh: building tansu $TANSU_VERSION (--features $TANSU_FEATURES) into $CACHE, scratch $scratch" >&2
     local t0=$SECONDS
