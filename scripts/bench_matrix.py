@@ -182,28 +182,50 @@ def sluice_target(nodes: int, work: Path) -> tuple[Target, Cluster]:
                   [p.pid for p in cluster.procs], nodes, notes), cluster
 
 
-def other_target(work: Path) -> tuple[Target | None, int | None]:
+OTHER_NAME = "tansu 0.6.0 (memory, no fsync)"
+
+
+def other_install() -> bool:
     if not OTHER.exists():
         print("other broker: scripts/other_broker.sh missing; skipped")
-        return None, None
+        return False
     inst = subprocess.run([str(OTHER), "install"], capture_output=True, text=True, timeout=3600)
     if inst.returncode != 0:
         print(f"other broker: install failed, skipped:\n{inst.stderr[-1500:]}")
-        return None, None
+        return False
+    return True
+
+
+def other_start(work: Path) -> tuple[str, int]:
+    """A fresh comparison broker: it keeps every record in memory, so each row gets its own."""
     port = free_port()
-    r = subprocess.run([str(OTHER), "start", str(port), str(work / "other")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([str(OTHER), "start", str(port), str(work)], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        print(f"other broker: start failed, skipped:\n{r.stdout}\n{r.stderr[-1500:]}")
-        return None, None
-    pid = int(r.stdout.strip().splitlines()[-1])
-    name = subprocess.run([str(OTHER), "name"], capture_output=True, text=True, timeout=30).stdout.strip() or "other"
-    return Target(name, f"127.0.0.1:{port}", [pid], 1, "see README (storage engine)", can_delete=True), pid
+        raise SystemExit(f"other broker: start failed:\n{r.stdout}\n{r.stderr[-1500:]}")
+    return f"127.0.0.1:{port}", int(r.stdout.strip().splitlines()[-1])
 
 
 def stop_other(pid: int | None) -> None:
     if pid is not None:
         subprocess.run([str(OTHER), "stop", str(pid)], capture_output=True, timeout=60)
+
+
+def run_other(work: Path, quick: bool, seconds: float, latency_seconds: float, with_latency: bool
+              ) -> tuple[Target, list[dict]]:
+    target = Target(OTHER_NAME, "", [], 1, "records in the broker's heap; a fresh broker per row")
+    lat: list[dict] = []
+    rows = matrix_rows(quick)
+    for n, row in enumerate(rows + ([None] if with_latency else [])):
+        target.bootstrap, pid = other_start(work / f"other-{n}")
+        target.pids = [pid]
+        try:
+            if row is not None:
+                run_row(target, row, seconds, n)
+            else:
+                lat = latency_rows(target, latency_seconds)
+        finally:
+            stop_other(pid)
+    return target, lat
 
 
 def restart_probe(gib: float, work: Path) -> dict:
@@ -257,9 +279,10 @@ def fmt_rate(x: float) -> str:
 
 
 def print_tables(ceilings: list[dict], targets: list[Target], latency: dict, restart: dict | None) -> None:
-    print("\n### Disk ceiling (fdatasync after each append)\n")
-    print("| append size | MB/s | syncs/s | sync p50 ms | sync p99 ms | 100 B records/s it allows | 1 KiB records/s |")
-    print("|---|---|---|---|---|---|---|")
+    if ceilings:
+        print("\n### Disk ceiling (fdatasync after each append)\n")
+        print("| append size | MB/s | syncs/s | sync p50 ms | sync p99 ms | 100 B records/s it allows | 1 KiB records/s |")
+        print("|---|---|---|---|---|---|---|")
     for c in ceilings:
         bw = c["mb_per_sec"] * (1 << 20)
         print(f"| {c['chunk'] // 1024} KiB | {c['mb_per_sec']:.0f} | {c['syncs_per_sec']:,.0f} | {c['p50_ms']:.2f} | "
@@ -306,7 +329,8 @@ def main() -> None:
         raise SystemExit(f"bench: {SLUICE} missing: run 'make build'")
     only = set(filter(None, args.only.split(","))) or {"ceiling", "rf1", "rf3", "other", "latency", "restart"}
     if args.quick:
-        only -= {"rf3", "other", "restart"}
+        if not args.only:
+            only -= {"rf3", "other", "restart"}
         args.seconds, args.latency_seconds = 1.0, 1.0
     work = Path(tempfile.mkdtemp(prefix="sluice-matrix."))
     ceilings, targets, latency, restart = [], [], {}, None
@@ -326,18 +350,12 @@ def main() -> None:
             finally:
                 cluster.stop()
             targets.append(target)
-        if "other" in only:
-            target, pid = other_target(work)
-            if target is not None:
-                try:
-                    print(f"bench: {target.name}", flush=True)
-                    for n, row in enumerate(matrix_rows(args.quick)):
-                        run_row(target, row, args.seconds, n)
-                    if "latency" in only:
-                        latency[target.name] = latency_rows(target, args.latency_seconds)
-                finally:
-                    stop_other(pid)
-                targets.append(target)
+        if "other" in only and other_install():
+            print(f"bench: {OTHER_NAME}", flush=True)
+            target, lat = run_other(work, args.quick, args.seconds, args.latency_seconds, "latency" in only)
+            targets.append(target)
+            if lat:
+                latency[target.name] = lat
         if "restart" in only and args.restart_gib > 0:
             restart = restart_probe(args.restart_gib, work)
         print_tables(ceilings, targets, latency, restart)
