@@ -223,6 +223,19 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // Before the nodes (and their ports) go: see `security::forget`.
+        let addrs: Vec<String> =
+            self.slots
+                .iter()
+                .flat_map(|s| {
+                    std::iter::once(s.cfg.kafka_addr.clone()).chain(
+                        s.cfg.listeners.iter().flat_map(|l| {
+                            std::iter::once(l.addr.clone()).chain(l.advertised.clone())
+                        }),
+                    )
+                })
+                .collect();
+        crate::cli::security::forget(&addrs);
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

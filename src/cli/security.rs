@@ -168,6 +168,18 @@ pub fn install_for(addr: &str, security: ClientSecurity) {
         .insert(addr.to_string(), Arc::new(security));
 }
 
+/// Drops the settings of these addresses. Test clusters call it when they stop: their ports go
+/// back to the OS, and a later cluster in the same process that is given one must not inherit
+/// another test's SASL or TLS settings (that made a plaintext test fail its SASL handshake).
+pub fn forget(addrs: &[String]) {
+    let mut s = SETTINGS.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = s.as_mut() {
+        for a in addrs.iter().filter(|a| !a.is_empty()) {
+            m.remove(a);
+        }
+    }
+}
+
 /// What a connection to `addr` uses: its own settings, the default, or plaintext.
 pub fn for_addr(addr: &str) -> Arc<ClientSecurity> {
     let s = SETTINGS.read().unwrap_or_else(|p| p.into_inner());
@@ -180,6 +192,22 @@ pub fn for_addr(addr: &str) -> Arc<ClientSecurity> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_addresses_fall_back_to_plaintext() {
+        // A port no real cluster of this test process holds at the same time.
+        let addr = "127.0.0.1:1";
+        install_for(
+            addr,
+            ClientSecurity {
+                protocol: SecurityProtocol::SaslPlaintext,
+                ..ClientSecurity::default()
+            },
+        );
+        assert_eq!(for_addr(addr).protocol, SecurityProtocol::SaslPlaintext);
+        forget(&[addr.to_string(), String::new()]);
+        assert_eq!(for_addr(addr).protocol, SecurityProtocol::Plaintext);
+    }
 
     #[test]
     fn command_config_files_parse_and_refuse_mistakes() {
