@@ -11,7 +11,7 @@ VENV_STAMP := $(VENV)/.stamp
 PY_DEPS := confluent-kafka pytest pytest-timeout 'kafka-python>=3,<4' python-snappy lz4 zstandard
 
 
-.PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv fuzz fuzz-corpus
+.PHONY: all verify venv deps build test test-rust test-interop run lint fmt bench microbench chaos chaos-smoke chaos-long idle cluster cluster-stop clean-venv fuzz fuzz-corpus
 
 all: build
 
@@ -97,6 +97,17 @@ bench: deps venv build
 	$(VENV)/bin/python scripts/hotpath_bench.py small-producers --rf 3
 	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 1000 --seconds 20
 	$(VENV)/bin/python scripts/hotpath_bench.py latency --rate 10000 --seconds 20
+
+# Criterion micro-benchmarks of the hot paths (README, "Micro-benchmarks"): partition-log append
+# with and without fsync, offset lookup and fetch reads (storage/benches/log.rs), record
+# validation per codec and CRC-32C (benches/validate.rs), Produce decode and Fetch encode
+# (benches/wire.rs), the leader's Raft append path (raft/benches/append.rs). About 5 minutes;
+# reports land in target/criterion. Pass criterion options through BENCH_ARGS, e.g.
+# BENCH_ARGS='log_fetch' to run the cases whose name matches. `--benches` keeps the libraries'
+# and binaries' test harnesses out (they would refuse criterion's options).
+BENCH_ARGS ?=
+microbench:
+	cargo bench --workspace --benches -- $(BENCH_ARGS)
 
 # Idle cost of many partitions: a 3-node loopback cluster with PARTITIONS (default 1000) at RF 3.
 idle: build
