@@ -103,11 +103,10 @@ bench: deps venv build
 # validation per codec and CRC-32C (benches/validate.rs), Produce decode and Fetch encode
 # (benches/wire.rs), the leader's Raft append path (raft/benches/append.rs). About 5 minutes;
 # reports land in target/criterion. Pass criterion options through BENCH_ARGS, e.g.
-# BENCH_ARGS='log_fetch' to run the cases whose name matches. `--benches` keeps the libraries'
-# and binaries' test harnesses out (they would refuse criterion's options).
+# BENCH_ARGS='log_fetch' to run the cases whose name matches.
 BENCH_ARGS ?=
 microbench:
-	cargo bench --workspace --benches -- $(BENCH_ARGS)
+	cargo bench --workspace -- $(BENCH_ARGS)
 
 # Idle cost of many partitions: a 3-node loopback cluster with PARTITIONS (default 1000) at RF 3.
 idle: build
