@@ -11,20 +11,21 @@
 //! - `fetch_v12_1mib/encode`: a Fetch v12 response carrying a 1 MiB records section (64 such
 //!   batches, as one buffer the way the log's read returns it), framed by `respond::encode`, which
 //!   the connection's writer calls: header and fields are encoded, the records section is kept by
-//!   reference rather than copied.
+//!   reference rather than copied. `fetch_v12_1mib/encode_copying` is the codec's plain encode into
+//!   one buffer, which copies the records: what that sharing saves.
 //!
 //! Throughput is bytes of the request or response frame.
 
 use std::hint::black_box;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, BrokerId, FetchResponse, ProduceRequest, RequestKind, ResponseKind, TopicName,
 };
-use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::protocol::{Encodable, StrBytes};
 use sluice::cli::conn::encode_request;
 use sluice::kafka::records::{decompressed_cap, validate as validate_records};
 use sluice::kafka::respond;
@@ -135,6 +136,15 @@ fn fetch(c: &mut Criterion) {
     // vectors) is the handler's work, so it is left out of the timing.
     g.bench_function("encode", |b| {
         b.iter_batched(|| resp.clone(), encode, BatchSize::SmallInput)
+    });
+    // For comparison: the codec's own encode into one buffer, which copies the records section
+    // (what `respond::encode`'s chunked frame avoids).
+    g.bench_function("encode_copying", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::with_capacity(frame_len);
+            resp.encode(&mut buf, VERSION).expect("encode fetch");
+            black_box(buf)
+        })
     });
     g.finish();
 }
