@@ -33,7 +33,8 @@ use sluice::kafka::{decode_body, peek_header, Response};
 use sluice_storage::batch::{self, testutil::data_batch};
 
 const TS: i64 = 1_700_000_000_000;
-/// 151 records of 100 bytes: a batch just under 16 KiB, a producer's default `batch.size`.
+/// 151 records of 100 bytes: a 16,694-byte batch, about what a producer's default `batch.size`
+/// (16384) gives.
 const BATCH_RECORDS: usize = 151;
 const MESSAGE_MAX_BYTES: usize = 1_048_588;
 

@@ -27,7 +27,8 @@ use sluice_storage::batch::testutil::data_batch;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-/// 151 records of 100 bytes: a batch just under 16 KiB, a producer's default `batch.size`.
+/// 151 records of 100 bytes: a 16,694-byte batch, about what a producer's default `batch.size`
+/// (16384) gives.
 const BATCH_RECORDS: usize = 151;
 const PIPELINE: usize = 32;
 

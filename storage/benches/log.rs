@@ -26,7 +26,7 @@ use tempfile::TempDir;
 /// Every batch of one leader term, as on a stable leader.
 const TERM: u64 = 1;
 const TS: i64 = 1_700_000_000_000;
-/// 151 records of 100 bytes make a batch just under 16 KiB: the size a producer's default
+/// 151 records of 100 bytes make a 16,694-byte batch: about what a producer's default
 /// `batch.size` (16384) gives.
 const BATCH_RECORDS: usize = 151;
 const RECORD_BYTES: usize = 100;
