@@ -8,8 +8,8 @@
 //! - `produce_v9_16k/decode_and_check`: that, plus the per-batch checks the Produce handler runs
 //!   before it hands a batch to Raft (split, `batch::validate` with its CRC-32C, the record walk
 //!   of `records::validate`): the CPU a leader spends on a request before the log sees it.
-//! - `fetch_v12_1mib/encode`: a Fetch v12 response carrying a 1 MiB records section (64 such
-//!   batches, as one buffer the way the log's read returns it), framed by `respond::encode`, which
+//! - `fetch_v12_1mib/encode`: a Fetch v12 response carrying a records section of about 1 MiB
+//!   (62 such batches, 1,035,028 bytes, as one buffer the way the log's read returns it), framed by `respond::encode`, which
 //!   the connection's writer calls: header and fields are encoded, the records section is kept by
 //!   reference rather than copied. `fetch_v12_1mib/encode_copying` is the codec's plain encode into
 //!   one buffer, which copies the records: what that sharing saves.
