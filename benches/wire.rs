@@ -9,10 +9,10 @@
 //!   before it hands a batch to Raft (split, `batch::validate` with its CRC-32C, the record walk
 //!   of `records::validate`): the CPU a leader spends on a request before the log sees it.
 //! - `fetch_v12_1mib/encode`: a Fetch v12 response carrying a records section of about 1 MiB
-//!   (62 such batches, 1,035,028 bytes, as one buffer the way the log's read returns it), framed by `respond::encode`, which
-//!   the connection's writer calls: header and fields are encoded, the records section is kept by
-//!   reference rather than copied. `fetch_v12_1mib/encode_copying` is the codec's plain encode into
-//!   one buffer, which copies the records: what that sharing saves.
+//!   (62 such batches, 1,035,028 bytes, as one buffer the way the log's read returns it), framed
+//!   by `respond::encode`, which the connection's writer calls: header and fields are encoded, the
+//!   records section is kept by reference rather than copied. `fetch_v12_1mib/encode_copying` is
+//!   the codec's plain encode into one buffer, which copies the records: what that sharing saves.
 //!
 //! Throughput is bytes of the request or response frame.
 

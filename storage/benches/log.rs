@@ -4,9 +4,9 @@
 //!   the active segment, sparse indexes extended) of one ~16 KiB batch of 100-byte records,
 //!   without fsync, with an fdatasync after every append (an acks=all batch that shares its fsync
 //!   with nobody), and with one fdatasync per 16 appends (group commit);
-//! - `log_fetch`: on a log of 60,000 ~1.1 KiB batches in 8 segments, the lookup a Fetch does to
-//!   find the batch holding a random offset (segment, then the sparse offset index, then the
-//!   entry table), that lookup plus the read of the one batch, and a 1 MiB read from a random
+//! - `log_fetch`: on a log of 60,000 ~1.1 KiB batches in 9 segments of 8 MiB, the lookup a Fetch
+//!   does to find the batch holding a random offset (segment, then the sparse offset index, then
+//!   the entry table), that lookup plus the read of the one batch, and a 1 MiB read from a random
 //!   offset (`read_within`, the call the fetch path makes; page cache warm).
 //!
 //! Run: `cargo bench -p sluice-storage --bench log` (`make microbench` runs every bench);
