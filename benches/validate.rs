@@ -1,17 +1,24 @@
-//! What produce-path record validation costs per batch, for each codec: `cargo bench --bench
-//! validate`. Batches are built with kafka-protocol's encoder (as the `sluice` CLI sends them:
-//! gzip at the default level, xerial snappy, independent-block LZ4, zstd level 3) plus raw snappy
-//! as librdkafka sends it. Values are JSON-like log lines, so they compress the way real
-//! payloads do rather than as runs of one byte. Also times the refusal of a bomb that expands
-//! past the default cap (64 × message.max.bytes).
+//! What produce-path record validation costs per batch, for each codec, and CRC-32C: criterion
+//! benches, `cargo bench --bench validate` (`make microbench` runs every bench;
+//! `cargo test --bench validate` runs each case once as a smoke test).
 //!
-//! Prints ns per batch and MB/s of record data (the uncompressed records section) per codec.
+//! Batches are built with kafka-protocol's encoder (as the `sluice` CLI sends them: gzip at the
+//! default level, xerial snappy, independent-block LZ4, zstd level 3) plus raw snappy as
+//! librdkafka sends it. Values are JSON-like log lines, so they compress the way real payloads do
+//! rather than as runs of one byte. `validate/*` times `records::validate` (decompression and the
+//! record walk) on one batch of 100 and of 10,000 such records; its throughput is bytes of record
+//! data (the uncompressed records section), the rate a leader can accept that codec at.
+//! `validate_bomb/*` times the refusal of a bomb that expands past the default cap
+//! (64 × message.max.bytes): throughput there is the bytes inflated before the refusal.
+//! `crc32c/1mib` is `crc32c::crc32c` over 1 MiB: the checksum storage's `batch::validate` checks
+//! on every batch a leader accepts and every batch recovery walks.
 
 use std::hint::black_box;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -19,9 +26,6 @@ use sluice::kafka::records::{decompressed_cap, validate};
 use sluice_storage::batch::{parse_header, BATCH_HEADER_LEN};
 
 const MESSAGE_MAX_BYTES: usize = 1_048_588;
-/// Each measurement runs rounds of this length, and at most this many rounds.
-const ROUND: Duration = Duration::from_millis(200);
-const ROUNDS: usize = 5;
 
 fn value(i: usize) -> Vec<u8> {
     let mut v = format!(
@@ -83,75 +87,45 @@ fn rewrap(batch: &[u8], codec: i16, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Median ns per call of `f` over up to ROUNDS rounds of about ROUND each.
-fn time(mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    let mut calls = 0u64;
-    while start.elapsed() < ROUND / 4 && calls < 1_000_000 {
-        f();
-        calls += 1;
-    }
-    let per_round = (calls * 4).max(1);
-    let mut samples = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        for _ in 0..per_round {
-            f();
-        }
-        samples.push(t.elapsed().as_nanos() as f64 / per_round as f64);
-    }
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-fn bench_batch(label: &str, batch: &[u8], records_bytes: usize) {
-    let h = parse_header(batch).expect("header");
-    let cap = decompressed_cap(MESSAGE_MAX_BYTES);
-    validate(batch, &h, cap).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let ns = time(|| {
-        black_box(validate(black_box(batch), &h, cap)).ok();
-    });
-    println!(
-        "{label:<28} {:>9} B {:>12.0} ns/batch {:>9.0} MB/s",
-        batch.len(),
-        ns,
-        records_bytes as f64 / ns * 1e3
-    );
-}
-
-fn main() {
+fn codecs(c: &mut Criterion) {
     let codecs = [
         ("none", Compression::None),
         ("gzip", Compression::Gzip),
-        ("snappy (xerial)", Compression::Snappy),
+        ("snappy_xerial", Compression::Snappy),
         ("lz4", Compression::Lz4),
         ("zstd", Compression::Zstd),
     ];
-    println!(
-        "{:<28} {:>11} {:>21} {:>14}",
-        "batch", "size", "cost", "record data"
-    );
+    let cap = decompressed_cap(MESSAGE_MAX_BYTES);
     for n in [100, 10_000] {
         let plain = encode(n, Compression::None);
         let records = &plain[BATCH_HEADER_LEN..];
-        for (name, c) in codecs {
-            bench_batch(
-                &format!("{n} x 100 B, {name}"),
-                &encode(n, c),
-                records.len(),
-            );
-        }
         let raw = snap::raw::Encoder::new()
             .compress_vec(records)
             .expect("snappy");
-        bench_batch(
-            &format!("{n} x 100 B, snappy (raw)"),
-            &rewrap(&plain, 2, &raw),
-            records.len(),
-        );
+        let mut batches: Vec<(&str, Vec<u8>)> = codecs
+            .iter()
+            .map(|&(name, c)| (name, encode(n, c)))
+            .collect();
+        batches.push(("snappy_raw", rewrap(&plain, 2, &raw)));
+        let mut g = c.benchmark_group(format!("validate/{n}x100B"));
+        g.throughput(Throughput::Bytes(records.len() as u64));
+        if n > 100 {
+            // Milliseconds per batch: fewer samples keep the run short.
+            g.sample_size(20);
+        }
+        for (name, batch) in &batches {
+            let h = parse_header(batch).expect("header");
+            validate(batch, &h, cap).unwrap_or_else(|e| panic!("{name}: {e}"));
+            g.bench_function(*name, |b| {
+                b.iter(|| black_box(validate(black_box(batch), &h, cap)).ok())
+            });
+        }
+        g.finish();
     }
+}
 
-    // A bomb: one record whose value is zeros well past the cap, refused once the cap is passed.
+/// A bomb: one record whose value is zeros well past the cap, refused once the cap is passed.
+fn bombs(c: &mut Criterion) {
     let cap = decompressed_cap(MESSAGE_MAX_BYTES);
     let single = encode(1, Compression::None);
     let mut body = Vec::new();
@@ -176,25 +150,40 @@ fn main() {
         }),
         ("zstd", 4, zstd::encode_all(&body[..], 19).expect("zstd")),
     ];
-    println!(
-        "\nbomb: {} MiB of zeros, cap {} MiB",
-        body.len() >> 20,
-        cap >> 20
-    );
+    let mut g = c.benchmark_group("validate_bomb");
+    g.throughput(Throughput::Bytes(cap as u64));
+    // Each refusal inflates 64 MiB: the minimum sample count, over a few seconds.
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(3));
     for (name, codec, payload) in bombs {
         let b = rewrap(&single, codec, &payload);
         let h = parse_header(&b).expect("header");
         let err = validate(&b, &h, cap).expect_err("the bomb must be refused");
-        let ns = time(|| {
-            black_box(validate(black_box(&b), &h, cap)).ok();
-        });
         println!(
-            "{name:<6} {:>8} B compressed, refused in {:>6.1} ms: {err}",
-            payload.len(),
-            ns / 1e6
+            "bomb: {} MiB of zeros, cap {} MiB; {name}: {} B compressed, refused: {err}",
+            body.len() >> 20,
+            cap >> 20,
+            payload.len()
         );
+        g.bench_function(name, |bench| {
+            bench.iter(|| black_box(validate(black_box(&b), &h, cap)).ok())
+        });
     }
+    g.finish();
 }
+
+/// CRC-32C (Castagnoli, with the crate's hardware path), the checksum of every stored batch.
+fn crc(c: &mut Criterion) {
+    const LEN: usize = 1 << 20;
+    let buf: Vec<u8> = (0..LEN).map(|i| (i * 31 % 251) as u8).collect();
+    let mut g = c.benchmark_group("crc32c");
+    g.throughput(Throughput::Bytes(LEN as u64));
+    g.bench_function("1mib", |b| b.iter(|| crc32c::crc32c(black_box(&buf))));
+    g.finish();
+}
+
+criterion_group!(benches, codecs, bombs, crc);
+criterion_main!(benches);
 
 fn zigzag(v: i64, out: &mut Vec<u8>) {
     let mut u = ((v << 1) ^ (v >> 63)) as u64;

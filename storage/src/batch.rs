@@ -239,8 +239,10 @@ pub fn internal_payload(batch: &[u8]) -> Result<&[u8], BatchError> {
 }
 
 /// Test helpers: builds real v2 batches with varint-encoded records. Shared with this crate's
-/// tests and, through the `testing` feature, with other crates' tests.
-#[cfg(any(test, feature = "testing"))]
+/// tests, other crates' tests and the benches. Always compiled (hidden from the docs): a crate's
+/// own benches cannot turn on its `testing` feature, and the builders need nothing the crate
+/// does not already depend on.
+#[doc(hidden)]
 pub mod testutil {
     use super::*;
 
