@@ -51,6 +51,8 @@ def test_produce_report_matches_what_third_party_clients_read(cli, shared_broker
     assert r["records"] == 30000 and r["bytes"] == 30000 * 100, r
     assert r["records_per_sec"] > 0 and r["mb_per_sec"] > 0
     assert r["latency_samples"] == 30000, "one ack latency per record"
+    # Record batches as sent: values plus record framing and one 61-byte header per 40 records.
+    assert 30000 * 100 < r["wire_bytes"] < 30000 * 115, r
     assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["max"]
 
     wm = watermarks(shared_broker.bootstrap, topic, 3)

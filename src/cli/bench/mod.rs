@@ -319,6 +319,8 @@ async fn ensure_topic(client: &mut Client, args: &BenchArgs, mode: Mode) -> Resu
 pub struct Stats {
     records: AtomicU64,
     bytes: AtomicU64,
+    /// Record batch bytes acknowledged (headers and record framing included), producers only.
+    wire: AtomicU64,
     hist: Mutex<Histogram<u64>>,
     errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -331,6 +333,7 @@ impl Stats {
         Stats {
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            wire: AtomicU64::new(0),
             // 3 significant digits over 1 µs .. 60 s: ~0.1 % error, a few hundred KiB.
             hist: Mutex::new(
                 Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static bounds are valid"),
@@ -352,6 +355,10 @@ impl Stats {
             // saturating_record_n cannot fail: out-of-range values are clamped.
             h.saturating_record_n(l.clamp(1, MAX_LATENCY_US), n);
         }
+    }
+
+    pub fn add_wire(&self, bytes: u64) {
+        self.wire.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// `n` records of `bytes` arrived in one fetch that took `latency_us`: one sample per fetch.
@@ -408,6 +415,7 @@ impl Stats {
             "topic": args.topic,
             "records": records,
             "bytes": bytes,
+            "wire_bytes": self.wire.load(Ordering::Relaxed),
             "elapsed_sec": round3(secs),
             "records_per_sec": round3(records as f64 / secs),
             "mb_per_sec": round3(bytes as f64 / secs / (1024.0 * 1024.0)),

@@ -82,6 +82,8 @@ struct InFlight {
     /// here, so time spent waiting for a request slot is not hidden.
     start: Instant,
     records: u64,
+    /// The record batch's size as sent.
+    wire: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -266,6 +268,7 @@ async fn producer_task(
                 .unwrap_or(0);
             let stamp = i64::try_from(now_us().saturating_sub(behind)).unwrap_or(i64::MAX);
             let batch = templates.batch(usize::try_from(n)?, now_ms(), stamp)?;
+            let wire = batch.len() as u64;
             let mut data = PartitionProduceData::default();
             data.index = partition;
             data.records = Some(batch);
@@ -292,6 +295,7 @@ async fn producer_task(
                 .context("writing a produce request")?;
             if job.acks == 0 {
                 stats.settle(n, n * job.record_size, None);
+                stats.add_wire(wire);
                 continue;
             }
             let queued = conn.tx.as_ref().map(|tx| {
@@ -299,6 +303,7 @@ async fn producer_task(
                     correlation_id,
                     start,
                     records: n,
+                    wire,
                     _permit: permit,
                 })
             });
@@ -356,6 +361,7 @@ async fn read_acks(
             .unwrap_or(0);
         if code == 0 {
             stats.settle(f.records, f.records * record_size, Some(latency));
+            stats.add_wire(f.wire);
         } else {
             stats.error(error_name(code), f.records);
         }
