@@ -32,10 +32,17 @@ pub enum BrokerError {
 /// A partition replica's key on this node: (topic name, partition index).
 pub type PartitionKey = (String, PartitionId);
 
+/// Every replica of a [`PartitionRegistry`] at one moment.
+pub type PartitionList = Arc<Vec<(PartitionKey, Arc<PartitionGroup>)>>;
+
 /// This node's partition replicas, the one map of them in the broker crate.
 #[derive(Default)]
 pub struct PartitionRegistry {
     groups: RwLock<HashMap<PartitionKey, Arc<PartitionGroup>>>,
+    /// [`PartitionRegistry::all`]'s list, built on its first call after a change and shared until
+    /// the next: the node's loops walk every replica several times a second, and copying every
+    /// key (a topic name each) on each walk was a large part of an idle node's work.
+    listed: Mutex<Option<PartitionList>>,
     /// Bumped whenever the set changes or a reconcile pass ends, so CreateTopics can wait for
     /// its partitions.
     changed: watch::Sender<u64>,
@@ -59,12 +66,27 @@ impl PartitionRegistry {
         self.read().contains_key(key)
     }
 
-    /// Every replica, copied out so no lock is held while the caller works.
-    pub fn all(&self) -> Vec<(PartitionKey, Arc<PartitionGroup>)> {
-        self.read()
-            .iter()
-            .map(|(k, g)| (k.clone(), g.clone()))
-            .collect()
+    /// Every replica, as a shared list so no lock is held while the caller works (rebuilt only
+    /// after the set changed).
+    pub fn all(&self) -> PartitionList {
+        let mut listed = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = listed.as_ref() {
+            return l.clone();
+        }
+        let l: PartitionList = Arc::new(
+            self.read()
+                .iter()
+                .map(|(k, g)| (k.clone(), g.clone()))
+                .collect(),
+        );
+        *listed = Some(l.clone());
+        l
+    }
+
+    /// Drops the shared list after the map changed. Taken after the map's lock is released, and
+    /// `all` builds under this lock, so a list built from the old map is never kept.
+    fn unlist(&self) {
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub fn len(&self) -> usize {
@@ -78,11 +100,13 @@ impl PartitionRegistry {
     /// Adds or replaces (after a reopen) a replica.
     pub fn insert(&self, key: PartitionKey, group: Arc<PartitionGroup>) {
         self.write().insert(key, group);
+        self.unlist();
         self.bump();
     }
 
     pub fn remove(&self, key: &PartitionKey) -> Option<Arc<PartitionGroup>> {
         let g = self.write().remove(key);
+        self.unlist();
         self.bump();
         g
     }

@@ -75,6 +75,17 @@ pub(crate) fn partition_config(group: &str) -> Result<Arc<Config>, RaftError> {
         election_timeout_max: 2000,
         enable_heartbeat: false,
         enable_elect: false,
+        // No openraft tick either: it woke every idle group's core every 1.5 x heartbeat_interval
+        // (667 wakeups a second per 1,000 replicas, each rebuilding and publishing the group's
+        // metrics and waking their watchers), and for a quiet group a tick does nothing else.
+        // In openraft 0.9.25 (vendor/openraft/src/core/raft_core.rs, `Notify::Tick`) a tick
+        // (1) checks the election timer, which returns at once with `enable_elect` off;
+        // (2) sends a heartbeat if due, which it skips with `enable_heartbeat` off;
+        // (3) steps a leader down once a membership without it is committed. Leases need no
+        // tick: a voter's lease runs from the vote's last change (an append from the leader
+        // renews it), and a leader's quorum-ack time comes from replication answers. For (3)
+        // the supervisor switches the tick on for exactly such a leader ([`crate::supervisor`]).
+        enable_tick: false,
         max_payload_entries: PARTITION_MAX_PAYLOAD_ENTRIES,
         // Snapshots are cut at retention's purge point only (see partition_store): one cut
         // later would make a follower that installs it skip records the leader retains. A

@@ -1155,6 +1155,45 @@ async fn partition_voters_change_on_the_leader() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Quiet groups run without openraft's tick, and openraft steps a leader removed from the voters
+/// down only on a tick: the supervisor ticks such a leader until it has stepped down, and the
+/// remaining voters, whose leader then stops claiming the group, elect one of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_removes_itself_from_the_voters_steps_down_and_the_rest_elect(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/t/9";
+    let parts = open_on_all(&hosts, dir.path(), group, "t-9").await?;
+    let leader = partition_leader(&parts).await?;
+    assert_eq!(append_values(&parts[&leader], &[b"v0"]).await?, (0, 0));
+
+    tracing::info!("--- the leader replaces the voters with the two others");
+    let rest: BTreeSet<u64> = parts.keys().copied().filter(|id| *id != leader).collect();
+    parts[&leader].change_voters(rest.clone()).await?;
+    wait_for(
+        "the removed leader stepped down",
+        Duration::from_secs(10),
+        || !parts[&leader].is_raft_leader(),
+    )
+    .await?;
+    let remaining: BTreeMap<u64, Arc<PartitionGroup>> = parts
+        .iter()
+        .filter(|(id, _)| rest.contains(id))
+        .map(|(id, p)| (*id, p.clone()))
+        .collect();
+    let new_leader = partition_leader(&remaining).await?;
+    assert!(rest.contains(&new_leader));
+    assert_eq!(parts[&new_leader].voters(), rest);
+    assert_eq!(append_values(&parts[&new_leader], &[b"v1"]).await?, (1, 1));
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_the_leader_and_a_returning_follower_catches_up_by_snapshot(
 ) -> anyhow::Result<()> {

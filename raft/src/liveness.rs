@@ -33,15 +33,67 @@ struct PeerView {
     last_ok: Instant,
     leads: HashSet<GroupId>,
     leaderless_logs: HashMap<GroupId, (u64, u64)>,
+    /// The answer's bytes, so an unchanged answer (the usual case) is not decoded again.
+    raw: Option<bytes::Bytes>,
 }
 
 /// The last ping answer of every peer.
 #[derive(Debug, Default)]
 pub(crate) struct Liveness {
     peers: Mutex<HashMap<NodeId, PeerView>>,
+    /// Bumped whenever a peer's answer says something new (restart, groups led, leaderless
+    /// logs). With [`Liveness::alive_peers`] it tells the supervisor whether its view of the
+    /// peers can have changed since its last round.
+    content_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Liveness {
+    /// Counts an answer whose bytes equal the peer's previous one as that answer again, without
+    /// decoding it; `None` when it differs (or there was none), and the caller decodes it and
+    /// calls [`Liveness::record_raw`]. `Some(back)` as [`Liveness::record`].
+    pub(crate) fn record_same(&self, peer: NodeId, raw: &[u8]) -> Option<bool> {
+        let now = Instant::now();
+        let mut peers = self.peers.lock().ok()?;
+        let v = peers.get_mut(&peer)?;
+        if v.raw.as_deref() != Some(raw) {
+            return None;
+        }
+        let back = now.duration_since(v.last_ok) > ALIVE_WITHIN;
+        v.last_ok = now;
+        Some(back)
+    }
+
+    /// [`Liveness::record`], keeping the answer's bytes for [`Liveness::record_same`].
+    pub(crate) fn record_raw(&self, peer: NodeId, reply: PingReply, raw: bytes::Bytes) -> bool {
+        let back = self.record(peer, reply);
+        if let Ok(mut peers) = self.peers.lock() {
+            if let Some(v) = peers.get_mut(&peer) {
+                v.raw = Some(raw);
+            }
+        }
+        back
+    }
+
+    /// See [`Liveness::content_changes`].
+    pub(crate) fn content_changes(&self) -> u64 {
+        self.content_changes
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The peers alive now, in id order.
+    pub(crate) fn alive_peers(&self) -> Vec<NodeId> {
+        let Ok(peers) = self.peers.lock() else {
+            return Vec::new();
+        };
+        let mut alive: Vec<NodeId> = peers
+            .iter()
+            .filter(|(_, v)| v.last_ok.elapsed() <= ALIVE_WITHIN)
+            .map(|(id, _)| *id)
+            .collect();
+        alive.sort_unstable();
+        alive
+    }
+
     /// Records an answer; true when the peer has (re)appeared: never heard, silent for longer
     /// than [`ALIVE_WITHIN`], or restarted.
     pub(crate) fn record(&self, peer: NodeId, reply: PingReply) -> bool {
@@ -49,22 +101,32 @@ impl Liveness {
         let Ok(mut peers) = self.peers.lock() else {
             return false;
         };
-        let leads = reply.leads.into_iter().collect();
-        let leaderless_logs = reply
+        let leads: HashSet<GroupId> = reply.leads.into_iter().collect();
+        let leaderless_logs: HashMap<GroupId, (u64, u64)> = reply
             .leaderless_logs
             .into_iter()
             .map(|(g, term, index)| (g, (term, index)))
             .collect();
+        let bump = || {
+            self.content_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        };
         match peers.get_mut(&peer) {
             Some(v) => {
                 let back = v.boot != reply.boot || now.duration_since(v.last_ok) > ALIVE_WITHIN;
+                if v.boot != reply.boot || v.leads != leads || v.leaderless_logs != leaderless_logs
+                {
+                    bump();
+                }
                 v.boot = reply.boot;
                 v.last_ok = now;
                 v.leads = leads;
                 v.leaderless_logs = leaderless_logs;
+                v.raw = None;
                 back
             }
             None => {
+                bump();
                 peers.insert(
                     peer,
                     PeerView {
@@ -72,6 +134,7 @@ impl Liveness {
                         last_ok: now,
                         leads,
                         leaderless_logs,
+                        raw: None,
                     },
                 );
                 true
@@ -163,12 +226,21 @@ pub(crate) async fn ping_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let from = node_id.to_string();
+    // The peers to ping change only with the groups' memberships, which bump the registry's
+    // change counter: walking every group's membership four times a second was most of an idle
+    // node's ping cost.
+    let mut peers: Option<(u64, BTreeSet<NodeId>)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PING_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-        for peer in partition_peers(&registry, node_id) {
+        let changes = registry.changes();
+        if peers.as_ref().is_none_or(|(at, _)| *at != changes) {
+            peers = Some((changes, partition_peers(&registry, node_id)));
+        }
+        let targets = peers.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
+        for peer in targets {
             let Some(addr) = transport.addr_of(peer) else {
                 continue;
             };
@@ -184,9 +256,16 @@ pub(crate) async fn ping_loop(
                 let Ok((ResponseStatus::Ok, body)) = res else {
                     return;
                 };
+                if let Some(back) = liveness.record_same(peer, &body) {
+                    if back {
+                        tracing::debug!(peer, "peer is reachable again");
+                        on_back(peer);
+                    }
+                    return;
+                }
                 match serde_json::from_slice::<PingReply>(&body) {
                     Ok(reply) => {
-                        if liveness.record(peer, reply) {
+                        if liveness.record_raw(peer, reply, body) {
                             tracing::debug!(peer, "peer is reachable again");
                             on_back(peer);
                         }

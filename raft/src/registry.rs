@@ -25,6 +25,14 @@ pub(crate) struct Registry {
     stalled: RwLock<std::collections::HashSet<GroupId>>,
     /// How far each group's incoming chunked snapshot has come (see [`SnapshotChunks`]).
     snapshot_chunks: std::sync::Mutex<crate::peer_input::SnapshotChunks>,
+    /// Bumped whenever a group is added or removed, or a group's server state changes (state,
+    /// leader, vote, membership: openraft's server metrics, watched per group by the host). Loops
+    /// that scan every group compare it with the value of their last pass and skip the scan
+    /// when nothing can have changed: idle groups then cost nothing per round.
+    changes: std::sync::atomic::AtomicU64,
+    /// The last ping answer and the [`Registry::changes`] value it was built at (see
+    /// [`crate::ping::answer`]).
+    ping_answer: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
 }
 
 impl Registry {
@@ -69,13 +77,42 @@ impl Registry {
         if let Ok(mut g) = self.groups.write() {
             g.insert(group, raft);
         }
+        self.bump();
     }
 
     pub(crate) fn remove(&self, group: &str) -> Option<Raft> {
         if let Ok(mut st) = self.stores.write() {
             st.remove(group);
         }
-        self.groups.write().ok()?.remove(group)
+        let removed = self.groups.write().ok()?.remove(group);
+        self.bump();
+        removed
+    }
+
+    /// Notes that some group's server state (or the set of groups) changed.
+    pub(crate) fn bump(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// See [`Registry::changes`]. Read it before looking at the groups: a change after the read
+    /// then shows up as a new value next time.
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The cached ping answer if it was built at `changes`.
+    pub(crate) fn cached_ping_answer(&self, changes: u64) -> Option<bytes::Bytes> {
+        let c = self.ping_answer.lock().ok()?;
+        c.as_ref()
+            .filter(|(at, _)| *at == changes)
+            .map(|(_, b)| b.clone())
+    }
+
+    pub(crate) fn cache_ping_answer(&self, changes: u64, answer: Option<bytes::Bytes>) {
+        if let Ok(mut c) = self.ping_answer.lock() {
+            *c = answer.map(|a| (changes, a));
+        }
     }
 
     pub(crate) fn insert_store(
@@ -90,7 +127,11 @@ impl Registry {
 
     pub(crate) fn set_stalled(&self, groups: std::collections::HashSet<GroupId>) {
         if let Ok(mut s) = self.stalled.write() {
-            *s = groups;
+            if *s != groups {
+                *s = groups;
+                // Ping answers carry the stalled groups' logs.
+                self.bump();
+            }
         }
     }
 

@@ -15,15 +15,33 @@ use crate::rpc::{self, AppRequest};
 
 /// Tells the controller which partitions this broker leads, whenever the recorded leader or epoch
 /// is behind. Batched: one metadata command carries every change seen in a pass.
+///
+/// A pass runs only when something it reads may have changed: the controller state, or a local
+/// group's leadership (the Raft host's change counter). A pass that leaves something pending (a
+/// report to retry, or a leadership that is in doubt and may be reportable once the doubt clears)
+/// is repeated every round regardless. Idle, that is no pass at all: scanning every replica four
+/// times a second was one of the largest costs of an idle node.
 pub async fn leader_report_loop(broker: Arc<Broker>) {
+    let mut state_rx = broker.subscribe_state();
+    let mut last_seen: Option<(u64, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        // Read before the pass, so a change during it shows up as new next round.
+        let seen = (*state_rx.borrow_and_update(), broker.raft.group_changes());
+        if last_seen == Some(seen) {
+            continue;
+        }
+        let mut in_doubt = false;
         let updates: Vec<LeaderUpdate> = {
             let st = broker.state();
             let parts = broker.partitions.all();
             parts
                 .iter()
-                .filter(|(_, g)| g.is_leader())
+                .filter(|(_, g)| {
+                    let leads = g.is_leader();
+                    in_doubt |= !leads && g.is_raft_leader();
+                    leads
+                })
                 .filter_map(|((topic, p), g)| {
                     let t = st.topics.get(topic)?;
                     let epoch = g.leader_epoch();
@@ -41,6 +59,7 @@ pub async fn leader_report_loop(broker: Arc<Broker>) {
                 })
                 .collect()
         };
+        last_seen = (!in_doubt && updates.is_empty()).then_some(seen);
         if updates.is_empty() {
             continue;
         }
@@ -73,13 +92,15 @@ pub async fn fenced_leader_loop(broker: Arc<Broker>) {
         }
         let todo: Vec<Arc<PartitionGroup>> = {
             let st = broker.state();
-            if st.fenced.contains(&me) {
+            // Nobody fenced (the usual case): no leader to elect away from, and no pass over
+            // every replica twice a second.
+            if st.fenced.is_empty() || st.fenced.contains(&me) {
                 continue;
             }
             let parts = broker.partitions.all();
             parts
-                .into_iter()
-                .map(|(_, g)| g)
+                .iter()
+                .map(|(_, g)| g.clone())
                 .filter(|g| {
                     let fenced_leader = g
                         .leader()
@@ -119,8 +140,16 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
     const TRANSFERS_PER_ROUND: usize = 32;
     let mut misplaced_since: std::collections::HashMap<PartitionKey, std::time::Instant> =
         Default::default();
+    // As in `leader_report_loop`: a pass that found no misplaced leader is not repeated until
+    // the controller state or a local leadership changes.
+    let mut state_rx = broker.subscribe_state();
+    let mut last_seen: Option<(u64, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let seen = (*state_rx.borrow_and_update(), broker.raft.group_changes());
+        if last_seen == Some(seen) {
+            continue;
+        }
         let me = broker.node_id();
         let candidates: Vec<(PartitionKey, Arc<PartitionGroup>, u64)> = {
             let st = broker.state();
@@ -138,6 +167,7 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
                 })
                 .collect()
         };
+        last_seen = candidates.is_empty().then_some(seen);
         let keys: BTreeSet<PartitionKey> = candidates.iter().map(|(k, _, _)| k.clone()).collect();
         misplaced_since.retain(|k, _| keys.contains(k));
         let mut transfers = tokio::task::JoinSet::new();
@@ -176,7 +206,7 @@ pub async fn hand_off_leadership(broker: &Broker) {
         broker
             .partitions
             .all()
-            .into_iter()
+            .iter()
             .map(|(_, g)| g)
             .filter(|g| g.is_leader())
             .map(|g| {

@@ -93,8 +93,8 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
     let current: Vec<PartitionKey> = broker
         .partitions
         .all()
-        .into_iter()
-        .map(|(k, _)| k)
+        .iter()
+        .map(|(k, _)| k.clone())
         .collect();
 
     // Close groups whose topic is gone (or was re-created with a new id).

@@ -27,17 +27,17 @@ pub async fn retention_loop(broker: Arc<Broker>) {
 /// One pass over the local partitions, one at a time: the file work runs on blocking threads,
 /// and serializing it keeps a pass from competing with produce traffic for the disk.
 pub async fn run_once(broker: &Broker) {
-    for ((topic, partition), group) in broker.partitions.all() {
+    for ((topic, partition), group) in broker.partitions.all().iter() {
         let cfg = {
             let st = broker.state();
-            TopicConfig::resolve(st.topics.get(&topic).map(|t| &t.configs), &broker.cfg)
+            TopicConfig::resolve(st.topics.get(topic).map(|t| &t.configs), &broker.cfg)
         };
         let (retention_ms, retention_bytes) = (cfg.retention_ms, cfg.retention_bytes);
         apply(
             broker,
-            &topic,
-            partition,
-            &group,
+            topic,
+            *partition,
+            group,
             retention_ms,
             retention_bytes,
         )

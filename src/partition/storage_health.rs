@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_raft::PartitionGroup;
 use tracing::{error, info, warn};
 
 use crate::broker::{Broker, PartitionKey};
@@ -27,11 +26,11 @@ pub async fn storage_loop(broker: Arc<Broker>) {
     let mut tried_at: HashMap<PartitionKey, std::time::Instant> = HashMap::new();
     loop {
         tokio::time::sleep(STORAGE_CHECK_EVERY).await;
-        let groups: Vec<(PartitionKey, Arc<PartitionGroup>)> = broker.partitions.all();
+        let groups = broker.partitions.all();
         let now = std::time::Instant::now();
-        for (key, group) in groups {
+        for (key, group) in groups.iter() {
             let Some(reason) = group.failure() else {
-                if failing_since.remove(&key).is_some() {
+                if failing_since.remove(key).is_some() {
                     info!(topic = %key.0, partition = %key.1, "partition replica serves again");
                 }
                 continue;
@@ -44,7 +43,7 @@ pub async fn storage_loop(broker: Arc<Broker>) {
                 now
             });
             if tried_at
-                .get(&key)
+                .get(key)
                 .is_some_and(|t| now.duration_since(*t) < STORAGE_REOPEN_EVERY)
             {
                 continue;

@@ -206,6 +206,12 @@ impl PartitionGroup {
         self.leader_check().is_leader()
     }
 
+    /// Whether openraft has this node as the group's leader, whether or not the leadership is in
+    /// doubt (see [`PartitionGroup::is_leader`]).
+    pub fn is_raft_leader(&self) -> bool {
+        self.raft.server_metrics().borrow().state == ServerState::Leader
+    }
+
     /// What [`PartitionGroup::is_leader`] needs, owned, for futures that outlive `&self`.
     pub(crate) fn leader_check(&self) -> LeaderCheck {
         LeaderCheck {

@@ -285,6 +285,13 @@ impl RaftHost {
         &self.meta
     }
 
+    /// A counter that moves whenever a partition group is opened or closed or a group's server
+    /// state changes (state, leader, vote, membership; not its log). Loops that look at every
+    /// group compare it with their last pass's value to skip passes over idle groups.
+    pub fn group_changes(&self) -> u64 {
+        self.registry.changes()
+    }
+
     /// Opens the partition group stored in `dir`, creating it if new, as one of the group's
     /// ORIGINAL `replicas` (the voters it was created with, preferred leader first; pass the same
     /// list on every replica).
@@ -407,9 +414,10 @@ impl RaftHost {
         .await?;
         self.registry.insert(group.clone(), raft.clone());
         self.registry.insert_store(group.clone(), shared.clone());
-        tokio::spawn(drop_in_flight_on_step_down(
-            raft.metrics(),
+        tokio::spawn(watch_server_state(
+            raft.server_metrics(),
             machines.clone(),
+            self.registry.clone(),
         ));
         let pg = Arc::new(PartitionGroup {
             group: group.clone(),
@@ -524,19 +532,24 @@ impl RaftHost {
     }
 }
 
-/// Drops the machines' in-flight views when this node stops leading the group; a node that leads
-/// again does so in a new term, which resets them before its first proposal. Ends when the
-/// group's Raft core stops.
-async fn drop_in_flight_on_step_down(
-    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+/// Follows the group's server state (state, leader, vote, membership; not its log, so appends
+/// do not wake it): notes every change in the registry's change counter, which the loops that
+/// scan all groups use to skip idle rounds, and drops the machines' in-flight views when this
+/// node stops leading the group; a node that leads again does so in a new term, which resets
+/// them before its first proposal. Ends when the group's Raft core stops.
+async fn watch_server_state(
+    mut metrics: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, BasicNode>>,
     machines: Arc<PartitionMachines>,
+    registry: Arc<Registry>,
 ) {
     let mut leading = false;
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow_and_update().state == openraft::ServerState::Leader;
+        registry.bump();
         if leading && !now {
             machines.leadership_lost();
         }
         leading = now;
     }
+    registry.bump();
 }

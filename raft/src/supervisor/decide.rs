@@ -14,11 +14,12 @@ pub(super) fn stall_reason(
     node_id: NodeId,
     liveness: &Liveness,
 ) -> Option<&'static str> {
+    // State first: most groups are led or followed happily, and this is their whole cost.
+    if !matches!(m.state, ServerState::Follower | ServerState::Candidate) {
+        return None;
+    }
     let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-    if !matches!(m.state, ServerState::Follower | ServerState::Candidate)
-        || voters.len() < 2
-        || !voters.contains(&node_id)
-    {
+    if voters.len() < 2 || !voters.contains(&node_id) {
         return None;
     }
     if group == META_GROUP {
@@ -41,6 +42,17 @@ pub(super) fn stall_reason(
         Some(l) if !liveness.alive_and_leads(l, group) => Some("the leader no longer leads"),
         Some(_) => None,
     }
+}
+
+/// Whether this node leads a group whose membership no longer has it as a voter: openraft steps
+/// such a leader down only on a tick, which quiet groups run only while this holds.
+pub(super) fn leads_without_a_vote(m: &RaftMetrics<NodeId, BasicNode>, node_id: NodeId) -> bool {
+    m.state == ServerState::Leader
+        && !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node_id)
 }
 
 /// Whether a leader has voters whose log is behind its own.

@@ -18,7 +18,7 @@ use crate::liveness::Liveness;
 use crate::registry::Registry;
 use crate::{GroupId, NodeId, META_GROUP};
 
-use decide::{defer_to_better_log, has_lagging_follower, stall_reason};
+use decide::{defer_to_better_log, has_lagging_follower, leads_without_a_vote, stall_reason};
 
 /// How often the group supervisor looks at the groups (randomized per round, see below).
 const WATCHDOG_PERIOD_MS: std::ops::Range<u64> = 100..400;
@@ -31,6 +31,12 @@ const LEADER_LOST_PATIENCE_MS: (u64, u64) = (200, 1000);
 /// A quiet leader nudges followers that lag behind its log at most this often (openraft does not
 /// retry replication to a follower that was down until there is something new to send).
 const NUDGE_EVERY: Duration = Duration::from_secs(1);
+
+/// A round that finds nothing to do is followed by rounds that look at the metadata group only,
+/// until something that the judgement depends on changes (a group's server state or membership,
+/// a peer's answer, which peers are alive) or this long has passed. Looking at every group four
+/// times a second was most of what an idle node spent.
+const FULL_ROUND_EVERY: Duration = Duration::from_secs(2);
 
 /// A voter defers to a peer with a longer log at most this long (that peer might not be able to
 /// run, e.g. when it cannot reach a majority of its own).
@@ -56,26 +62,62 @@ pub(crate) async fn election_watchdog(
     let mut patience: HashMap<GroupId, Duration> = HashMap::new();
     let mut nudged: HashMap<GroupId, std::time::Instant> = HashMap::new();
     let mut deferring_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
+    // Quiet leaders whose tick this loop switched on so that openraft steps them down.
+    let mut ticking: HashMap<GroupId, crate::Raft> = HashMap::new();
+    // What the last full round saw, when, and whether it left anything in progress.
+    type Fingerprint = (u64, u64, Vec<NodeId>);
+    let mut last_full: Option<(Fingerprint, std::time::Instant)> = None;
+    let mut busy = true;
     loop {
         let period = Duration::from_millis(rand::thread_rng().gen_range(WATCHDOG_PERIOD_MS));
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = shutdown.changed() => return,
         }
-        let mut seen = BTreeSet::new();
         let now = std::time::Instant::now();
-        for (group, raft) in registry.all() {
-            let (reason, lagging, leader_known) = {
+        // Read before the groups are looked at, so a change during the round shows next round.
+        let fingerprint: Fingerprint = (
+            registry.changes(),
+            liveness.content_changes(),
+            liveness.alive_peers(),
+        );
+        let full = busy
+            || last_full.as_ref().is_none_or(|(f, at)| {
+                *f != fingerprint || now.duration_since(*at) >= FULL_ROUND_EVERY
+            });
+        let groups: Vec<(GroupId, crate::Raft)> = if full {
+            registry.all()
+        } else {
+            // The metadata group keeps openraft's timers and bumps no counter: always looked at.
+            registry
+                .get(META_GROUP)
+                .map(|r| (GroupId::from(META_GROUP), r))
+                .into_iter()
+                .collect()
+        };
+        let mut any_lagging = false;
+        let mut seen = BTreeSet::new();
+        for (group, raft) in groups {
+            let (reason, lagging, leader_known, removed_leader) = {
                 let m = raft.metrics();
                 let m = m.borrow();
+                let partition = group != META_GROUP;
                 (
                     stall_reason(&group, &m, node_id, &liveness),
-                    group != META_GROUP
-                        && m.state == ServerState::Leader
-                        && has_lagging_follower(&m),
+                    partition && m.state == ServerState::Leader && has_lagging_follower(&m),
                     m.current_leader.is_some(),
+                    partition && leads_without_a_vote(&m, node_id),
                 )
             };
+            // Quiet groups run without openraft's tick (see `config::partition_config`), and a
+            // leader removed from the voters steps down only on a tick: give it ticks until it
+            // has.
+            if removed_leader && !ticking.contains_key(&group) {
+                tracing::info!(%group, "leader is no longer a voter; ticking until it steps down");
+                raft.runtime_config().tick(true);
+                ticking.insert(group.clone(), raft.clone());
+            }
+            any_lagging |= lagging;
             if lagging
                 && nudged
                     .get(&group)
@@ -132,6 +174,17 @@ pub(crate) async fn election_watchdog(
                 patience.insert(group.clone(), random_timeout(min_ms, max_ms));
             }
         }
+        if !full {
+            // Only the metadata group was looked at: the partition groups' timers stand.
+            continue;
+        }
+        ticking.retain(|_, raft| {
+            let done = !leads_without_a_vote(&raft.metrics().borrow(), node_id);
+            if done {
+                raft.runtime_config().tick(false);
+            }
+            !done
+        });
         registry.set_stalled(
             seen.iter()
                 .filter(|g| g.as_str() != META_GROUP)
@@ -142,6 +195,12 @@ pub(crate) async fn election_watchdog(
         patience.retain(|g, _| seen.contains(g));
         deferring_since.retain(|g, _| seen.contains(g));
         nudged.retain(|_, t| now.duration_since(*t) < NUDGE_EVERY);
+        busy = !seen.is_empty()
+            || any_lagging
+            || !nudged.is_empty()
+            || !deferring_since.is_empty()
+            || !ticking.is_empty();
+        last_full = Some((fingerprint, now));
     }
 }
 

@@ -28,12 +28,17 @@ where C: RaftTypeConfig
 
     /// Emit event or not
     enabled: Arc<AtomicBool>,
+
+    /// [sluice patch] Wakes a disabled tick loop when it is enabled.
+    sluice_wake: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) struct TickHandle<C>
 where C: RaftTypeConfig
 {
     enabled: Arc<AtomicBool>,
+    /// [sluice patch] See [`Tick::sluice_wake`].
+    sluice_wake: Arc<tokio::sync::Notify>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     join_handle: Mutex<Option<JoinHandleOf<C, ()>>>,
 }
@@ -55,10 +60,12 @@ where C: RaftTypeConfig
 {
     pub(crate) fn spawn(interval: Duration, tx: mpsc::UnboundedSender<Notify<C>>, enabled: bool) -> TickHandle<C> {
         let enabled = Arc::new(AtomicBool::from(enabled));
+        let sluice_wake = Arc::new(tokio::sync::Notify::new());
         let this = Self {
             interval,
             enabled: enabled.clone(),
             tx,
+            sluice_wake: sluice_wake.clone(),
         };
 
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -73,6 +80,7 @@ where C: RaftTypeConfig
 
         TickHandle {
             enabled,
+            sluice_wake,
             shutdown,
             join_handle: Mutex::new(Some(join_handle)),
         }
@@ -84,6 +92,19 @@ where C: RaftTypeConfig
         let mut cancel = std::pin::pin!(cancel_rx);
 
         loop {
+            // [sluice patch] Upstream keeps waking every `interval` while disabled only to find
+            // the flag still off: with thousands of quiet groups that was thousands of timer
+            // wakeups a second. A disabled loop now sleeps until enabled (or cancelled).
+            // `notify_one` leaves a permit when nobody waits, so an enable between the check and
+            // the wait is not lost.
+            while !self.enabled.load(Ordering::Relaxed) {
+                let notified = std::pin::pin!(self.sluice_wake.notified());
+                if let Either::Left(_) = futures::future::select(cancel.as_mut(), notified).await {
+                    tracing::info!("TickLoop received cancel signal, quit");
+                    return;
+                }
+            }
+
             let at = C::now() + self.interval;
             let sleep_fut = C::sleep_until(at);
             let sleep_fut = std::pin::pin!(sleep_fut);
@@ -121,6 +142,10 @@ where C: RaftTypeConfig
 {
     pub(crate) fn enable(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Relaxed);
+        // [sluice patch] Wake a loop waiting to be enabled.
+        if enabled {
+            self.sluice_wake.notify_one();
+        }
     }
 
     /// Signal the tick loop to stop. And return a JoinHandle to wait for the loop to stop.
