@@ -443,9 +443,17 @@ impl Broker {
         partition: PartitionId,
     ) -> Option<(u64, i32)> {
         // A replica stopped on a storage error knows no leader; the controller's record does.
+        // The local registry is keyed by name: right after a delete and re-create it can still
+        // hold the old topic's group (closing takes a while under load), whose leader says
+        // nothing about the new topic. CreateTopics waited on it and returned before the new
+        // partition had a leader, and Metadata named a leader for a partition that had none.
+        let current = st.topics.get(topic);
         if let Some(g) = self
             .partition(topic, partition)
             .filter(|g| g.failure().is_none())
+            .filter(|g| {
+                current.is_some_and(|t| g.group_id() == crate::controller::group_id(t, partition))
+            })
         {
             // Our replica may still believe in a leader the controller has fenced; sending
             // clients there only makes them wait.

@@ -65,13 +65,7 @@ impl Liveness {
 
     /// [`Liveness::record`], keeping the answer's bytes for [`Liveness::record_same`].
     pub(crate) fn record_raw(&self, peer: NodeId, reply: PingReply, raw: bytes::Bytes) -> bool {
-        let back = self.record(peer, reply);
-        if let Ok(mut peers) = self.peers.lock() {
-            if let Some(v) = peers.get_mut(&peer) {
-                v.raw = Some(raw);
-            }
-        }
-        back
+        self.record_with(peer, reply, Some(raw))
     }
 
     /// See [`Liveness::content_changes`].
@@ -96,7 +90,15 @@ impl Liveness {
 
     /// Records an answer; true when the peer has (re)appeared: never heard, silent for longer
     /// than [`ALIVE_WITHIN`], or restarted.
+    #[cfg(test)]
     pub(crate) fn record(&self, peer: NodeId, reply: PingReply) -> bool {
+        self.record_with(peer, reply, None)
+    }
+
+    /// The answer and its bytes are stored under one lock: pings to a peer overlap and may
+    /// complete out of order, and bytes from one answer beside the fields of another would make
+    /// `record_same` keep the wrong view.
+    fn record_with(&self, peer: NodeId, reply: PingReply, raw: Option<bytes::Bytes>) -> bool {
         let now = Instant::now();
         let Ok(mut peers) = self.peers.lock() else {
             return false;
@@ -122,7 +124,7 @@ impl Liveness {
                 v.last_ok = now;
                 v.leads = leads;
                 v.leaderless_logs = leaderless_logs;
-                v.raw = None;
+                v.raw = raw;
                 back
             }
             None => {
@@ -134,7 +136,7 @@ impl Liveness {
                         last_ok: now,
                         leads,
                         leaderless_logs,
-                        raw: None,
+                        raw,
                     },
                 );
                 true
@@ -203,7 +205,9 @@ fn partition_peers(registry: &Registry, node_id: NodeId) -> BTreeSet<NodeId> {
         if g == META_GROUP {
             continue;
         }
-        let m = raft.metrics();
+        // The server metrics: their change is what bumps the counter this list is keyed on; the
+        // full metrics are published later and could still hold the old membership.
+        let m = raft.server_metrics();
         let m = m.borrow();
         peers.extend(
             m.membership_config

@@ -42,10 +42,14 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
         if g == META_GROUP {
             continue;
         }
+        if crate::group::leads(&raft) {
+            leads.push(g);
+            continue;
+        }
         let m = raft.server_metrics();
         let m = m.borrow();
         if m.state == ServerState::Leader {
-            leads.push(g);
+            // A leader whose core stopped: neither leading nor a candidate for an election.
         } else if matches!(m.state, ServerState::Follower | ServerState::Candidate)
             && (m.current_leader.is_none() || registry.is_stalled(&g))
         {

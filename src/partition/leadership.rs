@@ -23,11 +23,18 @@ use crate::rpc::{self, AppRequest};
 /// times a second was one of the largest costs of an idle node.
 pub async fn leader_report_loop(broker: Arc<Broker>) {
     let mut state_rx = broker.subscribe_state();
-    let mut last_seen: Option<(u64, u64)> = None;
+    // The local partition list too: a group can win its first election before it is listed, and
+    // listing it bumps only this.
+    let mut parts_rx = broker.partitions.subscribe();
+    let mut last_seen: Option<(u64, u64, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         // Read before the pass, so a change during it shows up as new next round.
-        let seen = (*state_rx.borrow_and_update(), broker.raft.group_changes());
+        let seen = (
+            *state_rx.borrow_and_update(),
+            broker.raft.group_changes(),
+            *parts_rx.borrow_and_update(),
+        );
         if last_seen == Some(seen) {
             continue;
         }
@@ -143,14 +150,22 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
     // As in `leader_report_loop`: a pass that found no misplaced leader is not repeated until
     // the controller state or a local leadership changes.
     let mut state_rx = broker.subscribe_state();
-    let mut last_seen: Option<(u64, u64)> = None;
+    let mut parts_rx = broker.partitions.subscribe();
+    let mut last_seen: Option<(u64, u64, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let seen = (*state_rx.borrow_and_update(), broker.raft.group_changes());
+        let seen = (
+            *state_rx.borrow_and_update(),
+            broker.raft.group_changes(),
+            *parts_rx.borrow_and_update(),
+        );
         if last_seen == Some(seen) {
             continue;
         }
         let me = broker.node_id();
+        // A leadership in doubt (peers unreachable) is no candidate now but may be once the
+        // doubt clears, which changes nothing this loop keys on: keep passing until then.
+        let mut in_doubt = false;
         let candidates: Vec<(PartitionKey, Arc<PartitionGroup>, u64)> = {
             let st = broker.state();
             let parts = broker.partitions.all();
@@ -162,12 +177,14 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
                     // Only when every replica is live: moving leadership during a fault costs
                     // availability for nothing.
                     let replicas_live = replicas.iter().all(|b| !st.fenced.contains(b));
-                    (preferred != me && replicas_live && g.is_leader())
+                    let leads = g.is_leader();
+                    in_doubt |= preferred != me && !leads && g.is_raft_leader();
+                    (preferred != me && replicas_live && leads)
                         .then(|| ((t.clone(), *p), g.clone(), preferred))
                 })
                 .collect()
         };
-        last_seen = candidates.is_empty().then_some(seen);
+        last_seen = (candidates.is_empty() && !in_doubt).then_some(seen);
         let keys: BTreeSet<PartitionKey> = candidates.iter().map(|(k, _, _)| k.clone()).collect();
         misplaced_since.retain(|k, _| keys.contains(k));
         let mut transfers = tokio::task::JoinSet::new();

@@ -113,9 +113,9 @@ def consumer(bootstrap: str, **conf) -> Consumer:
 
 def watermarks(bootstrap: str, topic: str, partitions: int, timeout_s: float = 15.0) -> dict[int, tuple[int, int]]:
     """{partition: (log start offset, high watermark)} via ListOffsets."""
-    c = consumer(bootstrap)
     deadline = time.monotonic() + timeout_s
     out: dict[int, tuple[int, int]] = {}
+    c = consumer(bootstrap)
     try:
         for p in range(partitions):
             while True:
@@ -123,15 +123,17 @@ def watermarks(bootstrap: str, topic: str, partitions: int, timeout_s: float = 1
                     out[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=max(0.1, deadline - time.monotonic()))
                     break
                 except KafkaException as e:
-                    # A fresh client answers "unknown partition" until its first metadata reply
-                    # names the topic (seen on a loaded machine); ask again until the deadline.
+                    # librdkafka 2.x caches a partition it was told has no leader (a topic just
+                    # created) and answers "unknown partition" from that cache without asking the
+                    # broker again (rd_kafka_topic_partition_list_query_leaders treats leader -1 as
+                    # permanent); the entry lives for metadata.max.age.ms. A fresh client asks anew.
                     if e.args[0].code() != KafkaError._UNKNOWN_PARTITION:
                         raise
                     if time.monotonic() >= deadline:
-                        # Seen once under heavy load on a topic re-created right after its delete:
-                        # show what the broker's Metadata says now, beside librdkafka's view.
                         raise AssertionError(f"{topic} partition {p}: {e}; the broker says:\n{describe_for_diagnosis(bootstrap, topic)}") from e
-                    time.sleep(0.1)
+                    time.sleep(0.2)
+                    c.close()
+                    c = consumer(bootstrap)
         return out
     finally:
         c.close()

@@ -412,10 +412,13 @@ impl RaftHost {
             sm,
         )
         .await?;
+        // Subscribed before the group is listed: a change in between would otherwise count as
+        // already seen and never bump the registry's change counter.
+        let server_metrics = raft.server_metrics();
         self.registry.insert(group.clone(), raft.clone());
         self.registry.insert_store(group.clone(), shared.clone());
         tokio::spawn(watch_server_state(
-            raft.server_metrics(),
+            server_metrics,
             machines.clone(),
             self.registry.clone(),
         ));
@@ -550,6 +553,10 @@ async fn watch_server_state(
             machines.leadership_lost();
         }
         leading = now;
+    }
+    // The core stopped (closed, or a fatal error): a leadership it held is over.
+    if leading {
+        machines.leadership_lost();
     }
     registry.bump();
 }
