@@ -169,6 +169,6 @@ def test_matrix_script_quick_run(tmp_path):
     figures = json.loads(out.read_text())
     rows = figures["targets"][0]["results"]
     assert len(rows) == 2 and all(row["produce"]["records"] > 0 and row["consume"]["records"] > 0 for row in rows)
-    # The consume step reads back exactly what the produce step wrote.
-    assert all(row["consume"]["records"] == row["produce"]["records"] for row in rows), rows
+    # The consume step reads back exactly what the produce step wrote (its first 2,000,000).
+    assert all(row["consume"]["records"] == min(row["produce"]["records"], 2_000_000) for row in rows), rows
     assert figures["ceilings"] and all(c["mb_per_sec"] > 0 for c in figures["ceilings"])
