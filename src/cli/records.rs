@@ -117,18 +117,23 @@ pub struct Consumed {
     pub value: Option<Bytes>,
 }
 
-/// Byte layout of the v2 batch header fields we read ourselves.
-const BATCH_HEADER_PREFIX: usize = 12; // base offset (8) + batch length (4)
+/// Byte layout of the v2 batch header fields the CLI reads (and `bench` rewrites) itself.
+pub(crate) const BATCH_HEADER_PREFIX: usize = 12; // base offset (8) + batch length (4)
+pub(crate) const BATCH_LENGTH_OFFSET: usize = 8;
 const MAGIC_OFFSET: usize = 16;
-const ATTRIBUTES_OFFSET: usize = 21;
-const LAST_OFFSET_DELTA_OFFSET: usize = 23;
-const RECORD_COUNT_OFFSET: usize = 57;
-const MIN_BATCH_SIZE: usize = 61;
+pub(crate) const CRC_OFFSET: usize = 17;
+pub(crate) const ATTRIBUTES_OFFSET: usize = 21;
+pub(crate) const LAST_OFFSET_DELTA_OFFSET: usize = 23;
+pub(crate) const BASE_TIMESTAMP_OFFSET: usize = 27;
+pub(crate) const MAX_TIMESTAMP_OFFSET: usize = 35;
+pub(crate) const RECORD_COUNT_OFFSET: usize = 57;
+/// The whole v2 batch header; records follow.
+pub(crate) const MIN_BATCH_SIZE: usize = 61;
 /// The decoder reserves `record_count` records up front; bound it so a
 /// corrupt or hostile count cannot demand gigabytes. Uncompressed records
 /// take at least 7 bytes each; compressed batches get a generous cap.
 const MAX_COMPRESSED_RECORDS: usize = 5_000_000;
-const CONTROL_FLAG: i16 = 1 << 5;
+pub(crate) const CONTROL_FLAG: i16 = 1 << 5;
 
 /// Decodes the `records` field of a fetch response partition.
 ///

@@ -13,17 +13,13 @@ use anyhow::{bail, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::records::Compression;
 
-use crate::cli::records::{encode_batch, Message};
-
-const BATCH_LENGTH: usize = 8;
-const CRC: usize = 17;
-const ATTRIBUTES: usize = 21;
-const LAST_OFFSET_DELTA: usize = 23;
-const BASE_TIMESTAMP: usize = 27;
-const MAX_TIMESTAMP: usize = 35;
-const RECORD_COUNT: usize = 57;
-/// Size of the v2 batch header; records follow.
-pub const HEADER: usize = 61;
+pub(crate) use crate::cli::records::MIN_BATCH_SIZE as HEADER;
+use crate::cli::records::{
+    encode_batch, Message, ATTRIBUTES_OFFSET as ATTRIBUTES,
+    BASE_TIMESTAMP_OFFSET as BASE_TIMESTAMP, BATCH_LENGTH_OFFSET as BATCH_LENGTH,
+    CRC_OFFSET as CRC, LAST_OFFSET_DELTA_OFFSET as LAST_OFFSET_DELTA,
+    MAX_TIMESTAMP_OFFSET as MAX_TIMESTAMP, RECORD_COUNT_OFFSET as RECORD_COUNT,
+};
 /// Bytes of each value `bench e2e` overwrites with the send time (µs since the epoch).
 pub const STAMP_LEN: usize = 8;
 /// Compressed batches kept per record count; paced runs vary the count, so bound the cache.

@@ -20,7 +20,9 @@ use crate::cli::client::{Client, TopicInfo};
 use crate::cli::conn::{encode_request, read_response, BrokerConn, SplitConn};
 use crate::cli::consume::list_offsets;
 use crate::cli::errors::error_name;
-use crate::cli::records::decode_fetched;
+use crate::cli::records::{
+    decode_fetched, ATTRIBUTES_OFFSET, CONTROL_FLAG, LAST_OFFSET_DELTA_OFFSET, RECORD_COUNT_OFFSET,
+};
 
 /// First Fetch version that names topics by id only.
 const TOPIC_ID_VERSION: i16 = 13;
@@ -294,8 +296,6 @@ pub struct Counted {
     pub latencies_us: Vec<u64>,
 }
 
-const CONTROL_FLAG: i16 = 1 << 5;
-
 /// Counts records from batch headers. A trailing partial batch (cut at the fetch size) is left
 /// for the next fetch; control batches advance the position without counting.
 pub fn count(mut data: Bytes, fetch_offset: i64, stamps: bool) -> Result<Counted> {
@@ -315,9 +315,9 @@ pub fn count(mut data: Bytes, fetch_offset: i64, stamps: bool) -> Result<Counted
             bail!("record batch at offset {base} is too short ({total} bytes)");
         }
         let batch = data.split_to(total);
-        let attributes = i16::from_be_bytes(batch[21..23].try_into()?);
-        let last_delta = i32::from_be_bytes(batch[23..27].try_into()?);
-        let count = i32::from_be_bytes(batch[57..61].try_into()?);
+        let attributes = i16::from_be_bytes(batch[ATTRIBUTES_OFFSET..][..2].try_into()?);
+        let last_delta = i32::from_be_bytes(batch[LAST_OFFSET_DELTA_OFFSET..][..4].try_into()?);
+        let count = i32::from_be_bytes(batch[RECORD_COUNT_OFFSET..][..4].try_into()?);
         let last = base + i64::from(last_delta);
         if last < fetch_offset || last < out.next {
             continue;
@@ -361,7 +361,8 @@ fn stamp_latencies(
         now.saturating_sub(sent)
     };
     if attributes & 0x7 == 0 {
-        let count = usize::try_from(i32::from_be_bytes(batch[57..61].try_into()?)).unwrap_or(0);
+        let count = i32::from_be_bytes(batch[RECORD_COUNT_OFFSET..][..4].try_into()?);
+        let count = usize::try_from(count).unwrap_or(0);
         let (_, values) = record_layout(batch, count)?;
         for at in values.into_iter().skip(skip) {
             out.push(since(&batch[at..]));
