@@ -8,7 +8,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::Registry;
-use crate::{GroupId, META_GROUP};
+use crate::{GroupId, Raft, META_GROUP};
 
 /// What a node answers to a ping.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -42,7 +42,7 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
         if g == META_GROUP {
             continue;
         }
-        if crate::group::leads(&raft) {
+        if leads_group(&raft) {
             leads.push(g);
             continue;
         }
@@ -72,4 +72,19 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
     let bytes = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     registry.cache_ping_answer(changes, reusable.then(|| bytes.clone()));
     bytes
+}
+
+/// Whether this node leads the group (here, not in `group`, which reaches this module through
+/// `liveness`): openraft's server metrics say Leader and the core still
+/// runs. A core that stops on a fatal error (a storage fault) publishes Shutdown only in its full
+/// metrics; its server metrics keep the last state, Leader, so reading those alone would keep
+/// claiming the group in ping answers and stop the followers from electing a replacement. The
+/// full metrics are checked for the stop only, never for Leader: they are published after the
+/// server metrics, and a check keyed on the change counter must not read them as stale.
+pub(crate) fn leads_group(raft: &Raft) -> bool {
+    raft.server_metrics().borrow().state == ServerState::Leader && {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.state != ServerState::Shutdown && m.running_state.is_ok()
+    }
 }

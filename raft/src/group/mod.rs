@@ -78,20 +78,6 @@ pub(crate) fn status_from(group: &str, m: &RaftMetrics<NodeId, BasicNode>) -> Gr
 }
 
 /// Why a group's Raft core stopped, unless it was asked to.
-/// Whether this node leads the group: openraft's server metrics say Leader and the core still
-/// runs. A core that stops on a fatal error (a storage fault) publishes Shutdown only in its full
-/// metrics; its server metrics keep the last state, Leader, so reading those alone would keep
-/// claiming the group in ping answers and stop the followers from electing a replacement. The
-/// full metrics are checked for the stop only, never for Leader: they are published after the
-/// server metrics, and a check keyed on the change counter must not read them as stale.
-pub(crate) fn leads(raft: &Raft) -> bool {
-    raft.server_metrics().borrow().state == ServerState::Leader && {
-        let m = raft.metrics();
-        let m = m.borrow();
-        m.state != ServerState::Shutdown && m.running_state.is_ok()
-    }
-}
-
 pub(crate) fn core_failure(m: &RaftMetrics<NodeId, BasicNode>) -> Option<String> {
     match &m.running_state {
         Ok(()) | Err(openraft::error::Fatal::Stopped) => None,

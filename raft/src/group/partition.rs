@@ -209,7 +209,7 @@ impl PartitionGroup {
     /// Whether openraft has this node as the group's leader, whether or not the leadership is in
     /// doubt (see [`PartitionGroup::is_leader`]).
     pub fn is_raft_leader(&self) -> bool {
-        super::leads(&self.raft)
+        crate::ping::leads_group(&self.raft)
     }
 
     /// What [`PartitionGroup::is_leader`] needs, owned, for futures that outlive `&self`.
