@@ -351,8 +351,29 @@ impl Broker {
         self.meta.subscribe_groups()
     }
 
+    /// This node's replica of the topic's partition as the controller knows the topic now.
+    /// Takes the state lock: a caller holding a [`Broker::state`] guard uses
+    /// [`Broker::partition_in`] (a second read can wait behind a queued writer forever).
     pub fn partition(&self, topic: &str, partition: PartitionId) -> Option<Arc<PartitionGroup>> {
-        self.partitions.get(topic, partition)
+        let st = self.state();
+        self.partition_in(&st, topic, partition)
+    }
+
+    /// The replica of `topic`'s partition, if it belongs to the topic `st` names. The registry
+    /// is keyed by name, and right after a delete and re-create it still holds the old topic's
+    /// group until the reconcile pass closes it. That group may still lead: a produce answered
+    /// from it would be acknowledged into a log about to be deleted, and a fetch would read
+    /// another topic's records.
+    pub fn partition_in(
+        &self,
+        st: &MetaState,
+        topic: &str,
+        partition: PartitionId,
+    ) -> Option<Arc<PartitionGroup>> {
+        let t = st.topics.get(topic)?;
+        self.partitions
+            .get(topic, partition)
+            .filter(|g| g.group_id() == crate::controller::group_id(t, partition))
     }
 
     /// Proposes a metadata command and returns its applied reply.
@@ -443,17 +464,11 @@ impl Broker {
         partition: PartitionId,
     ) -> Option<(u64, i32)> {
         // A replica stopped on a storage error knows no leader; the controller's record does.
-        // The local registry is keyed by name: right after a delete and re-create it can still
-        // hold the old topic's group (closing takes a while under load), whose leader says
-        // nothing about the new topic. CreateTopics waited on it and returned before the new
-        // partition had a leader, and Metadata named a leader for a partition that had none.
-        let current = st.topics.get(topic);
+        // A deleted topic's group still closing is not this topic's replica (`partition_in`):
+        // CreateTopics once waited on its leader and returned before the new partition had one.
         if let Some(g) = self
-            .partition(topic, partition)
+            .partition_in(st, topic, partition)
             .filter(|g| g.failure().is_none())
-            .filter(|g| {
-                current.is_some_and(|t| g.group_id() == crate::controller::group_id(t, partition))
-            })
         {
             // Our replica may still believe in a leader the controller has fenced; sending
             // clients there only makes them wait.

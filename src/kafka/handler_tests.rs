@@ -213,6 +213,61 @@ async fn produce_fetch_and_list_offsets_agree_on_offsets() {
     c.shutdown().await;
 }
 
+/// The replica registry is keyed by topic name, and after a delete and re-create it holds the
+/// old topic's group until the reconcile pass closes it. Here the registry is put in that state
+/// by hand (no metadata changes, so no reconcile pass undoes it): "new" maps to the group of
+/// "old". Produce must not be acknowledged into the old topic's log, and Fetch and ListOffsets
+/// must not read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_left_under_a_topic_name_serves_nothing_for_the_new_topic() {
+    let (c, mut conn) = node().await;
+    create_topic(&mut conn, "old", 1).await;
+    create_topic(&mut conn, "new", 1).await;
+    assert_eq!(produce(&mut conn, "old", 0, batch(&["o"])).await, (0, 0));
+    let broker = c.broker(0);
+    let key = |t: &str| (t.to_string(), PartitionId::ZERO);
+    let new_group = broker.partitions.get("new", PartitionId::ZERO).unwrap();
+    let old_group = broker.partitions.get("old", PartitionId::ZERO).unwrap();
+    broker.partitions.insert(key("new"), old_group.clone());
+
+    assert!(broker.partition("new", PartitionId::ZERO).is_none());
+    let (code, _) = produce(&mut conn, "new", 0, batch(&["lost?"])).await;
+    assert_eq!(code, ErrorCode::NotLeaderOrFollower.code());
+    assert_eq!(old_group.log_end_offset(), 1, "appended to the old topic");
+    let fetch = FetchRequest::default()
+        .with_max_wait_ms(0)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(name("new"))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(0)
+                .with_partition_max_bytes(1 << 20)])]);
+    let v = conn.version_for_max(ApiKey::Fetch, 12).unwrap();
+    let r: FetchResponse = conn.call(&fetch, v).await.unwrap();
+    assert_eq!(
+        r.responses[0].partitions[0].error_code,
+        ErrorCode::NotLeaderOrFollower.code()
+    );
+    let list = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(name("new"))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(0)
+                .with_timestamp(-1)])]);
+    let v = conn.version_for(ApiKey::ListOffsets).unwrap();
+    let r: ListOffsetsResponse = conn.call(&list, v).await.unwrap();
+    assert_eq!(
+        r.topics[0].partitions[0].error_code,
+        ErrorCode::NotLeaderOrFollower.code()
+    );
+
+    broker.partitions.insert(key("new"), new_group);
+    assert_eq!(produce(&mut conn, "new", 0, batch(&["n"])).await, (0, 0));
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offset_for_leader_epoch_answers_the_log_end_for_the_current_epoch() {
     let (c, mut conn) = node().await;

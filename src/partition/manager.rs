@@ -103,7 +103,8 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
             .get(&key)
             .map(|w| {
                 broker
-                    .partition(&key.0, key.1)
+                    .partitions
+                    .get(&key.0, key.1)
                     .map(|g| g.group_id() == w.group)
                     .unwrap_or(false)
             })
@@ -119,7 +120,7 @@ async fn reconcile_once(broker: &Arc<Broker>) -> Result<(), BrokerError> {
 
     let mut failures = 0usize;
     for ((topic, p), wanted) in desired {
-        if broker.partition(&topic, p).is_some() {
+        if broker.partitions.get(&topic, p).is_some() {
             continue;
         }
         let Wanted {

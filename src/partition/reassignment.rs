@@ -33,7 +33,7 @@ pub async fn reassignment_loop(broker: Arc<Broker>) {
                         .map(move |(p, target)| (t, *p, target.clone()))
                 })
                 .filter_map(|(t, p, target)| {
-                    let g = broker.partition(&t.name, p)?;
+                    let g = broker.partition_in(&st, &t.name, p)?;
                     g.is_leader().then(|| (t.name.clone(), t.id, p, target, g))
                 })
                 .collect()

@@ -232,20 +232,21 @@ async fn fetch_partition(
     budget: &mut Budget,
 ) -> (PartitionData, Option<PartitionChanges>) {
     let topic = w.topic.0.as_str();
-    let (pid, max_batch) = {
+    let (group, max_batch) = {
         let st = broker.state();
         let known = st.topics.get(topic).and_then(|t| {
             PartitionId::from_wire(w.partition)
                 .filter(|p| p.index() < t.partitions.len())
                 .map(|p| (p, TopicConfig::resolve(Some(&t.configs), &broker.cfg)))
         });
-        match known {
+        let (pid, max_batch) = match known {
             Some((p, cfg)) => (p, cfg.max_message_bytes),
             None => return (error(w.partition, ErrorCode::UnknownTopicOrPartition), None),
-        }
-    };
-    let Some(group) = broker.partition(topic, pid) else {
-        return (error(w.partition, ErrorCode::NotLeaderOrFollower), None);
+        };
+        let Some(group) = broker.partition_in(&st, topic, pid) else {
+            return (error(w.partition, ErrorCode::NotLeaderOrFollower), None);
+        };
+        (group, max_batch)
     };
     if !group.is_leader() {
         return (error(w.partition, ErrorCode::NotLeaderOrFollower), None);

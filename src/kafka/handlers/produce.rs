@@ -226,7 +226,7 @@ async fn enqueue_partition(
     acks: i16,
 ) -> Started {
     let answered = |e: ErrorCode, m: String| Started::Answered(PartitionOutcome::err(e, m));
-    let (pid, max_message_bytes) = {
+    let (group, max_message_bytes) = {
         let st = broker.state();
         let Some(t) = st.topics.get(topic) else {
             return answered(
@@ -242,16 +242,16 @@ async fn enqueue_partition(
                 format!("topic '{topic}' has no partition {partition}"),
             );
         };
+        let Some(group) = broker.partition_in(&st, topic, pid) else {
+            return answered(
+                ErrorCode::NotLeaderOrFollower,
+                "this broker does not host the partition".into(),
+            );
+        };
         (
-            pid,
+            group,
             TopicConfig::resolve(Some(&t.configs), &broker.cfg).max_message_bytes,
         )
-    };
-    let Some(group) = broker.partition(topic, pid) else {
-        return answered(
-            ErrorCode::NotLeaderOrFollower,
-            "this broker does not host the partition".into(),
-        );
     };
     if !group.is_leader() {
         return answered(
