@@ -1728,6 +1728,46 @@ async fn a_new_replica_becomes_a_voter_only_with_the_whole_committed_log() -> an
     Ok(())
 }
 
+/// A quiet group sends nothing while idle, so a voter that raises its term just after an
+/// election (here: one election of its own, refused by the others' fresh leader lease) knew no
+/// leader until the next write: it waited for the leader its pings showed, and the leader never
+/// heard of the higher term. The leader now heartbeats a voter whose pings say it has no leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_left_leaderless_by_its_own_election_learns_a_leader_while_the_group_is_idle(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/idle-term/0".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let parts = open_on(&hosts, &voters, dir.path(), &group, "idle-term-0").await?;
+    let leader = partition_leader(&parts).await?;
+    let follower = *voters.iter().find(|&&v| v != leader).expect("a follower");
+    // The append renews the followers' leases: for the next two seconds they refuse votes.
+    append_values(&parts[&leader], &[b"before"]).await?;
+    wait_for("the follower has it", Duration::from_secs(10), || {
+        parts[&follower].high_watermark() == 1
+    })
+    .await?;
+    let term = parts[&leader].raft.metrics().borrow().current_term;
+    parts[&follower].raft.trigger().elect().await?;
+    wait_for("the follower's term rose", Duration::from_secs(5), || {
+        parts[&follower].raft.metrics().borrow().current_term > term
+    })
+    .await?;
+    let now = partition_leader(&parts).await?;
+    append_values(&parts[&now], &[b"after"]).await?;
+    wait_for("everyone has both", Duration::from_secs(10), || {
+        parts.values().all(|p| p.high_watermark() == 2)
+    })
+    .await?;
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
 /// Flips a byte in the middle of the partition's (only) segment, breaking one batch's CRC.
 fn damage_middle_of_log(part_dir: &Path) -> anyhow::Result<()> {
     let seg = std::fs::read_dir(part_dir)?

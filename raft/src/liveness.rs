@@ -169,6 +169,19 @@ impl Liveness {
         voters.iter().any(|v| self.alive_and_leads(*v, group))
     }
 
+    /// Whether `peer` is alive and its last answer lists `group` as having no leader there.
+    pub(crate) fn reports_leaderless(&self, peer: NodeId, group: &str) -> bool {
+        self.peers
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.get(&peer).map(|v| {
+                    v.last_ok.elapsed() <= ALIVE_WITHIN && v.leaderless_logs.contains_key(group)
+                })
+            })
+            .unwrap_or(false)
+    }
+
     /// Whether a live peer among `voters` is also without a leader for `group` and has a log
     /// more up to date than `mine` (term, index), so it, not this node, should run.
     pub(crate) fn better_log_elsewhere(

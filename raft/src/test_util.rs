@@ -39,10 +39,14 @@ impl MetaApp for RecordingApp {
 /// A valid, uncompressed v2 batch with one record per value (no keys, no headers).
 pub(crate) use sluice_storage::batch::testutil::batch_of_values as data_batch;
 
-/// Logs to the test output when `RUST_LOG` is set.
+/// Logs to the test output (shown only for a failing test). Without `RUST_LOG`, the group
+/// supervisor's decisions and openraft's warnings (votes seen, leaders quitting) are kept: an
+/// election that never happens under load is otherwise undiagnosable from a failed run.
 pub(crate) fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice_raft=info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
 }

@@ -44,6 +44,17 @@ pub(super) fn stall_reason(
     }
 }
 
+/// When the stall seen now began, if it is the one recorded (`began`: the leader it was about,
+/// and when). A stall about another leader (say, one elected a moment ago whose pings do not
+/// claim the group yet) is a new one and gets the full patience: carrying the old start over
+/// made a voter disrupt a leader elected milliseconds before.
+pub(super) fn ongoing_stall(
+    began: Option<&(Option<NodeId>, std::time::Instant)>,
+    leader: Option<NodeId>,
+) -> Option<std::time::Instant> {
+    began.and_then(|(was, at)| (*was == leader).then_some(*at))
+}
+
 /// Whether this node leads a group whose membership no longer has it as a voter: openraft steps
 /// such a leader down only on a tick, which quiet groups run only while this holds.
 pub(super) fn leads_without_a_vote(m: &RaftMetrics<NodeId, BasicNode>, node_id: NodeId) -> bool {
@@ -65,6 +76,23 @@ pub(super) fn has_lagging_follower(m: &RaftMetrics<NodeId, BasicNode>) -> bool {
         .membership()
         .voter_ids()
         .any(|v| repl.get(&v).is_some_and(|l| l.map(|l| l.index) < last))
+}
+
+/// Whether this node leads `group` and a voter's ping says it knows no leader for it (it missed
+/// the election, or raised its term after it). A quiet leader sends nothing until the next
+/// write, so that voter would stay leaderless; a heartbeat either makes it follow or, if its
+/// term is higher, makes this leader step down and the group elect again.
+pub(super) fn has_leaderless_voter(
+    group: &str,
+    m: &RaftMetrics<NodeId, BasicNode>,
+    node_id: NodeId,
+    liveness: &Liveness,
+) -> bool {
+    m.state == ServerState::Leader
+        && m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v != node_id && liveness.reports_leaderless(v, group))
 }
 
 /// Whether a live peer without a leader has a more up-to-date log for `group` than this node.
@@ -138,6 +166,37 @@ mod tests {
             stall_reason("p/t/1", &follower_of(None), 1, &l),
             Some("no leader")
         );
+    }
+
+    #[test]
+    fn a_stall_about_a_new_leader_starts_its_patience_again() {
+        let t = std::time::Instant::now();
+        assert_eq!(ongoing_stall(None, None), None);
+        assert_eq!(ongoing_stall(Some(&(None, t)), None), Some(t));
+        assert_eq!(ongoing_stall(Some(&(Some(1), t)), Some(1)), Some(t));
+        assert_eq!(ongoing_stall(Some(&(Some(1), t)), Some(2)), None);
+        assert_eq!(ongoing_stall(Some(&(None, t)), Some(2)), None);
+    }
+
+    #[test]
+    fn a_leader_nudges_only_a_live_voter_that_reports_no_leader() {
+        let l = Liveness::default();
+        let mut m = follower_of(Some(1));
+        m.state = ServerState::Leader;
+        answer(&l, 2, &[]);
+        assert!(!has_leaderless_voter("p/t/0", &m, 1, &l));
+        l.record(
+            3,
+            PingReply {
+                boot: 1,
+                leads: Vec::new(),
+                leaderless_logs: vec![(crate::GroupId::from("p/t/0"), 2, 7)],
+            },
+        );
+        assert!(has_leaderless_voter("p/t/0", &m, 1, &l));
+        assert!(!has_leaderless_voter("p/t/1", &m, 1, &l), "another group");
+        m.state = ServerState::Follower;
+        assert!(!has_leaderless_voter("p/t/0", &m, 1, &l), "not the leader");
     }
 
     #[test]

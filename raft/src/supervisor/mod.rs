@@ -18,7 +18,10 @@ use crate::liveness::Liveness;
 use crate::registry::Registry;
 use crate::{GroupId, NodeId, META_GROUP};
 
-use decide::{defer_to_better_log, has_lagging_follower, leads_without_a_vote, stall_reason};
+use decide::{
+    defer_to_better_log, has_lagging_follower, has_leaderless_voter, leads_without_a_vote,
+    ongoing_stall, stall_reason,
+};
 
 /// How often the group supervisor looks at the groups (randomized per round, see below).
 const WATCHDOG_PERIOD_MS: std::ops::Range<u64> = 100..400;
@@ -47,7 +50,9 @@ const MAX_DEFER: Duration = Duration::from_secs(5);
 /// - A voter elects when its group has no leader, its leader's node stopped answering pings, or
 ///   the leader's node no longer claims the group; after a random patience, redrawn for every
 ///   attempt (openraft does not retry a triggered election that loses, so this does).
-/// - A leader nudges lagging followers with a heartbeat.
+/// - A leader nudges lagging followers with a heartbeat, and voters whose pings say they know no
+///   leader: a quiet group sends nothing else, so a voter that missed the election (or raised
+///   its term after it) would stay leaderless until the next write.
 ///
 /// For the metadata group, which keeps its timers, it only breaks split votes: each openraft 0.9
 /// instance draws its election timeout once and checks it only on a tick of 1.5 x heartbeat
@@ -58,7 +63,9 @@ pub(crate) async fn election_watchdog(
     liveness: Arc<Liveness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut stalled_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
+    // When a group's stall began, and the leader it had then: a stall judged about one leader
+    // says nothing about the next, so a new leader starts the patience again.
+    let mut stalled_since: HashMap<GroupId, (Option<NodeId>, std::time::Instant)> = HashMap::new();
     let mut patience: HashMap<GroupId, Duration> = HashMap::new();
     let mut nudged: HashMap<GroupId, std::time::Instant> = HashMap::new();
     let mut deferring_since: HashMap<GroupId, std::time::Instant> = HashMap::new();
@@ -98,17 +105,21 @@ pub(crate) async fn election_watchdog(
         let mut any_lagging = false;
         let mut seen = BTreeSet::new();
         for (group, raft) in groups {
-            let (reason, lagging, leader_known, removed_leader) = {
+            let (reason, lagging, leader, removed_leader) = {
                 let m = raft.metrics();
                 let m = m.borrow();
                 let partition = group != META_GROUP;
                 (
                     stall_reason(&group, &m, node_id, &liveness),
-                    partition && m.state == ServerState::Leader && has_lagging_follower(&m),
-                    m.current_leader.is_some(),
+                    partition
+                        && m.state == ServerState::Leader
+                        && (has_lagging_follower(&m)
+                            || has_leaderless_voter(&group, &m, node_id, &liveness)),
+                    m.current_leader,
                     partition && leads_without_a_vote(&m, node_id),
                 )
             };
+            let leader_known = leader.is_some();
             // Quiet groups run without openraft's tick (see `config::partition_config`), and a
             // leader removed from the voters steps down only on a tick: give it ticks until it
             // has.
@@ -134,7 +145,14 @@ pub(crate) async fn election_watchdog(
                 continue;
             };
             seen.insert(group.clone());
-            let since = *stalled_since.entry(group.clone()).or_insert(now);
+            let since = match ongoing_stall(stalled_since.get(&group), leader) {
+                Some(at) => at,
+                None => {
+                    stalled_since.insert(group.clone(), (leader, now));
+                    patience.remove(&group);
+                    now
+                }
+            };
             let (min_ms, max_ms) = if leader_known {
                 LEADER_LOST_PATIENCE_MS
             } else {
@@ -170,7 +188,7 @@ pub(crate) async fn election_watchdog(
                 if let Err(e) = raft.trigger().elect().await {
                     tracing::warn!(%group, error = %e, "triggering an election failed");
                 }
-                stalled_since.insert(group.clone(), now);
+                stalled_since.insert(group.clone(), (leader, now));
                 patience.insert(group.clone(), random_timeout(min_ms, max_ms));
             }
         }
