@@ -1768,6 +1768,56 @@ async fn a_voter_left_leaderless_by_its_own_election_learns_a_leader_while_the_g
     Ok(())
 }
 
+/// A leader whose log fsync fails stops its Raft core (retrying an fsync after a failure is
+/// unsafe). Its node must stop claiming the group in ping answers at once, so the followers elect
+/// without waiting for the replica to be reopened: the raft crate alone never reopens it, so
+/// only that makes a new leader appear here (the broker's reopen loop hid a regression where a
+/// stopped core was still claimed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_elect_when_the_leaders_disk_fails_without_waiting_for_a_reopen(
+) -> anyhow::Result<()> {
+    use sluice_storage::fault::{self, FaultErrno, FaultOp, FaultRule};
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    // Process-wide, but inert without rules; this test's rule names only its own directory.
+    let layer = fault::install(&dir.path().join("faults.journal"))?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/disk/0".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let parts = open_on(&hosts, &voters, dir.path(), &group, "disk-0").await?;
+    let leader = partition_leader(&parts).await?;
+    append_values(&parts[&leader], &[b"before"]).await?;
+
+    layer.set_rules(vec![FaultRule {
+        op: FaultOp::Fsync,
+        error: FaultErrno::Eio,
+        path_contains: Some(parts[&leader].dir().to_string_lossy().into_owned()),
+    }]);
+    let failed = append_values(&parts[&leader], &[b"lost?"]).await;
+    assert!(
+        failed.is_err(),
+        "an append whose fsync failed was acknowledged"
+    );
+    wait_for("the leader's core stops", Duration::from_secs(10), || {
+        parts[&leader].failure().is_some()
+    })
+    .await?;
+    let followers: BTreeMap<u64, Arc<PartitionGroup>> = parts
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(id, p)| (*id, p.clone()))
+        .collect();
+    let now = partition_leader(&followers).await?;
+    assert_ne!(now, leader);
+    append_values(&followers[&now], &[b"after"]).await?;
+    layer.set_rules(Vec::new());
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
 /// Flips a byte in the middle of the partition's (only) segment, breaking one batch's CRC.
 fn damage_middle_of_log(part_dir: &Path) -> anyhow::Result<()> {
     let seg = std::fs::read_dir(part_dir)?
