@@ -104,6 +104,26 @@ impl PartitionRegistry {
         self.bump();
     }
 
+    /// Replaces the replica under `key` with its reopened self, only if the entry still holds
+    /// that group: a reconcile pass may have replaced it (topic re-created) meanwhile.
+    pub fn replace_reopened(&self, key: &PartitionKey, group: Arc<PartitionGroup>) -> bool {
+        let replaced = {
+            let mut map = self.write();
+            match map.get_mut(key) {
+                Some(g) if g.group_id() == group.group_id() => {
+                    *g = group;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if replaced {
+            self.unlist();
+            self.bump();
+        }
+        replaced
+    }
+
     pub fn remove(&self, key: &PartitionKey) -> Option<Arc<PartitionGroup>> {
         let g = self.write().remove(key);
         self.unlist();
@@ -373,7 +393,7 @@ impl Broker {
         let t = st.topics.get(topic)?;
         self.partitions
             .get(topic, partition)
-            .filter(|g| g.group_id() == crate::controller::group_id(t, partition))
+            .filter(|g| crate::controller::is_group_of(g.group_id(), t, partition))
     }
 
     /// Proposes a metadata command and returns its applied reply.

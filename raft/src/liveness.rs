@@ -33,6 +33,8 @@ struct PeerView {
     last_ok: Instant,
     leads: HashSet<GroupId>,
     leaderless_logs: HashMap<GroupId, (u64, u64)>,
+    /// For groups of `leaderless_logs` that still have a leader there: that leader.
+    following: HashMap<GroupId, NodeId>,
     /// The answer's bytes, so an unchanged answer (the usual case) is not decoded again.
     raw: Option<bytes::Bytes>,
 }
@@ -109,6 +111,7 @@ impl Liveness {
             .into_iter()
             .map(|(g, term, index)| (g, (term, index)))
             .collect();
+        let following: HashMap<GroupId, NodeId> = reply.following.into_iter().collect();
         let bump = || {
             self.content_changes
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -116,7 +119,10 @@ impl Liveness {
         match peers.get_mut(&peer) {
             Some(v) => {
                 let back = v.boot != reply.boot || now.duration_since(v.last_ok) > ALIVE_WITHIN;
-                if v.boot != reply.boot || v.leads != leads || v.leaderless_logs != leaderless_logs
+                if v.boot != reply.boot
+                    || v.leads != leads
+                    || v.leaderless_logs != leaderless_logs
+                    || v.following != following
                 {
                     bump();
                 }
@@ -124,6 +130,7 @@ impl Liveness {
                 v.last_ok = now;
                 v.leads = leads;
                 v.leaderless_logs = leaderless_logs;
+                v.following = following;
                 v.raw = raw;
                 back
             }
@@ -136,6 +143,7 @@ impl Liveness {
                         last_ok: now,
                         leads,
                         leaderless_logs,
+                        following,
                         raw,
                     },
                 );
@@ -169,14 +177,18 @@ impl Liveness {
         voters.iter().any(|v| self.alive_and_leads(*v, group))
     }
 
-    /// Whether `peer` is alive and its last answer lists `group` as having no leader there.
-    pub(crate) fn reports_leaderless(&self, peer: NodeId, group: &str) -> bool {
+    /// Whether `peer` is alive and its last answer lists `group` as having no working leader
+    /// there, other than `leader` (a voter following `leader` that cannot hear its pings is
+    /// not helped by `leader`'s heartbeat).
+    pub(crate) fn reports_leaderless(&self, peer: NodeId, group: &str, leader: NodeId) -> bool {
         self.peers
             .lock()
             .ok()
             .and_then(|p| {
                 p.get(&peer).map(|v| {
-                    v.last_ok.elapsed() <= ALIVE_WITHIN && v.leaderless_logs.contains_key(group)
+                    v.last_ok.elapsed() <= ALIVE_WITHIN
+                        && v.leaderless_logs.contains_key(group)
+                        && v.following.get(group) != Some(&leader)
                 })
             })
             .unwrap_or(false)
@@ -303,6 +315,7 @@ mod tests {
             boot,
             leads: leads.iter().map(|s| GroupId::from(*s)).collect(),
             leaderless_logs: Vec::new(),
+            following: Vec::new(),
         }
     }
 

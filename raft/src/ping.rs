@@ -24,6 +24,12 @@ pub(crate) struct PingReply {
     /// cannot win, and each one raises its term, which makes the peer's attempts fail too.
     #[serde(default)]
     pub(crate) leaderless_logs: Vec<(GroupId, u64, u64)>,
+    /// The leader each group of `leaderless_logs` still has (the group counts as leaderless
+    /// because its supervisor judged that leader gone); groups not listed have none. A leader's
+    /// heartbeat helps a voter without a leader, or with another one, but not one that follows
+    /// it and cannot hear its pings.
+    #[serde(default)]
+    pub(crate) following: Vec<(GroupId, crate::NodeId)>,
 }
 
 /// The answer to a ping. Built once per change of the groups' server states (see
@@ -38,6 +44,7 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
     }
     let mut leads = Vec::new();
     let mut leaderless = Vec::new();
+    let mut following = Vec::new();
     for (g, raft) in registry.all() {
         if g == META_GROUP {
             continue;
@@ -46,13 +53,20 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
             leads.push(g);
             continue;
         }
-        let m = raft.server_metrics();
-        let m = m.borrow();
-        if m.state == ServerState::Leader {
-            // A leader whose core stopped: neither leading nor a candidate for an election.
-        } else if matches!(m.state, ServerState::Follower | ServerState::Candidate)
-            && (m.current_leader.is_none() || registry.is_stalled(&g))
+        let (state, leader) = {
+            let m = raft.server_metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader)
+        };
+        if state == ServerState::Leader || core_stopped(&raft) {
+            // A core stopped on a storage error: neither leading nor a candidate for an
+            // election, and a leader's heartbeat cannot help it until it is reopened.
+        } else if matches!(state, ServerState::Follower | ServerState::Candidate)
+            && (leader.is_none() || registry.is_stalled(&g))
         {
+            if let Some(l) = leader {
+                following.push((g.clone(), l));
+            }
             leaderless.push(g);
         }
     }
@@ -68,6 +82,7 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
         boot,
         leads,
         leaderless_logs,
+        following,
     };
     let bytes = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     registry.cache_ping_answer(changes, reusable.then(|| bytes.clone()));
@@ -82,9 +97,13 @@ pub(crate) fn answer(registry: &Registry, boot: u64) -> Bytes {
 /// full metrics are checked for the stop only, never for Leader: they are published after the
 /// server metrics, and a check keyed on the change counter must not read them as stale.
 pub(crate) fn leads_group(raft: &Raft) -> bool {
-    raft.server_metrics().borrow().state == ServerState::Leader && {
-        let m = raft.metrics();
-        let m = m.borrow();
-        m.state != ServerState::Shutdown && m.running_state.is_ok()
-    }
+    raft.server_metrics().borrow().state == ServerState::Leader && !core_stopped(raft)
+}
+
+/// Whether the group's Raft core has stopped (on a storage error, or shut down); its server
+/// metrics keep the last state it had.
+fn core_stopped(raft: &Raft) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.state == ServerState::Shutdown || m.running_state.is_err()
 }

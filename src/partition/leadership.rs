@@ -10,7 +10,7 @@ use sluice_raft::PartitionGroup;
 use tracing::info;
 
 use crate::broker::{Broker, PartitionKey};
-use crate::controller::{Command, LeaderUpdate};
+use crate::controller::{is_group_of, Command, LeaderUpdate};
 use crate::rpc::{self, AppRequest};
 
 /// Tells the controller which partitions this broker leads, whenever the recorded leader or epoch
@@ -44,6 +44,14 @@ pub async fn leader_report_loop(broker: Arc<Broker>) {
             let parts = broker.partitions.all();
             parts
                 .iter()
+                // A deleted topic's group still closing is no replica of a same-name topic
+                // re-created since: its epoch, reported for the new topic id, would shadow the
+                // new group's reports.
+                .filter(|((topic, p), g)| {
+                    st.topics
+                        .get(topic)
+                        .is_some_and(|t| is_group_of(g.group_id(), t, *p))
+                })
                 .filter(|(_, g)| {
                     let leads = g.is_leader();
                     in_doubt |= !leads && g.is_raft_leader();
@@ -172,7 +180,11 @@ pub async fn preferred_leader_loop(broker: Arc<Broker>) {
             parts
                 .iter()
                 .filter_map(|((t, p), g)| {
-                    let replicas = st.topics.get(t)?.partitions.get(p.index())?;
+                    let topic = st.topics.get(t)?;
+                    if !is_group_of(g.group_id(), topic, *p) {
+                        return None;
+                    }
+                    let replicas = topic.partitions.get(p.index())?;
                     let preferred = *replicas.first()?;
                     // Only when every replica is live: moving leadership during a fault costs
                     // availability for nothing.

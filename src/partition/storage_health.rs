@@ -52,7 +52,14 @@ pub async fn storage_loop(broker: Arc<Broker>) {
             let gid = group.group_id().to_string();
             match broker.raft.reopen_partition(&gid).await {
                 Ok(reopened) => {
-                    broker.partitions.insert(key.clone(), reopened);
+                    if !broker.partitions.replace_reopened(key, reopened) {
+                        // The topic was deleted (or re-created) meanwhile and the reconcile pass
+                        // closed the old group; close what the reopen brought back too.
+                        warn!(topic = %key.0, partition = %key.1, "reopened a replica of a deleted topic; closing it");
+                        if let Err(e) = broker.raft.close_partition(&gid, true).await {
+                            warn!(group = %gid, error = %e, "closing the reopened replica failed");
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(topic = %key.0, partition = %key.1, error = %e, "cannot reopen the partition replica yet");

@@ -92,7 +92,7 @@ pub(super) fn has_leaderless_voter(
         && m.membership_config
             .membership()
             .voter_ids()
-            .any(|v| v != node_id && liveness.reports_leaderless(v, group))
+            .any(|v| v != node_id && liveness.reports_leaderless(v, group, node_id))
 }
 
 /// Whether a live peer without a leader has a more up-to-date log for `group` than this node.
@@ -139,6 +139,7 @@ mod tests {
                 boot: 1,
                 leads: leads.iter().map(|g| crate::GroupId::from(*g)).collect(),
                 leaderless_logs: Vec::new(),
+                following: Vec::new(),
             },
         );
     }
@@ -191,6 +192,20 @@ mod tests {
                 boot: 1,
                 leads: Vec::new(),
                 leaderless_logs: vec![(crate::GroupId::from("p/t/0"), 2, 7)],
+                following: vec![(crate::GroupId::from("p/t/0"), 1)],
+            },
+        );
+        assert!(
+            !has_leaderless_voter("p/t/0", &m, 1, &l),
+            "it follows this node and cannot hear its pings: a heartbeat does not help"
+        );
+        l.record(
+            3,
+            PingReply {
+                boot: 1,
+                leads: Vec::new(),
+                leaderless_logs: vec![(crate::GroupId::from("p/t/0"), 2, 7)],
+                following: Vec::new(),
             },
         );
         assert!(has_leaderless_voter("p/t/0", &m, 1, &l));

@@ -188,7 +188,9 @@ pub(crate) async fn election_watchdog(
                 if let Err(e) = raft.trigger().elect().await {
                     tracing::warn!(%group, error = %e, "triggering an election failed");
                 }
-                stalled_since.insert(group.clone(), (leader, now));
+                // The election leaves this node without a leader: the retry's stall is about
+                // none, and keeps the patience drawn here.
+                stalled_since.insert(group.clone(), (None, now));
                 patience.insert(group.clone(), random_timeout(min_ms, max_ms));
             }
         }
