@@ -955,6 +955,14 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
             target,
             "--- trigger an election on a follower"
         );
+        // Leadership goes only to a replica holding the whole log, as a transfer does: a
+        // follower behind it now steps aside (see the lagging-follower test below).
+        wait_for(
+            "the target has the whole log",
+            Duration::from_secs(10),
+            || parts[&current].caught_up(target),
+        )
+        .await?;
         let epoch = parts[&current].leader_epoch();
         let started = Instant::now();
         // As a caller would: on a 2-core machine running other tests, a campaign can be refused
@@ -974,7 +982,14 @@ async fn trigger_elect_moves_partition_leadership_and_offsets_stay_contiguous() 
             took_ms = started.elapsed().as_millis() as u64,
             "transferred"
         );
-        assert!(parts[&target].is_leader());
+        // Raft leadership is won; serving also needs the pings to show a reachable majority,
+        // which on a loaded machine can lag the election by a moment.
+        wait_for(
+            "the target serves as leader",
+            Duration::from_secs(10),
+            || parts[&target].is_leader(),
+        )
+        .await?;
         assert!(parts[&target].leader_epoch() > epoch);
         assert_eq!(partition_leader(&parts).await?, target);
         parts[&target].trigger_elect().await?; // on the leader: Ok at once
@@ -1812,6 +1827,63 @@ async fn followers_elect_when_the_leaders_disk_fails_without_waiting_for_a_reope
     assert_ne!(now, leader);
     append_values(&followers[&now], &[b"after"]).await?;
     layer.set_rules(Vec::new());
+    for h in hosts.values() {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A follower whose log is behind cannot win an election, and each attempt raises its term,
+/// which makes the voters that could win give up theirs. Asked to elect (the fenced-leader loop
+/// does that), it used to retry every few hundred milliseconds for 8 s and keep a group of three
+/// without any leader all that time; now it stops once a leaderless peer's ping shows a longer
+/// log, and that peer is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_follower_asked_to_elect_steps_aside_for_a_longer_log() -> anyhow::Result<()> {
+    init_tracing();
+    let _one_at_a_time = serial().await;
+    let dir = tempfile::tempdir()?;
+    let (hosts, _peers) = start_cluster(dir.path(), 3).await?;
+    let group = "p/lag/0".to_string();
+    let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
+    let mut parts = open_on(&hosts, &voters, dir.path(), &group, "lag-0").await?;
+    let leader = partition_leader(&parts).await?;
+    let lagging = *voters.iter().find(|&&v| v != leader).expect("a follower");
+
+    tracing::info!(
+        "--- the follower goes away; 20 entries commit without it; it comes back behind"
+    );
+    hosts[&lagging].close_partition(&group, false).await?;
+    parts.remove(&lagging);
+    for i in 0..20 {
+        let v = format!("v{i}");
+        append_values(&parts[&leader], &[v.as_bytes()]).await?;
+    }
+    let reopened = hosts[&lagging]
+        .open_partition(
+            group.clone(),
+            dir.path().join(format!("n{lagging}")).join("lag-0"),
+            LogConfig::default(),
+            voters.clone(),
+        )
+        .await?;
+    parts.insert(lagging, reopened);
+    assert!(parts[&lagging].log_end_offset() < 20);
+
+    let started = Instant::now();
+    let res = parts[&lagging].trigger_elect().await;
+    assert!(
+        matches!(res, Err(RaftError::NotLeader { leader: None })),
+        "the lagging follower should step aside, got {res:?} after {:?}",
+        started.elapsed()
+    );
+    let now = partition_leader(&parts).await?;
+    assert_ne!(
+        now, lagging,
+        "a replica without the committed entries leads"
+    );
+    assert!(parts[&now].log_end_offset() >= 20);
+    assert_eq!(append_values(&parts[&now], &[b"after"]).await?.0, 20);
     for h in hosts.values() {
         h.shutdown().await;
     }

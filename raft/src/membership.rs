@@ -104,15 +104,25 @@ where
 }
 
 /// Starts an election on this node and keeps starting them (openraft does not retry a triggered
-/// election that loses) until this node leads, another node wins a newer term, or a deadline
-/// of 4 election timeouts passes.
+/// election that loses) until this node leads, another node wins a newer term, `defer` says a
+/// peer should run instead (`NotLeader { leader: None }`), or a deadline of 4 election timeouts
+/// passes.
+///
+/// `defer` is asked before every retry. A node whose log is behind can never win, and every
+/// attempt raises its term, which makes the candidates that could win adopt that term and give
+/// up: retrying every few hundred milliseconds kept a group of three without any leader for the
+/// whole deadline (the fenced-leader loop and a test electing a follower that had not caught up).
 ///
 /// openraft 0.9 has no leadership transfer, and voters refuse votes while the leader's lease
 /// (the maximum election timeout) lasts. The first election still works as a transfer: its
 /// higher term makes the current leader step down at its next heartbeat to this node, after
 /// which the old leader grants this node's next vote (if this node's log is at least as up to
 /// date) and the two make a majority of three.
-pub(crate) async fn elect_until_leader(raft: &Raft, node_id: NodeId) -> Result<(), RaftError> {
+pub(crate) async fn elect_until_leader(
+    raft: &Raft,
+    node_id: NodeId,
+    defer: impl Fn() -> bool,
+) -> Result<(), RaftError> {
     let (heartbeat_ms, timeout_max_ms) = {
         let c = raft.config();
         (c.heartbeat_interval, c.election_timeout_max)
@@ -136,6 +146,7 @@ pub(crate) async fn elect_until_leader(raft: &Raft, node_id: NodeId) -> Result<(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(4 * timeout_max_ms);
     let mut metrics = raft.metrics();
+    let mut attempts = 0u32;
     loop {
         {
             let m = metrics.borrow_and_update();
@@ -155,6 +166,11 @@ pub(crate) async fn elect_until_leader(raft: &Raft, node_id: NodeId) -> Result<(
             return Err(RaftError::Timeout);
         }
         if raft.metrics().borrow().state != ServerState::Leader {
+            if attempts > 0 && defer() {
+                tracing::info!(group = %raft.config().cluster_name, "not electing again: a peer without a leader has a longer log");
+                return Err(RaftError::NotLeader { leader: None });
+            }
+            attempts += 1;
             tracing::info!(group = %raft.config().cluster_name, "triggering an election on request");
             raft.trigger().elect().await?;
         }

@@ -138,6 +138,7 @@ impl MetaGroup {
 
     /// Makes this node the leader if it can: see [`crate::PartitionGroup::trigger_elect`].
     pub async fn trigger_elect(&self) -> Result<(), RaftError> {
-        elect_until_leader(&self.raft, self.node_id).await
+        // The metadata group keeps openraft's own timers and pre-checks: nothing to defer to.
+        elect_until_leader(&self.raft, self.node_id, || false).await
     }
 }

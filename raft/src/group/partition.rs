@@ -245,16 +245,32 @@ impl PartitionGroup {
 
     /// Makes this node the leader if it can (openraft 0.9 has no leadership transfer): starts
     /// elections until it leads (`Ok`), another node wins a newer term
-    /// (`NotLeader { leader }`, e.g. when this node's log is behind), or 4 election timeouts
-    /// pass (`Timeout`). Typically done within one or two heartbeat intervals. `Ok` at once on
-    /// the leader.
+    /// (`NotLeader { leader }`, e.g. when this node's log is behind), a leaderless peer's ping
+    /// shows a longer log than this node's (`NotLeader { leader: None }`: that peer's own
+    /// supervisor elects it; retrying here would only keep raising the term under it), or 4
+    /// election timeouts pass (`Timeout`). Typically done within one or two heartbeat
+    /// intervals. `Ok` at once on the leader.
     pub async fn trigger_elect(&self) -> Result<(), RaftError> {
         if !self.shared.may_vote() {
             return Err(RaftError::Other(
                 "this replica is getting back acknowledged entries it lost and may not stand for election yet".into(),
             ));
         }
-        elect_until_leader(&self.raft, self.node_id).await
+        let group = self.group.as_str();
+        let defer = || {
+            let voters: Vec<NodeId> = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            self.shared
+                .last_log_id_if_idle()
+                .is_some_and(|mine| self.liveness.better_log_elsewhere(&voters, group, mine))
+        };
+        elect_until_leader(&self.raft, self.node_id, defer).await
     }
 
     pub(crate) async fn stop(&self) {
